@@ -1,0 +1,90 @@
+// diffusion.cu: the diffusion process itself, fused.
+//   noise_add_f32          q(x_t | x_0) for a training batch, drawing its own eps
+//   sampler_step_f32       one reverse step x_t -> x_{t-1} (DDPM ancestral, respaced DDPM or DDIM),
+//                          coefficients read from a device table at a device-side step index
+//   sampler_timesteps_f32  fills the model's timestep input from that table and index
+//   sampler_advance        moves the device-side step index to the next row
+// The step index lives in device memory so that one captured graph of a sampling step can be replayed
+// for every step with no host work in between.
+#include "common.cuh"
+
+// One row per sampling step, built on the host in f64 (src/sample.rs, SamplerRow) and uploaded as f32:
+//   x0_hat = x0_from_xt * x_t - x0_from_eps * eps_hat, clamped to [-1, 1] when clipping
+//   x_prev = c_x0 * x0_hat + c_xt * x_t + c_eps * eps_hat + sigma * z,   z ~ N(0, 1)
+// DDPM (respaced or not) uses c_eps = 0; DDIM uses c_xt = 0; the last step has sigma = 0.
+struct SamplerRow {
+    float t;
+    float x0_from_xt, x0_from_eps;
+    float c_x0, c_xt, c_eps;
+    float sigma;
+    float unused;
+};
+static_assert(sizeof(SamplerRow) == 32, "SamplerRow must match src/sample.rs");
+
+// x_t = sqrt_ab[t_n] * x0 + sqrt_1m_ab[t_n] * eps, eps = Philox normal (seed, stream, first_element + i),
+// with n = i / per_image the image of element i.
+// Shapes: x0, x_t, eps: `total` elements, images of `per_image` (NHWC) back to back; timesteps: one per
+// image (integers held as float); sqrt_ab, sqrt_1m_ab: one per diffusion timestep.
+// Launch: one thread per Philox block (4 elements), grid-stride; any grid size gives the same result.
+// Bytes: 12 per element (read x0, write x_t and eps); a CIFAR batch of 128 is 393k elements, 4.7 MB.
+extern "C" __global__ void noise_add_f32(const float* __restrict__ x0, const float* __restrict__ timesteps,
+                                         const float* __restrict__ sqrt_ab, const float* __restrict__ sqrt_1m_ab,
+                                         float* __restrict__ x_t, float* __restrict__ eps, int64_t total,
+                                         int64_t per_image, int64_t first_element, uint64_t seed, uint64_t stream) {
+    const int64_t first_block = first_element >> 2;
+    const int64_t blocks = ((first_element + total + 3) >> 2) - first_block;
+    for (int64_t b = ddpm::global_thread(); b < blocks; b += ddpm::grid_threads()) {
+        const float4 z = ddpm::philox_normal4(seed, stream, uint64_t(first_block + b));
+        const float draws[4] = {z.x, z.y, z.z, z.w};
+#pragma unroll
+        for (int lane = 0; lane < 4; ++lane) {
+            const int64_t i = ((first_block + b) << 2) + lane - first_element;
+            if (i < 0 || i >= total) continue;
+            const int t = int(timesteps[i / per_image]);
+            eps[i] = draws[lane];
+            x_t[i] = sqrt_ab[t] * x0[i] + sqrt_1m_ab[t] * draws[lane];
+        }
+    }
+}
+
+// One reverse step, in place or not (x_prev may be x_t: each element is read before it is written by the
+// same thread). Row `*step` of `table`; noise from Philox (seed, stream_base + *step, first_element + i).
+// Shapes: x_t, eps_hat, x_prev: `total` elements (NHWC images back to back).
+// Launch: one thread per Philox block (4 elements), grid-stride. Bytes: 12 per element.
+extern "C" __global__ void sampler_step_f32(const float* x_t, const float* __restrict__ eps_hat,
+                                            const SamplerRow* __restrict__ table, const int* __restrict__ step,
+                                            float* x_prev, int64_t total, int64_t first_element, int clip,
+                                            uint64_t seed, uint64_t stream_base) {
+    const SamplerRow row = table[*step];
+    const uint64_t stream = stream_base + uint64_t(*step);
+    const int64_t first_block = first_element >> 2;
+    const int64_t blocks = ((first_element + total + 3) >> 2) - first_block;
+    for (int64_t b = ddpm::global_thread(); b < blocks; b += ddpm::grid_threads()) {
+        float draws[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        if (row.sigma > 0.0f) {
+            const float4 z = ddpm::philox_normal4(seed, stream, uint64_t(first_block + b));
+            draws[0] = z.x, draws[1] = z.y, draws[2] = z.z, draws[3] = z.w;
+        }
+#pragma unroll
+        for (int lane = 0; lane < 4; ++lane) {
+            const int64_t i = ((first_block + b) << 2) + lane - first_element;
+            if (i < 0 || i >= total) continue;
+            const float x = x_t[i], e = eps_hat[i];
+            float x0 = row.x0_from_xt * x - row.x0_from_eps * e;
+            if (clip) x0 = fminf(fmaxf(x0, -1.0f), 1.0f);
+            x_prev[i] = row.c_x0 * x0 + row.c_xt * x + row.c_eps * e + row.sigma * draws[lane];
+        }
+    }
+}
+
+// timesteps[n] = table[*step].t for every image of the batch. Launch: any grid covering `images`.
+extern "C" __global__ void sampler_timesteps_f32(const SamplerRow* __restrict__ table, const int* __restrict__ step,
+                                                 float* __restrict__ timesteps, int images) {
+    const int n = blockIdx.x * blockDim.x + threadIdx.x;
+    if (n < images) timesteps[n] = table[*step].t;
+}
+
+// Steps run from the last row down to row 0. Launch: one thread, after everything that reads *step.
+extern "C" __global__ void sampler_advance(int* step) {
+    if (threadIdx.x == 0 && blockIdx.x == 0) *step -= 1;
+}

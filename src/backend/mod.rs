@@ -1,0 +1,457 @@
+//! The `Backend` trait: buffers and the op set. The U-Net, the training loop and the samplers are written
+//! once over it; `cpu` is the reference implementation (and the fallback without a GPU), `cuda` the product.
+//!
+//! Memory is one arena per backend. A [`Tensor`] is a handle into it (offset and length, in elements), so
+//! handles are `Copy`, parameters can be views into one flat buffer (one optimizer launch for all of them),
+//! and the CUDA backend can size the arena once and never allocate inside a step.
+//!
+//! Conventions: activations are NHWC (channels last); convolution weights are `[out, kh, kw, in]`; linear
+//! weights `[out, in]`. Ops that write a gradient of an *input* take `accumulate`: `false` overwrites,
+//! `true` adds (a tensor consumed twice gets the sum of both gradients). Parameter gradients always
+//! overwrite, since every parameter is used once.
+
+pub mod cpu;
+pub mod cuda;
+
+use crate::error::Result;
+
+/// A handle to `len` elements at `off` in a backend's arena.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct Tensor {
+    pub off: usize,
+    pub len: usize,
+}
+
+impl Tensor {
+    pub fn new(off: usize, len: usize) -> Self {
+        Self { off, len }
+    }
+    /// The sub-tensor `start .. start + len`.
+    pub fn slice(self, start: usize, len: usize) -> Self {
+        assert!(
+            start + len <= self.len,
+            "slice {start}+{len} of a tensor of {}",
+            self.len
+        );
+        Self {
+            off: self.off + start,
+            len,
+        }
+    }
+    pub fn end(self) -> usize {
+        self.off + self.len
+    }
+    pub fn overlaps(self, other: Tensor) -> bool {
+        self.len > 0 && other.len > 0 && self.off < other.end() && other.off < self.end()
+    }
+}
+
+/// The three convolutions of the model.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConvKind {
+    /// 3x3, stride 1, padding 1.
+    K3S1,
+    /// 3x3, stride 2, padding only on the bottom and right (TensorFlow 'SAME'; diffusers pads (0, 1, 0, 1)).
+    K3S2,
+    /// 1x1.
+    K1,
+}
+
+impl ConvKind {
+    pub fn taps(self) -> usize {
+        match self {
+            Self::K1 => 1,
+            _ => 3,
+        }
+    }
+    pub fn stride(self) -> usize {
+        match self {
+            Self::K3S2 => 2,
+            _ => 1,
+        }
+    }
+    /// Padding before the first row/column.
+    pub fn pad_before(self) -> usize {
+        match self {
+            Self::K3S1 => 1,
+            _ => 0,
+        }
+    }
+}
+
+/// A convolution of an NHWC batch `[n, h, w, c]` with `o` filters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConvShape {
+    pub n: usize,
+    pub h: usize,
+    pub w: usize,
+    pub c: usize,
+    pub o: usize,
+    pub kind: ConvKind,
+}
+
+impl ConvShape {
+    pub fn out_hw(&self) -> (usize, usize) {
+        match self.kind {
+            ConvKind::K3S2 => ((self.h - 2) / 2 + 1, (self.w - 2) / 2 + 1),
+            _ => (self.h, self.w),
+        }
+    }
+    /// Elements of one filter: `kh * kw * c`.
+    pub fn k(&self) -> usize {
+        self.kind.taps() * self.kind.taps() * self.c
+    }
+    pub fn x_len(&self) -> usize {
+        self.n * self.h * self.w * self.c
+    }
+    pub fn y_len(&self) -> usize {
+        let (oh, ow) = self.out_hw();
+        self.n * oh * ow * self.o
+    }
+    pub fn w_len(&self) -> usize {
+        self.o * self.k()
+    }
+    /// Multiply-adds of the forward pass.
+    pub fn macs(&self) -> usize {
+        self.y_len() * self.k()
+    }
+}
+
+/// Group norm over `[n, hw, c]` with `groups` groups of `c / groups` channels.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct GroupNormShape {
+    pub n: usize,
+    pub hw: usize,
+    pub c: usize,
+    pub groups: usize,
+    pub eps: f32,
+}
+
+impl GroupNormShape {
+    pub fn len(&self) -> usize {
+        self.n * self.hw * self.c
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Length of the saved mean and reciprocal standard deviation: one per (image, group).
+    pub fn stats_len(&self) -> usize {
+        self.n * self.groups
+    }
+}
+
+/// Single-head self-attention over the `l = h * w` positions of `n` images with width `c`. The input is the
+/// packed projection `[n, l, 3c]` (q, k, v side by side), the output `[n, l, c]`; the forward pass saves one
+/// log-sum-exp per query row (`[n, l]`) so the backward pass never stores the `l x l` matrix.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AttentionShape {
+    pub n: usize,
+    pub l: usize,
+    pub c: usize,
+}
+
+/// One row of a sampler's table, built on the host in f64 (see `sample.rs`) and stored as f32;
+/// the layout matches `struct SamplerRow` in `kernels/diffusion.cu`.
+///
+/// `x0_hat = x0_from_xt * x_t - x0_from_eps * eps_hat` (clamped to [-1, 1] when clipping);
+/// `x_prev = c_x0 * x0_hat + c_xt * x_t + c_eps * eps_hat + sigma * z`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
+#[repr(C)]
+pub struct SamplerRow {
+    pub t: f32,
+    pub x0_from_xt: f32,
+    pub x0_from_eps: f32,
+    pub c_x0: f32,
+    pub c_xt: f32,
+    pub c_eps: f32,
+    pub sigma: f32,
+    pub unused: f32,
+}
+
+/// Adam(W) hyper-parameters for one update, with the bias corrections folded in by the caller.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamStep {
+    pub lr: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    pub weight_decay: f32,
+    /// `1 - beta1^step` and `1 - beta2^step`.
+    pub bias_correction1: f32,
+    pub bias_correction2: f32,
+    /// Gradients are scaled by `min(1, max_grad_norm / norm)` first; 0 disables clipping.
+    pub max_grad_norm: f32,
+}
+
+/// The op set. Every method checks its arguments and returns an error rather than panicking.
+pub trait Backend {
+    /// A short description for logs ("cpu (2 threads)", "cuda: NVIDIA H100 ...").
+    fn describe(&self) -> String;
+
+    // --- buffers -----------------------------------------------------------------------------------------
+    /// Reserves `len` elements (zero-initialised).
+    fn alloc(&mut self, len: usize) -> Result<Tensor>;
+    fn upload(&mut self, dst: Tensor, src: &[f32]) -> Result<()>;
+    fn download(&mut self, src: Tensor) -> Result<Vec<f32>>;
+    fn fill(&mut self, dst: Tensor, value: f32) -> Result<()>;
+    fn copy(&mut self, src: Tensor, dst: Tensor) -> Result<()>;
+    /// `dst = src` or, with `accumulate`, `dst += src`.
+    fn accumulate(&mut self, src: Tensor, dst: Tensor, accumulate: bool) -> Result<()>;
+    /// `y = a + b`.
+    fn add(&mut self, a: Tensor, b: Tensor, y: Tensor) -> Result<()>;
+
+    // --- convolution ---------------------------------------------------------------------------------------
+    fn conv2d_forward(
+        &mut self,
+        s: ConvShape,
+        x: Tensor,
+        w: Tensor,
+        b: Tensor,
+        y: Tensor,
+    ) -> Result<()>;
+    fn conv2d_backward_data(
+        &mut self,
+        s: ConvShape,
+        dy: Tensor,
+        w: Tensor,
+        dx: Tensor,
+        accumulate: bool,
+    ) -> Result<()>;
+    fn conv2d_backward_weight(
+        &mut self,
+        s: ConvShape,
+        x: Tensor,
+        dy: Tensor,
+        dw: Tensor,
+        db: Tensor,
+    ) -> Result<()>;
+
+    // --- normalisation and activations ---------------------------------------------------------------------
+    /// `y = GN(x) * gamma + beta`, then SiLU when `silu`; saves mean and 1/std per (image, group).
+    #[allow(clippy::too_many_arguments)]
+    fn group_norm_forward(
+        &mut self,
+        s: GroupNormShape,
+        x: Tensor,
+        gamma: Tensor,
+        beta: Tensor,
+        y: Tensor,
+        mean: Tensor,
+        rstd: Tensor,
+        silu: bool,
+    ) -> Result<()>;
+    #[allow(clippy::too_many_arguments)]
+    fn group_norm_backward(
+        &mut self,
+        s: GroupNormShape,
+        x: Tensor,
+        gamma: Tensor,
+        beta: Tensor,
+        mean: Tensor,
+        rstd: Tensor,
+        dy: Tensor,
+        dx: Tensor,
+        dgamma: Tensor,
+        dbeta: Tensor,
+        silu: bool,
+        accumulate: bool,
+    ) -> Result<()>;
+    fn silu_forward(&mut self, x: Tensor, y: Tensor) -> Result<()>;
+    fn silu_backward(&mut self, x: Tensor, dy: Tensor, dx: Tensor, accumulate: bool) -> Result<()>;
+
+    // --- linear and attention ------------------------------------------------------------------------------
+    /// `y[m, n] = x[m, k] w[n, k]^T + b[n]`.
+    #[allow(clippy::too_many_arguments)]
+    fn linear_forward(
+        &mut self,
+        m: usize,
+        k: usize,
+        n: usize,
+        x: Tensor,
+        w: Tensor,
+        b: Tensor,
+        y: Tensor,
+    ) -> Result<()>;
+    /// `dx = dy w` (skipped when `dx` is `None`), `dw = dy^T x`, `db = sum_rows dy`.
+    #[allow(clippy::too_many_arguments)]
+    fn linear_backward(
+        &mut self,
+        m: usize,
+        k: usize,
+        n: usize,
+        x: Tensor,
+        w: Tensor,
+        dy: Tensor,
+        dx: Option<Tensor>,
+        dw: Tensor,
+        db: Tensor,
+        accumulate: bool,
+    ) -> Result<()>;
+    fn attention_forward(
+        &mut self,
+        s: AttentionShape,
+        qkv: Tensor,
+        out: Tensor,
+        lse: Tensor,
+    ) -> Result<()>;
+    /// Writes (overwrites) `dqkv`.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_backward(
+        &mut self,
+        s: AttentionShape,
+        qkv: Tensor,
+        out: Tensor,
+        lse: Tensor,
+        dout: Tensor,
+        dqkv: Tensor,
+    ) -> Result<()>;
+
+    // --- reshaping -----------------------------------------------------------------------------------------
+    /// Nearest-neighbour x2 of `[n, h, w, c]` to `[n, 2h, 2w, c]`.
+    #[allow(clippy::too_many_arguments)]
+    fn upsample2x_forward(
+        &mut self,
+        n: usize,
+        h: usize,
+        w: usize,
+        c: usize,
+        x: Tensor,
+        y: Tensor,
+    ) -> Result<()>;
+    #[allow(clippy::too_many_arguments)]
+    fn upsample2x_backward(
+        &mut self,
+        n: usize,
+        h: usize,
+        w: usize,
+        c: usize,
+        dy: Tensor,
+        dx: Tensor,
+        accumulate: bool,
+    ) -> Result<()>;
+    /// `y[p] = [a[p], b[p]]` over `pixels` positions (channels `ca` then `cb`).
+    fn concat_forward(
+        &mut self,
+        pixels: usize,
+        ca: usize,
+        cb: usize,
+        a: Tensor,
+        b: Tensor,
+        y: Tensor,
+    ) -> Result<()>;
+    #[allow(clippy::too_many_arguments)]
+    fn concat_backward(
+        &mut self,
+        pixels: usize,
+        ca: usize,
+        cb: usize,
+        dy: Tensor,
+        da: Tensor,
+        db: Tensor,
+        accumulate_a: bool,
+        accumulate_b: bool,
+    ) -> Result<()>;
+    /// `y[i, p, c] += bias[i, c]` for `n` images of `hw` positions (the time-embedding add).
+    fn add_image_bias(
+        &mut self,
+        n: usize,
+        hw: usize,
+        c: usize,
+        y: Tensor,
+        bias: Tensor,
+    ) -> Result<()>;
+    /// `dbias[i, c] = sum_p dy[i, p, c]` (overwrites).
+    fn image_bias_backward(
+        &mut self,
+        n: usize,
+        hw: usize,
+        c: usize,
+        dy: Tensor,
+        dbias: Tensor,
+    ) -> Result<()>;
+
+    // --- the diffusion model's own ops ---------------------------------------------------------------------
+    /// Sinusoidal embedding `[n, dim]` of `n` timesteps: `[sin(t f_i), cos(t f_i)]`,
+    /// `f_i = exp(-ln(10000) i / (dim/2 - 1))`.
+    fn timestep_embedding(&mut self, n: usize, dim: usize, t: Tensor, y: Tensor) -> Result<()>;
+    /// Inverted dropout: keeps element `e` when `uniform(seed, stream, e) >= p`, scaling by `1 / (1 - p)`.
+    fn dropout_forward(
+        &mut self,
+        x: Tensor,
+        y: Tensor,
+        p: f32,
+        seed: u64,
+        stream: u64,
+    ) -> Result<()>;
+    #[allow(clippy::too_many_arguments)]
+    fn dropout_backward(
+        &mut self,
+        dy: Tensor,
+        dx: Tensor,
+        p: f32,
+        seed: u64,
+        stream: u64,
+        accumulate: bool,
+    ) -> Result<()>;
+    /// `loss[0] = mean((pred - target)^2)`, `dpred = 2 (pred - target) / len`.
+    fn mse_loss(&mut self, pred: Tensor, target: Tensor, loss: Tensor, dpred: Tensor)
+        -> Result<()>;
+    /// The forward process for a batch: draws `eps` (Philox normal of elements `first_element + i`) and
+    /// writes `x_t = sqrt_ab[t] x0 + sqrt_1m_ab[t] eps`, `t = timesteps[i / per_image]`.
+    #[allow(clippy::too_many_arguments)]
+    fn noise_add(
+        &mut self,
+        x0: Tensor,
+        timesteps: Tensor,
+        sqrt_ab: Tensor,
+        sqrt_1m_ab: Tensor,
+        x_t: Tensor,
+        eps: Tensor,
+        per_image: usize,
+        first_element: u64,
+        seed: u64,
+        stream: u64,
+    ) -> Result<()>;
+    /// Fills `x` with Philox normal draws of elements `first_element + i`.
+    fn normal(&mut self, x: Tensor, first_element: u64, seed: u64, stream: u64) -> Result<()>;
+
+    // --- the sampler: a table of rows and a step counter that live with the backend --------------------
+    /// Installs a sampler table and sets the counter to its last row.
+    fn sampler_load(&mut self, rows: &[SamplerRow]) -> Result<()>;
+    /// The row the counter points at (`None` when the table is exhausted).
+    fn sampler_position(&mut self) -> Result<Option<usize>>;
+    /// `timesteps[i] = table[step].t` for every image.
+    fn sampler_timesteps(&mut self, timesteps: Tensor) -> Result<()>;
+    /// One reverse step with the current row; noise from stream `stream_base + step`. `x_prev` may be `x_t`.
+    #[allow(clippy::too_many_arguments)]
+    fn sampler_step(
+        &mut self,
+        x_t: Tensor,
+        eps_hat: Tensor,
+        x_prev: Tensor,
+        first_element: u64,
+        clip: bool,
+        seed: u64,
+        stream_base: u64,
+    ) -> Result<()>;
+    /// Moves the counter to the next row (one step down).
+    fn sampler_advance(&mut self) -> Result<()>;
+
+    // --- optimisation --------------------------------------------------------------------------------------
+    /// `out[0] = sqrt(sum grads^2)`.
+    fn global_norm(&mut self, grads: Tensor, out: Tensor) -> Result<()>;
+    /// One Adam(W) step over the flat parameter buffer; reads the gradient norm from `norm[0]` for clipping
+    /// and skips the update (parameters and moments unchanged) when the norm is not finite.
+    #[allow(clippy::too_many_arguments)]
+    fn adam_step(
+        &mut self,
+        params: Tensor,
+        grads: Tensor,
+        m: Tensor,
+        v: Tensor,
+        norm: Tensor,
+        hp: AdamStep,
+    ) -> Result<()>;
+    /// `ema = decay * ema + (1 - decay) * params`.
+    fn ema_update(&mut self, ema: Tensor, params: Tensor, decay: f32) -> Result<()>;
+}

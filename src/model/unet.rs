@@ -1,0 +1,1100 @@
+//! The U-Net of the paper (diffusers' `UNet2DModel` with one attention head), forward and backward over a
+//! [`Backend`]. Built once for a batch size: every parameter, gradient, activation and activation gradient
+//! has its place in the backend's arena before the first step, so a step allocates nothing.
+
+use super::config::UNetConfig;
+use super::params::{legacy_name, Kind, NamedTensor, ParamSpec};
+use crate::backend::{AttentionShape, Backend, ConvKind, ConvShape, GroupNormShape, Tensor};
+use crate::error::{Error, Result};
+use crate::rng;
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+
+/// Lays out parameters and activations. The model is built twice: once to count, once at the real
+/// offsets.
+struct Builder {
+    specs: Vec<ParamSpec>,
+    params: usize,
+    grads: usize,
+    acts: usize,
+    act_next: usize,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Param {
+    value: Tensor,
+    grad: Tensor,
+}
+
+impl Builder {
+    fn param(&mut self, name: String, kind: Kind, len: usize, init_scale: f64) -> Param {
+        let offset = self.specs.last().map_or(0, |s| s.offset + s.len);
+        self.specs.push(ParamSpec {
+            name,
+            kind,
+            offset,
+            len,
+            init_scale,
+        });
+        Param {
+            value: Tensor::new(self.params + offset, len),
+            grad: Tensor::new(self.grads + offset, len),
+        }
+    }
+    fn act(&mut self, len: usize) -> Tensor {
+        let t = Tensor::new(self.acts + self.act_next, len);
+        self.act_next += len;
+        t
+    }
+    fn conv(&mut self, name: &str, s: ConvShape, init_scale: f64) -> Conv {
+        let k = s.kind.taps();
+        let w = self.param(
+            format!("{name}.weight"),
+            Kind::Conv { o: s.o, c: s.c, k },
+            s.w_len(),
+            init_scale,
+        );
+        let b = self.param(format!("{name}.bias"), Kind::Bias, s.o, 0.0);
+        Conv {
+            s,
+            w,
+            b,
+            y: self.act(s.y_len()),
+        }
+    }
+    fn norm(&mut self, name: &str, s: GroupNormShape, silu: bool) -> Norm {
+        let gamma = self.param(format!("{name}.weight"), Kind::Gamma, s.c, 0.0);
+        let beta = self.param(format!("{name}.bias"), Kind::Beta, s.c, 0.0);
+        Norm {
+            s,
+            gamma,
+            beta,
+            silu,
+            y: self.act(s.len()),
+            mean: self.act(s.stats_len()),
+            rstd: self.act(s.stats_len()),
+        }
+    }
+    fn linear(&mut self, name: &str, m: usize, inp: usize, out: usize, init_scale: f64) -> Linear {
+        let w = self.param(
+            format!("{name}.weight"),
+            Kind::Linear { out, inp },
+            out * inp,
+            init_scale,
+        );
+        let b = self.param(format!("{name}.bias"), Kind::Bias, out, 0.0);
+        Linear {
+            m,
+            k: inp,
+            n: out,
+            w,
+            b,
+            y: self.act(m * out),
+        }
+    }
+}
+
+/// Which gradients have been written in this backward pass: the first write overwrites, later ones add.
+#[derive(Default)]
+struct Tape {
+    written: HashSet<usize>,
+}
+
+impl Tape {
+    fn accumulate(&mut self, grad: Tensor) -> bool {
+        !self.written.insert(grad.off)
+    }
+}
+
+struct Conv {
+    s: ConvShape,
+    w: Param,
+    b: Param,
+    y: Tensor,
+}
+
+impl Conv {
+    fn forward<B: Backend>(&self, be: &mut B, x: Tensor) -> Result<Tensor> {
+        be.conv2d_forward(self.s, x, self.w.value, self.b.value, self.y)?;
+        Ok(self.y)
+    }
+    fn backward<B: Backend>(
+        &self,
+        be: &mut B,
+        net: &Ctx,
+        tape: &mut Tape,
+        x: Tensor,
+        dy: Tensor,
+        want_dx: bool,
+    ) -> Result<()> {
+        be.conv2d_backward_weight(self.s, x, dy, self.w.grad, self.b.grad)?;
+        if want_dx {
+            let dx = net.grad(x);
+            be.conv2d_backward_data(self.s, dy, self.w.value, dx, tape.accumulate(dx))?;
+        }
+        Ok(())
+    }
+}
+
+struct Norm {
+    s: GroupNormShape,
+    gamma: Param,
+    beta: Param,
+    silu: bool,
+    y: Tensor,
+    mean: Tensor,
+    rstd: Tensor,
+}
+
+impl Norm {
+    fn forward<B: Backend>(&self, be: &mut B, x: Tensor) -> Result<Tensor> {
+        be.group_norm_forward(
+            self.s,
+            x,
+            self.gamma.value,
+            self.beta.value,
+            self.y,
+            self.mean,
+            self.rstd,
+            self.silu,
+        )?;
+        Ok(self.y)
+    }
+    fn backward<B: Backend>(
+        &self,
+        be: &mut B,
+        net: &Ctx,
+        tape: &mut Tape,
+        x: Tensor,
+    ) -> Result<()> {
+        let dx = net.grad(x);
+        let acc = tape.accumulate(dx);
+        be.group_norm_backward(
+            self.s,
+            x,
+            self.gamma.value,
+            self.beta.value,
+            self.mean,
+            self.rstd,
+            net.grad(self.y),
+            dx,
+            self.gamma.grad,
+            self.beta.grad,
+            self.silu,
+            acc,
+        )
+    }
+}
+
+struct Linear {
+    m: usize,
+    k: usize,
+    n: usize,
+    w: Param,
+    b: Param,
+    y: Tensor,
+}
+
+impl Linear {
+    fn forward<B: Backend>(&self, be: &mut B, x: Tensor) -> Result<Tensor> {
+        be.linear_forward(
+            self.m,
+            self.k,
+            self.n,
+            x,
+            self.w.value,
+            self.b.value,
+            self.y,
+        )?;
+        Ok(self.y)
+    }
+    fn backward<B: Backend>(
+        &self,
+        be: &mut B,
+        net: &Ctx,
+        tape: &mut Tape,
+        x: Tensor,
+        want_dx: bool,
+    ) -> Result<()> {
+        let dx = want_dx.then(|| net.grad(x));
+        let acc = dx.is_some_and(|d| tape.accumulate(d));
+        be.linear_backward(
+            self.m,
+            self.k,
+            self.n,
+            x,
+            self.w.value,
+            net.grad(self.y),
+            dx,
+            self.w.grad,
+            self.b.grad,
+            acc,
+        )
+    }
+}
+
+/// Addresses shared by all blocks: the gradient region's offset and the dropout draw of this step.
+struct Ctx {
+    grad_delta: usize,
+    dropout: Option<(f32, u64, u64)>,
+}
+
+impl Ctx {
+    fn grad(&self, t: Tensor) -> Tensor {
+        Tensor::new(t.off + self.grad_delta, t.len)
+    }
+}
+
+/// `ResnetBlock2D`: `h = conv1(silu(gn1(x))) + proj(silu(temb))`, `h = conv2(dropout(silu(gn2(h))))`,
+/// `out = shortcut(x) + h`.
+struct ResBlock {
+    index: usize,
+    n: usize,
+    hw: usize,
+    norm1: Norm,
+    conv1: Conv,
+    temb: Linear,
+    norm2: Norm,
+    dropped: Tensor,
+    conv2: Conv,
+    shortcut: Option<Conv>,
+    out: Tensor,
+}
+
+impl ResBlock {
+    #[allow(clippy::too_many_arguments)]
+    fn build(
+        b: &mut Builder,
+        cfg: &UNetConfig,
+        name: &str,
+        index: usize,
+        n: usize,
+        h: usize,
+        cin: usize,
+        cout: usize,
+    ) -> Self {
+        let (g, eps) = (cfg.norm_num_groups, cfg.norm_eps as f32);
+        let hw = h * h;
+        let gn = |c| GroupNormShape {
+            n,
+            hw,
+            c,
+            groups: g,
+            eps,
+        };
+        let conv = |c, o, kind| ConvShape {
+            n,
+            h,
+            w: h,
+            c,
+            o,
+            kind,
+        };
+        let norm1 = b.norm(&format!("{name}.norm1"), gn(cin), true);
+        let conv1 = b.conv(
+            &format!("{name}.conv1"),
+            conv(cin, cout, ConvKind::K3S1),
+            1.0,
+        );
+        let temb = b.linear(
+            &format!("{name}.time_emb_proj"),
+            n,
+            cfg.time_embed_dim(),
+            cout,
+            1.0,
+        );
+        let norm2 = b.norm(&format!("{name}.norm2"), gn(cout), true);
+        let conv2 = b.conv(
+            &format!("{name}.conv2"),
+            conv(cout, cout, ConvKind::K3S1),
+            0.0,
+        );
+        let shortcut = (cin != cout).then(|| {
+            b.conv(
+                &format!("{name}.conv_shortcut"),
+                conv(cin, cout, ConvKind::K1),
+                1.0,
+            )
+        });
+        let dropped = if cfg.dropout > 0.0 {
+            b.act(n * hw * cout)
+        } else {
+            norm2.y
+        };
+        let out = b.act(n * hw * cout);
+        Self {
+            index,
+            n,
+            hw,
+            norm1,
+            conv1,
+            temb,
+            norm2,
+            dropped,
+            conv2,
+            shortcut,
+            out,
+        }
+    }
+
+    fn forward<B: Backend>(
+        &self,
+        be: &mut B,
+        net: &Ctx,
+        x: Tensor,
+        temb_act: Tensor,
+    ) -> Result<Tensor> {
+        let h = self.norm1.forward(be, x)?;
+        let h = self.conv1.forward(be, h)?;
+        let t = self.temb.forward(be, temb_act)?;
+        be.add_image_bias(self.n, self.hw, self.conv1.s.o, h, t)?;
+        let h = self.norm2.forward(be, h)?;
+        let h = match net.dropout {
+            Some((p, seed, stream)) if self.dropped != self.norm2.y => {
+                be.dropout_forward(h, self.dropped, p, seed, stream + self.index as u64)?;
+                self.dropped
+            }
+            _ => h,
+        };
+        let h = self.conv2.forward(be, h)?;
+        let skip = match &self.shortcut {
+            Some(c) => c.forward(be, x)?,
+            None => x,
+        };
+        be.add(skip, h, self.out)?;
+        Ok(self.out)
+    }
+
+    fn backward<B: Backend>(
+        &self,
+        be: &mut B,
+        net: &Ctx,
+        tape: &mut Tape,
+        x: Tensor,
+        temb_act: Tensor,
+    ) -> Result<()> {
+        let dout = net.grad(self.out);
+        let dropout_on = self.dropped != self.norm2.y && net.dropout.is_some();
+        let conv2_in = if dropout_on {
+            self.dropped
+        } else {
+            self.norm2.y
+        };
+        self.conv2.backward(be, net, tape, conv2_in, dout, true)?;
+        if dropout_on {
+            let (p, seed, stream) = net.dropout.expect("checked above");
+            let dx = net.grad(self.norm2.y);
+            be.dropout_backward(
+                net.grad(self.dropped),
+                dx,
+                p,
+                seed,
+                stream + self.index as u64,
+                tape.accumulate(dx),
+            )?;
+        }
+        self.norm2.backward(be, net, tape, self.conv1.y)?;
+        let dh = net.grad(self.conv1.y);
+        be.image_bias_backward(self.n, self.hw, self.conv1.s.o, dh, net.grad(self.temb.y))?;
+        self.temb.backward(be, net, tape, temb_act, true)?;
+        self.conv1.backward(be, net, tape, self.norm1.y, dh, true)?;
+        self.norm1.backward(be, net, tape, x)?;
+        match &self.shortcut {
+            Some(c) => c.backward(be, net, tape, x, dout, true),
+            None => {
+                let dx = net.grad(x);
+                be.accumulate(dout, dx, tape.accumulate(dx))
+            }
+        }
+    }
+}
+
+/// Diffusers' `Attention` with one head: `x + to_out(softmax(q k^T / sqrt(C)) v)`, q, k, v from `GN(x)`.
+struct AttnBlock {
+    norm: Norm,
+    /// to_q, to_k and to_v side by side: one `[3C, C]` projection.
+    qkv: Linear,
+    shape: AttentionShape,
+    attn: Tensor,
+    lse: Tensor,
+    proj: Linear,
+    out: Tensor,
+}
+
+impl AttnBlock {
+    fn build(b: &mut Builder, cfg: &UNetConfig, name: &str, n: usize, h: usize, c: usize) -> Self {
+        let l = h * h;
+        let norm = b.norm(
+            &format!("{name}.group_norm"),
+            GroupNormShape {
+                n,
+                hw: l,
+                c,
+                groups: cfg.norm_num_groups,
+                eps: cfg.norm_eps as f32,
+            },
+            false,
+        );
+        // Weights of q, k, v adjacent, then their biases adjacent, so that they form one [3C, C] linear.
+        let wq = b.param(
+            format!("{name}.to_q.weight"),
+            Kind::Linear { out: c, inp: c },
+            c * c,
+            1.0,
+        );
+        b.param(
+            format!("{name}.to_k.weight"),
+            Kind::Linear { out: c, inp: c },
+            c * c,
+            1.0,
+        );
+        b.param(
+            format!("{name}.to_v.weight"),
+            Kind::Linear { out: c, inp: c },
+            c * c,
+            1.0,
+        );
+        let bq = b.param(format!("{name}.to_q.bias"), Kind::Bias, c, 0.0);
+        b.param(format!("{name}.to_k.bias"), Kind::Bias, c, 0.0);
+        b.param(format!("{name}.to_v.bias"), Kind::Bias, c, 0.0);
+        let widen = |p: Param, len| Param {
+            value: Tensor::new(p.value.off, len),
+            grad: Tensor::new(p.grad.off, len),
+        };
+        let qkv = Linear {
+            m: n * l,
+            k: c,
+            n: 3 * c,
+            w: widen(wq, 3 * c * c),
+            b: widen(bq, 3 * c),
+            y: b.act(n * l * 3 * c),
+        };
+        let attn = b.act(n * l * c);
+        let lse = b.act(n * l);
+        let proj = b.linear(&format!("{name}.to_out.0"), n * l, c, c, 0.0);
+        let out = b.act(n * l * c);
+        Self {
+            norm,
+            qkv,
+            shape: AttentionShape { n, l, c },
+            attn,
+            lse,
+            proj,
+            out,
+        }
+    }
+
+    fn forward<B: Backend>(&self, be: &mut B, x: Tensor) -> Result<Tensor> {
+        let h = self.norm.forward(be, x)?;
+        let qkv = self.qkv.forward(be, h)?;
+        be.attention_forward(self.shape, qkv, self.attn, self.lse)?;
+        let p = self.proj.forward(be, self.attn)?;
+        be.add(x, p, self.out)?;
+        Ok(self.out)
+    }
+
+    fn backward<B: Backend>(
+        &self,
+        be: &mut B,
+        net: &Ctx,
+        tape: &mut Tape,
+        x: Tensor,
+    ) -> Result<()> {
+        let dout = net.grad(self.out);
+        be.accumulate(dout, net.grad(self.proj.y), false)?;
+        self.proj.backward(be, net, tape, self.attn, true)?;
+        be.attention_backward(
+            self.shape,
+            self.qkv.y,
+            self.attn,
+            self.lse,
+            net.grad(self.attn),
+            net.grad(self.qkv.y),
+        )?;
+        self.qkv.backward(be, net, tape, self.norm.y, true)?;
+        self.norm.backward(be, net, tape, x)?;
+        let dx = net.grad(x);
+        be.accumulate(dout, dx, tape.accumulate(dx))
+    }
+}
+
+/// One layer of a level: a ResBlock, optionally preceded by a skip concatenation and followed by attention.
+struct Layer {
+    /// Up path: `concat(h, skip)` into this tensor, with the skip's handle and channel counts.
+    concat: Option<(Tensor, Tensor, usize, usize)>,
+    res: ResBlock,
+    attn: Option<AttnBlock>,
+}
+
+impl Layer {
+    fn output(&self) -> Tensor {
+        self.attn.as_ref().map_or(self.res.out, |a| a.out)
+    }
+}
+
+/// Downsample (3x3 stride 2) or nearest upsample followed by a 3x3 conv.
+struct Resample {
+    up: Option<(usize, usize, usize, usize, Tensor)>,
+    conv: Conv,
+}
+
+struct Level {
+    layers: Vec<Layer>,
+    resample: Option<Resample>,
+}
+
+/// The U-Net for a fixed batch size, its tensors placed in a backend's arena.
+pub struct UNet {
+    pub config: UNetConfig,
+    pub batch: usize,
+    specs: Vec<ParamSpec>,
+    /// All parameters, flat (the optimizer and EMA treat them as one buffer).
+    pub params: Tensor,
+    /// Their gradients, same layout.
+    pub grads: Tensor,
+    /// Model input `[batch, size, size, in_channels]` (NHWC) and timesteps `[batch]` (integers as f32).
+    pub input: Tensor,
+    pub timesteps: Tensor,
+    acts: Tensor,
+    ctx: Ctx,
+    temb_sin: Tensor,
+    temb1: Linear,
+    temb1_act: Tensor,
+    temb2: Linear,
+    temb_act: Tensor,
+    conv_in: Conv,
+    down: Vec<Level>,
+    mid: (ResBlock, AttnBlock, ResBlock),
+    up: Vec<Level>,
+    norm_out: Norm,
+    conv_out: Conv,
+}
+
+impl UNet {
+    /// Places a U-Net for batches of `batch` images in `be`'s arena. Parameters start zeroed: call
+    /// [`UNet::init`] or load weights.
+    pub fn new<B: Backend>(be: &mut B, config: &UNetConfig, batch: usize) -> Result<Self> {
+        config.validate()?;
+        if batch == 0 {
+            return Err(Error::Invalid("the batch size must be at least 1".into()));
+        }
+        let count = Self::build(config, batch, 0, 0, 0, 0);
+        let np = count.specs.last().map_or(0, |s| s.offset + s.len);
+        let na = count.acts.len;
+        let params = be.alloc(np)?;
+        let grads = be.alloc(np)?;
+        let acts = be.alloc(na)?;
+        let dacts = be.alloc(na)?;
+        Ok(Self::build(
+            config,
+            batch,
+            params.off,
+            grads.off,
+            acts.off,
+            dacts.off - acts.off,
+        ))
+    }
+
+    fn build(
+        config: &UNetConfig,
+        n: usize,
+        params: usize,
+        grads: usize,
+        acts: usize,
+        grad_delta: usize,
+    ) -> Self {
+        let mut b = Builder {
+            specs: Vec::new(),
+            params,
+            grads,
+            acts,
+            act_next: 0,
+        };
+        let cfg = config;
+        let chans = &cfg.block_out_channels;
+        let levels = chans.len();
+        let size = cfg.sample_size;
+        let input = b.act(n * size * size * cfg.in_channels);
+        let timesteps = b.act(n);
+        let (ch0, tdim) = (chans[0], cfg.time_embed_dim());
+        let temb_sin = b.act(n * ch0);
+        // Parameter order follows diffusers' module order (time embedding, conv_in, down, mid, up, out).
+        let temb1 = b.linear("time_embedding.linear_1", n, ch0, tdim, 1.0);
+        let temb1_act = b.act(n * tdim);
+        let temb2 = b.linear("time_embedding.linear_2", n, tdim, tdim, 1.0);
+        let temb_act = b.act(n * tdim);
+        let conv_in = b.conv(
+            "conv_in",
+            ConvShape {
+                n,
+                h: size,
+                w: size,
+                c: cfg.in_channels,
+                o: ch0,
+                kind: ConvKind::K3S1,
+            },
+            1.0,
+        );
+        let mut res_index = 0;
+        let mut next_res = || {
+            res_index += 1;
+            res_index - 1
+        };
+        // Down path; `skips` records (handle, channels) of every tensor the up path concatenates.
+        let mut skips = vec![(conv_in.y, ch0)];
+        let (mut h, mut c) = (size, ch0);
+        let mut down = Vec::new();
+        for (i, &out) in chans.iter().enumerate() {
+            let mut layers = Vec::new();
+            for j in 0..cfg.layers_per_block {
+                let name = format!("down_blocks.{i}.resnets.{j}");
+                let res = ResBlock::build(&mut b, cfg, &name, next_res(), n, h, c, out);
+                c = out;
+                let attn = cfg.down_attention(i).then(|| {
+                    AttnBlock::build(
+                        &mut b,
+                        cfg,
+                        &format!("down_blocks.{i}.attentions.{j}"),
+                        n,
+                        h,
+                        c,
+                    )
+                });
+                let layer = Layer {
+                    concat: None,
+                    res,
+                    attn,
+                };
+                skips.push((layer.output(), c));
+                layers.push(layer);
+            }
+            let resample = (i + 1 < levels).then(|| {
+                let conv = b.conv(
+                    &format!("down_blocks.{i}.downsamplers.0.conv"),
+                    ConvShape {
+                        n,
+                        h,
+                        w: h,
+                        c,
+                        o: c,
+                        kind: ConvKind::K3S2,
+                    },
+                    1.0,
+                );
+                Resample { up: None, conv }
+            });
+            if let Some(r) = &resample {
+                h /= 2;
+                skips.push((r.conv.y, c));
+            }
+            down.push(Level { layers, resample });
+        }
+        let mid = (
+            ResBlock::build(&mut b, cfg, "mid_block.resnets.0", next_res(), n, h, c, c),
+            AttnBlock::build(&mut b, cfg, "mid_block.attentions.0", n, h, c),
+            ResBlock::build(&mut b, cfg, "mid_block.resnets.1", next_res(), n, h, c, c),
+        );
+        let mut up = Vec::new();
+        for i in 0..levels {
+            let out = chans[levels - 1 - i];
+            let mut layers = Vec::new();
+            for j in 0..=cfg.layers_per_block {
+                let (skip, cs) = skips.pop().expect("one skip per up layer");
+                let cat = b.act(n * h * h * (c + cs));
+                let name = format!("up_blocks.{i}.resnets.{j}");
+                let res = ResBlock::build(&mut b, cfg, &name, next_res(), n, h, c + cs, out);
+                let concat = Some((cat, skip, c, cs));
+                c = out;
+                let attn = cfg.up_attention(i).then(|| {
+                    AttnBlock::build(
+                        &mut b,
+                        cfg,
+                        &format!("up_blocks.{i}.attentions.{j}"),
+                        n,
+                        h,
+                        c,
+                    )
+                });
+                layers.push(Layer { concat, res, attn });
+            }
+            let resample = (i + 1 < levels).then(|| {
+                let upsampled = b.act(n * 4 * h * h * c);
+                let conv = b.conv(
+                    &format!("up_blocks.{i}.upsamplers.0.conv"),
+                    ConvShape {
+                        n,
+                        h: 2 * h,
+                        w: 2 * h,
+                        c,
+                        o: c,
+                        kind: ConvKind::K3S1,
+                    },
+                    1.0,
+                );
+                Resample {
+                    up: Some((n, h, h, c, upsampled)),
+                    conv,
+                }
+            });
+            if resample.is_some() {
+                h *= 2;
+            }
+            up.push(Level { layers, resample });
+        }
+        let norm_out = b.norm(
+            "conv_norm_out",
+            GroupNormShape {
+                n,
+                hw: h * h,
+                c,
+                groups: cfg.norm_num_groups,
+                eps: cfg.norm_eps as f32,
+            },
+            true,
+        );
+        let conv_out = b.conv(
+            "conv_out",
+            ConvShape {
+                n,
+                h,
+                w: h,
+                c,
+                o: cfg.out_channels,
+                kind: ConvKind::K3S1,
+            },
+            0.0,
+        );
+        let np = b.specs.last().map_or(0, |s| s.offset + s.len);
+        Self {
+            config: cfg.clone(),
+            batch: n,
+            params: Tensor::new(params, np),
+            grads: Tensor::new(grads, np),
+            input,
+            timesteps,
+            acts: Tensor::new(acts, b.act_next),
+            ctx: Ctx {
+                grad_delta,
+                dropout: None,
+            },
+            specs: b.specs,
+            temb_sin,
+            temb1,
+            temb1_act,
+            temb2,
+            temb_act,
+            conv_in,
+            down,
+            mid,
+            up,
+            norm_out,
+            conv_out,
+        }
+    }
+
+    /// Every parameter in diffusers' names and order, with its place in [`UNet::params`] (offsets relative
+    /// to its start).
+    pub fn specs(&self) -> &[ParamSpec] {
+        &self.specs
+    }
+
+    pub fn num_params(&self) -> usize {
+        self.params.len
+    }
+
+    /// Activation elements kept for the backward pass (and as many again for their gradients).
+    pub fn activation_len(&self) -> usize {
+        self.acts.len
+    }
+
+    /// The network's output `[batch, size, size, out_channels]` after [`UNet::forward`].
+    pub fn output(&self) -> Tensor {
+        self.conv_out.y
+    }
+
+    /// The gradient of the loss with respect to the output, which the loss op writes before
+    /// [`UNet::backward`].
+    pub fn output_grad(&self) -> Tensor {
+        self.ctx.grad(self.conv_out.y)
+    }
+
+    /// Writes the paper's initialisation (see [`ParamSpec::init`]) into the parameters.
+    pub fn init<B: Backend>(&self, be: &mut B, seed: u64) -> Result<()> {
+        let mut flat = vec![0.0f32; self.params.len];
+        for (i, s) in self.specs.iter().enumerate() {
+            flat[s.offset..s.offset + s.len].copy_from_slice(&s.init(seed, i));
+        }
+        be.upload(self.params, &flat)
+    }
+
+    /// Forward pass on [`UNet::input`] and [`UNet::timesteps`]. `dropout` = (seed, step) turns dropout on
+    /// (training); `None` runs the network deterministically.
+    pub fn forward<B: Backend>(
+        &mut self,
+        be: &mut B,
+        dropout: Option<(u64, u64)>,
+    ) -> Result<Tensor> {
+        let p = self.config.dropout as f32;
+        self.ctx.dropout = match dropout {
+            Some((seed, step)) if p > 0.0 => {
+                Some((p, seed, rng::stream(rng::Purpose::Dropout, step << 10)))
+            }
+            _ => None,
+        };
+        let n = self.batch;
+        be.timestep_embedding(
+            n,
+            self.config.block_out_channels[0],
+            self.timesteps,
+            self.temb_sin,
+        )?;
+        let t = self.temb1.forward(be, self.temb_sin)?;
+        be.silu_forward(t, self.temb1_act)?;
+        let t = self.temb2.forward(be, self.temb1_act)?;
+        be.silu_forward(t, self.temb_act)?;
+        let ta = self.temb_act;
+        let mut h = self.conv_in.forward(be, self.input)?;
+        for level in &self.down {
+            for layer in &level.layers {
+                h = layer.res.forward(be, &self.ctx, h, ta)?;
+                if let Some(a) = &layer.attn {
+                    h = a.forward(be, h)?;
+                }
+            }
+            if let Some(r) = &level.resample {
+                h = r.conv.forward(be, h)?;
+            }
+        }
+        h = self.mid.0.forward(be, &self.ctx, h, ta)?;
+        h = self.mid.1.forward(be, h)?;
+        h = self.mid.2.forward(be, &self.ctx, h, ta)?;
+        for level in &self.up {
+            for layer in &level.layers {
+                let (cat, skip, ca, cb) = layer.concat.expect("up layers concatenate");
+                be.concat_forward(cat.len / (ca + cb), ca, cb, h, skip, cat)?;
+                h = layer.res.forward(be, &self.ctx, cat, ta)?;
+                if let Some(a) = &layer.attn {
+                    h = a.forward(be, h)?;
+                }
+            }
+            if let Some(r) = &level.resample {
+                let (n, hh, ww, c, upsampled) = r.up.expect("up path resamples up");
+                be.upsample2x_forward(n, hh, ww, c, h, upsampled)?;
+                h = r.conv.forward(be, upsampled)?;
+            }
+        }
+        let h = self.norm_out.forward(be, h)?;
+        self.conv_out.forward(be, h)
+    }
+
+    /// Backward pass after [`UNet::forward`] (same dropout setting), from the gradient in
+    /// [`UNet::output_grad`]; writes every parameter gradient into [`UNet::grads`].
+    pub fn backward<B: Backend>(&mut self, be: &mut B) -> Result<()> {
+        let mut tape = Tape::default();
+        let net = &self.ctx;
+        let tp = &mut tape;
+        let ta = self.temb_act;
+        self.conv_out.backward(
+            be,
+            net,
+            tp,
+            self.norm_out.y,
+            net.grad(self.conv_out.y),
+            true,
+        )?;
+        // The input of the final norm is the output of the last up level.
+        let mut h = self.up_output();
+        self.norm_out.backward(be, net, tp, h)?;
+        for (li, level) in self.up.iter().enumerate().rev() {
+            if let Some(r) = &level.resample {
+                let (n, hh, ww, c, upsampled) = r.up.expect("up path resamples up");
+                r.conv
+                    .backward(be, net, tp, upsampled, net.grad(r.conv.y), true)?;
+                let below = level.layers.last().expect("a level has layers").output();
+                let dx = net.grad(below);
+                be.upsample2x_backward(n, hh, ww, c, net.grad(upsampled), dx, tp.accumulate(dx))?;
+            }
+            for (j, layer) in level.layers.iter().enumerate().rev() {
+                let (cat, skip, ca, cb) = layer.concat.expect("up layers concatenate");
+                if let Some(a) = &layer.attn {
+                    a.backward(be, net, tp, layer.res.out)?;
+                }
+                layer.res.backward(be, net, tp, cat, ta)?;
+                // The layer's input h is the previous layer's output, or the level below's output.
+                h = if j > 0 {
+                    level.layers[j - 1].output()
+                } else {
+                    self.up_input(li)
+                };
+                let (dh, ds) = (net.grad(h), net.grad(skip));
+                let (acc_h, acc_s) = (tp.accumulate(dh), tp.accumulate(ds));
+                be.concat_backward(
+                    cat.len / (ca + cb),
+                    ca,
+                    cb,
+                    net.grad(cat),
+                    dh,
+                    ds,
+                    acc_h,
+                    acc_s,
+                )?;
+            }
+        }
+        let mid_in = self.down_output();
+        self.mid.2.backward(be, net, tp, self.mid.1.out, ta)?;
+        self.mid.1.backward(be, net, tp, self.mid.0.out)?;
+        self.mid.0.backward(be, net, tp, mid_in, ta)?;
+        for (li, level) in self.down.iter().enumerate().rev() {
+            let last = level.layers.last().expect("a level has layers").output();
+            if let Some(r) = &level.resample {
+                r.conv
+                    .backward(be, net, tp, last, net.grad(r.conv.y), true)?;
+            }
+            for (j, layer) in level.layers.iter().enumerate().rev() {
+                let x = if j > 0 {
+                    level.layers[j - 1].output()
+                } else {
+                    self.down_input(li)
+                };
+                if let Some(a) = &layer.attn {
+                    a.backward(be, net, tp, layer.res.out)?;
+                }
+                layer.res.backward(be, net, tp, x, ta)?;
+            }
+        }
+        self.conv_in
+            .backward(be, net, tp, self.input, net.grad(self.conv_in.y), false)?;
+        // The time embedding's gradient is the sum over every ResBlock; if none wrote it the net has none.
+        let dta = net.grad(self.temb_act);
+        if !tp.accumulate(dta) {
+            be.fill(dta, 0.0)?;
+        }
+        be.silu_backward(self.temb2.y, dta, net.grad(self.temb2.y), false)?;
+        self.temb2.backward(be, net, tp, self.temb1_act, true)?;
+        be.silu_backward(
+            self.temb1.y,
+            net.grad(self.temb1_act),
+            net.grad(self.temb1.y),
+            false,
+        )?;
+        self.temb1.backward(be, net, tp, self.temb_sin, false)
+    }
+
+    fn down_input(&self, level: usize) -> Tensor {
+        if level == 0 {
+            self.conv_in.y
+        } else {
+            let below = &self.down[level - 1];
+            below.resample.as_ref().map_or_else(
+                || below.layers.last().expect("layers").output(),
+                |r| r.conv.y,
+            )
+        }
+    }
+
+    fn down_output(&self) -> Tensor {
+        self.down_input(self.down.len())
+    }
+
+    fn up_input(&self, level: usize) -> Tensor {
+        if level == 0 {
+            self.mid.2.out
+        } else {
+            let below = &self.up[level - 1];
+            below.resample.as_ref().map_or_else(
+                || below.layers.last().expect("layers").output(),
+                |r| r.conv.y,
+            )
+        }
+    }
+
+    fn up_output(&self) -> Tensor {
+        self.up_input(self.up.len())
+    }
+
+    /// The flat parameter vector from named PyTorch-layout tensors (a diffusers state dict). Accepts the
+    /// legacy attention names; every tensor must be present with its shape, and nothing else may be.
+    pub fn flat_from_state(
+        &self,
+        state: &HashMap<String, NamedTensor>,
+        origin: &Path,
+    ) -> Result<Vec<f32>> {
+        let mut flat = vec![0.0f32; self.params.len];
+        let mut used = HashSet::new();
+        for s in &self.specs {
+            let (name, t) = match state.get(&s.name) {
+                Some(t) => (s.name.clone(), t),
+                None => match legacy_name(&s.name).and_then(|l| state.get(&l).map(|t| (l, t))) {
+                    Some(found) => found,
+                    None => {
+                        return Err(Error::format(origin, format!("missing tensor {}", s.name)))
+                    }
+                },
+            };
+            if t.shape != s.shape() {
+                return Err(Error::format(
+                    origin,
+                    format!(
+                        "tensor {name}: expected shape {:?}, found {:?}",
+                        s.shape(),
+                        t.shape
+                    ),
+                ));
+            }
+            flat[s.offset..s.offset + s.len].copy_from_slice(&s.from_pytorch(&t.data));
+            used.insert(name);
+        }
+        let mut extra: Vec<&String> = state.keys().filter(|k| !used.contains(*k)).collect();
+        if !extra.is_empty() {
+            extra.sort();
+            return Err(Error::format(
+                origin,
+                format!("unexpected tensors for this config: {extra:?}"),
+            ));
+        }
+        Ok(flat)
+    }
+
+    /// Named PyTorch-layout tensors from a flat vector laid out like [`UNet::params`].
+    pub fn state_from_flat(&self, flat: &[f32]) -> Vec<(String, NamedTensor)> {
+        self.specs
+            .iter()
+            .map(|s| {
+                (
+                    s.name.clone(),
+                    NamedTensor {
+                        shape: s.shape(),
+                        data: s.to_pytorch(&flat[s.offset..s.offset + s.len]),
+                    },
+                )
+            })
+            .collect()
+    }
+
+    /// Multiply-adds of one forward pass per image (convolutions, linears and attention matmuls).
+    pub fn macs_per_image(&self) -> usize {
+        let mut total = 0;
+        let convs = |lvl: &Level| lvl.resample.as_ref().map_or(0, |r| r.conv.s.macs());
+        let res = |r: &ResBlock| {
+            r.conv1.s.macs()
+                + r.conv2.s.macs()
+                + r.shortcut.as_ref().map_or(0, |c| c.s.macs())
+                + r.temb.m * r.temb.k * r.temb.n
+        };
+        let attn = |a: &AttnBlock| {
+            let s = a.shape;
+            a.qkv.m * a.qkv.k * a.qkv.n + a.proj.m * a.proj.k * a.proj.n + 2 * s.n * s.l * s.l * s.c
+        };
+        for lvl in self.down.iter().chain(&self.up) {
+            total += convs(lvl);
+            for l in &lvl.layers {
+                total += res(&l.res) + l.attn.as_ref().map_or(0, attn);
+            }
+        }
+        total += res(&self.mid.0) + attn(&self.mid.1) + res(&self.mid.2);
+        total += self.conv_in.s.macs() + self.conv_out.s.macs();
+        total +=
+            self.temb1.m * self.temb1.k * self.temb1.n + self.temb2.m * self.temb2.k * self.temb2.n;
+        total / self.batch
+    }
+}
