@@ -10,9 +10,11 @@
 #![allow(clippy::too_many_arguments)]
 
 pub mod backend;
+pub mod cli;
 pub mod error;
 pub mod model;
 pub mod rng;
+pub mod sample;
 pub mod schedule;
 
 pub use error::{Error, Result};

@@ -1,0 +1,190 @@
+//! Samplers: the tables of per-step coefficients (built in f64 from the schedule) and the loop that runs
+//! them over a backend. One table format serves the 1000-step ancestral sampler, a respaced one and DDIM,
+//! so the device runs every sampler with one fused kernel.
+
+use crate::backend::{Backend, SamplerRow, Tensor};
+use crate::error::{Error, Result};
+use crate::rng;
+use crate::schedule::Schedule;
+use serde::{Deserialize, Serialize};
+
+/// The variance of the reverse step (REFERENCE.md §1).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum Variance {
+    /// `beta_t` (the paper's better FID, and the hub model's setting).
+    FixedLarge,
+    /// `beta_tilde_t`, the true posterior's variance.
+    FixedSmall,
+}
+
+impl std::str::FromStr for Variance {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "fixed_large" => Ok(Self::FixedLarge),
+            "fixed_small" => Ok(Self::FixedSmall),
+            other => Err(Error::Invalid(format!(
+                "unknown variance type {other:?}: expected fixed_large or fixed_small"
+            ))),
+        }
+    }
+}
+
+impl Variance {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::FixedLarge => "fixed_large",
+            Self::FixedSmall => "fixed_small",
+        }
+    }
+}
+
+/// The ancestral sampler over every timestep: row `t` takes `x_t` to `x_{t-1}`.
+pub fn ddpm_table(s: &Schedule, variance: Variance) -> Vec<SamplerRow> {
+    (0..s.len())
+        .map(|t| {
+            let (ab, abp) = (s.alphas_cumprod[t], s.alphas_cumprod_prev[t]);
+            let beta = 1.0 - ab / abp;
+            let var = match variance {
+                Variance::FixedLarge => beta,
+                Variance::FixedSmall => ((1.0 - abp) / (1.0 - ab) * beta).max(1e-20),
+            };
+            SamplerRow {
+                t: t as f32,
+                x0_from_xt: (1.0 / ab.sqrt()) as f32,
+                x0_from_eps: ((1.0 - ab).sqrt() / ab.sqrt()) as f32,
+                c_x0: (abp.sqrt() * beta / (1.0 - ab)) as f32,
+                c_xt: ((1.0 - beta).sqrt() * (1.0 - abp) / (1.0 - ab)) as f32,
+                c_eps: 0.0,
+                sigma: if t > 0 { var.sqrt() as f32 } else { 0.0 },
+                unused: 0.0,
+            }
+        })
+        .collect()
+}
+
+/// DDIM (diffusers' DDIMScheduler defaults: "leading" spacing, `set_alpha_to_one`): `steps` rows at
+/// `t_i = i * (T / steps)`, deterministic when `eta = 0`.
+pub fn ddim_table(s: &Schedule, steps: usize, eta: f64) -> Result<Vec<SamplerRow>> {
+    let big_t = s.len();
+    if steps == 0 || steps > big_t {
+        return Err(Error::Invalid(format!(
+            "DDIM steps {steps} must be in 1..={big_t}"
+        )));
+    }
+    let stride = big_t / steps;
+    Ok((0..steps)
+        .map(|i| {
+            let t = i * stride;
+            let ab = s.alphas_cumprod[t];
+            let abp = if i == 0 {
+                1.0
+            } else {
+                s.alphas_cumprod[t - stride]
+            };
+            let sigma = eta * ((1.0 - abp) / (1.0 - ab) * (1.0 - ab / abp)).sqrt();
+            SamplerRow {
+                t: t as f32,
+                x0_from_xt: (1.0 / ab.sqrt()) as f32,
+                x0_from_eps: ((1.0 - ab).sqrt() / ab.sqrt()) as f32,
+                c_x0: abp.sqrt() as f32,
+                c_xt: 0.0,
+                c_eps: (1.0 - abp - sigma * sigma).max(0.0).sqrt() as f32,
+                sigma: sigma as f32,
+                unused: 0.0,
+            }
+        })
+        .collect())
+}
+
+/// What a sampling run draws: the seed, and the number of the first image (so a batch of a larger run draws
+/// what the same images would draw in any other split).
+#[derive(Clone, Copy, Debug)]
+pub struct Draw {
+    pub seed: u64,
+    pub first_image: u64,
+    pub per_image: usize,
+    pub clip: bool,
+}
+
+/// Runs a sampler table over a backend: `x` gets `x_T ~ N(0, I)`, then for every row, `denoise(be)` must
+/// write the model's eps prediction for `x` at the current row's timestep into `eps` (it can read the
+/// timestep with `Backend::sampler_timesteps`), and the fused update moves `x` one step down. `progress`
+/// is called after every step with (done, total).
+pub fn run<B: Backend>(
+    be: &mut B,
+    rows: &[SamplerRow],
+    x: Tensor,
+    eps: Tensor,
+    draw: Draw,
+    mut denoise: impl FnMut(&mut B) -> Result<()>,
+    mut progress: impl FnMut(usize, usize),
+) -> Result<()> {
+    let first = draw.first_image * draw.per_image as u64;
+    be.normal(
+        x,
+        first,
+        draw.seed,
+        rng::stream(rng::Purpose::SamplerStart, 0),
+    )?;
+    be.sampler_load(rows)?;
+    let base = rng::stream(rng::Purpose::SamplerNoise, 0);
+    let mut done = 0;
+    while be.sampler_position()?.is_some() {
+        denoise(be)?;
+        be.sampler_step(x, eps, x, first, draw.clip, draw.seed, base)?;
+        be.sampler_advance()?;
+        done += 1;
+        progress(done, rows.len());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // The DDPM row against REFERENCE.md §1's formulas, written out on the raw alphas_cumprod.
+    #[test]
+    fn ddpm_rows_follow_the_reference_formulas() {
+        let s = Schedule::paper();
+        let large = ddpm_table(&s, Variance::FixedLarge);
+        let small = ddpm_table(&s, Variance::FixedSmall);
+        for t in [0usize, 1, 500, 999] {
+            let ab = s.alphas_cumprod[t];
+            let abp = if t == 0 { 1.0 } else { s.alphas_cumprod[t - 1] };
+            let beta = 1.0 - ab / abp;
+            let r = large[t];
+            let close = |a: f32, b: f64| (f64::from(a) - b).abs() <= 1e-6 * b.abs().max(1e-3);
+            assert!(close(r.x0_from_xt, 1.0 / ab.sqrt()));
+            assert!(close(r.x0_from_eps, (1.0 - ab).sqrt() / ab.sqrt()));
+            assert!(close(r.c_x0, abp.sqrt() * beta / (1.0 - ab)));
+            assert!(close(
+                r.c_xt,
+                (1.0 - beta).sqrt() * (1.0 - abp) / (1.0 - ab)
+            ));
+            if t > 0 {
+                assert!(close(r.sigma, beta.sqrt()));
+                assert!(close(
+                    small[t].sigma,
+                    ((1.0 - abp) / (1.0 - ab) * beta).sqrt()
+                ));
+            } else {
+                assert_eq!((r.sigma, small[t].sigma), (0.0, 0.0));
+            }
+        }
+    }
+
+    #[test]
+    fn ddim_rows_use_leading_spacing() {
+        let s = Schedule::paper();
+        let rows = ddim_table(&s, 50, 0.0).unwrap();
+        assert_eq!(rows.len(), 50);
+        assert_eq!((rows[0].t, rows[49].t), (0.0, 980.0));
+        assert!(rows.iter().all(|r| r.sigma == 0.0 && r.c_xt == 0.0));
+        // Row 0 goes to ab_prev = 1: x_prev = x0_hat.
+        assert_eq!((rows[0].c_x0, rows[0].c_eps), (1.0, 0.0));
+        assert!(ddim_table(&s, 0, 0.0).is_err());
+    }
+}

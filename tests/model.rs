@@ -1,0 +1,119 @@
+//! Properties of the U-Net that do not need a reference implementation.
+
+use ddpm_cuda::backend::cpu::CpuBackend;
+use ddpm_cuda::backend::Backend;
+use ddpm_cuda::model::{UNet, UNetConfig};
+use std::collections::HashSet;
+
+/// REFERENCE.md §2: the paper's CIFAR-10 network has 35,746,307 parameters in 328 tensors, and a forward
+/// pass costs 12.44 GFLOP per image (PyTorch's counter on the diffusers model: matmul and conv, 2 FLOP per
+/// multiply-add).
+#[test]
+fn paper_network_has_the_published_size() {
+    let cfg = UNetConfig::preset("ddpm-cifar10").unwrap();
+    let mut be = CpuBackend::<f32>::new();
+    let net = UNet::new(&mut be, &cfg, 1).unwrap();
+    assert_eq!(net.num_params(), 35_746_307);
+    assert_eq!(net.specs().len(), 328);
+    let names: HashSet<&str> = net.specs().iter().map(|s| s.name.as_str()).collect();
+    for name in [
+        "conv_in.weight",
+        "time_embedding.linear_2.bias",
+        "down_blocks.1.resnets.0.conv_shortcut.weight",
+        "down_blocks.1.attentions.1.to_out.0.weight",
+        "down_blocks.2.downsamplers.0.conv.bias",
+        "mid_block.attentions.0.to_q.weight",
+        "up_blocks.3.resnets.2.conv_shortcut.weight",
+        "up_blocks.2.attentions.2.group_norm.weight",
+        "up_blocks.2.upsamplers.0.conv.weight",
+        "conv_norm_out.bias",
+        "conv_out.weight",
+    ] {
+        assert!(names.contains(name), "{name}");
+    }
+    let gflop = 2.0 * net.macs_per_image() as f64 / 1e9;
+    assert!((gflop - 12.44).abs() < 0.01, "{gflop} GFLOP");
+}
+
+/// The paper's initialisation: variance-scaling uniform weights with limit sqrt(3 / fan_avg), the layers
+/// that start as identity paths (conv2, attention output, conv_out) at scale 1e-10, biases 0, norm scales 1.
+#[test]
+fn initialisation_follows_the_paper() {
+    let cfg = UNetConfig::preset("tiny").unwrap();
+    let mut be = CpuBackend::<f32>::new();
+    let net = UNet::new(&mut be, &cfg, 1).unwrap();
+    net.init(&mut be, 1).unwrap();
+    let p = be.download(net.params).unwrap();
+    let get = |name: &str| {
+        let s = net.specs().iter().find(|s| s.name == name).unwrap();
+        p[s.offset..s.offset + s.len].to_vec()
+    };
+    let w = get("down_blocks.0.resnets.0.conv1.weight");
+    let limit = (3.0f32 / ((32.0 * 9.0 + 32.0 * 9.0) / 2.0)).sqrt();
+    let max = w.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    assert!(max <= limit && max > 0.95 * limit, "{max} vs {limit}");
+    // Uniform on [-l, l] has variance l^2 / 3.
+    let var = w.iter().map(|v| v * v).sum::<f32>() / w.len() as f32;
+    assert!(
+        (var / (limit * limit / 3.0) - 1.0).abs() < 0.1,
+        "variance ratio {}",
+        var / (limit * limit / 3.0)
+    );
+    assert!(get("conv_out.weight").iter().all(|v| v.abs() < 1e-4));
+    assert!(get("down_blocks.1.attentions.0.to_out.0.weight")
+        .iter()
+        .all(|v| v.abs() < 1e-4));
+    assert!(get("conv_in.bias").iter().all(|&v| v == 0.0));
+    assert!(get("conv_norm_out.weight").iter().all(|&v| v == 1.0));
+    // Different seeds, different weights; same seed, same weights.
+    net.init(&mut be, 2).unwrap();
+    assert_ne!(be.download(net.params).unwrap(), p);
+    net.init(&mut be, 1).unwrap();
+    assert_eq!(be.download(net.params).unwrap(), p);
+}
+
+/// Weights survive the trip to PyTorch layouts and back, and a state dict with the wrong shape, a missing
+/// tensor or an extra one is refused with its name; the legacy attention names load.
+#[test]
+fn state_dict_round_trip_and_errors() {
+    let cfg = UNetConfig::preset("tiny").unwrap();
+    let mut be = CpuBackend::<f32>::new();
+    let net = UNet::new(&mut be, &cfg, 1).unwrap();
+    net.init(&mut be, 3).unwrap();
+    let flat = be.download(net.params).unwrap();
+    let state: std::collections::HashMap<_, _> = net.state_from_flat(&flat).into_iter().collect();
+    let origin = std::path::Path::new("w.safetensors");
+    assert_eq!(net.flat_from_state(&state, origin).unwrap(), flat);
+    let legacy: std::collections::HashMap<_, _> = state
+        .iter()
+        .map(|(k, v)| {
+            (
+                ddpm_cuda::model::params::legacy_name(k).unwrap_or(k.clone()),
+                v.clone(),
+            )
+        })
+        .collect();
+    assert!(legacy.contains_key("mid_block.attentions.0.query.weight"));
+    assert_eq!(net.flat_from_state(&legacy, origin).unwrap(), flat);
+    let mut bad = state.clone();
+    bad.get_mut("conv_in.weight").unwrap().shape = vec![32, 3, 1, 9];
+    let e = net.flat_from_state(&bad, origin).unwrap_err().to_string();
+    assert!(
+        e.contains("conv_in.weight") && e.contains("[32, 3, 3, 3]"),
+        "{e}"
+    );
+    let mut missing = state.clone();
+    missing.remove("conv_out.bias");
+    assert!(net
+        .flat_from_state(&missing, origin)
+        .unwrap_err()
+        .to_string()
+        .contains("missing tensor conv_out.bias"));
+    let mut extra = state.clone();
+    extra.insert("stray".into(), state["conv_out.bias"].clone());
+    assert!(net
+        .flat_from_state(&extra, origin)
+        .unwrap_err()
+        .to_string()
+        .contains("stray"));
+}
