@@ -10,11 +10,16 @@
 #![allow(clippy::too_many_arguments)]
 
 pub mod backend;
+pub mod checkpoint;
 pub mod cli;
+pub mod data;
 pub mod error;
+pub mod image;
 pub mod model;
+pub mod progress;
 pub mod rng;
 pub mod sample;
 pub mod schedule;
+pub mod train;
 
 pub use error::{Error, Result};

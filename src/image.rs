@@ -1,0 +1,178 @@
+//! Pictures: sample grids, forward-diffusion strips and loss curves as PNG, images in and out of [-1, 1].
+
+use crate::error::{Error, Result};
+use std::path::Path;
+
+/// An RGB picture, 8 bits per channel.
+pub struct Canvas {
+    pub width: usize,
+    pub height: usize,
+    pub rgb: Vec<u8>,
+}
+
+impl Canvas {
+    pub fn new(width: usize, height: usize, background: [u8; 3]) -> Self {
+        Self {
+            width,
+            height,
+            rgb: background
+                .iter()
+                .copied()
+                .cycle()
+                .take(width * height * 3)
+                .collect(),
+        }
+    }
+
+    pub fn put(&mut self, x: usize, y: usize, c: [u8; 3]) {
+        if x < self.width && y < self.height {
+            let i = (y * self.width + x) * 3;
+            self.rgb[i..i + 3].copy_from_slice(&c);
+        }
+    }
+
+    /// Pastes an NHWC image with values in [-1, 1] (clamped) at (x0, y0).
+    pub fn paste(&mut self, x0: usize, y0: usize, img: &[f32], size: usize, channels: usize) {
+        for y in 0..size {
+            for x in 0..size {
+                let p = &img[(y * size + x) * channels..(y * size + x + 1) * channels];
+                let c = |i: usize| to_u8(p[i.min(channels - 1)]);
+                self.put(x0 + x, y0 + y, [c(0), c(1), c(2)]);
+            }
+        }
+    }
+
+    /// Writes the picture atomically (temporary file, then rename).
+    pub fn save_png(&self, path: &Path) -> Result<()> {
+        let img =
+            image::RgbImage::from_raw(self.width as u32, self.height as u32, self.rgb.clone())
+                .ok_or_else(|| Error::Invalid("canvas size".into()))?;
+        let mut bytes = Vec::new();
+        img.write_to(
+            &mut std::io::Cursor::new(&mut bytes),
+            image::ImageFormat::Png,
+        )
+        .map_err(|e| Error::format(path, format!("encoding PNG: {e}")))?;
+        crate::checkpoint::write_atomic(path, &bytes)
+    }
+}
+
+/// [-1, 1] to 0..=255.
+pub fn to_u8(v: f32) -> u8 {
+    (((v.clamp(-1.0, 1.0) + 1.0) * 127.5) + 0.5) as u8
+}
+
+/// A grid of NHWC images in rows of `cols`, with a 2-pixel gap.
+pub fn grid(images: &[f32], n: usize, size: usize, channels: usize, cols: usize) -> Canvas {
+    let cols = cols.clamp(1, n.max(1));
+    let rows = n.div_ceil(cols);
+    let gap = 2;
+    let mut c = Canvas::new(
+        cols * (size + gap) + gap,
+        rows * (size + gap) + gap,
+        [255, 255, 255],
+    );
+    let per = size * size * channels;
+    for i in 0..n {
+        c.paste(
+            gap + (i % cols) * (size + gap),
+            gap + (i / cols) * (size + gap),
+            &images[i * per..(i + 1) * per],
+            size,
+            channels,
+        );
+    }
+    c
+}
+
+/// Scales a canvas up by an integer factor (nearest), so 16x16 samples are visible.
+pub fn upscale(c: &Canvas, factor: usize) -> Canvas {
+    let mut out = Canvas::new(c.width * factor, c.height * factor, [0, 0, 0]);
+    for y in 0..out.height {
+        for x in 0..out.width {
+            let i = ((y / factor) * c.width + x / factor) * 3;
+            out.put(x, y, [c.rgb[i], c.rgb[i + 1], c.rgb[i + 2]]);
+        }
+    }
+    out
+}
+
+/// Loads a PNG or JPEG, resizes its shorter side to `size` and crops the centre: `[size, size, 3]` NHWC in
+/// [-1, 1].
+pub fn load_image(path: &Path, size: usize) -> Result<Vec<f32>> {
+    let img = image::open(path)
+        .map_err(|e| Error::format(path, format!("not a readable PNG/JPEG image: {e}")))?
+        .to_rgb8();
+    let (w, h) = (img.width() as f64, img.height() as f64);
+    let scale = size as f64 / w.min(h);
+    let (nw, nh) = (
+        ((w * scale).round() as u32).max(size as u32),
+        ((h * scale).round() as u32).max(size as u32),
+    );
+    let resized = image::imageops::resize(&img, nw, nh, image::imageops::FilterType::Triangle);
+    let (x0, y0) = ((nw - size as u32) / 2, (nh - size as u32) / 2);
+    let mut out = Vec::with_capacity(size * size * 3);
+    for y in 0..size as u32 {
+        for x in 0..size as u32 {
+            let p = resized.get_pixel(x0 + x, y0 + y);
+            out.extend(p.0.iter().map(|&v| f32::from(v) / 127.5 - 1.0));
+        }
+    }
+    Ok(out)
+}
+
+/// A loss curve (log scale, smoothed) as a picture: raw values in light grey, a moving average in blue.
+pub fn loss_curve(losses: &[f32]) -> Canvas {
+    let (w, h, pad) = (640usize, 360usize, 20usize);
+    let mut c = Canvas::new(w, h, [255, 255, 255]);
+    for x in pad..w - pad {
+        c.put(x, h - pad, [0, 0, 0]);
+    }
+    for y in pad..h - pad {
+        c.put(pad, y, [0, 0, 0]);
+    }
+    let vals: Vec<f64> = losses
+        .iter()
+        .map(|&v| f64::from(v).max(1e-8).ln())
+        .filter(|v| v.is_finite())
+        .collect();
+    if vals.len() < 2 {
+        return c;
+    }
+    let (lo, hi) = vals
+        .iter()
+        .fold((f64::MAX, f64::MIN), |(a, b), &v| (a.min(v), b.max(v)));
+    let span = (hi - lo).max(1e-6);
+    let px = |i: usize| pad + 1 + i * (w - 2 * pad - 2) / (vals.len() - 1);
+    let py = |v: f64| h - pad - 1 - (((v - lo) / span) * (h - 2 * pad - 2) as f64) as usize;
+    let window = (vals.len() / 50).max(1);
+    let mut smooth = Vec::with_capacity(vals.len());
+    let mut acc = 0.0;
+    for i in 0..vals.len() {
+        acc += vals[i];
+        if i >= window {
+            acc -= vals[i - window];
+        }
+        smooth.push(acc / (i + 1).min(window) as f64);
+    }
+    for (series, colour) in [(&vals, [200, 200, 200]), (&smooth, [30, 90, 200])] {
+        for i in 1..series.len() {
+            let (x0, y0, x1, y1) = (
+                px(i - 1) as f64,
+                py(series[i - 1]) as f64,
+                px(i) as f64,
+                py(series[i]) as f64,
+            );
+            let steps = (x1 - x0).abs().max((y1 - y0).abs()).max(1.0) as usize;
+            for s in 0..=steps {
+                let f = s as f64 / steps as f64;
+                c.put(
+                    (x0 + f * (x1 - x0)) as usize,
+                    (y0 + f * (y1 - y0)) as usize,
+                    colour,
+                );
+            }
+        }
+    }
+    c
+}
