@@ -1,12 +1,13 @@
 //! Model directories in diffusers layout, and the training state beside them. Every file is written to a
-//! temporary name and renamed, so a crash never leaves a half-written checkpoint.
+//! temporary name, synced and renamed, so a crash never leaves a half-written file; the training state is
+//! one file (tensors and metadata together), so `--resume` always sees a consistent step.
 //!
 //! ```text
 //! DIR/config.json                           UNet2DModel config
 //! DIR/diffusion_pytorch_model.safetensors   EMA weights, PyTorch names and layouts
 //! DIR/scheduler_config.json                 DDPMScheduler config
-//! DIR/training_state.safetensors            raw weights and Adam moments (flat, our layout)
-//! DIR/training_state.json                   step, seed, options, data spec
+//! DIR/training_state.safetensors            raw weights, EMA, Adam moments (flat, our layout), and in its
+//!                                           metadata the step, the options and the data spec
 //! ```
 
 use crate::error::{Error, Result};
@@ -14,8 +15,9 @@ use crate::model::params::{parse_safetensors, write_safetensors_bytes};
 use crate::model::{NamedTensor, UNet, UNetConfig};
 use crate::sample::Variance;
 use crate::schedule::BetaSchedule;
+use crate::train::TrainOptions;
 use serde::{Deserialize, Serialize};
-use serde_json::json;
+use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -23,15 +25,26 @@ pub const CONFIG: &str = "config.json";
 pub const WEIGHTS: &str = "diffusion_pytorch_model.safetensors";
 pub const SCHEDULER: &str = "scheduler_config.json";
 pub const STATE: &str = "training_state.safetensors";
-pub const STATE_JSON: &str = "training_state.json";
+/// The version of the training-state layout; a file of another version is refused, not misread.
+pub const STATE_FORMAT: u64 = 2;
 
-/// Writes `bytes` to `path` through a temporary file in the same directory and a rename.
+/// Writes `bytes` to `path` through a temporary file in the same directory, `fsync` and a rename, then syncs
+/// the directory. The directory must exist: an output path in a missing directory is an error, not a
+/// silently created tree.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    if !dir.is_dir() {
+        return Err(Error::format(
+            path,
+            format!(
+                "cannot write: the directory {} does not exist",
+                dir.display()
+            ),
+        ));
+    }
     let name = path
         .file_name()
         .ok_or_else(|| Error::Invalid(format!("{} is not a file path", path.display())))?;
@@ -45,13 +58,35 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(bytes)?;
         f.sync_all()?;
-        std::fs::rename(&tmp, path)
+        std::fs::rename(&tmp, path)?;
+        // Make the rename itself durable (best effort: not every platform can open a directory).
+        if let Ok(d) = std::fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
+        Ok::<(), std::io::Error>(())
     })();
     if let Err(e) = result {
         let _ = std::fs::remove_file(&tmp);
         return Err(Error::io(path, e));
     }
     Ok(())
+}
+
+/// Fails early, before any long work, when `path`'s directory does not exist.
+pub fn check_output_path(path: &Path, flag: &str) -> Result<()> {
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    if dir.is_dir() {
+        Ok(())
+    } else {
+        Err(Error::Invalid(format!(
+            "{flag} {}: the directory {} does not exist",
+            path.display(),
+            dir.display()
+        )))
+    }
 }
 
 /// The DDPMScheduler settings saved with a model.
@@ -80,6 +115,26 @@ impl Default for SchedulerConfig {
     }
 }
 
+/// The most diffusion steps a scheduler config may ask for (the tables are built on the host).
+const MAX_TIMESTEPS: u64 = 100_000;
+
+/// Keys of DDPMScheduler / DDIMScheduler configs that this engine accepts only at their default (or
+/// neutral) value, and that are otherwise ignored.
+fn scheduler_fixed_keys() -> Vec<(&'static str, Value)> {
+    vec![
+        ("trained_betas", Value::Null),
+        ("thresholding", json!(false)),
+        ("clip_sample_range", json!(1.0)),
+        ("rescale_betas_zero_snr", json!(false)),
+        ("steps_offset", json!(0)),
+        ("timestep_spacing", json!("leading")),
+        ("set_alpha_to_one", json!(true)),
+    ]
+}
+
+/// Keys that only matter when a feature above is on.
+const SCHEDULER_IGNORED: &[&str] = &["dynamic_thresholding_ratio", "sample_max_value"];
+
 impl SchedulerConfig {
     pub fn schedule(&self) -> crate::schedule::Schedule {
         crate::schedule::Schedule::new(
@@ -90,54 +145,92 @@ impl SchedulerConfig {
         )
     }
 
-    fn from_json(text: &str, path: &Path) -> Result<Self> {
-        let mut v: serde_json::Value = serde_json::from_str(text)
+    /// Parses a diffusers scheduler config. Every key is checked: a wrong type, an unsupported value or an
+    /// unknown key is an error that names it.
+    pub fn from_json(text: &str, path: &Path) -> Result<Self> {
+        let v: Value = serde_json::from_str(text)
             .map_err(|e| Error::format(path, format!("not valid JSON: {e}")))?;
-        let map = v
-            .as_object_mut()
-            .ok_or_else(|| Error::format(path, "expected a JSON object"))?;
-        let mut cfg = Self::default();
-        let get_f = |m: &serde_json::Map<String, serde_json::Value>, k: &str| {
-            m.get(k).and_then(|x| x.as_f64())
+        let Value::Object(mut map) = v else {
+            return Err(Error::format(path, "expected a JSON object"));
         };
-        if let Some(n) = map.get("num_train_timesteps").and_then(|x| x.as_u64()) {
-            cfg.num_train_timesteps = n as usize;
-        }
-        if let Some(b) = get_f(map, "beta_start") {
-            cfg.beta_start = b;
-        }
-        if let Some(b) = get_f(map, "beta_end") {
-            cfg.beta_end = b;
-        }
-        if let Some(s) = map.get("beta_schedule").and_then(|x| x.as_str()) {
-            cfg.beta_schedule = s.parse().map_err(|e: String| Error::format(path, e))?;
-        }
-        if let Some(s) = map.get("variance_type").and_then(|x| x.as_str()) {
-            cfg.variance_type = s
+        map.retain(|k, _| !k.starts_with('_'));
+        let bad = |key: &str, v: &Value, want: &str| {
+            Error::format(path, format!("{key} = {v}: expected {want}"))
+        };
+        let mut cfg = Self::default();
+        if let Some(v) = map.remove("variance_type") {
+            cfg.variance_type = v
+                .as_str()
+                .ok_or_else(|| bad("variance_type", &v, "a string"))?
                 .parse()
                 .map_err(|e: Error| Error::format(path, e.to_string()))?;
         }
-        if let Some(b) = map.get("clip_sample").and_then(|x| x.as_bool()) {
-            cfg.clip_sample = b;
+        for (key, want) in scheduler_fixed_keys() {
+            if let Some(v) = map.remove(key) {
+                let same = match (&v, &want) {
+                    (Value::Number(a), Value::Number(b)) => a.as_f64() == b.as_f64(),
+                    _ => v == want,
+                };
+                if !same {
+                    return Err(Error::format(
+                        path,
+                        format!("{key} = {v} is not supported (this engine implements {want})"),
+                    ));
+                }
+            }
         }
-        if let Some(p) = map.get("prediction_type").and_then(|x| x.as_str()) {
-            if p != "epsilon" {
+        for key in SCHEDULER_IGNORED {
+            map.remove(*key);
+        }
+        let mut take = |key: &str| map.remove(key);
+        if let Some(v) = take("num_train_timesteps") {
+            let n = v
+                .as_u64()
+                .filter(|n| (2..=MAX_TIMESTEPS).contains(n))
+                .ok_or_else(|| bad("num_train_timesteps", &v, "an integer in 2..=100000"))?;
+            cfg.num_train_timesteps = n as usize;
+        }
+        for (key, slot) in [
+            ("beta_start", &mut cfg.beta_start),
+            ("beta_end", &mut cfg.beta_end),
+        ] {
+            if let Some(v) = take(key) {
+                *slot = v
+                    .as_f64()
+                    .filter(|b| *b > 0.0 && *b < 1.0)
+                    .ok_or_else(|| bad(key, &v, "a number in (0, 1)"))?;
+            }
+        }
+        if let Some(v) = take("beta_schedule") {
+            cfg.beta_schedule = v
+                .as_str()
+                .ok_or_else(|| bad("beta_schedule", &v, "a string"))?
+                .parse()
+                .map_err(|e: String| Error::format(path, e))?;
+        }
+        if let Some(v) = take("clip_sample") {
+            cfg.clip_sample = v
+                .as_bool()
+                .ok_or_else(|| bad("clip_sample", &v, "true or false"))?;
+        }
+        if let Some(v) = take("prediction_type") {
+            if v != json!("epsilon") {
                 return Err(Error::format(
                     path,
-                    format!("prediction_type {p:?} is not supported (only epsilon)"),
+                    format!("prediction_type = {v} is not supported (only \"epsilon\")"),
                 ));
             }
         }
-        if cfg.num_train_timesteps < 2 {
+        if let Some(key) = map.keys().next() {
             return Err(Error::format(
                 path,
-                "num_train_timesteps must be at least 2",
+                format!("unknown scheduler config key {key:?}"),
             ));
         }
         Ok(cfg)
     }
 
-    fn to_json(&self) -> serde_json::Value {
+    pub fn to_json(&self) -> Value {
         json!({
             "_class_name": "DDPMScheduler",
             "_diffusers_version": "0.30.0",
@@ -160,12 +253,24 @@ fn read(path: &Path) -> Result<Vec<u8>> {
 /// pipeline layout too (`unet/` and `scheduler/` subfolders).
 pub struct ModelDir {
     pub dir: PathBuf,
+    /// The file the weights came from (for errors about them).
+    pub weights_path: PathBuf,
     pub config: UNetConfig,
     pub scheduler: SchedulerConfig,
     pub weights: HashMap<String, NamedTensor>,
 }
 
+impl ModelDir {
+    /// The weights as a flat vector laid out like `net.params`, checked tensor by tensor.
+    pub fn flat_weights(&self, net: &UNet) -> Result<Vec<f32>> {
+        net.flat_from_state(&self.weights, &self.weights_path)
+    }
+}
+
 pub fn load_model(dir: &Path) -> Result<ModelDir> {
+    if !dir.is_dir() {
+        return Err(Error::format(dir, "no such model directory"));
+    }
     let unet_dir = if dir.join(CONFIG).is_file() {
         dir.to_path_buf()
     } else {
@@ -189,52 +294,151 @@ pub fn load_model(dir: &Path) -> Result<ModelDir> {
     .map(|p| SchedulerConfig::from_json(&String::from_utf8_lossy(&read(&p)?), &p))
     .transpose()?
     .unwrap_or_default();
-    let wpath = unet_dir.join(WEIGHTS);
-    let weights = parse_safetensors(&read(&wpath)?, &wpath)?;
+    let weights_path = unet_dir.join(WEIGHTS);
+    if !weights_path.is_file() {
+        let pickle = unet_dir.join("diffusion_pytorch_model.bin");
+        let hint = if pickle.is_file() {
+            format!(
+                " ({} is a PyTorch pickle, which this engine does not read: convert it to safetensors with \
+                 diffusers, e.g. UNet2DModel.from_pretrained(dir).save_pretrained(dir, safe_serialization=True))",
+                pickle.display()
+            )
+        } else {
+            String::new()
+        };
+        return Err(Error::format(
+            &weights_path,
+            format!("the model's weights are missing{hint}"),
+        ));
+    }
+    let weights = parse_safetensors(&read(&weights_path)?, &weights_path)?;
     Ok(ModelDir {
         dir: dir.to_path_buf(),
+        weights_path,
         config,
         scheduler,
         weights,
     })
 }
 
-/// Writes config.json, the weights (a flat vector laid out like `net.params`) and scheduler_config.json.
+/// Writes config.json, the weights (a flat vector laid out like `net.params`) and scheduler_config.json,
+/// creating the directory if needed.
 pub fn save_model(dir: &Path, net: &UNet, flat: &[f32], scheduler: &SchedulerConfig) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let tensors = net.state_from_flat(flat);
-    write_atomic(&dir.join(WEIGHTS), &write_safetensors_bytes(&tensors)?)?;
+    write_atomic(
+        &dir.join(WEIGHTS),
+        &write_safetensors_bytes(&tensors, None)?,
+    )?;
     let cfg = serde_json::to_string_pretty(&net.config.to_json()).expect("json");
     write_atomic(&dir.join(CONFIG), cfg.as_bytes())?;
     let sch = serde_json::to_string_pretty(&scheduler.to_json()).expect("json");
     write_atomic(&dir.join(SCHEDULER), sch.as_bytes())
 }
 
-/// Flat f32 vectors saved by name (raw weights, Adam moments).
-pub fn save_state(dir: &Path, vectors: &[(&str, &[f32])], meta: &serde_json::Value) -> Result<()> {
-    let tensors: Vec<(String, NamedTensor)> = vectors
+/// Everything `train --resume` needs, saved as one file.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TrainState {
+    /// Steps done.
+    pub step: u64,
+    pub options: TrainOptions,
+    /// The `--data` the run trains on.
+    pub data: String,
+    /// Flat, in our layout: raw weights, their EMA, Adam's first and second moments.
+    pub params: Vec<f32>,
+    pub ema: Vec<f32>,
+    pub adam_m: Vec<f32>,
+    pub adam_v: Vec<f32>,
+}
+
+/// The metadata stored in the training state's safetensors header.
+#[derive(Serialize, Deserialize)]
+struct StateMeta {
+    format: u64,
+    step: u64,
+    options: TrainOptions,
+    data: String,
+}
+
+const STATE_VECTORS: [&str; 4] = ["params", "ema", "adam_m", "adam_v"];
+
+pub fn save_state(dir: &Path, s: &TrainState) -> Result<()> {
+    let meta = StateMeta {
+        format: STATE_FORMAT,
+        step: s.step,
+        options: s.options.clone(),
+        data: s.data.clone(),
+    };
+    let meta = HashMap::from([(
+        "training_state".to_string(),
+        serde_json::to_string(&meta).expect("json"),
+    )]);
+    let tensors: Vec<(String, NamedTensor)> = STATE_VECTORS
         .iter()
-        .map(|(n, v)| {
-            (
-                n.to_string(),
-                NamedTensor {
-                    shape: vec![v.len()],
-                    data: v.to_vec(),
-                },
-            )
+        .zip([&s.params, &s.ema, &s.adam_m, &s.adam_v])
+        .map(|(name, v)| {
+            let t = NamedTensor {
+                shape: vec![v.len()],
+                data: v.to_vec(),
+            };
+            (name.to_string(), t)
         })
         .collect();
-    write_atomic(&dir.join(STATE), &write_safetensors_bytes(&tensors)?)?;
     write_atomic(
-        &dir.join(STATE_JSON),
-        serde_json::to_string_pretty(meta).expect("json").as_bytes(),
+        &dir.join(STATE),
+        &write_safetensors_bytes(&tensors, Some(meta))?,
     )
 }
 
-pub fn load_state(dir: &Path) -> Result<(HashMap<String, NamedTensor>, serde_json::Value)> {
-    let p = dir.join(STATE);
-    let tensors = parse_safetensors(&read(&p)?, &p)?;
-    let j = dir.join(STATE_JSON);
-    let meta = serde_json::from_slice(&read(&j)?)
-        .map_err(|e| Error::format(&j, format!("not valid JSON: {e}")))?;
-    Ok((tensors, meta))
+/// Reads and checks a training state: its format, its metadata, and four vectors of one length.
+pub fn load_state(dir: &Path) -> Result<TrainState> {
+    let path = dir.join(STATE);
+    let bytes = read(&path)?;
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
+        .map_err(|e| Error::format(&path, format!("not a safetensors file: {e}")))?;
+    let text = header
+        .metadata()
+        .as_ref()
+        .and_then(|m| m.get("training_state"))
+        .ok_or_else(|| Error::format(&path, "no training_state metadata in the header"))?;
+    let meta: StateMeta = serde_json::from_str(text)
+        .map_err(|e| Error::format(&path, format!("training_state metadata: {e}")))?;
+    if meta.format != STATE_FORMAT {
+        return Err(Error::format(
+            &path,
+            format!(
+                "training state format {} (this build reads format {STATE_FORMAT})",
+                meta.format
+            ),
+        ));
+    }
+    let mut tensors = parse_safetensors(&bytes, &path)?;
+    let mut take = |name: &str| {
+        tensors
+            .remove(name)
+            .map(|t| t.data)
+            .ok_or_else(|| Error::format(&path, format!("missing tensor {name}")))
+    };
+    let s = TrainState {
+        step: meta.step,
+        options: meta.options,
+        data: meta.data,
+        params: take("params")?,
+        ema: take("ema")?,
+        adam_m: take("adam_m")?,
+        adam_v: take("adam_v")?,
+    };
+    let n = s.params.len();
+    for (name, v) in STATE_VECTORS[1..]
+        .iter()
+        .zip([&s.ema, &s.adam_m, &s.adam_v])
+    {
+        if v.len() != n {
+            return Err(Error::format(
+                &path,
+                format!("tensor {name} has {} elements, params {n}", v.len()),
+            ));
+        }
+    }
+    Ok(s)
 }

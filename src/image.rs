@@ -85,6 +85,19 @@ pub fn grid(images: &[f32], n: usize, size: usize, channels: usize, cols: usize)
     c
 }
 
+/// A square grid of NHWC images at the model's size, scaled up so small samples are visible, as a PNG.
+pub fn save_grid(
+    images: &[f32],
+    n: usize,
+    config: &crate::model::UNetConfig,
+    path: &Path,
+) -> Result<()> {
+    let (size, channels) = (config.sample_size, config.out_channels);
+    let cols = (n as f64).sqrt().ceil() as usize;
+    let g = grid(images, n, size, channels, cols);
+    upscale(&g, (128 / size).max(1)).save_png(path)
+}
+
 /// Scales a canvas up by an integer factor (nearest), so 16x16 samples are visible.
 pub fn upscale(c: &Canvas, factor: usize) -> Canvas {
     let mut out = Canvas::new(c.width * factor, c.height * factor, [0, 0, 0]);

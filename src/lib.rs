@@ -16,6 +16,7 @@ pub mod data;
 pub mod error;
 pub mod image;
 pub mod model;
+pub mod npy;
 pub mod progress;
 pub mod rng;
 pub mod sample;

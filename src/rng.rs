@@ -28,6 +28,8 @@ pub enum Purpose {
     SamplerStart = 6,
     /// Data order and augmentation; index = epoch (order) or step (flips).
     Data = 7,
+    /// The noise of a forward-diffusion strip (`ddpm-cuda diffuse`); index = 0.
+    Diffuse = 8,
 }
 
 /// A stream id: `purpose` in the top byte, `index` in the low 56 bits.

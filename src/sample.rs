@@ -4,6 +4,8 @@
 
 use crate::backend::{Backend, SamplerRow, Tensor};
 use crate::error::{Error, Result};
+use crate::model::UNet;
+use crate::progress::Progress;
 use crate::rng;
 use crate::schedule::Schedule;
 use serde::{Deserialize, Serialize};
@@ -139,6 +141,61 @@ pub fn run<B: Backend>(
         progress(done, rows.len());
     }
     Ok(())
+}
+
+/// Samples one batch with a U-Net: `net.batch` images (numbers `draw.first_image ..` of the seed), with a
+/// progress bar over the steps. Returns them NHWC.
+pub fn images<B: Backend>(
+    be: &mut B,
+    net: &mut UNet,
+    rows: &[SamplerRow],
+    draw: Draw,
+    label: &str,
+) -> Result<Vec<f32>> {
+    let mut bar = Progress::new(label, "steps", rows.len() as u64);
+    let (x, eps, ts) = (net.input, net.output(), net.timesteps);
+    run(
+        be,
+        rows,
+        x,
+        eps,
+        draw,
+        |be| {
+            be.sampler_timesteps(ts)?;
+            net.forward(be, None).map(|_| ())
+        },
+        |done, _| bar.update(done as u64, 1.0, ""),
+    )?;
+    be.download(x)
+}
+
+/// Samples `n` images in batches of `net.batch` (the last batch may be partial): NHWC, back to back.
+/// Image `i` is the same whatever the batch size.
+pub fn many<B: Backend>(
+    be: &mut B,
+    net: &mut UNet,
+    rows: &[SamplerRow],
+    n: usize,
+    seed: u64,
+    clip: bool,
+) -> Result<Vec<f32>> {
+    let per_image = net.input.len / net.batch;
+    let mut all = Vec::with_capacity(n * per_image);
+    let batches = n.div_ceil(net.batch);
+    for b in 0..batches {
+        let first = b * net.batch;
+        let draw = Draw {
+            seed,
+            first_image: first as u64,
+            per_image,
+            clip,
+        };
+        let label = format!("batch {}/{batches}", b + 1);
+        let imgs = images(be, net, rows, draw, &label)?;
+        let take = (n - first).min(net.batch);
+        all.extend_from_slice(&imgs[..take * per_image]);
+    }
+    Ok(all)
 }
 
 #[cfg(test)]

@@ -1,13 +1,25 @@
 //! Training: L_simple with t uniform, Adam with linear warmup and gradient clipping at a global norm, an EMA
 //! of the weights, dropout and flips. One step is: upload a batch, draw t and eps, noise-add, forward, MSE,
 //! backward, gradient norm, Adam, EMA, all through the `Backend`, so the same code drives the device.
+//!
+//! The loss of every step lands in a small ring on the backend and is read back a chunk at a time, so a
+//! device run does not synchronise with the host every step.
 
 use crate::backend::{AdamStep, Backend, Tensor};
+use crate::checkpoint::{self, SchedulerConfig, TrainState};
+use crate::data::Dataset;
 use crate::error::{Error, Result};
+use crate::image;
 use crate::model::{UNet, UNetConfig};
+use crate::progress::Progress;
 use crate::rng::{self, Purpose};
+use crate::sample::{self, Draw};
 use crate::schedule::Schedule;
 use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// Steps whose losses are kept on the backend between reads.
+pub const LOSS_CHUNK: u64 = 25;
 
 /// Training options (saved with the training state, so a resumed run uses the same).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -21,6 +33,28 @@ pub struct TrainOptions {
     pub seed: u64,
 }
 
+impl TrainOptions {
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::Invalid(m));
+        if self.batch == 0 {
+            return bad("--batch must be at least 1".into());
+        }
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            return bad(format!("--lr {} must be a positive number", self.lr));
+        }
+        if !(0.0..1.0).contains(&self.ema_decay) {
+            return bad(format!("--ema-decay {} must be in [0, 1)", self.ema_decay));
+        }
+        if !(self.max_grad_norm.is_finite() && self.max_grad_norm >= 0.0) {
+            return bad(format!(
+                "--max-grad-norm {} must be 0 (off) or positive",
+                self.max_grad_norm
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// The optimizer state and the network, placed in one backend.
 pub struct Trainer {
     pub net: UNet,
@@ -30,7 +64,8 @@ pub struct Trainer {
     m: Tensor,
     v: Tensor,
     norm: Tensor,
-    loss: Tensor,
+    /// The loss of step `s` at `losses[s % LOSS_CHUNK]`.
+    losses: Tensor,
     x0: Tensor,
     eps: Tensor,
     sqrt_ab: Tensor,
@@ -46,31 +81,16 @@ impl Trainer {
         schedule: Schedule,
         opts: TrainOptions,
     ) -> Result<Self> {
-        if opts.batch == 0 {
-            return Err(Error::Invalid("--batch must be at least 1".into()));
-        }
+        opts.validate()?;
         let net = UNet::new(be, config, opts.batch)?;
         let np = net.num_params();
         let (ema, m, v) = (be.alloc(np)?, be.alloc(np)?, be.alloc(np)?);
-        let (norm, loss) = (be.alloc(1)?, be.alloc(1)?);
+        let (norm, losses) = (be.alloc(1)?, be.alloc(LOSS_CHUNK as usize)?);
         let (x0, eps) = (be.alloc(net.input.len)?, be.alloc(net.input.len)?);
         let (sqrt_ab, sqrt_1m_ab) = (be.alloc(schedule.len())?, be.alloc(schedule.len())?);
-        be.upload(
-            sqrt_ab,
-            &schedule
-                .sqrt_alphas_cumprod
-                .iter()
-                .map(|&x| x as f32)
-                .collect::<Vec<_>>(),
-        )?;
-        be.upload(
-            sqrt_1m_ab,
-            &schedule
-                .sqrt_one_minus_alphas_cumprod
-                .iter()
-                .map(|&x| x as f32)
-                .collect::<Vec<_>>(),
-        )?;
+        let f32s = |v: &[f64]| v.iter().map(|&x| x as f32).collect::<Vec<_>>();
+        be.upload(sqrt_ab, &f32s(&schedule.sqrt_alphas_cumprod))?;
+        be.upload(sqrt_1m_ab, &f32s(&schedule.sqrt_one_minus_alphas_cumprod))?;
         Ok(Self {
             net,
             opts,
@@ -79,7 +99,7 @@ impl Trainer {
             m,
             v,
             norm,
-            loss,
+            losses,
             x0,
             eps,
             sqrt_ab,
@@ -98,20 +118,22 @@ impl Trainer {
         Ok(())
     }
 
-    /// One step on `images` (`batch` NHWC images in [-1, 1]). Returns the loss handle (read it only when it
-    /// is logged: on a device that is a synchronisation).
-    pub fn step<B: Backend>(&mut self, be: &mut B, images: &[f32]) -> Result<Tensor> {
-        let o = &self.opts;
-        let (seed, step, n) = (o.seed, self.step, o.batch);
-        be.upload(self.x0, images)?;
+    /// The timesteps of training step `step`: uniform over `0..T`, one per image.
+    pub fn timesteps(&self, step: u64) -> Vec<f32> {
         let big_t = self.schedule.len() as u64;
-        let ts: Vec<f32> = (0..n)
-            .map(|i| {
-                rng::below(seed, rng::stream(Purpose::Timesteps, step), i as u64, big_t) as f32
-            })
-            .collect();
-        be.upload(self.net.timesteps, &ts)?;
-        let per_image = self.net.input.len / n;
+        let stream = rng::stream(Purpose::Timesteps, step);
+        (0..self.opts.batch)
+            .map(|i| rng::below(self.opts.seed, stream, i as u64, big_t) as f32)
+            .collect()
+    }
+
+    /// One step on `images` (`batch` NHWC images in [-1, 1]). Returns the handle of this step's loss (read
+    /// it only when it is logged: on a device that is a synchronisation).
+    pub fn step<B: Backend>(&mut self, be: &mut B, images: &[f32]) -> Result<Tensor> {
+        let (seed, step) = (self.opts.seed, self.step);
+        be.upload(self.x0, images)?;
+        be.upload(self.net.timesteps, &self.timesteps(step))?;
+        let per_image = self.net.input.len / self.opts.batch;
         be.noise_add(
             self.x0,
             self.net.timesteps,
@@ -125,12 +147,30 @@ impl Trainer {
             rng::stream(Purpose::TrainNoise, step),
         )?;
         let out = self.net.forward(be, Some((seed, step)))?;
-        be.mse_loss(out, self.eps, self.loss, self.net.output_grad())?;
+        let loss = self.losses.slice((step % LOSS_CHUNK) as usize, 1);
+        be.mse_loss(out, self.eps, loss, self.net.output_grad())?;
         self.net.backward(be)?;
         be.global_norm(self.net.grads, self.norm)?;
-        let t = (step + 1) as f64;
-        let lr = o.lr as f64 * (t / o.warmup.max(1) as f64).min(1.0);
-        let hp = AdamStep {
+        be.adam_step(
+            self.net.params,
+            self.net.grads,
+            self.m,
+            self.v,
+            self.norm,
+            self.adam_hyper(step + 1),
+        )?;
+        be.ema_update(self.ema, self.net.params, self.opts.ema_decay)?;
+        self.step += 1;
+        Ok(loss)
+    }
+
+    /// Adam's hyper-parameters for update number `t` (from 1): the paper's betas and epsilon, the learning
+    /// rate warmed up linearly, the bias corrections.
+    fn adam_hyper(&self, t: u64) -> AdamStep {
+        let o = &self.opts;
+        let t = t as f64;
+        let lr = f64::from(o.lr) * (t / o.warmup.max(1) as f64).min(1.0);
+        AdamStep {
             lr: lr as f32,
             beta1: 0.9,
             beta2: 0.999,
@@ -139,41 +179,187 @@ impl Trainer {
             bias_correction1: (1.0 - 0.9f64.powf(t)) as f32,
             bias_correction2: (1.0 - 0.999f64.powf(t)) as f32,
             max_grad_norm: o.max_grad_norm,
-        };
-        be.adam_step(
-            self.net.params,
-            self.net.grads,
-            self.m,
-            self.v,
-            self.norm,
-            hp,
-        )?;
-        be.ema_update(self.ema, self.net.params, o.ema_decay)?;
-        self.step += 1;
-        Ok(self.loss)
+        }
     }
 
-    /// Raw weights, EMA weights and the two Adam moments, flat.
-    pub fn state<B: Backend>(&self, be: &mut B) -> Result<[Vec<f32>; 4]> {
-        Ok([
-            be.download(self.net.params)?,
-            be.download(self.ema)?,
-            be.download(self.m)?,
-            be.download(self.v)?,
-        ])
+    /// The losses of steps `from .. self.step` (at most [`LOSS_CHUNK`] of them), read from the backend.
+    pub fn read_losses<B: Backend>(&self, be: &mut B, from: u64) -> Result<Vec<f32>> {
+        if from > self.step || self.step - from > LOSS_CHUNK {
+            return Err(Error::Invalid(format!(
+                "losses of steps {from}..{} are no longer kept (the ring holds {LOSS_CHUNK})",
+                self.step
+            )));
+        }
+        let ring = be.download(self.losses)?;
+        Ok((from..self.step)
+            .map(|s| ring[(s % LOSS_CHUNK) as usize])
+            .collect())
     }
 
-    pub fn restore<B: Backend>(&mut self, be: &mut B, state: [&[f32]; 4], step: u64) -> Result<()> {
-        for (t, data) in [self.net.params, self.ema, self.m, self.v]
-            .into_iter()
-            .zip(state)
-        {
+    /// Everything needed to resume, downloaded from the backend.
+    pub fn state<B: Backend>(&self, be: &mut B, data: &str) -> Result<TrainState> {
+        Ok(TrainState {
+            step: self.step,
+            options: self.opts.clone(),
+            data: data.to_string(),
+            params: be.download(self.net.params)?,
+            ema: be.download(self.ema)?,
+            adam_m: be.download(self.m)?,
+            adam_v: be.download(self.v)?,
+        })
+    }
+
+    pub fn restore<B: Backend>(&mut self, be: &mut B, s: &TrainState) -> Result<()> {
+        for (t, data, name) in [
+            (self.net.params, &s.params, "params"),
+            (self.ema, &s.ema, "ema"),
+            (self.m, &s.adam_m, "adam_m"),
+            (self.v, &s.adam_v, "adam_v"),
+        ] {
             if data.len() != t.len {
-                return Err(Error::shape("training state vector", t.len, data.len()));
+                return Err(Error::shape(
+                    format!("training state tensor {name}"),
+                    format!("{} elements (this model's parameter count)", t.len),
+                    data.len(),
+                ));
             }
             be.upload(t, data)?;
         }
-        self.step = step;
+        self.step = s.step;
         Ok(())
     }
+}
+
+/// What `ddpm-cuda train` runs.
+pub struct Run {
+    pub config: UNetConfig,
+    /// `--data`: synthetic, CIFAR-10 binaries, or an image folder.
+    pub data: String,
+    /// The step to stop at.
+    pub steps: u64,
+    pub out: PathBuf,
+    /// A sample grid and a checkpoint every this many steps (and at the end).
+    pub every: u64,
+    /// Images in each sample grid.
+    pub grid: usize,
+}
+
+/// Trains from scratch, or from `resume`, until `run.steps`: progress bar, `loss.csv`, a sample grid from
+/// the EMA weights and a checkpoint every `run.every` steps, `loss.png` at the end.
+pub fn train<B: Backend>(
+    be: &mut B,
+    run: &Run,
+    opts: TrainOptions,
+    resume: Option<TrainState>,
+) -> Result<()> {
+    if run.every == 0 || run.grid == 0 {
+        return Err(Error::Invalid(
+            "--every and --grid must be at least 1".into(),
+        ));
+    }
+    let scheduler = SchedulerConfig::default();
+    let data = Dataset::open(&run.data, run.config.sample_size, opts.seed)?;
+    eprintln!("data: {}", data.description);
+    let mut tr = Trainer::new(be, &run.config, scheduler.schedule(), opts.clone())?;
+    match &resume {
+        Some(s) => {
+            tr.restore(be, s)?;
+            eprintln!("resuming {} at step {}", run.out.display(), s.step);
+        }
+        None => tr.init(be)?,
+    }
+    let start = tr.step;
+    eprintln!(
+        "model: {} parameters, batch {}, steps {start}..{}, lr {}, warmup {}, EMA {}",
+        tr.net.num_params(),
+        opts.batch,
+        run.steps,
+        opts.lr,
+        opts.warmup,
+        opts.ema_decay
+    );
+    std::fs::create_dir_all(&run.out).map_err(|e| Error::io(&run.out, e))?;
+    let csv = run.out.join("loss.csv");
+    let mut losses = read_loss_csv(&csv, start);
+    let mut grid_net: Option<UNet> = None;
+    let rows = sample::ddpm_table(&tr.schedule, scheduler.variance_type);
+    let mut bar = Progress::new("train", "img", run.steps.saturating_sub(start));
+    let (mut logged, mut smooth) = (start, None::<f64>);
+    while tr.step < run.steps {
+        let images = data.batch(opts.seed, tr.step, opts.batch, opts.flip);
+        tr.step(be, &images)?;
+        let checkpoint = tr.step % run.every == 0 || tr.step == run.steps;
+        if tr.step - logged == LOSS_CHUNK || checkpoint {
+            for (i, loss) in tr.read_losses(be, logged)?.into_iter().enumerate() {
+                let step = logged + 1 + i as u64;
+                if !loss.is_finite() {
+                    return Err(Error::Invalid(format!(
+                        "the loss became {loss} at step {step}; the last checkpoint in {} is intact",
+                        run.out.display()
+                    )));
+                }
+                losses.push((step, loss));
+                let l = f64::from(loss);
+                smooth = Some(smooth.map_or(l, |s| 0.98 * s + 0.02 * l));
+            }
+            logged = tr.step;
+        }
+        let msg = smooth.map_or(String::new(), |s| format!("loss {s:.4}"));
+        bar.update(tr.step - start, opts.batch as f64, &msg);
+        if checkpoint {
+            write_loss_csv(&csv, &losses)?;
+            checkpoint::save_model(&run.out, &tr.net, &be.download(tr.ema)?, &scheduler)?;
+            checkpoint::save_state(&run.out, &tr.state(be, &run.data)?)?;
+            let net = match &mut grid_net {
+                Some(n) => n,
+                None => grid_net.insert(UNet::new_inference(be, &run.config, run.grid)?),
+            };
+            be.copy(tr.ema, net.params)?;
+            let draw = Draw {
+                seed: opts.seed,
+                first_image: 0,
+                per_image: net.input.len / net.batch,
+                clip: scheduler.clip_sample,
+            };
+            let images = sample::images(be, net, &rows, draw, "sample")?;
+            let path = run.out.join(format!("samples_{:07}.png", tr.step));
+            image::save_grid(&images, run.grid, &run.config, &path)?;
+            eprintln!(
+                "step {}: wrote {} and a checkpoint",
+                tr.step,
+                path.display()
+            );
+        }
+    }
+    let curve: Vec<f32> = losses.iter().map(|&(_, l)| l).collect();
+    image::loss_curve(&curve).save_png(&run.out.join("loss.png"))?;
+    eprintln!(
+        "done: model in {} (diffusers layout), loss curve {}",
+        run.out.display(),
+        run.out.join("loss.png").display()
+    );
+    Ok(())
+}
+
+/// `step,loss` rows of an earlier run up to `keep` (a crash may have left rows past the checkpoint).
+fn read_loss_csv(path: &Path, keep: u64) -> Vec<(u64, f32)> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Vec::new();
+    };
+    text.lines()
+        .skip(1)
+        .filter_map(|l| {
+            let (s, v) = l.split_once(',')?;
+            Some((s.parse().ok()?, v.parse().ok()?))
+        })
+        .filter(|&(s, _)| s <= keep)
+        .collect()
+}
+
+fn write_loss_csv(path: &Path, losses: &[(u64, f32)]) -> Result<()> {
+    let mut csv = String::from("step,loss\n");
+    for (s, l) in losses {
+        csv.push_str(&format!("{s},{l}\n"));
+    }
+    checkpoint::write_atomic(path, csv.as_bytes())
 }

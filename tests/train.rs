@@ -74,43 +74,35 @@ fn resume_is_bit_identical() {
     let mut straight = Trainer::new(&mut be, &small(), Schedule::paper(), opts(4)).unwrap();
     straight.init(&mut be).unwrap();
     run(&mut straight, &mut be, &data, n);
-    let want = straight.state(&mut be).unwrap();
+    let want = straight.state(&mut be, "synthetic").unwrap();
 
     let mut be1 = CpuBackend::<f32>::new();
     let mut first = Trainer::new(&mut be1, &small(), Schedule::paper(), opts(4)).unwrap();
     first.init(&mut be1).unwrap();
     run(&mut first, &mut be1, &data, k);
-    let [p, e, m, v] = first.state(&mut be1).unwrap();
-    checkpoint::save_model(&dir, &first.net, &e, &SchedulerConfig::default()).unwrap();
-    let meta = serde_json::json!({ "step": first.step });
-    checkpoint::save_state(
-        &dir,
-        &[("params", &p), ("ema", &e), ("adam_m", &m), ("adam_v", &v)],
-        &meta,
+    let state = first.state(&mut be1, "synthetic").unwrap();
+    checkpoint::save_model(&dir, &first.net, &state.ema, &SchedulerConfig::default()).unwrap();
+    checkpoint::save_state(&dir, &state).unwrap();
+
+    let loaded = checkpoint::load_state(&dir).unwrap();
+    assert_eq!(loaded, state);
+    let mut be2 = CpuBackend::<f32>::new();
+    let mut resumed = Trainer::new(
+        &mut be2,
+        &small(),
+        Schedule::paper(),
+        loaded.options.clone(),
     )
     .unwrap();
-
-    let (tensors, meta) = checkpoint::load_state(&dir).unwrap();
-    let mut be2 = CpuBackend::<f32>::new();
-    let mut resumed = Trainer::new(&mut be2, &small(), Schedule::paper(), opts(4)).unwrap();
-    let get = |name: &str| tensors[name].data.as_slice();
-    resumed
-        .restore(
-            &mut be2,
-            [get("params"), get("ema"), get("adam_m"), get("adam_v")],
-            meta["step"].as_u64().unwrap(),
-        )
-        .unwrap();
+    resumed.restore(&mut be2, &loaded).unwrap();
     run(&mut resumed, &mut be2, &data, n);
-    let got = resumed.state(&mut be2).unwrap();
-    for (i, (a, b)) in got.iter().zip(&want).enumerate() {
-        assert!(a == b, "state vector {i} differs after resuming");
-    }
+    let got = resumed.state(&mut be2, "synthetic").unwrap();
+    assert!(got == want, "the state differs after resuming");
     // And the model directory loads back to the EMA weights exactly, config and scheduler included.
     let model = checkpoint::load_model(&dir).unwrap();
     assert_eq!(model.config, small());
     assert_eq!(model.scheduler, SchedulerConfig::default());
-    assert_eq!(first.net.flat_from_state(&model.weights, &dir).unwrap(), e);
+    assert_eq!(model.flat_weights(&first.net).unwrap(), state.ema);
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

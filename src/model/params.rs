@@ -181,8 +181,11 @@ pub fn parse_safetensors(
     Ok(out)
 }
 
-/// Serialises f32 tensors (sorted by name) to safetensors bytes.
-pub fn write_safetensors_bytes(tensors: &[(String, NamedTensor)]) -> Result<Vec<u8>> {
+/// Serialises f32 tensors (sorted by name) to safetensors bytes, with optional header metadata.
+pub fn write_safetensors_bytes(
+    tensors: &[(String, NamedTensor)],
+    metadata: Option<HashMap<String, String>>,
+) -> Result<Vec<u8>> {
     let bytes: Vec<(String, Vec<u8>, Vec<usize>)> = tensors
         .iter()
         .map(|(n, t)| {
@@ -201,6 +204,6 @@ pub fn write_safetensors_bytes(tensors: &[(String, NamedTensor)]) -> Result<Vec<
                 .map_err(|e| Error::Invalid(format!("tensor {n}: {e}")))
         })
         .collect::<Result<_>>()?;
-    safetensors::tensor::serialize(views, None)
+    safetensors::tensor::serialize(views, metadata)
         .map_err(|e| Error::Invalid(format!("serialising safetensors: {e}")))
 }

@@ -547,6 +547,7 @@ struct Level {
 pub struct UNet {
     pub config: UNetConfig,
     pub batch: usize,
+    training: bool,
     specs: Vec<ParamSpec>,
     /// All parameters, flat (the optimizer and EMA treat them as one buffer).
     pub params: Tensor,
@@ -574,6 +575,25 @@ impl UNet {
     /// Places a U-Net for batches of `batch` images in `be`'s arena. Parameters start zeroed: call
     /// [`UNet::init`] or load weights.
     pub fn new<B: Backend>(be: &mut B, config: &UNetConfig, batch: usize) -> Result<Self> {
+        Self::place(be, config, batch, true)
+    }
+
+    /// A U-Net for the forward pass only (sampling, evaluation): no parameter gradients and no activation
+    /// gradients, so about half the memory. [`UNet::backward`] refuses to run on it.
+    pub fn new_inference<B: Backend>(
+        be: &mut B,
+        config: &UNetConfig,
+        batch: usize,
+    ) -> Result<Self> {
+        Self::place(be, config, batch, false)
+    }
+
+    fn place<B: Backend>(
+        be: &mut B,
+        config: &UNetConfig,
+        batch: usize,
+        training: bool,
+    ) -> Result<Self> {
         config.validate()?;
         if batch == 0 {
             return Err(Error::Invalid("the batch size must be at least 1".into()));
@@ -582,6 +602,13 @@ impl UNet {
         let np = count.specs.last().map_or(0, |s| s.offset + s.len);
         let na = count.acts.len;
         let params = be.alloc(np)?;
+        if !training {
+            let acts = be.alloc(na)?;
+            // Gradient handles alias the parameters and activations; `training: false` guards them.
+            let mut net = Self::build(config, batch, params.off, params.off, acts.off, 0);
+            net.training = false;
+            return Ok(net);
+        }
         let grads = be.alloc(np)?;
         let acts = be.alloc(na)?;
         let dacts = be.alloc(na)?;
@@ -593,6 +620,11 @@ impl UNet {
             acts.off,
             dacts.off - acts.off,
         ))
+    }
+
+    /// Whether this net holds gradients (built with [`UNet::new`]).
+    pub fn is_training(&self) -> bool {
+        self.training
     }
 
     fn build(
@@ -768,6 +800,7 @@ impl UNet {
         Self {
             config: cfg.clone(),
             batch: n,
+            training: true,
             params: Tensor::new(params, np),
             grads: Tensor::new(grads, np),
             input,
@@ -890,6 +923,11 @@ impl UNet {
     /// Backward pass after [`UNet::forward`] (same dropout setting), from the gradient in
     /// [`UNet::output_grad`]; writes every parameter gradient into [`UNet::grads`].
     pub fn backward<B: Backend>(&mut self, be: &mut B) -> Result<()> {
+        if !self.training {
+            return Err(Error::Invalid(
+                "backward pass on a U-Net built for inference (UNet::new_inference)".into(),
+            ));
+        }
         let mut tape = Tape::default();
         let net = &self.ctx;
         let tp = &mut tape;

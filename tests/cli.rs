@@ -1,0 +1,347 @@
+//! The real binary, as a user runs it: train a few steps, resume, sample, diffuse, info; every output is
+//! decoded and its shape checked. Bad input must give a clear error, exit code 1 (a panic exits 101), and
+//! leave existing files untouched.
+
+use ddpm_cuda::checkpoint::{self, load_model, load_state};
+use ddpm_cuda::model::params::{read_safetensors, write_safetensors_bytes};
+use ddpm_cuda::model::{UNet, UNetConfig};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// An 8x8 model of the paper's family (two levels, attention at the lower one): fast enough to sample
+/// 1000 steps in a test.
+const MICRO: &str = r#"{"_class_name": "UNet2DModel", "sample_size": 8, "in_channels": 3, "out_channels": 3,
+  "block_out_channels": [8, 16], "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
+  "up_block_types": ["AttnUpBlock2D", "UpBlock2D"], "layers_per_block": 1, "norm_num_groups": 4,
+  "norm_eps": 1e-6, "dropout": 0.1, "attention_head_dim": null}"#;
+
+fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("ddpm-cli-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn ddpm(dir: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_ddpm-cuda"))
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("the binary runs")
+}
+
+fn ok(dir: &Path, args: &[&str]) -> String {
+    let out = ddpm(dir, args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "ddpm-cuda {args:?} failed:\n{stderr}");
+    String::from_utf8_lossy(&out.stdout).into_owned() + &stderr
+}
+
+/// Runs a command that must fail cleanly; returns its stderr.
+fn fails(dir: &Path, args: &[&str]) -> String {
+    let out = ddpm(dir, args);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "ddpm-cuda {args:?} should fail with exit code 1:\n{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{args:?} panicked:\n{stderr}");
+    stderr
+}
+
+fn png_size(path: &Path) -> (u32, u32) {
+    let img = image::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    (img.width(), img.height())
+}
+
+/// Trains the micro model for `steps` in `dir/out`.
+fn train(dir: &Path, out: &str, steps: u64, extra: &[&str]) {
+    std::fs::write(dir.join("micro.json"), MICRO).unwrap();
+    let steps = steps.to_string();
+    let mut args = vec![
+        "train",
+        "--config",
+        "micro.json",
+        "--batch",
+        "4",
+        "--grid",
+        "4",
+        "--out",
+        out,
+        "--steps",
+    ];
+    args.push(&steps);
+    args.extend_from_slice(extra);
+    args.extend_from_slice(&["--device", "cpu"]);
+    ok(dir, &args);
+}
+
+#[test]
+fn train_sample_diffuse_and_info_write_valid_outputs() {
+    let dir = scratch("outputs");
+    train(&dir, "run", 6, &["--every", "3"]);
+    let run = dir.join("run");
+
+    // The model directory loads, its weights fit the config tensor by tensor, the state is at step 6.
+    let model = load_model(&run).unwrap();
+    let config = UNetConfig::from_json(MICRO, Path::new("micro.json")).unwrap();
+    assert_eq!(model.config, config);
+    let mut be = ddpm_cuda::backend::cpu::CpuBackend::<f32>::new();
+    let net = UNet::new_inference(&mut be, &config, 1).unwrap();
+    let ema = model.flat_weights(&net).unwrap();
+    let state = load_state(&run).unwrap();
+    assert_eq!((state.step, state.ema.clone()), (6, ema));
+    let csv = std::fs::read_to_string(run.join("loss.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 7, "a header and six losses:\n{csv}");
+    // 4 samples of 8x8 in a 2x2 grid with 2-pixel gaps, scaled up 16x.
+    for png in ["samples_0000003.png", "samples_0000006.png"] {
+        assert_eq!(png_size(&run.join(png)), (16 * 22, 16 * 22));
+    }
+    assert_eq!(png_size(&run.join("loss.png")), (640, 360));
+
+    ok(
+        &dir,
+        &[
+            "sample",
+            "--model",
+            "run",
+            "-n",
+            "3",
+            "--batch",
+            "2",
+            "--out",
+            "s.png",
+            "--each",
+            "each",
+            "--out-npy",
+            "s.npy",
+            "--device",
+            "cpu",
+        ],
+    );
+    assert_eq!(png_size(&dir.join("s.png")), (16 * 22, 16 * 22));
+    for i in 0..3 {
+        assert_eq!(png_size(&dir.join(format!("each/{i:05}.png"))), (12, 12));
+    }
+    let (shape, data) = ddpm_cuda::npy::read(&dir.join("s.npy")).unwrap();
+    assert_eq!(shape, vec![3, 3, 8, 8]);
+    // Clipping of x0 keeps the final samples (x0 predictions at t = 0) in [-1, 1].
+    assert!(data.iter().all(|v| (-1.0..=1.0).contains(v)), "{data:?}");
+
+    ok(
+        &dir,
+        &[
+            "diffuse", "--image", "s.png", "--size", "16", "--out", "d.png",
+        ],
+    );
+    assert_eq!(png_size(&dir.join("d.png")), (7 * 18 + 2, 18 + 2));
+
+    let info = ok(&dir, &["info", "--model", "run", "--batch", "4"]);
+    let count = format!("parameters   {} ", net.num_params());
+    assert!(info.contains(&count), "{info}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// `train --resume` after 4 steps, continued to 7, ends exactly where 7 steps straight end.
+#[test]
+fn resume_through_the_cli_is_bit_identical() {
+    let dir = scratch("resume");
+    train(&dir, "straight", 7, &["--every", "100"]);
+    train(&dir, "split", 4, &["--every", "100"]);
+    ok(
+        &dir,
+        &[
+            "train", "--resume", "split", "--steps", "7", "--grid", "4", "--device", "cpu",
+        ],
+    );
+    let (a, b) = (
+        load_state(&dir.join("straight")).unwrap(),
+        load_state(&dir.join("split")).unwrap(),
+    );
+    assert_eq!(a.step, 7);
+    assert!(a == b, "resumed state differs from the uninterrupted run");
+    let csv = |d: &str| std::fs::read_to_string(dir.join(d).join("loss.csv")).unwrap();
+    assert_eq!(csv("straight"), csv("split"));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn bad_input_is_a_clear_error_and_destroys_nothing() {
+    let dir = scratch("bad");
+    train(&dir, "good", 1, &[]);
+    let sentinel = dir.join("keep.png");
+    std::fs::write(&sentinel, b"the user's file").unwrap();
+    let good = dir.join("good");
+    let weights = read_safetensors(&good.join(checkpoint::WEIGHTS)).unwrap();
+    let mut sorted: Vec<_> = weights.into_iter().collect();
+    sorted.sort_by(|a, b| a.0.cmp(&b.0));
+
+    // A broken copy of the good model: `edit` changes one file of it.
+    let broken = |name: &str, edit: &dyn Fn(&Path)| {
+        let d = dir.join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        for f in [
+            checkpoint::CONFIG,
+            checkpoint::WEIGHTS,
+            checkpoint::SCHEDULER,
+        ] {
+            std::fs::copy(good.join(f), d.join(f)).unwrap();
+        }
+        edit(&d);
+        name.to_string()
+    };
+    let weights_file = |d: &Path| d.join(checkpoint::WEIGHTS);
+    let cases: Vec<(String, &str)> = vec![
+        (
+            broken("no-weights", &|d| {
+                std::fs::remove_file(weights_file(d)).unwrap()
+            }),
+            "weights are missing",
+        ),
+        (
+            broken("truncated", &|d| {
+                let b = std::fs::read(weights_file(d)).unwrap();
+                std::fs::write(weights_file(d), &b[..b.len() / 2]).unwrap();
+            }),
+            "not a safetensors file",
+        ),
+        (
+            broken("garbage", &|d| {
+                std::fs::write(weights_file(d), [0xffu8; 64]).unwrap()
+            }),
+            "not a safetensors file",
+        ),
+        (
+            broken("gelu", &|d| {
+                let c = MICRO.replace("\"sample_size\"", "\"act_fn\": \"gelu\", \"sample_size\"");
+                std::fs::write(d.join(checkpoint::CONFIG), c).unwrap();
+            }),
+            "act_fn",
+        ),
+        (
+            broken("unknown-key", &|d| {
+                let c = MICRO.replace("\"sample_size\"", "\"colour\": 3, \"sample_size\"");
+                std::fs::write(d.join(checkpoint::CONFIG), c).unwrap();
+            }),
+            "unknown config key \"colour\"",
+        ),
+        (
+            broken("bad-scheduler", &|d| {
+                std::fs::write(d.join(checkpoint::SCHEDULER), r#"{"beta_end": "big"}"#).unwrap();
+            }),
+            "beta_end",
+        ),
+        (
+            broken("missing-tensor", &|d| {
+                let kept: Vec<_> = sorted
+                    .iter()
+                    .filter(|(n, _)| n != "conv_in.weight")
+                    .cloned()
+                    .collect();
+                std::fs::write(
+                    weights_file(d),
+                    write_safetensors_bytes(&kept, None).unwrap(),
+                )
+                .unwrap();
+            }),
+            "missing tensor conv_in.weight",
+        ),
+        (
+            broken("wrong-shape", &|d| {
+                let mut t = sorted.clone();
+                let conv = t.iter_mut().find(|(n, _)| n == "conv_out.bias").unwrap();
+                conv.1.shape = vec![1, 3];
+                std::fs::write(weights_file(d), write_safetensors_bytes(&t, None).unwrap())
+                    .unwrap();
+            }),
+            "conv_out.bias: expected shape [3]",
+        ),
+    ];
+    for (model, needle) in &cases {
+        let e = fails(
+            &dir,
+            &[
+                "sample", "--model", model, "--out", "keep.png", "--device", "cpu",
+            ],
+        );
+        assert!(
+            e.contains(needle) && e.contains(model.as_str()),
+            "{model}: {e}"
+        );
+    }
+
+    std::fs::write(dir.join("short.bin"), vec![0u8; 3073 + 100]).unwrap();
+    std::fs::create_dir_all(dir.join("empty")).unwrap();
+    std::fs::write(dir.join("empty/readme.txt"), "no images here").unwrap();
+    std::fs::create_dir_all(dir.join("fake")).unwrap();
+    std::fs::write(dir.join("fake/a.png"), "not a png").unwrap();
+    std::fs::write(dir.join("micro.json"), MICRO).unwrap();
+    let train_on = |data: &str| {
+        let args = [
+            "train",
+            "--config",
+            "micro.json",
+            "--data",
+            data,
+            "--steps",
+            "1",
+            "--out",
+            "good",
+            "--device",
+            "cpu",
+        ];
+        fails(&dir, &args)
+    };
+    let before = std::fs::read(good.join(checkpoint::STATE)).unwrap();
+    for (data, needle) in [
+        ("short.bin", "3073"),
+        ("empty", "no CIFAR-10 .bin files and no .png/.jpg images"),
+        ("fake", "a.png: not a readable PNG/JPEG image"),
+        ("nowhere", "no such file or directory"),
+    ] {
+        let e = train_on(data);
+        assert!(e.contains(needle), "--data {data}: {e}");
+    }
+    assert_eq!(std::fs::read(good.join(checkpoint::STATE)).unwrap(), before);
+
+    for (args, needle) in [
+        (
+            vec!["sample", "--model", "good", "-n", "0"],
+            "-n and --batch",
+        ),
+        (
+            vec!["sample", "--model", "good", "--out", "no/such/dir/s.png"],
+            "no/such/dir does not exist",
+        ),
+        (
+            vec!["sample", "--model", "good", "--out-npy", "nodir/s.npy"],
+            "nodir does not exist",
+        ),
+        (vec!["sample", "--model", "nothing-here"], "nothing-here"),
+        (
+            vec!["train", "--resume", "empty", "--steps", "2"],
+            "training_state.safetensors",
+        ),
+        (vec!["train", "--preset", "huge"], "unknown preset \"huge\""),
+        (
+            vec!["diffuse", "--image", "fake/a.png"],
+            "not a readable PNG/JPEG image",
+        ),
+        (
+            vec!["diffuse", "--image", "keep.png", "--t", "1000"],
+            "--t 1000",
+        ),
+        (vec!["eval"], "not implemented yet"),
+    ] {
+        let mut a = args.clone();
+        a.extend_from_slice(&["--device", "cpu"]);
+        if a[0] == "diffuse" || a[0] == "eval" {
+            a.truncate(a.len() - 2);
+        }
+        let e = fails(&dir, &a);
+        assert!(e.contains(needle), "{args:?}: {e}");
+    }
+    assert_eq!(std::fs::read(&sentinel).unwrap(), b"the user's file");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
