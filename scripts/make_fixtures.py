@@ -1,6 +1,13 @@
 #!/usr/bin/env python3
-"""Writes tests/fixtures/unet_small.safetensors: a small diffusers UNet2DModel of the paper's family with
-random weights, an input batch, timesteps, a target, the output, the MSE loss and every parameter gradient.
+"""Writes the reference fixtures from diffusers:
+
+tests/fixtures/unet_small.safetensors: a small diffusers UNet2DModel of the paper's family with random
+weights, an input batch, timesteps, a target, the output, the MSE loss and every parameter gradient.
+
+tests/fixtures/schedulers.safetensors: the schedule tables as diffusers computes them (float32), add_noise
+outputs, DDPMScheduler.step outputs for given model output, sample and noise (both variance types,
+clipping on and off, all 1000 steps and respaced to 10), and DDIM eta-0 samples of another small model
+(its weights included) from a given x_T for 1, 10 and 50 steps, computed in float64.
 
 Run by hand (CI never needs PyTorch):
     python -m venv /tmp/ref && /tmp/ref/bin/pip install torch diffusers safetensors numpy
@@ -16,7 +23,7 @@ import os
 
 import torch
 import diffusers
-from diffusers import UNet2DModel
+from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 from safetensors.torch import save_file
 
 
@@ -55,7 +62,7 @@ CONFIG = dict(
 )
 
 
-def main():
+def unet_small():
     torch.manual_seed(20261125)
     model = UNet2DModel(**CONFIG)
     # Random weights on the scale where every path matters (the paper's init zeroes some layers).
@@ -93,7 +100,87 @@ def main():
     save_file(tensors, path, metadata=meta)
     n = sum(p.numel() for p in model.parameters())
     print(f"wrote {path}: {n} parameters, {os.path.getsize(path)} bytes, loss {loss.item():.6f}")
+    return model, root
+
+
+def schedulers(root):
+    torch.manual_seed(7)
+    out = {}
+    ddpm = DDPMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
+                         variance_type="fixed_large", clip_sample=True)
+    out["table.linear.betas"] = ddpm.betas.clone()
+    out["table.linear.alphas_cumprod"] = ddpm.alphas_cumprod.clone()
+    cosine = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")
+    out["table.cosine.alphas_cumprod"] = cosine.alphas_cumprod.clone()
+
+    shape = (2, 3, 4, 4)
+    x0 = torch.rand(shape) * 2 - 1
+    noise = torch.randn(shape)
+    t = torch.tensor([0, 999])
+    out["add_noise.x0"], out["add_noise.noise"] = x0, noise
+    out["add_noise.timesteps"] = t.to(torch.float32)
+    out["add_noise.x_t"] = ddpm.add_noise(x0, noise, t)
+
+    # DDPMScheduler.step draws its noise with randn_tensor(shape, generator): a generator seeded alike gives
+    # the same draw, which is stored with the result.
+    for respaced in (None, 10):
+        for variance in ("fixed_large", "fixed_small"):
+            for clip in (True, False):
+                sch = DDPMScheduler(num_train_timesteps=1000, variance_type=variance, clip_sample=clip)
+                if respaced:
+                    sch.set_timesteps(respaced)
+                    steps = [int(sch.timesteps[0]), int(sch.timesteps[5]), int(sch.timesteps[-1])]
+                else:
+                    steps = [999, 500, 10, 1, 0]
+                for ts in steps:
+                    key = f"step.{respaced or 1000}.{variance}.{'clip' if clip else 'noclip'}.{ts}"
+                    eps = torch.randn(shape) * 1.5
+                    sample = torch.randn(shape) * 2.0
+                    seed = 1000 + ts
+                    z = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+                    prev = sch.step(eps, ts, sample, generator=torch.Generator().manual_seed(seed)).prev_sample
+                    out[key + ".eps"], out[key + ".sample"], out[key + ".noise"] = eps, sample, z
+                    out[key + ".prev"] = prev
+
+    # DDIM with eta 0 from a given x_T. Its own small model, with weights at half the scale of unet_small's:
+    # a random network at full scale makes the 50-step map chaotic (a 1e-5 change of the tables moves
+    # the samples by 0.04), which would hide the algorithm behind float rounding; at half scale the same
+    # change moves them by 1e-5. The model and the tables run in float64 (the tables built from float64
+    # betas, not diffusers' float32 ones), so the reference is the exact algorithm.
+    ddim_config = dict(CONFIG, block_out_channels=(8, 16), down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                       up_block_types=("AttnUpBlock2D", "UpBlock2D"))
+    torch.manual_seed(3)
+    small = UNet2DModel(**ddim_config)
+    with torch.no_grad():
+        for name, p in small.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+            elif name.endswith("bias"):
+                p.copy_(0.1 * torch.randn_like(p))
+            else:
+                p.copy_(0.5 * torch.randn_like(p) / math.sqrt(p[0].numel()))
+    small = small.to(torch.float32).to(torch.float64).eval()
+    for name, p in small.named_parameters():
+        out[f"ddim.param.{name}"] = p.detach()
+    x_T = torch.randn(2, 3, 8, 8)
+    out["ddim.x_T"] = x_T
+    ddim = DDIMScheduler.from_config(ddpm.config)
+    ddim.alphas_cumprod = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)
+    with torch.no_grad():
+        for steps in (1, 10, 50):
+            ddim.set_timesteps(steps)
+            x = x_T.to(torch.float64)
+            for t in ddim.timesteps:
+                x = ddim.step(small(x, t).sample, t, x, eta=0.0).prev_sample
+            out[f"ddim.{steps}"] = x.to(torch.float32)
+
+    tensors = {k: v.to(torch.float32).contiguous() for k, v in out.items()}
+    path = os.path.join(root, "schedulers.safetensors")
+    meta = {"ddim_config": json.dumps(small.config), "torch": torch.__version__, "diffusers": diffusers.__version__}
+    save_file(tensors, path, metadata=meta)
+    print(f"wrote {path}: {len(tensors)} tensors, {os.path.getsize(path)} bytes")
 
 
 if __name__ == "__main__":
-    main()
+    _, root = unet_small()
+    schedulers(root)

@@ -11,7 +11,9 @@
 //! ```
 
 use crate::error::{Error, Result};
-use crate::model::params::{parse_safetensors, write_safetensors_bytes};
+use crate::model::params::{
+    parse_safetensors, write_safetensors_as, write_safetensors_bytes, StoredDtype,
+};
 use crate::model::{NamedTensor, UNet, UNetConfig};
 use crate::sample::Variance;
 use crate::schedule::BetaSchedule;
@@ -324,11 +326,22 @@ pub fn load_model(dir: &Path) -> Result<ModelDir> {
 /// Writes config.json, the weights (a flat vector laid out like `net.params`) and scheduler_config.json,
 /// creating the directory if needed.
 pub fn save_model(dir: &Path, net: &UNet, flat: &[f32], scheduler: &SchedulerConfig) -> Result<()> {
+    save_model_as(dir, net, flat, scheduler, StoredDtype::F32)
+}
+
+/// [`save_model`] with the weights stored as `dtype`.
+pub fn save_model_as(
+    dir: &Path,
+    net: &UNet,
+    flat: &[f32],
+    scheduler: &SchedulerConfig,
+    dtype: StoredDtype,
+) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let tensors = net.state_from_flat(flat);
     write_atomic(
         &dir.join(WEIGHTS),
-        &write_safetensors_bytes(&tensors, None)?,
+        &write_safetensors_as(&tensors, dtype, None)?,
     )?;
     let cfg = serde_json::to_string_pretty(&net.config.to_json()).expect("json");
     write_atomic(&dir.join(CONFIG), cfg.as_bytes())?;

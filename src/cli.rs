@@ -3,11 +3,14 @@
 use crate::backend::cpu::CpuBackend;
 use crate::backend::Backend;
 use crate::checkpoint::{self, SchedulerConfig};
+use crate::data::Dataset;
+use crate::eval;
 use crate::image;
+use crate::model::params::StoredDtype;
 use crate::model::{UNet, UNetConfig};
 use crate::npy;
 use crate::rng;
-use crate::sample::{self, Variance};
+use crate::sample::{self, Sampler, Variance};
 use crate::train::{self, TrainOptions};
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -58,13 +61,8 @@ enum Command {
         #[arg(long, default_value = "diffuse.png")]
         out: PathBuf,
     },
-    /// The variational bound in bits/dim over a dataset (not implemented yet).
-    Eval {
-        #[arg(long)]
-        model: Option<PathBuf>,
-        #[arg(long)]
-        data: Option<String>,
-    },
+    /// The variational bound (the paper's NLL) in bits/dim over a dataset, with its breakdown.
+    Eval(EvalArgs),
     /// Training and sampling throughput on this machine (not implemented yet).
     Bench {
         #[arg(long, default_value = "ddpm-cifar10")]
@@ -82,11 +80,49 @@ enum Command {
         #[arg(long, default_value_t = 128)]
         batch: usize,
     },
-    /// Convert between a training directory and a plain diffusers directory (not implemented yet).
+    /// Copy a model to a plain diffusers directory (dropping the training state) or to a training directory
+    /// (`--training-state`, for `train --resume`), with the weights stored as f32, bf16 or f16.
     Convert {
+        /// The model directory to read (diffusers, pipeline or training layout).
         #[arg(long)]
-        model: Option<PathBuf>,
+        model: PathBuf,
+        /// The directory to write.
+        #[arg(long)]
+        out: PathBuf,
+        /// How to store the weights.
+        #[arg(long, value_enum, default_value = "f32")]
+        dtype: StoredDtype,
+        /// Also write a training state: the source's own, or a fresh one (step 0, the weights as both raw
+        /// and EMA weights, zero Adam moments) that `train --resume` continues from.
+        #[arg(long)]
+        training_state: bool,
     },
+}
+
+#[derive(clap::Args)]
+struct EvalArgs {
+    /// A model directory (diffusers layout).
+    #[arg(long)]
+    model: PathBuf,
+    /// synthetic, CIFAR-10 .bin file(s) (e.g. test_batch.bin), or a folder of PNG/JPEG images.
+    #[arg(long)]
+    data: String,
+    /// Evaluate the first N images only [default: all]. Each image costs T forward passes.
+    #[arg(long)]
+    limit: Option<usize>,
+    #[arg(long, default_value_t = 16)]
+    batch: usize,
+    /// The model's variance [default: the model's scheduler_config.json].
+    #[arg(long, value_enum)]
+    variance: Option<Variance>,
+    /// Do not clamp the x0 prediction to [-1, 1] (the paper clips).
+    #[arg(long)]
+    no_clip: bool,
+    /// Seed of the x_t draws.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long, value_enum, default_value = "auto")]
+    device: Device,
 }
 
 #[derive(clap::Args)]
@@ -97,13 +133,15 @@ struct TrainArgs {
     /// A diffusers UNet2DModel config.json to train instead of a preset.
     #[arg(long, conflicts_with = "preset")]
     config: Option<PathBuf>,
-    /// synthetic (built in), CIFAR-10 .bin file(s) (a file or a folder), or a folder of PNG/JPEG images.
-    #[arg(long, default_value = "synthetic")]
-    data: String,
-    #[arg(long, default_value_t = 32)]
-    batch: usize,
+    /// synthetic (built in), CIFAR-10 .bin file(s) (a file or a folder), or a folder of PNG/JPEG images
+    /// [default: synthetic].
+    #[arg(long)]
+    data: Option<String>,
+    /// Images per step [default: 32].
+    #[arg(long)]
+    batch: Option<usize>,
     /// Total training steps (with --resume: the step to stop at).
-    #[arg(long, default_value_t = 3000)]
+    #[arg(long, default_value_t = 2000)]
     steps: u64,
     /// Learning rate [default: 2e-4 (the paper); 1e-3 for the tiny preset].
     #[arg(long)]
@@ -114,9 +152,9 @@ struct TrainArgs {
     /// EMA decay [default: 0.9999 from 100k steps (the paper), 0.995 below].
     #[arg(long)]
     ema_decay: Option<f32>,
-    /// Clip gradients at this global norm (0 disables).
-    #[arg(long, default_value_t = 1.0)]
-    max_grad_norm: f32,
+    /// Clip gradients at this global norm, 0 disables [default: 1].
+    #[arg(long)]
+    max_grad_norm: Option<f32>,
     /// No random horizontal flips.
     #[arg(long)]
     no_flip: bool,
@@ -131,7 +169,8 @@ struct TrainArgs {
     /// Images in each sample grid.
     #[arg(long, default_value_t = 36)]
     grid: usize,
-    /// Continue the run saved in this directory with its own options and data (--steps is the new end).
+    /// Continue the run saved in this directory (--steps is the new end). It keeps its saved options; --data,
+    /// --batch, --lr, --warmup, --ema-decay and --max-grad-norm given here replace them.
     #[arg(long)]
     resume: Option<PathBuf>,
     #[arg(long, value_enum, default_value = "auto")]
@@ -140,23 +179,36 @@ struct TrainArgs {
 
 #[derive(clap::Args)]
 struct SampleArgs {
-    /// A model directory in diffusers layout (config.json + diffusion_pytorch_model.safetensors).
+    /// A model directory in diffusers layout (config.json + diffusion_pytorch_model.safetensors), or a
+    /// pipeline directory (unet/, scheduler/).
     #[arg(long)]
     model: PathBuf,
-    /// Number of images.
-    #[arg(short, long, default_value_t = 16)]
-    n: usize,
+    /// Number of images [default: 16, or the N of --init-noise].
+    #[arg(short, long)]
+    n: Option<usize>,
     /// Images per batch.
     #[arg(long, default_value_t = 16)]
     batch: usize,
-    /// [default: the model's scheduler_config.json]
+    /// ddpm: ancestral sampling (DDPMScheduler); ddim: DDIMScheduler.
+    #[arg(long, value_enum, default_value = "ddpm")]
+    sampler: Sampler,
+    /// Sampling steps, spaced as diffusers' "leading" [default: all T for ddpm, 50 for ddim].
+    #[arg(long)]
+    steps: Option<usize>,
+    /// DDIM's eta: 0 is deterministic, 1 has the posterior variance.
+    #[arg(long, default_value_t = 0.0)]
+    eta: f64,
+    /// Ancestral sampling's variance [default: the model's scheduler_config.json].
     #[arg(long, value_enum)]
     variance: Option<Variance>,
-    /// Do not clamp the x0 prediction to [-1, 1].
+    /// Do not clamp the x0 prediction to [-1, 1] (on by default when the scheduler config has clip_sample).
     #[arg(long)]
     no_clip: bool,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// x_T from a float32 .npy of shape (N, C, H, W) instead of drawing it.
+    #[arg(long)]
+    init_noise: Option<PathBuf>,
     /// The grid PNG.
     #[arg(long, default_value = "samples.png")]
     out: PathBuf,
@@ -235,9 +287,17 @@ fn run(cli: Cli) -> Result<()> {
             seed,
             out,
         } => diffuse(&image, &t, size, seed, &out),
-        Command::Eval { .. } => not_yet("eval", 5),
+        Command::Eval(args) => {
+            let device = args.device;
+            dispatch(device, args)
+        }
         Command::Bench { .. } => not_yet("bench", 4),
-        Command::Convert { .. } => not_yet("convert", 5),
+        Command::Convert {
+            model,
+            out,
+            dtype,
+            training_state,
+        } => convert(&model, &out, dtype, training_state),
     }
 }
 
@@ -274,21 +334,15 @@ fn info(cfg: &UNetConfig, name: &str, batch: usize) -> Result<()> {
 
 impl Job for TrainArgs {
     fn run<B: Backend>(self, be: &mut B) -> Result<()> {
-        let resume = match &self.resume {
-            Some(dir) => Some(checkpoint::load_state(dir)?),
-            None => None,
-        };
-        let (config, data, out, opts) = match (&self.resume, resume.as_ref()) {
-            (Some(dir), Some(state)) => {
+        let (config, data, out, opts, resume) = match &self.resume {
+            Some(dir) => {
+                let mut state = checkpoint::load_state(dir)?;
                 let m = checkpoint::load_model(dir)?;
-                (
-                    m.config,
-                    state.data.clone(),
-                    dir.clone(),
-                    state.options.clone(),
-                )
+                self.override_saved(&mut state);
+                let (data, opts) = (state.data.clone(), state.options.clone());
+                (m.config, data, dir.clone(), opts, Some(state))
             }
-            _ => {
+            None => {
                 let config = match &self.config {
                     Some(path) => {
                         let text = std::fs::read_to_string(path)
@@ -299,10 +353,10 @@ impl Job for TrainArgs {
                 };
                 let tiny = self.config.is_none() && self.preset == "tiny";
                 let opts = TrainOptions {
-                    batch: self.batch,
+                    batch: self.batch.unwrap_or(32),
                     lr: self.lr.unwrap_or(if tiny { 1e-3 } else { 2e-4 }),
                     warmup: self.warmup.unwrap_or((self.steps / 10).min(5000)),
-                    max_grad_norm: self.max_grad_norm,
+                    max_grad_norm: self.max_grad_norm.unwrap_or(1.0),
                     ema_decay: self.ema_decay.unwrap_or(if self.steps >= 100_000 {
                         0.9999
                     } else {
@@ -311,7 +365,8 @@ impl Job for TrainArgs {
                     flip: !self.no_flip,
                     seed: self.seed,
                 };
-                (config, self.data.clone(), self.out.clone(), opts)
+                let data = self.data.clone().unwrap_or_else(|| "synthetic".into());
+                (config, data, self.out.clone(), opts, None)
             }
         };
         let run = train::Run {
@@ -327,9 +382,57 @@ impl Job for TrainArgs {
     }
 }
 
+impl TrainArgs {
+    /// Flags given with `--resume` replace the saved options (the run is then no longer bit-identical
+    /// to an uninterrupted one, which is the point of changing them).
+    fn override_saved(&self, state: &mut checkpoint::TrainState) {
+        let o = &mut state.options;
+        let mut changed = Vec::new();
+        if let Some(d) = &self.data {
+            state.data = d.clone();
+            changed.push(format!("--data {d}"));
+        }
+        if let Some(v) = self.batch {
+            o.batch = v;
+            changed.push(format!("--batch {v}"));
+        }
+        if let Some(v) = self.lr {
+            o.lr = v;
+            changed.push(format!("--lr {v}"));
+        }
+        if let Some(v) = self.warmup {
+            o.warmup = v;
+            changed.push(format!("--warmup {v}"));
+        }
+        if let Some(v) = self.ema_decay {
+            o.ema_decay = v;
+            changed.push(format!("--ema-decay {v}"));
+        }
+        if let Some(v) = self.max_grad_norm {
+            o.max_grad_norm = v;
+            changed.push(format!("--max-grad-norm {v}"));
+        }
+        if !changed.is_empty() {
+            eprintln!(
+                "resume: replacing saved options with {}",
+                changed.join(", ")
+            );
+        }
+    }
+}
+
 impl Job for SampleArgs {
     fn run<B: Backend>(self, be: &mut B) -> Result<()> {
-        if self.n == 0 || self.batch == 0 {
+        let m = checkpoint::load_model(&self.model)?;
+        let (size, c) = (m.config.sample_size, m.config.in_channels);
+        let init = match &self.init_noise {
+            Some(p) => Some(read_init_noise(p, self.n, c, size)?),
+            None => None,
+        };
+        let n = init
+            .as_ref()
+            .map_or(self.n.unwrap_or(16), |x| x.len() / (c * size * size));
+        if n == 0 || self.batch == 0 {
             bail!("-n and --batch must be at least 1");
         }
         // Every output location is checked before the long part.
@@ -341,27 +444,144 @@ impl Job for SampleArgs {
             std::fs::create_dir_all(d)
                 .with_context(|| format!("--each: creating {}", d.display()))?;
         }
-        let m = checkpoint::load_model(&self.model)?;
-        let mut net = UNet::new_inference(be, &m.config, self.batch.min(self.n))?;
-        be.upload(net.params, &m.flat_weights(&net)?)?;
+        let schedule = m.scheduler.schedule();
+        let steps = self.steps.unwrap_or(match self.sampler {
+            Sampler::Ddpm => schedule.len(),
+            Sampler::Ddim => 50.min(schedule.len()),
+        });
         let variance = self.variance.unwrap_or(m.scheduler.variance_type);
+        let rows = sample::table(&schedule, self.sampler, steps, variance, self.eta)?;
         let clip = m.scheduler.clip_sample && !self.no_clip;
-        let rows = sample::ddpm_table(&m.scheduler.schedule(), variance);
-        eprintln!(
-            "sampling {} images with {} steps ({}, clip {clip})",
-            self.n,
-            rows.len(),
-            variance.name()
-        );
-        let all = sample::many(be, &mut net, &rows, self.n, self.seed, clip)?;
+        let mut net = UNet::new_inference(be, &m.config, self.batch.min(n))?;
+        be.upload(net.params, &m.flat_weights(&net)?)?;
+        let how = match self.sampler {
+            Sampler::Ddpm => format!("ddpm, {}", variance.name()),
+            Sampler::Ddim => format!("ddim, eta {}", self.eta),
+        };
+        eprintln!("sampling {n} images, {steps} steps ({how}, clip {clip})");
+        let all = sample::many(be, &mut net, &rows, n, self.seed, clip, init.as_deref())?;
         write_samples(
             &all,
-            self.n,
+            n,
             &m.config,
             &self.out,
             self.each.as_deref(),
             self.out_npy.as_deref(),
         )
+    }
+}
+
+/// `--init-noise`: a float32 (N, C, H, W) array for this model, returned NHWC.
+fn read_init_noise(path: &Path, n: Option<usize>, c: usize, size: usize) -> Result<Vec<f32>> {
+    let (shape, data) = npy::read(path)?;
+    let fits = shape.len() == 4 && shape[1..] == [c, size, size] && shape[0] > 0;
+    if !fits || n.is_some_and(|n| n != shape[0]) {
+        bail!(
+            "--init-noise {}: shape {shape:?} does not fit: expected (N, {c}, {size}, {size}){}",
+            path.display(),
+            n.map_or(String::new(), |n| format!(" with N = -n = {n}"))
+        );
+    }
+    Ok(crate::model::nchw_to_nhwc(&data, shape[0], c, size, size))
+}
+
+impl Job for EvalArgs {
+    fn run<B: Backend>(self, be: &mut B) -> Result<()> {
+        if self.batch == 0 || self.limit == Some(0) {
+            bail!("--batch and --limit must be at least 1");
+        }
+        let m = checkpoint::load_model(&self.model)?;
+        let data = Dataset::open(&self.data, m.config.sample_size, self.seed)?;
+        let count = self.limit.unwrap_or(data.len).min(data.len);
+        let mut net = UNet::new_inference(be, &m.config, self.batch.min(count))?;
+        be.upload(net.params, &m.flat_weights(&net)?)?;
+        let variance = self.variance.unwrap_or(m.scheduler.variance_type);
+        let clip = m.scheduler.clip_sample && !self.no_clip;
+        let ev = eval::Evaluator::new(m.scheduler.schedule(), variance, clip, self.seed);
+        eprintln!(
+            "evaluating {count} of {} ({}), {} timesteps each, variance {}, clip {clip}",
+            data.description,
+            self.data,
+            ev.timesteps(),
+            variance.name()
+        );
+        let all = eval::evaluate(be, &mut net, &ev, &data, Some(count))?;
+        let mean = eval::Bound::mean(&all);
+        let totals: Vec<f64> = all.iter().map(eval::Bound::total).collect();
+        let sd = (totals
+            .iter()
+            .map(|t| (t - mean.total()).powi(2))
+            .sum::<f64>()
+            / (totals.len().max(2) - 1) as f64)
+            .sqrt();
+        println!("images           {count}");
+        println!("L_T (prior)      {:.5} bits/dim", mean.prior);
+        println!("sum of L_t       {:.5} bits/dim", mean.terms);
+        println!("L_0 (decoder)    {:.5} bits/dim", mean.decoder);
+        println!(
+            "total (NLL bound) {:.5} bits/dim (standard error {:.5})",
+            mean.total(),
+            sd / (count as f64).sqrt()
+        );
+        println!("mean L_simple    {:.5}", mean.mse);
+        Ok(())
+    }
+}
+
+/// Reads a model (any layout), checks its weights against its config, and writes it to `out`.
+fn convert(model: &Path, out: &Path, dtype: StoredDtype, training_state: bool) -> Result<()> {
+    let m = checkpoint::load_model(model)?;
+    let mut be = CpuBackend::<f32>::new();
+    let net = UNet::new_inference(&mut be, &m.config, 1)?;
+    let flat = m.flat_weights(&net)?;
+    checkpoint::save_model_as(out, &net, &flat, &m.scheduler, dtype)?;
+    eprintln!(
+        "wrote {} ({} weights as {dtype:?})",
+        out.display(),
+        flat.len()
+    );
+    if training_state {
+        let state = match checkpoint::load_state(model) {
+            Ok(s) => s,
+            Err(_) if !model.join(checkpoint::STATE).exists() => fresh_state(flat),
+            Err(e) => return Err(e.into()),
+        };
+        checkpoint::save_state(out, &state)?;
+        eprintln!(
+            "wrote {} at step {}: continue with `ddpm-cuda train --resume {}`",
+            out.join(checkpoint::STATE).display(),
+            state.step,
+            out.display()
+        );
+    } else if out.join(checkpoint::STATE).exists() {
+        eprintln!(
+            "note: {} already holds a training state, left as it was",
+            out.display()
+        );
+    }
+    Ok(())
+}
+
+/// A training state that starts from given weights: step 0, the paper's options (`train --resume` can
+/// override them).
+fn fresh_state(weights: Vec<f32>) -> checkpoint::TrainState {
+    let zeros = vec![0.0; weights.len()];
+    checkpoint::TrainState {
+        step: 0,
+        options: TrainOptions {
+            batch: 128,
+            lr: 2e-4,
+            warmup: 5000,
+            max_grad_norm: 1.0,
+            ema_decay: 0.9999,
+            flip: true,
+            seed: 0,
+        },
+        data: "synthetic".into(),
+        params: weights.clone(),
+        ema: weights,
+        adam_m: zeros.clone(),
+        adam_v: zeros,
     }
 }
 

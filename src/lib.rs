@@ -14,6 +14,7 @@ pub mod checkpoint;
 pub mod cli;
 pub mod data;
 pub mod error;
+pub mod eval;
 pub mod image;
 pub mod model;
 pub mod npy;

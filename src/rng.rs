@@ -30,6 +30,8 @@ pub enum Purpose {
     Data = 7,
     /// The noise of a forward-diffusion strip (`ddpm-cuda diffuse`); index = 0.
     Diffuse = 8,
+    /// The x_t draws of the variational bound (`ddpm-cuda eval`); index = timestep.
+    Eval = 9,
 }
 
 /// A stream id: `purpose` in the top byte, `index` in the low 56 bits.

@@ -42,11 +42,65 @@ impl Variance {
     }
 }
 
+/// Which reverse process a table encodes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Sampler {
+    /// Ancestral sampling (DDPMScheduler), over every timestep or respaced.
+    Ddpm,
+    /// DDIM (DDIMScheduler): deterministic at eta 0.
+    Ddim,
+}
+
+/// The timesteps of an `steps`-step run over a `T`-step schedule with diffusers' "leading" spacing
+/// (`t_i = i * (T / steps)`), in increasing order: row `i` of a table takes `x_{t_i}` to `x_{t_{i-1}}`.
+pub fn leading_timesteps(big_t: usize, steps: usize) -> Result<Vec<usize>> {
+    if steps == 0 || steps > big_t {
+        return Err(Error::Invalid(format!(
+            "--steps {steps} must be in 1..={big_t} (the model's num_train_timesteps)"
+        )));
+    }
+    let stride = big_t / steps;
+    Ok((0..steps).map(|i| i * stride).collect())
+}
+
+/// The table of a sampler: `steps` rows (all `T` for the full ancestral sampler).
+pub fn table(
+    s: &Schedule,
+    sampler: Sampler,
+    steps: usize,
+    variance: Variance,
+    eta: f64,
+) -> Result<Vec<SamplerRow>> {
+    match sampler {
+        Sampler::Ddpm => ddpm_respaced_table(s, steps, variance),
+        Sampler::Ddim => ddim_table(s, steps, eta),
+    }
+}
+
 /// The ancestral sampler over every timestep: row `t` takes `x_t` to `x_{t-1}`.
 pub fn ddpm_table(s: &Schedule, variance: Variance) -> Vec<SamplerRow> {
-    (0..s.len())
-        .map(|t| {
-            let (ab, abp) = (s.alphas_cumprod[t], s.alphas_cumprod_prev[t]);
+    ddpm_respaced_table(s, s.len(), variance).expect("T steps of a T-step schedule")
+}
+
+/// Ancestral sampling over `steps` of the `T` timesteps, as diffusers' DDPMScheduler does after
+/// `set_timesteps(steps)`: row `i` goes from `t_i` to `t_{i-1}` (to "before 0", `ab_prev = 1`, at row 0)
+/// with `beta' = 1 - ab_t / ab_prev`, and no noise at `t = 0`.
+pub fn ddpm_respaced_table(
+    s: &Schedule,
+    steps: usize,
+    variance: Variance,
+) -> Result<Vec<SamplerRow>> {
+    let ts = leading_timesteps(s.len(), steps)?;
+    Ok(ts
+        .iter()
+        .enumerate()
+        .map(|(i, &t)| {
+            let ab = s.alphas_cumprod[t];
+            let abp = if i == 0 {
+                1.0
+            } else {
+                s.alphas_cumprod[ts[i - 1]]
+            };
             let beta = 1.0 - ab / abp;
             let var = match variance {
                 Variance::FixedLarge => beta,
@@ -63,27 +117,25 @@ pub fn ddpm_table(s: &Schedule, variance: Variance) -> Vec<SamplerRow> {
                 unused: 0.0,
             }
         })
-        .collect()
+        .collect())
 }
 
 /// DDIM (diffusers' DDIMScheduler defaults: "leading" spacing, `set_alpha_to_one`): `steps` rows at
 /// `t_i = i * (T / steps)`, deterministic when `eta = 0`.
 pub fn ddim_table(s: &Schedule, steps: usize, eta: f64) -> Result<Vec<SamplerRow>> {
-    let big_t = s.len();
-    if steps == 0 || steps > big_t {
-        return Err(Error::Invalid(format!(
-            "DDIM steps {steps} must be in 1..={big_t}"
-        )));
+    if !(eta.is_finite() && eta >= 0.0) {
+        return Err(Error::Invalid(format!("--eta {eta} must be 0 or positive")));
     }
-    let stride = big_t / steps;
-    Ok((0..steps)
-        .map(|i| {
-            let t = i * stride;
+    let ts = leading_timesteps(s.len(), steps)?;
+    Ok(ts
+        .iter()
+        .enumerate()
+        .map(|(i, &t)| {
             let ab = s.alphas_cumprod[t];
             let abp = if i == 0 {
                 1.0
             } else {
-                s.alphas_cumprod[t - stride]
+                s.alphas_cumprod[ts[i - 1]]
             };
             let sigma = eta * ((1.0 - abp) / (1.0 - ab) * (1.0 - ab / abp)).sqrt();
             SamplerRow {
@@ -100,6 +152,15 @@ pub fn ddim_table(s: &Schedule, steps: usize, eta: f64) -> Result<Vec<SamplerRow
         .collect())
 }
 
+/// Where `x_T` comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Start {
+    /// Philox normal draws of the run's seed.
+    Noise,
+    /// The caller has put `x_T` in place (`--init-noise`).
+    Given,
+}
+
 /// What a sampling run draws: the seed, and the number of the first image (so a batch of a larger run draws
 /// what the same images would draw in any other split).
 #[derive(Clone, Copy, Debug)]
@@ -108,6 +169,7 @@ pub struct Draw {
     pub first_image: u64,
     pub per_image: usize,
     pub clip: bool,
+    pub start: Start,
 }
 
 /// Runs a sampler table over a backend: `x` gets `x_T ~ N(0, I)`, then for every row, `denoise(be)` must
@@ -124,12 +186,14 @@ pub fn run<B: Backend>(
     mut progress: impl FnMut(usize, usize),
 ) -> Result<()> {
     let first = draw.first_image * draw.per_image as u64;
-    be.normal(
-        x,
-        first,
-        draw.seed,
-        rng::stream(rng::Purpose::SamplerStart, 0),
-    )?;
+    if draw.start == Start::Noise {
+        be.normal(
+            x,
+            first,
+            draw.seed,
+            rng::stream(rng::Purpose::SamplerStart, 0),
+        )?;
+    }
     be.sampler_load(rows)?;
     let base = rng::stream(rng::Purpose::SamplerNoise, 0);
     let mut done = 0;
@@ -170,7 +234,7 @@ pub fn images<B: Backend>(
 }
 
 /// Samples `n` images in batches of `net.batch` (the last batch may be partial): NHWC, back to back.
-/// Image `i` is the same whatever the batch size.
+/// Image `i` is the same whatever the batch size. `init` (NHWC, `n` images) replaces the drawn `x_T`.
 pub fn many<B: Backend>(
     be: &mut B,
     net: &mut UNet,
@@ -178,21 +242,37 @@ pub fn many<B: Backend>(
     n: usize,
     seed: u64,
     clip: bool,
+    init: Option<&[f32]>,
 ) -> Result<Vec<f32>> {
     let per_image = net.input.len / net.batch;
+    if let Some(x) = init {
+        if x.len() != n * per_image {
+            return Err(Error::shape("initial noise", n * per_image, x.len()));
+        }
+    }
     let mut all = Vec::with_capacity(n * per_image);
     let batches = n.div_ceil(net.batch);
     for b in 0..batches {
         let first = b * net.batch;
+        let take = (n - first).min(net.batch);
+        let start = match init {
+            Some(x) => {
+                let mut batch = x[first * per_image..(first + take) * per_image].to_vec();
+                batch.resize(net.input.len, 0.0);
+                be.upload(net.input, &batch)?;
+                Start::Given
+            }
+            None => Start::Noise,
+        };
         let draw = Draw {
             seed,
             first_image: first as u64,
             per_image,
             clip,
+            start,
         };
         let label = format!("batch {}/{batches}", b + 1);
         let imgs = images(be, net, rows, draw, &label)?;
-        let take = (n - first).min(net.batch);
         all.extend_from_slice(&imgs[..take * per_image]);
     }
     Ok(all)

@@ -320,6 +320,7 @@ pub fn train<B: Backend>(
                 first_image: 0,
                 per_image: net.input.len / net.batch,
                 clip: scheduler.clip_sample,
+                start: sample::Start::Noise,
             };
             let images = sample::images(be, net, &rows, draw, "sample")?;
             let path = run.out.join(format!("samples_{:07}.png", tr.step));

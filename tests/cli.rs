@@ -166,6 +166,177 @@ fn resume_through_the_cli_is_bit_identical() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// DDIM with eta 0 from a given x_T is deterministic; the legacy attention names load to the same
+/// model; convert writes bf16 and training directories that load and resume; eval reports a bound.
+#[test]
+fn interop_ddim_convert_and_eval() {
+    let dir = scratch("interop");
+    train(&dir, "run", 2, &[]);
+    let noise: Vec<f32> = (0..2 * 3 * 64)
+        .map(|i| ddpm_cuda::rng::normal(5, 0, i))
+        .collect();
+    std::fs::write(
+        dir.join("x_T.npy"),
+        ddpm_cuda::npy::to_bytes(&noise, &[2, 3, 8, 8]),
+    )
+    .unwrap();
+    let ddim = |model: &str, out: &str| {
+        ok(
+            &dir,
+            &[
+                "sample",
+                "--model",
+                model,
+                "--sampler",
+                "ddim",
+                "--steps",
+                "20",
+                "--init-noise",
+                "x_T.npy",
+                "--out",
+                "g.png",
+                "--out-npy",
+                out,
+                "--device",
+                "cpu",
+            ],
+        );
+        std::fs::read(dir.join(out)).unwrap()
+    };
+    let first = ddim("run", "a.npy");
+    assert_eq!(
+        ddim("run", "b.npy"),
+        first,
+        "DDIM eta 0 from one x_T is deterministic"
+    );
+    let (shape, _) = ddpm_cuda::npy::parse(&first, Path::new("a.npy")).unwrap();
+    assert_eq!(shape, vec![2, 3, 8, 8], "N comes from --init-noise");
+
+    // The same weights under the 2022 names (query, key, value, proj_attn).
+    let legacy = dir.join("legacy");
+    std::fs::create_dir_all(&legacy).unwrap();
+    for f in [checkpoint::CONFIG, checkpoint::SCHEDULER] {
+        std::fs::copy(dir.join("run").join(f), legacy.join(f)).unwrap();
+    }
+    let renamed: Vec<_> = read_safetensors(&dir.join("run").join(checkpoint::WEIGHTS))
+        .unwrap()
+        .into_iter()
+        .map(|(n, t)| (ddpm_cuda::model::params::legacy_name(&n).unwrap_or(n), t))
+        .collect();
+    assert!(renamed.iter().any(|(n, _)| n.contains(".proj_attn.")));
+    std::fs::write(
+        legacy.join(checkpoint::WEIGHTS),
+        write_safetensors_bytes(&renamed, None).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        ddim("legacy", "c.npy"),
+        first,
+        "legacy names give the same model"
+    );
+
+    // Respaced ancestral sampling honours --init-noise too, and runs.
+    ok(
+        &dir,
+        &[
+            "sample",
+            "--model",
+            "run",
+            "--steps",
+            "10",
+            "--init-noise",
+            "x_T.npy",
+            "--out",
+            "r.png",
+            "--device",
+            "cpu",
+        ],
+    );
+
+    // convert: a plain bf16 directory (weights rounded to bf16), and a training directory from it.
+    ok(
+        &dir,
+        &[
+            "convert", "--model", "run", "--out", "plain", "--dtype", "bf16",
+        ],
+    );
+    assert!(!dir.join("plain").join(checkpoint::STATE).exists());
+    let ema = load_state(&dir.join("run")).unwrap().ema;
+    let config = UNetConfig::from_json(MICRO, Path::new("micro.json")).unwrap();
+    let mut be = ddpm_cuda::backend::cpu::CpuBackend::<f32>::new();
+    let net = UNet::new_inference(&mut be, &config, 1).unwrap();
+    let bf16 = load_model(&dir.join("plain"))
+        .unwrap()
+        .flat_weights(&net)
+        .unwrap();
+    for (a, b) in ema.iter().zip(&bf16) {
+        assert_eq!(half::bf16::from_f32(*a).to_f32(), *b);
+    }
+    ok(
+        &dir,
+        &[
+            "convert",
+            "--model",
+            "plain",
+            "--out",
+            "again",
+            "--training-state",
+        ],
+    );
+    let state = load_state(&dir.join("again")).unwrap();
+    assert_eq!((state.step, &state.params), (0, &bf16));
+    ok(
+        &dir,
+        &[
+            "train", "--resume", "again", "--steps", "2", "--batch", "2", "--grid", "1",
+            "--device", "cpu",
+        ],
+    );
+    assert_eq!(load_state(&dir.join("again")).unwrap().step, 2);
+
+    // eval: every term reported, finite and positive, and they add up.
+    let report = ok(
+        &dir,
+        &[
+            "eval",
+            "--model",
+            "run",
+            "--data",
+            "synthetic",
+            "--limit",
+            "3",
+            "--batch",
+            "2",
+            "--device",
+            "cpu",
+        ],
+    );
+    let value = |label: &str| -> f64 {
+        let line = report
+            .lines()
+            .find(|l| l.starts_with(label))
+            .unwrap_or_else(|| panic!("{label} missing from:\n{report}"));
+        line[label.len()..]
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let (prior, terms, decoder, total) = (
+        value("L_T (prior)"),
+        value("sum of L_t"),
+        value("L_0 (decoder)"),
+        value("total (NLL bound)"),
+    );
+    assert!(
+        prior > 0.0 && terms > 0.0 && decoder.is_finite(),
+        "{report}"
+    );
+    assert!((prior + terms + decoder - total).abs() < 1e-4, "{report}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 #[test]
 fn bad_input_is_a_clear_error_and_destroys_nothing() {
     let dir = scratch("bad");
@@ -305,6 +476,57 @@ fn bad_input_is_a_clear_error_and_destroys_nothing() {
     }
     assert_eq!(std::fs::read(good.join(checkpoint::STATE)).unwrap(), before);
 
+    let npy = ddpm_cuda::npy::to_bytes(&[0.0; 48], &[1, 3, 4, 4]);
+    std::fs::write(dir.join("wrong.npy"), npy).unwrap();
+    let f64_npy = ddpm_cuda::npy::to_bytes(&[0.0; 12], &[6, 1]);
+    let at = f64_npy.windows(3).position(|w| w == b"<f4").unwrap();
+    std::fs::write(
+        dir.join("f64.npy"),
+        [&f64_npy[..at], b"<f8", &f64_npy[at + 3..]].concat(),
+    )
+    .unwrap();
+    broken("pickle", &|d| {
+        std::fs::rename(weights_file(d), d.join("diffusion_pytorch_model.bin")).unwrap()
+    });
+    broken("short-header", &|d| {
+        let b = std::fs::read(weights_file(d)).unwrap();
+        std::fs::write(weights_file(d), &b[..20]).unwrap();
+    });
+    // The weights of another config (one more level) under this config.
+    let other = MICRO
+        .replace("[8, 16]", "[8, 16, 16]")
+        .replace(
+            r#"["DownBlock2D", "AttnDownBlock2D"]"#,
+            r#"["DownBlock2D", "AttnDownBlock2D", "DownBlock2D"]"#,
+        )
+        .replace(
+            r#"["AttnUpBlock2D", "UpBlock2D"]"#,
+            r#"["UpBlock2D", "AttnUpBlock2D", "UpBlock2D"]"#,
+        );
+    std::fs::write(dir.join("other.json"), other).unwrap();
+    let args = [
+        "train",
+        "--config",
+        "other.json",
+        "--steps",
+        "1",
+        "--batch",
+        "1",
+        "--grid",
+        "1",
+        "--out",
+        "bigger",
+        "--device",
+        "cpu",
+    ];
+    ok(&dir, &args);
+    broken("other-config", &|d| {
+        std::fs::copy(
+            dir.join("bigger").join(checkpoint::WEIGHTS),
+            weights_file(d),
+        )
+        .unwrap();
+    });
     for (args, needle) in [
         (
             vec!["sample", "--model", "good", "-n", "0"],
@@ -332,11 +554,44 @@ fn bad_input_is_a_clear_error_and_destroys_nothing() {
             vec!["diffuse", "--image", "keep.png", "--t", "1000"],
             "--t 1000",
         ),
-        (vec!["eval"], "not implemented yet"),
+        (vec!["bench"], "not implemented yet"),
+        (
+            vec!["sample", "--model", "good", "--init-noise", "short.bin"],
+            "not a .npy file",
+        ),
+        (
+            vec!["sample", "--model", "good", "--init-noise", "wrong.npy"],
+            "does not fit: expected (N, 3, 8, 8)",
+        ),
+        (
+            vec!["sample", "--model", "good", "--init-noise", "f64.npy"],
+            "expected float32",
+        ),
+        (
+            vec![
+                "sample",
+                "--model",
+                "good",
+                "--sampler",
+                "ddim",
+                "--steps",
+                "2000",
+            ],
+            "--steps 2000 must be in 1..=1000",
+        ),
+        (vec!["sample", "--model", "pickle"], "PyTorch pickle"),
+        (
+            vec!["sample", "--model", "other-config"],
+            "these weights are for another config",
+        ),
+        (
+            vec!["sample", "--model", "short-header"],
+            "not a safetensors file",
+        ),
     ] {
         let mut a = args.clone();
         a.extend_from_slice(&["--device", "cpu"]);
-        if a[0] == "diffuse" || a[0] == "eval" {
+        if a[0] == "diffuse" || a[0] == "bench" {
             a.truncate(a.len() - 2);
         }
         let e = fails(&dir, &a);

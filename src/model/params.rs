@@ -181,25 +181,59 @@ pub fn parse_safetensors(
     Ok(out)
 }
 
-/// Serialises f32 tensors (sorted by name) to safetensors bytes, with optional header metadata.
+/// How weights are stored in a safetensors file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum StoredDtype {
+    F32,
+    Bf16,
+    F16,
+}
+
+impl StoredDtype {
+    fn encode(self, v: &[f32]) -> Vec<u8> {
+        match self {
+            Self::F32 => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            Self::Bf16 => v
+                .iter()
+                .flat_map(|&x| half::bf16::from_f32(x).to_le_bytes())
+                .collect(),
+            Self::F16 => v
+                .iter()
+                .flat_map(|&x| half::f16::from_f32(x).to_le_bytes())
+                .collect(),
+        }
+    }
+    fn dtype(self) -> safetensors::Dtype {
+        match self {
+            Self::F32 => safetensors::Dtype::F32,
+            Self::Bf16 => safetensors::Dtype::BF16,
+            Self::F16 => safetensors::Dtype::F16,
+        }
+    }
+}
+
+/// Serialises f32 tensors to safetensors bytes, with optional header metadata.
 pub fn write_safetensors_bytes(
     tensors: &[(String, NamedTensor)],
     metadata: Option<HashMap<String, String>>,
 ) -> Result<Vec<u8>> {
+    write_safetensors_as(tensors, StoredDtype::F32, metadata)
+}
+
+/// Serialises tensors stored as `dtype` (rounded to nearest from f32).
+pub fn write_safetensors_as(
+    tensors: &[(String, NamedTensor)],
+    dtype: StoredDtype,
+    metadata: Option<HashMap<String, String>>,
+) -> Result<Vec<u8>> {
     let bytes: Vec<(String, Vec<u8>, Vec<usize>)> = tensors
         .iter()
-        .map(|(n, t)| {
-            (
-                n.clone(),
-                t.data.iter().flat_map(|v| v.to_le_bytes()).collect(),
-                t.shape.clone(),
-            )
-        })
+        .map(|(n, t)| (n.clone(), dtype.encode(&t.data), t.shape.clone()))
         .collect();
     let views: Vec<(String, safetensors::tensor::TensorView)> = bytes
         .iter()
         .map(|(n, b, s)| {
-            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
+            safetensors::tensor::TensorView::new(dtype.dtype(), s.clone(), b)
                 .map(|v| (n.clone(), v))
                 .map_err(|e| Error::Invalid(format!("tensor {n}: {e}")))
         })

@@ -1059,38 +1059,52 @@ impl UNet {
     ) -> Result<Vec<f32>> {
         let mut flat = vec![0.0f32; self.params.len];
         let mut used = HashSet::new();
+        let (mut missing, mut bad_shape) = (Vec::new(), None);
         for s in &self.specs {
-            let (name, t) = match state.get(&s.name) {
-                Some(t) => (s.name.clone(), t),
-                None => match legacy_name(&s.name).and_then(|l| state.get(&l).map(|t| (l, t))) {
-                    Some(found) => found,
-                    None => {
-                        return Err(Error::format(origin, format!("missing tensor {}", s.name)))
-                    }
-                },
+            let found = state
+                .get(&s.name)
+                .map(|t| (s.name.clone(), t))
+                .or_else(|| legacy_name(&s.name).and_then(|l| state.get(&l).map(|t| (l, t))));
+            let Some((name, t)) = found else {
+                missing.push(s.name.as_str());
+                continue;
             };
             if t.shape != s.shape() {
-                return Err(Error::format(
-                    origin,
-                    format!(
-                        "tensor {name}: expected shape {:?}, found {:?}",
-                        s.shape(),
-                        t.shape
-                    ),
+                bad_shape.get_or_insert(format!(
+                    "tensor {name}: expected shape {:?}, found {:?}",
+                    s.shape(),
+                    t.shape
                 ));
+            } else {
+                flat[s.offset..s.offset + s.len].copy_from_slice(&s.from_pytorch(&t.data));
             }
-            flat[s.offset..s.offset + s.len].copy_from_slice(&s.from_pytorch(&t.data));
             used.insert(name);
         }
-        let mut extra: Vec<&String> = state.keys().filter(|k| !used.contains(*k)).collect();
-        if !extra.is_empty() {
-            extra.sort();
-            return Err(Error::format(
-                origin,
-                format!("unexpected tensors for this config: {extra:?}"),
-            ));
-        }
-        Ok(flat)
+        let mut extra: Vec<&str> = state
+            .keys()
+            .filter(|k| !used.contains(*k))
+            .map(String::as_str)
+            .collect();
+        extra.sort();
+        let list = |v: &[&str]| match v.len() {
+            0..=3 => v.join(", "),
+            n => format!("{}, ... ({n} in all)", v[..3].join(", ")),
+        };
+        // Missing and unexpected names say more (another config) than a shape does (a wrong tensor).
+        let msg = match (missing.is_empty(), extra.is_empty()) {
+            (true, true) => match bad_shape {
+                Some(m) => m,
+                None => return Ok(flat),
+            },
+            (false, true) => format!("missing tensor {}", list(&missing)),
+            (true, false) => format!("unexpected tensors for this config: {}", list(&extra)),
+            (false, false) => format!(
+                "these weights are for another config: missing tensor {}; unexpected tensors {}",
+                list(&missing),
+                list(&extra)
+            ),
+        };
+        Err(Error::format(origin, msg))
     }
 
     /// Named PyTorch-layout tensors from a flat vector laid out like [`UNet::params`].

@@ -300,6 +300,24 @@ pub fn normal<T: Real>(x: &mut [T], first: u64, seed: u64, stream: u64) {
 }
 
 /// One reverse step, in place: `x` holds x_t on entry and x_{t-1} on exit.
+/// One element of a reverse step (the formula of `SamplerRow`), given its noise draw `z`.
+#[inline]
+pub fn reverse_update<T: Real>(row: &SamplerRow, x_t: T, eps_hat: T, z: T, clip: bool) -> T {
+    let f = T::from_f32;
+    let mut x0 = f(row.x0_from_xt) * x_t - f(row.x0_from_eps) * eps_hat;
+    if clip {
+        let (lo, hi) = (-T::ONE, T::ONE);
+        x0 = if x0 < lo {
+            lo
+        } else if x0 > hi {
+            hi
+        } else {
+            x0
+        };
+    }
+    f(row.c_x0) * x0 + f(row.c_xt) * x_t + f(row.c_eps) * eps_hat + f(row.sigma) * z
+}
+
 pub fn sampler_step<T: Real>(
     x: &mut [T],
     eps_hat: &[T],
@@ -309,41 +327,19 @@ pub fn sampler_step<T: Real>(
     seed: u64,
     stream: u64,
 ) {
-    let f = T::from_f32;
-    let (a, b, cx0, cxt, ce, sigma) = (
-        f(row.x0_from_xt),
-        f(row.x0_from_eps),
-        f(row.c_x0),
-        f(row.c_xt),
-        f(row.c_eps),
-        f(row.sigma),
-    );
-    let (lo, hi) = (-T::ONE, T::ONE);
     x.par_chunks_mut(GRAIN).enumerate().for_each(|(ci, xc)| {
         for (j, v) in xc.iter_mut().enumerate() {
             let i = ci * GRAIN + j;
-            let (xt, e) = (*v, eps_hat[i]);
-            let mut x0 = a * xt - b * e;
-            if clip {
-                x0 = if x0 < lo {
-                    lo
-                } else if x0 > hi {
-                    hi
-                } else {
-                    x0
-                };
-            }
             let z = if row.sigma > 0.0 {
-                f(rng::normal(seed, stream, first + i as u64))
+                T::from_f32(rng::normal(seed, stream, first + i as u64))
             } else {
                 T::ZERO
             };
-            *v = cx0 * x0 + cxt * xt + ce * e + sigma * z;
+            *v = reverse_update(row, *v, eps_hat[i], z, clip);
         }
     });
 }
 
-/// Sum of squares in f64 (fixed grouping, so deterministic).
 pub fn sum_squares<T: Real>(x: &[T]) -> f64 {
     let acc = grouped_sum::<f64>(x.len(), GRAIN, 1, |first, count, acc| {
         acc[0] += x[first..first + count]
