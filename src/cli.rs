@@ -40,7 +40,7 @@ enum Device {
 enum Command {
     /// Train a model (L_simple, Adam, EMA); writes sample grids, checkpoints, loss.csv and loss.png to --out.
     Train(TrainArgs),
-    /// Sample with the 1000-step ancestral sampler from a model directory (diffusers layout).
+    /// Sample from a model directory (diffusers layout): ancestral (all 1000 steps, or respaced) or DDIM.
     Sample(SampleArgs),
     /// A strip of the forward process: an image dissolving into noise at chosen timesteps.
     Diffuse {
