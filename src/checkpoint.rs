@@ -270,6 +270,19 @@ impl ModelDir {
 }
 
 pub fn load_model(dir: &Path) -> Result<ModelDir> {
+    if dir.is_file() {
+        let msg = if dir
+            .extension()
+            .is_some_and(|e| e == "bin" || e == "pt" || e == "pth")
+        {
+            "a PyTorch pickle, which this engine does not read (it runs no Python): --model takes a \
+             directory with config.json and diffusion_pytorch_model.safetensors; diffusers can convert \
+             one with UNet2DModel.from_pretrained(dir).save_pretrained(dir, safe_serialization=True)"
+        } else {
+            "--model takes a directory (config.json and diffusion_pytorch_model.safetensors), not a file"
+        };
+        return Err(Error::format(dir, msg));
+    }
     if !dir.is_dir() {
         return Err(Error::format(dir, "no such model directory"));
     }

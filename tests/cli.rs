@@ -272,17 +272,42 @@ fn interop_ddim_convert_and_eval() {
     for (a, b) in ema.iter().zip(&bf16) {
         assert_eq!(half::bf16::from_f32(*a).to_f32(), *b);
     }
-    ok(
-        &dir,
-        &[
-            "convert",
-            "--model",
-            "plain",
-            "--out",
-            "again",
-            "--training-state",
-        ],
-    );
+    // f16 storage, read back from diffusers' pipeline layout (unet/ and scheduler/ folders).
+    let args = [
+        "convert",
+        "--model",
+        "run",
+        "--out",
+        "pipe/unet",
+        "--dtype",
+        "f16",
+    ];
+    ok(&dir, &args);
+    std::fs::create_dir_all(dir.join("pipe/scheduler")).unwrap();
+    std::fs::rename(
+        dir.join("pipe/unet").join(checkpoint::SCHEDULER),
+        dir.join("pipe/scheduler").join(checkpoint::SCHEDULER),
+    )
+    .unwrap();
+    let pipe = load_model(&dir.join("pipe")).unwrap();
+    assert_eq!(pipe.config, config);
+    let f16 = pipe.flat_weights(&net).unwrap();
+    for (a, b) in ema.iter().zip(&f16) {
+        assert_eq!(half::f16::from_f32(*a).to_f32(), *b);
+    }
+    let args = [
+        "sample", "--model", "pipe", "-n", "1", "--steps", "5", "--out", "p.png",
+    ];
+    ok(&dir, &args);
+    let args = [
+        "convert",
+        "--model",
+        "plain",
+        "--out",
+        "again",
+        "--training-state",
+    ];
+    ok(&dir, &args);
     let state = load_state(&dir.join("again")).unwrap();
     assert_eq!((state.step, &state.params), (0, &bf16));
     ok(
@@ -580,6 +605,10 @@ fn bad_input_is_a_clear_error_and_destroys_nothing() {
             "--steps 2000 must be in 1..=1000",
         ),
         (vec!["sample", "--model", "pickle"], "PyTorch pickle"),
+        (
+            vec!["sample", "--model", "pickle/diffusion_pytorch_model.bin"],
+            "a PyTorch pickle",
+        ),
         (
             vec!["sample", "--model", "other-config"],
             "these weights are for another config",
