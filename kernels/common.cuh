@@ -2,7 +2,7 @@
 //   - Philox4x32-10, the counter-based generator (Salmon et al., SC'11), and the uniform and normal
 //     draws built on it, bit-for-bit the same as src/rng.rs so CPU and GPU runs of a seed draw the
 //     same numbers.
-//   - warp and block reductions.
+//   - warp and block reductions (fp32 and fp64), sigmoid and the SiLU derivative.
 #pragma once
 
 #include <cstdint>
@@ -109,6 +109,31 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
     __syncthreads();
     v = lane < warps ? scratch[lane] : 0.0f;
     return warp_sum(v);
+}
+
+// The same for doubles (the deterministic two-stage reductions of the loss and the gradient norm).
+__device__ __forceinline__ double warp_sum_f64(double v) {
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+    return v;
+}
+
+__device__ __forceinline__ double block_sum_f64(double v, double* scratch) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    v = warp_sum_f64(v);
+    __syncthreads();
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    v = lane < warps ? scratch[lane] : 0.0;
+    return warp_sum_f64(v);
+}
+
+__device__ __forceinline__ float sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
+
+// d silu(z) / dz = s (1 + z (1 - s)), s = sigmoid(z).
+__device__ __forceinline__ float silu_grad(float z) {
+    const float s = sigmoid(z);
+    return s * (1.0f + z * (1.0f - s));
 }
 
 // Grid-stride loop helpers: 64-bit indices, since activations of a large batch pass 2^31 elements.

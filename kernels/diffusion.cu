@@ -4,6 +4,7 @@
 //                          coefficients read from a device table at a device-side step index
 //   sampler_timesteps_f32  fills the model's timestep input from that table and index
 //   sampler_advance        moves the device-side step index to the next row
+//   mse_partial_f32        L_simple's squared error (partial sums for finish_sum_f64) and its gradient
 // The step index lives in device memory so that one captured graph of a sampling step can be replayed
 // for every step with no host work in between.
 #include "common.cuh"
@@ -87,4 +88,22 @@ extern "C" __global__ void sampler_timesteps_f32(const SamplerRow* __restrict__ 
 // Steps run from the last row down to row 0. Launch: one thread, after everything that reads *step.
 extern "C" __global__ void sampler_advance(int* step) {
     if (threadIdx.x == 0 && blockIdx.x == 0) *step -= 1;
+}
+
+// dpred = 2 (pred - target) / n, and partial[block] = the block's share of sum (pred - target)^2 in fp64;
+// finish_sum_f64 (optim.cu) with scale 1 / n writes the loss. Launch: block 256, a grid fixed by the
+// launcher (so the order of additions does not depend on n). Bytes: 12 per element.
+extern "C" __global__ void __launch_bounds__(256)
+    mse_partial_f32(const float* __restrict__ pred, const float* __restrict__ target, float* __restrict__ dpred,
+                    int64_t n, double* __restrict__ partial) {
+    __shared__ double scratch[32];
+    const float scale = float(2.0 / double(n));
+    double s = 0.0;
+    for (int64_t i = ddpm::global_thread(); i < n; i += ddpm::grid_threads()) {
+        const float d = pred[i] - target[i];
+        dpred[i] = scale * d;
+        s += double(d) * double(d);
+    }
+    s = ddpm::block_sum_f64(s, scratch);
+    if (threadIdx.x == 0) partial[blockIdx.x] = s;
 }

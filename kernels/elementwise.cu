@@ -29,13 +29,11 @@ extern "C" __global__ void add_f32(const float* __restrict__ a, const float* __r
     for (int64_t i = ddpm::global_thread(); i < n; i += ddpm::grid_threads()) y[i] = a[i] + b[i];
 }
 
-__device__ __forceinline__ float sigmoidf(float x) { return 1.0f / (1.0f + expf(-x)); }
-
 // y = x sigmoid(x). Bytes: 8 per element.
 extern "C" __global__ void silu_forward_f32(const float* __restrict__ x, float* __restrict__ y, int64_t n) {
     for (int64_t i = ddpm::global_thread(); i < n; i += ddpm::grid_threads()) {
         const float v = x[i];
-        y[i] = v * sigmoidf(v);
+        y[i] = v * ddpm::sigmoid(v);
     }
 }
 
@@ -43,8 +41,7 @@ extern "C" __global__ void silu_forward_f32(const float* __restrict__ x, float* 
 extern "C" __global__ void silu_backward_f32(const float* __restrict__ x, const float* __restrict__ dy,
                                              float* __restrict__ dx, int64_t n, int accumulate) {
     for (int64_t i = ddpm::global_thread(); i < n; i += ddpm::grid_threads()) {
-        const float v = x[i], s = sigmoidf(v);
-        const float g = dy[i] * s * (1.0f + v * (1.0f - s));
+        const float g = dy[i] * ddpm::silu_grad(x[i]);
         dx[i] = accumulate ? dx[i] + g : g;
     }
 }

@@ -1,0 +1,65 @@
+// conv.cu: the model's three convolutions as implicit GEMMs on the core of gemm.cuh (fp32, version 1).
+//   conv2d_forward_f32          y = conv(x, w) + b
+//   conv2d_backward_data_f32    dx (+)= the input gradient
+//   conv2d_backward_weight_f32  dw = the weight gradient (split-K partials; see gemm.cuh)
+// The bias gradient is a column sum of dy (column_sums_* in gemm.cuh).
+//
+// Layouts: x [batch, h, w, c] and y [batch, oh, ow, o] NHWC; w [o, taps, taps, c] (ours: the PyTorch
+// weight with the input channel last). Kinds: taps 3, stride 1, pad 1 (same size); taps 3, stride 2,
+// pad 0 with the bottom/right row and column of padding implied by oh = (h - 2) / 2 + 1 (TensorFlow
+// 'SAME'); taps 1, stride 1, pad 0.
+//
+// As GEMMs (M x N, reduction K):
+//   forward:         M = batch*oh*ow pixels,  N = o,            K = taps^2 * c   A = im2col(x), B = w^T
+//   input gradient:  M = batch*h*w pixels,    N = c,            K = taps^2 * o   A = gather(dy), B = w
+//   weight gradient: M = o,                   N = taps^2 * c,   K = batch*oh*ow  A = dy^T, B = im2col(x)
+// FLOPs: 2 M N K each; the paper's 3x3 256->256 conv at 16x16, batch 128: 2 * 32768 * 256 * 2304 = 38.7 GFLOP.
+// Launch (all three): grid (ceil(N / 64), ceil(M / 64), splits), block 256; splits = 1 except for the
+// weight gradient.
+#include "gemm.cuh"
+
+__device__ __forceinline__ ddpm::ConvGeom conv_geom(int h, int w, int c, int o, int taps, int stride, int pad) {
+    ddpm::ConvGeom g;
+    g.h = h, g.w = w, g.c = c, g.o = o, g.taps = taps, g.stride = stride, g.pad = pad;
+    g.oh = (h + 2 * pad - taps) / stride + 1;
+    g.ow = (w + 2 * pad - taps) / stride + 1;
+    if (stride == 2) g.oh = (h - 2) / 2 + 1, g.ow = (w - 2) / 2 + 1;
+    return g;
+}
+
+extern "C" __global__ void __launch_bounds__(ddpm::GEMM_THREADS)
+    conv2d_forward_f32(const float* __restrict__ x, const float* __restrict__ w, const float* __restrict__ b,
+                       float* __restrict__ y, int batch, int h, int wd, int c, int o, int taps, int stride,
+                       int pad) {
+    const ddpm::ConvGeom g = conv_geom(h, wd, c, o, taps, stride, pad);
+    const int rows = batch * g.oh * g.ow, kdim = taps * taps * c;
+    const ddpm::Im2col a{x, g, rows, kdim};
+    const ddpm::ColsB bw{w, kdim, o};
+    const ddpm::Epilogue e{y, o, b, 0, nullptr};
+    ddpm::gemm_run(a, bw, rows, o, kdim, kdim, e);
+}
+
+extern "C" __global__ void __launch_bounds__(ddpm::GEMM_THREADS)
+    conv2d_backward_data_f32(const float* __restrict__ dy, const float* __restrict__ w, float* __restrict__ dx,
+                             int batch, int h, int wd, int c, int o, int taps, int stride, int pad,
+                             int accumulate) {
+    const ddpm::ConvGeom g = conv_geom(h, wd, c, o, taps, stride, pad);
+    const int rows = batch * h * wd, kdim = taps * taps * o;
+    const ddpm::DyGather a{dy, g, rows, kdim};
+    const ddpm::WeightT bw{w, g};
+    const ddpm::Epilogue e{dx, c, nullptr, accumulate, nullptr};
+    ddpm::gemm_run(a, bw, rows, c, kdim, kdim, e);
+}
+
+// Slice z of the reduction over pixels writes workspace[z, o, k]; gemm_reduce_f32 then writes dw.
+extern "C" __global__ void __launch_bounds__(ddpm::GEMM_THREADS)
+    conv2d_backward_weight_f32(const float* __restrict__ x, const float* __restrict__ dy, float* __restrict__ dw,
+                               float* __restrict__ workspace, int chunk, int batch, int h, int wd, int c, int o,
+                               int taps, int stride, int pad) {
+    const ddpm::ConvGeom g = conv_geom(h, wd, c, o, taps, stride, pad);
+    const int pixels = batch * g.oh * g.ow, kdim = taps * taps * c;
+    const ddpm::ColsA a{dy, o, o};
+    const ddpm::Im2colB bx{ddpm::Im2col{x, g, pixels, kdim}};
+    const ddpm::Epilogue e{dw, kdim, nullptr, 0, workspace};
+    ddpm::gemm_run(a, bx, o, kdim, pixels, chunk, e);
+}

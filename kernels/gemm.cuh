@@ -1,0 +1,270 @@
+// gemm.cuh: the fp32 tiled GEMM core that every convolution and linear layer runs on.
+//
+//   C[m, n] = sum_k A(m, k) B(k, n)
+//
+// A and B are not matrices in memory but *loaders*: small structs whose operator() returns one element
+// (zero outside the operand). A plain row-major matrix is one loader; the im2col gather of a convolution
+// is another, so the convolutions are implicit GEMMs that never materialise the unfolded input.
+//
+// Tiling (version 1, fp32 SIMT): a block of 256 threads computes a 64 x 64 tile of C, stepping through K
+// 16 at a time. Each step stages a 64 x 16 slice of A and a 16 x 64 slice of B in shared memory (4
+// elements per thread each); each thread then accumulates a 4 x 4 block of C in registers, reading 4 + 4
+// values from shared memory per 16 multiply-adds. A loader says which of its indices is contiguous in
+// memory (`k_fast` for A, `n_fast` for B) and the staging maps consecutive threads along that index, so
+// global loads are coalesced. Arithmetic intensity: 64 * 64 * 16 FMAs per 2 * 64 * 16 loads, 32 FMAs per
+// element fetched.
+//
+// Split-K: a long reduction (a weight gradient sums over every pixel of the batch) is cut into
+// gridDim.z slices; slice z writes its partial tile to a workspace, and gemm_reduce_f32 adds the slices
+// in a fixed order. No atomics, so results are bitwise reproducible.
+#pragma once
+
+#include "common.cuh"
+
+namespace ddpm {
+
+constexpr int GEMM_BM = 64;
+constexpr int GEMM_BN = 64;
+constexpr int GEMM_BK = 16;
+constexpr int GEMM_THREADS = 256;
+
+// ---- loaders --------------------------------------------------------------------------------------
+
+// A(m, k) = p[m * ld + k]: rows of length >= K, k contiguous.
+struct RowsA {
+    const float* p;
+    int64_t ld;
+    int rows;
+    static constexpr bool k_fast = true;
+    __device__ float operator()(int m, int k) const { return m < rows ? p[int64_t(m) * ld + k] : 0.0f; }
+};
+
+// A(m, k) = p[k * ld + m]: the transpose of a row-major matrix, m contiguous.
+struct ColsA {
+    const float* p;
+    int64_t ld;
+    int rows;
+    static constexpr bool k_fast = false;
+    __device__ float operator()(int m, int k) const { return m < rows ? p[int64_t(k) * ld + m] : 0.0f; }
+};
+
+// B(k, n) = p[k * ld + n]: n contiguous.
+struct RowsB {
+    const float* p;
+    int64_t ld;
+    int cols;
+    static constexpr bool n_fast = true;
+    __device__ float operator()(int k, int n) const { return n < cols ? p[int64_t(k) * ld + n] : 0.0f; }
+};
+
+// B(k, n) = p[n * ld + k]: the transpose of a row-major matrix (a weight [out, in] used as [in, out]).
+struct ColsB {
+    const float* p;
+    int64_t ld;
+    int cols;
+    static constexpr bool n_fast = false;
+    __device__ float operator()(int k, int n) const { return n < cols ? p[int64_t(n) * ld + k] : 0.0f; }
+};
+
+// The geometry of a convolution: NHWC input [batch, h, w, c], output [batch, oh, ow, o], a taps x taps
+// kernel with the given stride and padding before the first row and column (after the last: whatever
+// makes oh, ow fit, i.e. TensorFlow 'SAME' for stride 2).
+struct ConvGeom {
+    int h, w, c, oh, ow, o, taps, stride, pad;
+};
+
+// The im2col matrix of the input, never stored: A(m, k) with m = (image, oy, ox), k = (ky, kx, ci),
+// = x[image, oy * stride + ky - pad, ox * stride + kx - pad, ci], or 0 in the padding. k runs over
+// channels first, so it is contiguous within one tap.
+struct Im2col {
+    const float* x;
+    ConvGeom g;
+    int rows;  // batch * oh * ow
+    int kdim;  // taps * taps * c
+    static constexpr bool k_fast = true;
+    __device__ float operator()(int m, int k) const {
+        if (m >= rows || k >= kdim) return 0.0f;
+        const int ox = m % g.ow, rest = m / g.ow;
+        const int oy = rest % g.oh, image = rest / g.oh;
+        const int ci = k % g.c, tap = k / g.c;
+        const int kx = tap % g.taps, ky = tap / g.taps;
+        const int iy = oy * g.stride + ky - g.pad, ix = ox * g.stride + kx - g.pad;
+        if (iy < 0 || iy >= g.h || ix < 0 || ix >= g.w) return 0.0f;
+        return x[((int64_t(image) * g.h + iy) * g.w + ix) * g.c + ci];
+    }
+};
+
+// The same matrix as the B operand of the weight gradient: B(r, k) = im2col(r, k), k contiguous.
+struct Im2colB {
+    Im2col a;
+    static constexpr bool n_fast = true;
+    __device__ float operator()(int r, int k) const { return a(r, k); }
+};
+
+// The input gradient's gather: A(m, k) with m = (image, iy, ix) an input pixel, k = (ky, kx, oc): the
+// output gradient at the position that tap (ky, kx) of input pixel (iy, ix) fed, or 0 when there is none
+// (outside the output, or between the strides).
+struct DyGather {
+    const float* dy;
+    ConvGeom g;
+    int rows;  // batch * h * w
+    int kdim;  // taps * taps * o
+    static constexpr bool k_fast = true;
+    __device__ float operator()(int m, int k) const {
+        if (m >= rows || k >= kdim) return 0.0f;
+        const int ix = m % g.w, rest = m / g.w;
+        const int iy = rest % g.h, image = rest / g.h;
+        const int oc = k % g.o, tap = k / g.o;
+        const int kx = tap % g.taps, ky = tap / g.taps;
+        const int ny = iy + g.pad - ky, nx = ix + g.pad - kx;
+        if (ny < 0 || nx < 0 || ny % g.stride != 0 || nx % g.stride != 0) return 0.0f;
+        const int oy = ny / g.stride, ox = nx / g.stride;
+        if (oy >= g.oh || ox >= g.ow) return 0.0f;
+        return dy[((int64_t(image) * g.oh + oy) * g.ow + ox) * g.o + oc];
+    }
+};
+
+// The weight [o, ky, kx, c] as the B operand of the input gradient: B(k = (ky, kx, oc), ci).
+struct WeightT {
+    const float* w;
+    ConvGeom g;
+    static constexpr bool n_fast = true;
+    __device__ float operator()(int k, int ci) const {
+        if (ci >= g.c) return 0.0f;
+        const int oc = k % g.o, tap = k / g.o;
+        return w[(int64_t(oc) * g.taps * g.taps + tap) * g.c + ci];
+    }
+};
+
+// ---- the core -------------------------------------------------------------------------------------
+
+// Accumulates the block's 64 x 64 tile at (m0, n0) over k in [k_begin, k_end) into acc: thread
+// (ty, tx) = (tid / 16, tid % 16) owns rows m0 + 4 ty + i and columns n0 + 4 tx + j.
+template <class LoadA, class LoadB>
+__device__ __forceinline__ void gemm_tile(const LoadA& a, const LoadB& b, int m0, int n0, int k_begin, int k_end,
+                                          float (&acc)[4][4]) {
+    // +4 keeps rows 16-byte aligned and staggers the banks of the transposed stores.
+    __shared__ float As[GEMM_BK][GEMM_BM + 4];
+    __shared__ float Bs[GEMM_BK][GEMM_BN + 4];
+    const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
+    for (int k0 = k_begin; k0 < k_end; k0 += GEMM_BK) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const int e = tid + i * GEMM_THREADS;
+            const int r = LoadA::k_fast ? e / GEMM_BK : e % GEMM_BM;
+            const int kk = LoadA::k_fast ? e % GEMM_BK : e / GEMM_BM;
+            As[kk][r] = k0 + kk < k_end ? a(m0 + r, k0 + kk) : 0.0f;
+        }
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const int e = tid + i * GEMM_THREADS;
+            const int cc = LoadB::n_fast ? e % GEMM_BN : e / GEMM_BK;
+            const int kk = LoadB::n_fast ? e / GEMM_BN : e % GEMM_BK;
+            Bs[kk][cc] = k0 + kk < k_end ? b(k0 + kk, n0 + cc) : 0.0f;
+        }
+        __syncthreads();
+#pragma unroll
+        for (int kk = 0; kk < GEMM_BK; ++kk) {
+            const float4 av = *reinterpret_cast<const float4*>(&As[kk][4 * ty]);
+            const float4 bv = *reinterpret_cast<const float4*>(&Bs[kk][4 * tx]);
+            const float ar[4] = {av.x, av.y, av.z, av.w};
+            const float br[4] = {bv.x, bv.y, bv.z, bv.w};
+#pragma unroll
+            for (int i = 0; i < 4; ++i)
+#pragma unroll
+                for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(ar[i], br[j], acc[i][j]);
+        }
+        __syncthreads();
+    }
+}
+
+// Where a tile's results go.
+struct Epilogue {
+    float* c;             // C[m, n] at c[m * ldc + n]
+    int64_t ldc;
+    const float* bias;    // added per column when not null
+    int accumulate;       // C += result instead of C = result
+    float* workspace;     // split-K: slice z of the partial sums at workspace[z * rows * cols + m * cols + n]
+};
+
+// One launch: grid (ceil(cols / 64), ceil(rows / 64), splits), block 256. With splits > 1, slice z covers
+// k in [z * chunk, (z + 1) * chunk) and writes raw partial sums to the workspace (bias and accumulate are
+// applied by gemm_reduce_f32).
+template <class LoadA, class LoadB>
+__device__ __forceinline__ void gemm_run(const LoadA& a, const LoadB& b, int rows, int cols, int kdim, int chunk,
+                                         const Epilogue& e) {
+    const int m0 = blockIdx.y * GEMM_BM, n0 = blockIdx.x * GEMM_BN;
+    const int k_begin = blockIdx.z * chunk, k_end = min(kdim, k_begin + chunk);
+    float acc[4][4] = {};
+    gemm_tile(a, b, m0, n0, k_begin, k_end, acc);
+    const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const int m = m0 + 4 * ty + i;
+        if (m >= rows) continue;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const int n = n0 + 4 * tx + j;
+            if (n >= cols) continue;
+            if (gridDim.z > 1) {
+                e.workspace[(int64_t(blockIdx.z) * rows + m) * cols + n] = acc[i][j];
+            } else {
+                float v = acc[i][j];
+                if (e.bias) v += e.bias[n];
+                float* dst = e.c + int64_t(m) * e.ldc + n;
+                *dst = e.accumulate ? *dst + v : v;
+            }
+        }
+    }
+}
+
+}  // namespace ddpm
+
+// C[m, n] (+)= sum_z workspace[z, m, n] (+ bias[n]), the slices added in order z = 0, 1, ...
+// One thread per element of C. Bytes: (splits + 1 or 2) * 4 per element.
+extern "C" __global__ void gemm_reduce_f32(const float* __restrict__ workspace, int splits, int rows, int cols,
+                                           float* __restrict__ c, int64_t ldc, const float* __restrict__ bias,
+                                           int accumulate) {
+    const int64_t total = int64_t(rows) * cols;
+    for (int64_t i = ddpm::global_thread(); i < total; i += ddpm::grid_threads()) {
+        float v = 0.0f;
+        for (int z = 0; z < splits; ++z) v += workspace[z * total + i];
+        const int64_t m = i / cols;
+        const int n = int(i % cols);
+        if (bias) v += bias[n];
+        float* dst = c + m * ldc + n;
+        *dst = accumulate ? *dst + v : v;
+    }
+}
+
+// out[n] = sum_m x[m, n] over `rows` rows of `cols` columns (a bias gradient), in two deterministic stages:
+// column_sums_partial_f32 with grid (ceil(cols / 32), slices), block 256, writes partial[slice, n] (each
+// block's 8 warps stride over its rows, lanes on consecutive columns, then sum in warp order);
+// column_sums_finish_f32 adds the slices in order.
+extern "C" __global__ void column_sums_partial_f32(const float* __restrict__ x, int64_t rows, int cols,
+                                                   float* __restrict__ partial) {
+    __shared__ float part[8][32];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int n = blockIdx.x * 32 + lane;
+    const int64_t per = (rows + gridDim.y - 1) / gridDim.y;
+    const int64_t begin = blockIdx.y * per, end = min(rows, begin + per);
+    float s = 0.0f;
+    if (n < cols)
+        for (int64_t m = begin + warp; m < end; m += 8) s += x[m * cols + n];
+    part[warp][lane] = s;
+    __syncthreads();
+    if (warp == 0 && n < cols) {
+        float total = 0.0f;
+        for (int w = 0; w < 8; ++w) total += part[w][lane];
+        partial[int64_t(blockIdx.y) * cols + n] = total;
+    }
+}
+
+extern "C" __global__ void column_sums_finish_f32(const float* __restrict__ partial, int slices, int cols,
+                                                  float* __restrict__ out) {
+    const int n = blockIdx.x * blockDim.x + threadIdx.x;
+    if (n >= cols) return;
+    float s = 0.0f;
+    for (int z = 0; z < slices; ++z) s += partial[int64_t(z) * cols + n];
+    out[n] = s;
+}

@@ -1,0 +1,61 @@
+// optim.cu: the optimizer over the flat parameter buffer (every parameter of the U-Net in one launch).
+//   sum_squares_partial_f32, finish_sum_f64   the global gradient norm, in two deterministic stages
+//   adam_step_f32                             Adam(W), clipping at a global norm, skipping non-finite steps
+//   ema_update_f32                            ema = decay ema + (1 - decay) params
+// Bytes: the norm reads 4 per parameter; Adam reads 16 and writes 12; the EMA reads 8 and writes 4. For the
+// paper's 35.7 M parameters that is 1.1 GB per step: ~0.4 ms at 3 TB/s.
+#include "common.cuh"
+
+// partial[block] = sum of x^2 over the block's grid-stride share, in fp64 (the same for any n: the grid
+// size is fixed by the launcher, so the order of additions is too). Launch: block 256, fixed grid.
+extern "C" __global__ void __launch_bounds__(256)
+    sum_squares_partial_f32(const float* __restrict__ x, int64_t n, double* __restrict__ partial) {
+    __shared__ double scratch[32];
+    double s = 0.0;
+    for (int64_t i = ddpm::global_thread(); i < n; i += ddpm::grid_threads()) {
+        const double v = x[i];
+        s += v * v;
+    }
+    s = ddpm::block_sum_f64(s, scratch);
+    if (threadIdx.x == 0) partial[blockIdx.x] = s;
+}
+
+// out[0] = float(scale * sum(partial)), or its square root when `root`. Launch: one block of 256.
+extern "C" __global__ void __launch_bounds__(256)
+    finish_sum_f64(const double* __restrict__ partial, int count, double scale, int root, float* __restrict__ out) {
+    __shared__ double scratch[32];
+    double s = 0.0;
+    for (int i = threadIdx.x; i < count; i += blockDim.x) s += partial[i];
+    s = ddpm::block_sum_f64(s, scratch) * scale;
+    if (threadIdx.x == 0) out[0] = float(root ? sqrt(s) : s);
+}
+
+// One Adam(W) step. The gradient norm is read from device memory (*norm), so nothing waits for the host:
+// a non-finite norm leaves parameters and moments untouched (the step is skipped); otherwise gradients are
+// scaled by min(1, max_norm / norm) (max_norm 0: no clipping) and
+//   m = b1 m + (1 - b1) g,  v = b2 v + (1 - b2) g^2,
+//   p -= lr (m / bc1 / (sqrt(v / bc2) + eps) + wd p),  bc1 = 1 - b1^t, bc2 = 1 - b2^t.
+extern "C" __global__ void adam_step_f32(float* __restrict__ params, const float* __restrict__ grads,
+                                         float* __restrict__ m, float* __restrict__ v,
+                                         const float* __restrict__ norm, int64_t n, float lr, float beta1,
+                                         float beta2, float eps, float weight_decay, float bias_correction1,
+                                         float bias_correction2, float max_norm) {
+    const float g_norm = *norm;
+    if (!isfinite(g_norm)) return;
+    const float clip = (max_norm > 0.0f && g_norm > max_norm) ? max_norm / g_norm : 1.0f;
+    for (int64_t i = ddpm::global_thread(); i < n; i += ddpm::grid_threads()) {
+        const float g = grads[i] * clip;
+        const float mi = beta1 * m[i] + (1.0f - beta1) * g;
+        const float vi = beta2 * v[i] + (1.0f - beta2) * g * g;
+        m[i] = mi;
+        v[i] = vi;
+        const float mhat = mi / bias_correction1, vhat = vi / bias_correction2;
+        params[i] -= lr * (mhat / (sqrtf(vhat) + eps) + weight_decay * params[i]);
+    }
+}
+
+extern "C" __global__ void ema_update_f32(float* __restrict__ ema, const float* __restrict__ params, int64_t n,
+                                          float decay) {
+    for (int64_t i = ddpm::global_thread(); i < n; i += ddpm::grid_threads())
+        ema[i] = decay * ema[i] + (1.0f - decay) * params[i];
+}
