@@ -1,6 +1,7 @@
 //! The command line (clap): each subcommand parses its flags, picks a backend and calls into the library.
 
 use crate::backend::cpu::CpuBackend;
+use crate::backend::cuda::CudaBackend;
 use crate::backend::Backend;
 use crate::checkpoint::{self, SchedulerConfig};
 use crate::data::Dataset;
@@ -238,21 +239,43 @@ trait Job {
     fn run<B: Backend>(self, be: &mut B) -> Result<()>;
 }
 
-/// Picks the backend, says which and why, and runs the job on it. The CUDA op set is not wired in yet
-/// (issue #4), so `auto` runs on the CPU and `cuda` is refused with the reason.
+/// Picks the backend, says which and why, and runs the job on it. `auto` takes CUDA only once the CUDA
+/// backend has passed its GPU tests ([`crate::backend::cuda::VERIFIED`]); until then `--device cuda` runs
+/// it on request.
 fn dispatch(device: Device, job: impl Job) -> Result<()> {
-    let probe = crate::backend::cuda::probe();
-    let why = match &probe {
-        Ok(dev) => format!("found {dev}, but the CUDA op set is not implemented yet"),
-        Err(e) => e.to_string(),
-    };
     let threads = rayon::current_num_threads();
-    match device {
-        Device::Cpu => eprintln!("device: cpu (--device cpu), {threads} threads"),
-        Device::Auto => eprintln!("device: cpu, {threads} threads (cuda not used: {why})"),
-        Device::Cuda => bail!("--device cuda: {why}"),
+    if device == Device::Cpu {
+        eprintln!("device: cpu (--device cpu), {threads} threads");
+        return job.run(&mut CpuBackend::<f32>::new());
     }
-    job.run(&mut CpuBackend::<f32>::new())
+    let cuda = CudaBackend::new();
+    match (device, cuda) {
+        (Device::Cuda, Ok(mut be)) => {
+            eprintln!("device: cuda (--device cuda), {}", be.device_name());
+            job.run(&mut be)
+        }
+        (Device::Cuda, Err(e)) => bail!("--device cuda: {e}"),
+        (_, Ok(mut be)) if crate::backend::cuda::VERIFIED => {
+            eprintln!(
+                "device: cuda, {} (--device cpu to use the CPU)",
+                be.device_name()
+            );
+            job.run(&mut be)
+        }
+        (_, Ok(be)) => {
+            eprintln!(
+                "device: cpu, {threads} threads (found {}, but the CUDA backend has not passed its GPU tests \
+                 yet; --device cuda uses it anyway)",
+                be.device_name()
+            );
+            drop(be);
+            job.run(&mut CpuBackend::<f32>::new())
+        }
+        (_, Err(e)) => {
+            eprintln!("device: cpu, {threads} threads (cuda not used: {e})");
+            job.run(&mut CpuBackend::<f32>::new())
+        }
+    }
 }
 
 fn not_yet(what: &str, issue: u32) -> Result<()> {

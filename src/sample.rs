@@ -172,10 +172,12 @@ pub struct Draw {
     pub start: Start,
 }
 
-/// Runs a sampler table over a backend: `x` gets `x_T ~ N(0, I)`, then for every row, `denoise(be)` must
-/// write the model's eps prediction for `x` at the current row's timestep into `eps` (it can read the
-/// timestep with `Backend::sampler_timesteps`), and the fused update moves `x` one step down. `progress`
-/// is called after every step with (done, total).
+/// Runs a sampler table over a backend: `x` gets `x_T ~ N(0, I)` (unless `draw.start` says it is in
+/// place), then for every row, `denoise(be)` must write the model's eps prediction for `x` at the current
+/// row's timestep into `eps` (reading the timestep with `Backend::sampler_timesteps`, never from the
+/// host), and the fused update moves `x` one step down. On a backend that records (CUDA), one step is
+/// recorded once and replayed for every row, with no host work in between; `progress` is called after
+/// every step with (done, total) as it is queued.
 pub fn run<B: Backend>(
     be: &mut B,
     rows: &[SamplerRow],
@@ -196,13 +198,30 @@ pub fn run<B: Backend>(
     }
     be.sampler_load(rows)?;
     let base = rng::stream(rng::Purpose::SamplerNoise, 0);
-    let mut done = 0;
-    while be.sampler_position()?.is_some() {
+    let mut step = |be: &mut B| -> Result<()> {
         denoise(be)?;
         be.sampler_step(x, eps, x, first, draw.clip, draw.seed, base)?;
-        be.sampler_advance()?;
-        done += 1;
+        be.sampler_advance()
+    };
+    let recorded = be.capture_begin()?;
+    if recorded {
+        let captured = step(be);
+        be.capture_end()?;
+        captured?;
+    }
+    for done in 1..=rows.len() {
+        if recorded {
+            be.replay()?;
+        } else {
+            step(be)?;
+        }
         progress(done, rows.len());
+    }
+    be.synchronize()?;
+    if be.sampler_position()?.is_some() {
+        return Err(Error::Invalid(
+            "the sampler did not reach the end of its table".into(),
+        ));
     }
     Ok(())
 }

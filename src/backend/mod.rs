@@ -13,7 +13,7 @@
 pub mod cpu;
 pub mod cuda;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 /// A handle to `len` elements at `off` in a backend's arena.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
@@ -44,6 +44,52 @@ impl Tensor {
     pub fn overlaps(self, other: Tensor) -> bool {
         self.len > 0 && other.len > 0 && self.off < other.end() && other.off < self.end()
     }
+}
+
+/// One argument of an op: its name (for errors), its handle, and the length the op expects.
+pub type Arg = (&'static str, Tensor, usize);
+
+/// Checks one argument: its length is what the op expects and it lies inside an arena of `capacity`.
+pub fn check_arg((name, t, len): Arg, capacity: usize, arena: &'static str) -> Result<()> {
+    if t.len != len {
+        return Err(Error::shape(
+            format!("argument {name}"),
+            format!("{len} elements"),
+            t.len,
+        ));
+    }
+    if t.end() > capacity {
+        return Err(Error::OutOfBounds {
+            what: name,
+            off: t.off,
+            len: t.len,
+            arena,
+            capacity,
+        });
+    }
+    Ok(())
+}
+
+/// Checks every argument of an op ([`check_arg`]) and that no output overlaps an input or another output.
+/// Every backend runs this before an op, so a bad handle is an error, never a wild read or write.
+pub fn check_args(
+    op: &'static str,
+    capacity: usize,
+    arena: &'static str,
+    ins: &[Arg],
+    outs: &[Arg],
+) -> Result<()> {
+    for a in ins.iter().chain(outs) {
+        check_arg(*a, capacity, arena)?;
+    }
+    for (i, o) in outs.iter().enumerate() {
+        let clash = ins.iter().any(|a| a.1.overlaps(o.1))
+            || outs[i + 1..].iter().any(|b| b.1.overlaps(o.1));
+        if clash {
+            return Err(Error::Overlap(op));
+        }
+    }
+    Ok(())
 }
 
 /// The three convolutions of the model.
@@ -454,4 +500,24 @@ pub trait Backend {
     ) -> Result<()>;
     /// `ema = decay * ema + (1 - decay) * params`.
     fn ema_update(&mut self, ema: Tensor, params: Tensor, decay: f32) -> Result<()>;
+
+    // --- replayable sequences ------------------------------------------------------------------------------
+    /// Starts recording the ops that follow, up to [`Backend::capture_end`], into a sequence that
+    /// [`Backend::replay`] runs again with no host work (a CUDA graph). Returns false where the backend does
+    /// not record (the CPU): the caller then runs the ops itself each time. Recorded ops do not run while
+    /// they are recorded, and must not download, upload or allocate.
+    fn capture_begin(&mut self) -> Result<bool> {
+        Ok(false)
+    }
+    fn capture_end(&mut self) -> Result<()> {
+        Ok(())
+    }
+    /// Runs the recorded sequence once more (queued; nothing waits for it).
+    fn replay(&mut self) -> Result<()> {
+        Err(Error::Invalid("this backend records no sequences".into()))
+    }
+    /// Waits for everything queued (a no-op on the CPU).
+    fn synchronize(&mut self) -> Result<()> {
+        Ok(())
+    }
 }

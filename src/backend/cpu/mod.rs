@@ -10,11 +10,11 @@ pub mod real;
 pub mod reduce;
 
 use self::real::Real;
-use super::{AdamStep, AttentionShape, Backend, ConvShape, GroupNormShape, SamplerRow, Tensor};
+use super::{
+    check_arg, check_args, AdamStep, Arg, AttentionShape, Backend, ConvShape, GroupNormShape,
+    SamplerRow, Tensor,
+};
 use crate::error::{Error, Result};
-
-/// One argument of an op: its name (for errors), its handle, and the length the op expects.
-type Arg = (&'static str, Tensor, usize);
 
 /// The slices of one op: inputs shared, outputs unique.
 type Views<'a, T, const R: usize, const W: usize> = ([&'a [T]; R], [&'a mut [T]; W]);
@@ -57,45 +57,20 @@ impl<T: Real> CpuBackend<T> {
         Ok(&mut self.data[t.off..t.end()])
     }
 
-    fn check(&self, (name, t, len): Arg) -> Result<()> {
-        if t.len != len {
-            return Err(Error::shape(
-                format!("argument {name}"),
-                format!("{len} elements"),
-                t.len,
-            ));
-        }
-        if t.end() > self.data.len() {
-            return Err(Error::OutOfBounds {
-                what: name,
-                off: t.off,
-                len: t.len,
-                arena: "cpu",
-                capacity: self.data.len(),
-            });
-        }
-        Ok(())
+    fn check(&self, arg: Arg) -> Result<()> {
+        check_arg(arg, self.data.len(), "cpu")
     }
 
     /// Resolves the handles of one op to slices: inputs shared, outputs unique. Checks lengths, bounds, and
-    /// that no output overlaps an input or another output, which is what makes handing out the `&mut`
-    /// slices below sound.
+    /// that no output overlaps an input or another output ([`check_args`]), which is what makes handing
+    /// out the `&mut` slices below sound.
     fn views<const R: usize, const W: usize>(
         &mut self,
         op: &'static str,
         ins: [Arg; R],
         outs: [Arg; W],
     ) -> Result<Views<'_, T, R, W>> {
-        for a in ins.iter().chain(outs.iter()) {
-            self.check(*a)?;
-        }
-        for (i, o) in outs.iter().enumerate() {
-            let clash = ins.iter().any(|a| a.1.overlaps(o.1))
-                || outs[i + 1..].iter().any(|b| b.1.overlaps(o.1));
-            if clash {
-                return Err(Error::Overlap(op));
-            }
-        }
+        check_args(op, self.data.len(), "cpu", &ins, &outs)?;
         let base = self.data.as_mut_ptr();
         // SAFETY: every range is inside `data` (checked above), outputs are pairwise disjoint and disjoint from
         // every input, and all the slices live no longer than the unique borrow of `self`.

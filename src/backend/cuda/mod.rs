@@ -1,7 +1,36 @@
-//! The CUDA backend: device detection and the embedded kernels. The op set on the device is issue #4's
-//! work; until it lands, asking for CUDA explains what is and is not there.
+//! The CUDA backend: the op set as launches of the hand-written kernels in `kernels/`, on one stream, over
+//! one arena of device memory.
+//!
+//! - **Detection.** [`CudaBackend::new`] checks, in order, that kernels were compiled into this binary,
+//!   that libcuda loads, that a device exists; each failure is an error that says what to do, never a
+//!   panic. cudarc's per-argument event tracking is turned off before anything is allocated, so work can be
+//!   captured into CUDA graphs.
+//! - **Memory.** Tensors are offsets into one arena. `alloc` only reserves: the device memory is allocated
+//!   (or grown, with the contents copied) when an op first needs it, so a model, a trainer and a sampler
+//!   placed one after the other end up in one allocation made before the first step. A scratch workspace
+//!   (split-K partial sums, per-image group-norm partials, reduction partials) is allocated with it.
+//! - **Launches.** One file per kernel family (`conv.rs`, `norm.rs`, `attention.rs`, `linear.rs`,
+//!   `elementwise.rs`, `diffusion.rs`, `optim.rs`), each checking its arguments with the same
+//!   [`check_args`] as the CPU backend before it launches, and every launch checked.
+//! - **Sampler.** The table and the step counter live on the device; `sampler_step` reads both there, so
+//!   one step recorded as a CUDA graph replays for every row.
 
+mod attention;
+mod conv;
+mod diffusion;
+mod elementwise;
+mod linear;
+mod norm;
+mod optim;
+
+use super::{check_args, Arg, Tensor};
 use crate::error::{Error, Result};
+use cudarc::driver::sys::{self, CUdevice_attribute, CUfunction_attribute};
+use cudarc::driver::{
+    result, CudaContext, CudaFunction, CudaGraph, CudaModule, CudaStream, LaunchConfig,
+};
+use std::collections::HashMap;
+use std::sync::Arc;
 
 /// The fatbin build.rs compiled from `kernels/*.cu`, when nvcc was available at build time.
 #[cfg(ddpm_kernels)]
@@ -21,32 +50,704 @@ pub fn kernel_archs() -> Option<&'static str> {
     }
 }
 
-/// Why CUDA cannot be used here, or `Ok` with a description of the device it would use.
-pub fn probe() -> Result<String> {
-    let Some(fatbin) = FATBIN else {
-        return Err(Error::Cuda(
-            "this binary was built without CUDA kernels (nvcc was not found at build time). Install nvcc with \
-             scripts/install-nvcc.sh and rebuild: NVCC=$(scripts/install-nvcc.sh | tail -n 1) cargo build --release"
-                .into(),
-        ));
-    };
-    // SAFETY: only tries to dlopen libcuda and reports whether it loaded.
-    if !unsafe { cudarc::driver::sys::is_culib_present() } {
-        return Err(Error::Cuda("the CUDA driver library (libcuda) could not be loaded: no NVIDIA driver on this machine".into()));
+/// Whether this backend has passed its GPU tests (`scripts/gpu-check.sh`, logs in `benches/results/`).
+/// Until it has, `--device auto` keeps to the CPU and says why; `--device cuda` runs it on request.
+pub const VERIFIED: bool = false;
+
+/// Threads per block of the elementwise kernels.
+const BLOCK: u32 = 256;
+/// Blocks of the fixed-grid reductions (the gradient norm, the loss): fixed, so the order of additions
+/// never depends on the size.
+const REDUCE_BLOCKS: u32 = 512;
+/// The scratch workspace, in floats (64 MiB): split-K partial sums are sized to fit in it.
+const WORKSPACE: usize = 16 << 20;
+
+/// Device memory from `cuMemAlloc`, freed on drop.
+struct DeviceBuffer {
+    ptr: sys::CUdeviceptr,
+    bytes: usize,
+}
+
+impl DeviceBuffer {
+    fn new(ctx: &CudaContext, bytes: usize, what: &str) -> Result<Self> {
+        ctx.bind_to_thread().map_err(cuda("binding the context"))?;
+        if bytes == 0 {
+            return Ok(Self { ptr: 0, bytes });
+        }
+        // SAFETY: a plain allocation in the bound context; freed exactly once in Drop.
+        let ptr = unsafe { result::malloc_sync(bytes) }.map_err(|e| {
+            let free = ctx.mem_get_info().map_or(0, |(free, _)| free);
+            Error::Cuda(format!(
+                "allocating {what}: {:.2} GiB needed, {:.2} GiB free on the device ({e})",
+                gib(bytes),
+                gib(free)
+            ))
+        })?;
+        Ok(Self { ptr, bytes })
     }
-    let count = cudarc::driver::CudaContext::device_count()
-        .map_err(|e| Error::Cuda(format!("counting devices: {e}")))?;
-    if count == 0 {
-        return Err(Error::Cuda("the NVIDIA driver reports no devices".into()));
+}
+
+impl Drop for DeviceBuffer {
+    fn drop(&mut self) {
+        if self.ptr != 0 {
+            // SAFETY: allocated by malloc_sync and not freed before; the stream is synchronised by the owner.
+            unsafe {
+                let _ = result::free_sync(self.ptr);
+            }
+        }
     }
-    let ctx = cudarc::driver::CudaContext::new(0)
-        .map_err(|e| Error::Cuda(format!("creating a context on device 0: {e}")))?;
-    let name = ctx
-        .name()
-        .map_err(|e| Error::Cuda(format!("reading the device name: {e}")))?;
-    Ok(format!(
-        "{name} ({} kernel bytes for {})",
-        fatbin.len(),
-        kernel_archs().unwrap_or("?")
-    ))
+}
+
+fn gib(bytes: usize) -> f64 {
+    bytes as f64 / (1u64 << 30) as f64
+}
+
+/// Maps a driver error to ours, naming what was being done.
+fn cuda<E: std::fmt::Display>(what: &'static str) -> impl Fn(E) -> Error {
+    move |e| Error::Cuda(format!("{what}: {e}"))
+}
+
+/// Fields are dropped in order: the graph and the device buffers go before the module, the stream and the
+/// context they belong to.
+pub struct CudaBackend {
+    graph: Option<CudaGraph>,
+    capturing: bool,
+    /// Elements handed out by `alloc`, and the arena that holds them (once materialised).
+    reserved: usize,
+    arena: Option<DeviceBuffer>,
+    /// Scratch for the kernels that need it (see [`WORKSPACE`]), and fp64 reduction partials.
+    workspace: Option<DeviceBuffer>,
+    partials: Option<DeviceBuffer>,
+    /// The sampler table (rows of 8 floats) and the step counter.
+    table: Option<DeviceBuffer>,
+    table_rows: usize,
+    step: Option<DeviceBuffer>,
+    functions: HashMap<&'static str, CudaFunction>,
+    module: Arc<CudaModule>,
+    stream: Arc<CudaStream>,
+    ctx: Arc<CudaContext>,
+    /// "NVIDIA H100 80GB HBM3 (sm_90, 132 SMs)".
+    device: String,
+    sms: u32,
+    /// Largest dynamic shared memory a block may opt in to, in bytes.
+    max_shared: u32,
+}
+
+impl CudaBackend {
+    /// Opens device 0 and loads the embedded kernels.
+    pub fn new() -> Result<Self> {
+        let Some(fatbin) = FATBIN else {
+            return Err(Error::Cuda(
+                "this binary was built without CUDA kernels (nvcc was not found at build time). Install nvcc \
+                 with scripts/install-nvcc.sh and rebuild: NVCC=$(scripts/install-nvcc.sh | tail -n 1) cargo \
+                 build --release"
+                    .into(),
+            ));
+        };
+        // SAFETY: only tries to dlopen libcuda and reports whether it loaded.
+        if !unsafe { sys::is_culib_present() } {
+            return Err(Error::Cuda(
+                "the CUDA driver library (libcuda) could not be loaded: no NVIDIA driver on this machine"
+                    .into(),
+            ));
+        }
+        let count = CudaContext::device_count().map_err(cuda("counting devices"))?;
+        if count == 0 {
+            return Err(Error::Cuda("the NVIDIA driver reports no devices".into()));
+        }
+        let ctx = CudaContext::new(0).map_err(cuda("creating a context on device 0"))?;
+        // Before any allocation: cudarc's event tracking would record events around every argument, which
+        // breaks stream capture (REFERENCE.md §5). This backend orders everything on one stream itself.
+        // SAFETY: nothing has been allocated or launched in this context yet.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.new_stream().map_err(cuda("creating a stream"))?;
+        let name = ctx.name().map_err(cuda("reading the device name"))?;
+        let (major, minor) = ctx
+            .compute_capability()
+            .map_err(cuda("reading the compute capability"))?;
+        let attr = |a| ctx.attribute(a).map_err(cuda("reading a device attribute"));
+        let sms = attr(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as u32;
+        let max_shared =
+            attr(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)? as u32;
+        let module = ctx
+            .load_module(cudarc::nvrtc::Ptx::from_binary(fatbin.to_vec()))
+            .map_err(|e| {
+                Error::Cuda(format!(
+                    "loading the kernels (built for {}) on {name} (sm_{major}{minor}): {e}",
+                    kernel_archs().unwrap_or("?")
+                ))
+            })?;
+        let mut backend = Self {
+            ctx,
+            stream,
+            module,
+            functions: HashMap::new(),
+            device: format!("{name} (sm_{major}{minor}, {sms} SMs)"),
+            sms,
+            max_shared,
+            reserved: 0,
+            arena: None,
+            workspace: None,
+            partials: None,
+            table: None,
+            table_rows: 0,
+            step: None,
+            graph: None,
+            capturing: false,
+        };
+        for name in attention::KERNELS {
+            let f = backend.function(name)?;
+            f.set_attribute(
+                CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                max_shared as i32,
+            )
+            .map_err(cuda("allowing attention its shared memory"))?;
+        }
+        Ok(backend)
+    }
+
+    /// The device, for logs.
+    pub fn device_name(&self) -> &str {
+        &self.device
+    }
+
+    /// Free and total device memory, in bytes.
+    pub fn memory(&self) -> Result<(usize, usize)> {
+        self.ctx
+            .mem_get_info()
+            .map_err(cuda("reading device memory"))
+    }
+
+    /// Elements reserved so far (what the arena will hold).
+    pub fn reserved(&self) -> usize {
+        self.reserved
+    }
+
+    /// A kernel of the embedded module, loaded once.
+    fn function(&mut self, name: &'static str) -> Result<CudaFunction> {
+        if let Some(f) = self.functions.get(name) {
+            return Ok(f.clone());
+        }
+        let f = self
+            .module
+            .load_function(name)
+            .map_err(|e| Error::Cuda(format!("kernel {name} is missing from the module: {e}")))?;
+        self.functions.insert(name, f.clone());
+        Ok(f)
+    }
+
+    /// Makes sure the arena holds every reserved element, allocating or growing it (contents kept), and the
+    /// workspace exists. Growing invalidates a recorded graph; it cannot happen while recording.
+    fn materialise(&mut self) -> Result<()> {
+        let need = self.reserved * 4;
+        if self.arena.as_ref().is_none_or(|a| a.bytes < need) {
+            if self.capturing {
+                return Err(Error::Invalid(
+                    "device memory would have to grow while recording a graph".into(),
+                ));
+            }
+            let bigger = DeviceBuffer::new(&self.ctx, need, "the activation and parameter arena")?;
+            if let Some(old) = &self.arena {
+                // SAFETY: both ranges are live allocations of at least old.bytes.
+                unsafe {
+                    result::memcpy_dtod_async(
+                        bigger.ptr,
+                        old.ptr,
+                        old.bytes,
+                        self.stream.cu_stream(),
+                    )
+                }
+                .map_err(cuda("copying the arena while growing it"))?;
+                self.stream
+                    .synchronize()
+                    .map_err(cuda("growing the arena"))?;
+            }
+            self.arena = Some(bigger);
+            self.graph = None;
+        }
+        if self.workspace.is_none() {
+            self.workspace = Some(DeviceBuffer::new(
+                &self.ctx,
+                WORKSPACE * 4,
+                "the kernels' workspace",
+            )?);
+            self.partials = Some(DeviceBuffer::new(
+                &self.ctx,
+                REDUCE_BLOCKS as usize * 8,
+                "reduction partials",
+            )?);
+        }
+        Ok(())
+    }
+
+    /// Checks an op's arguments ([`check_args`]) and makes the arena ready.
+    fn args(&mut self, op: &'static str, ins: &[Arg], outs: &[Arg]) -> Result<()> {
+        check_args(op, self.reserved, "cuda", ins, outs)?;
+        self.materialise()
+    }
+
+    /// The device address of a checked tensor.
+    fn ptr(&self, t: Tensor) -> u64 {
+        self.arena.as_ref().map_or(0, |a| a.ptr) + 4 * t.off as u64
+    }
+
+    fn workspace_ptr(&self) -> u64 {
+        self.workspace.as_ref().map_or(0, |w| w.ptr)
+    }
+
+    fn partials_ptr(&self) -> u64 {
+        self.partials.as_ref().map_or(0, |w| w.ptr)
+    }
+
+    /// A grid-stride launch over `n` items: 256 threads a block, at most 32 blocks per SM.
+    fn elementwise_cfg(&self, n: usize) -> LaunchConfig {
+        let blocks = n.div_ceil(BLOCK as usize).clamp(1, 32 * self.sms as usize) as u32;
+        LaunchConfig {
+            grid_dim: (blocks, 1, 1),
+            block_dim: (BLOCK, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+
+    fn sync(&self) -> Result<()> {
+        self.stream
+            .synchronize()
+            .map_err(cuda("synchronising the stream"))
+    }
+}
+
+/// Launches kernel `$name` of the embedded module with `$cfg` and the arguments in the kernel's order
+/// (device addresses as u64, sizes as the kernel's integer types), and checks the launch.
+///
+/// SAFETY (of the launch inside): every device address passed was checked against the arena by the
+/// caller (`args`, i.e. [`check_args`]), the argument list matches the kernel's signature, and the stream
+/// orders every access.
+macro_rules! launch {
+    ($be:expr, $name:expr, $cfg:expr, $($arg:expr),* $(,)?) => {{
+        let function = $be.function($name)?;
+        let mut builder = $be.stream.launch_builder(&function);
+        $(
+            let arg = $arg;
+            builder.arg(&arg);
+        )*
+        unsafe { builder.launch($cfg) }
+            .map(|_| ())
+            .map_err(|e| $crate::error::Error::Cuda(format!("launching {}: {e}", $name)))
+    }};
+}
+pub(crate) use launch;
+
+impl super::Backend for CudaBackend {
+    fn describe(&self) -> String {
+        format!("cuda: {}", self.device)
+    }
+
+    fn alloc(&mut self, len: usize) -> Result<Tensor> {
+        let t = Tensor::new(self.reserved, len);
+        self.reserved = t.end();
+        Ok(t)
+    }
+
+    fn upload(&mut self, dst: Tensor, src: &[f32]) -> Result<()> {
+        self.args("upload", &[], &[("dst", dst, src.len())])?;
+        // SAFETY: dst was checked to lie inside the arena; the host slice outlives the (staged) copy.
+        unsafe { result::memcpy_htod_async(self.ptr(dst), src, self.stream.cu_stream()) }
+            .map_err(cuda("copying to the device"))
+    }
+
+    fn download(&mut self, src: Tensor) -> Result<Vec<f32>> {
+        self.args("download", &[("src", src, src.len)], &[])?;
+        let mut out = vec![0.0f32; src.len];
+        // SAFETY: src lies inside the arena; the stream is synchronised before `out` is read.
+        unsafe { result::memcpy_dtoh_async(&mut out, self.ptr(src), self.stream.cu_stream()) }
+            .map_err(cuda("copying from the device"))?;
+        self.sync()?;
+        Ok(out)
+    }
+
+    fn fill(&mut self, dst: Tensor, value: f32) -> Result<()> {
+        self.fill_tensor(dst, value)
+    }
+
+    fn copy(&mut self, src: Tensor, dst: Tensor) -> Result<()> {
+        self.args("copy", &[("src", src, src.len)], &[("dst", dst, src.len)])?;
+        // SAFETY: both ranges were checked to lie inside the arena and not to overlap.
+        unsafe {
+            result::memcpy_dtod_async(
+                self.ptr(dst),
+                self.ptr(src),
+                4 * src.len,
+                self.stream.cu_stream(),
+            )
+        }
+        .map_err(cuda("copying on the device"))
+    }
+
+    fn accumulate(&mut self, src: Tensor, dst: Tensor, accumulate: bool) -> Result<()> {
+        self.accumulate_tensor(src, dst, accumulate)
+    }
+
+    fn add(&mut self, a: Tensor, b: Tensor, y: Tensor) -> Result<()> {
+        self.add_tensors(a, b, y)
+    }
+
+    fn conv2d_forward(
+        &mut self,
+        s: super::ConvShape,
+        x: Tensor,
+        w: Tensor,
+        b: Tensor,
+        y: Tensor,
+    ) -> Result<()> {
+        self.conv_forward(s, x, w, b, y)
+    }
+
+    fn conv2d_backward_data(
+        &mut self,
+        s: super::ConvShape,
+        dy: Tensor,
+        w: Tensor,
+        dx: Tensor,
+        accumulate: bool,
+    ) -> Result<()> {
+        self.conv_backward_data(s, dy, w, dx, accumulate)
+    }
+
+    fn conv2d_backward_weight(
+        &mut self,
+        s: super::ConvShape,
+        x: Tensor,
+        dy: Tensor,
+        dw: Tensor,
+        db: Tensor,
+    ) -> Result<()> {
+        self.conv_backward_weight(s, x, dy, dw, db)
+    }
+
+    fn group_norm_forward(
+        &mut self,
+        s: super::GroupNormShape,
+        x: Tensor,
+        gamma: Tensor,
+        beta: Tensor,
+        y: Tensor,
+        mean: Tensor,
+        rstd: Tensor,
+        silu: bool,
+    ) -> Result<()> {
+        self.norm_forward(s, x, gamma, beta, y, mean, rstd, silu)
+    }
+
+    fn group_norm_backward(
+        &mut self,
+        s: super::GroupNormShape,
+        x: Tensor,
+        gamma: Tensor,
+        beta: Tensor,
+        mean: Tensor,
+        rstd: Tensor,
+        dy: Tensor,
+        dx: Tensor,
+        dgamma: Tensor,
+        dbeta: Tensor,
+        silu: bool,
+        accumulate: bool,
+    ) -> Result<()> {
+        self.norm_backward(
+            s, x, gamma, beta, mean, rstd, dy, dx, dgamma, dbeta, silu, accumulate,
+        )
+    }
+
+    fn silu_forward(&mut self, x: Tensor, y: Tensor) -> Result<()> {
+        self.silu(x, y)
+    }
+
+    fn silu_backward(&mut self, x: Tensor, dy: Tensor, dx: Tensor, accumulate: bool) -> Result<()> {
+        self.silu_grad(x, dy, dx, accumulate)
+    }
+
+    fn linear_forward(
+        &mut self,
+        m: usize,
+        k: usize,
+        n: usize,
+        x: Tensor,
+        w: Tensor,
+        b: Tensor,
+        y: Tensor,
+    ) -> Result<()> {
+        self.linear(m, k, n, x, w, b, y)
+    }
+
+    fn linear_backward(
+        &mut self,
+        m: usize,
+        k: usize,
+        n: usize,
+        x: Tensor,
+        w: Tensor,
+        dy: Tensor,
+        dx: Option<Tensor>,
+        dw: Tensor,
+        db: Tensor,
+        accumulate: bool,
+    ) -> Result<()> {
+        self.linear_grad(m, k, n, x, w, dy, dx, dw, db, accumulate)
+    }
+
+    fn attention_forward(
+        &mut self,
+        s: super::AttentionShape,
+        qkv: Tensor,
+        out: Tensor,
+        lse: Tensor,
+    ) -> Result<()> {
+        self.attention(s, qkv, out, lse)
+    }
+
+    fn attention_backward(
+        &mut self,
+        s: super::AttentionShape,
+        qkv: Tensor,
+        out: Tensor,
+        lse: Tensor,
+        dout: Tensor,
+        dqkv: Tensor,
+    ) -> Result<()> {
+        self.attention_grad(s, qkv, out, lse, dout, dqkv)
+    }
+
+    fn upsample2x_forward(
+        &mut self,
+        n: usize,
+        h: usize,
+        w: usize,
+        c: usize,
+        x: Tensor,
+        y: Tensor,
+    ) -> Result<()> {
+        self.upsample(n, h, w, c, x, y)
+    }
+
+    fn upsample2x_backward(
+        &mut self,
+        n: usize,
+        h: usize,
+        w: usize,
+        c: usize,
+        dy: Tensor,
+        dx: Tensor,
+        accumulate: bool,
+    ) -> Result<()> {
+        self.upsample_grad(n, h, w, c, dy, dx, accumulate)
+    }
+
+    fn concat_forward(
+        &mut self,
+        pixels: usize,
+        ca: usize,
+        cb: usize,
+        a: Tensor,
+        b: Tensor,
+        y: Tensor,
+    ) -> Result<()> {
+        self.concat(pixels, ca, cb, a, b, y)
+    }
+
+    fn concat_backward(
+        &mut self,
+        pixels: usize,
+        ca: usize,
+        cb: usize,
+        dy: Tensor,
+        da: Tensor,
+        db: Tensor,
+        accumulate_a: bool,
+        accumulate_b: bool,
+    ) -> Result<()> {
+        self.concat_grad(pixels, ca, cb, dy, da, db, accumulate_a, accumulate_b)
+    }
+
+    fn add_image_bias(
+        &mut self,
+        n: usize,
+        hw: usize,
+        c: usize,
+        y: Tensor,
+        bias: Tensor,
+    ) -> Result<()> {
+        self.image_bias(n, hw, c, y, bias)
+    }
+
+    fn image_bias_backward(
+        &mut self,
+        n: usize,
+        hw: usize,
+        c: usize,
+        dy: Tensor,
+        dbias: Tensor,
+    ) -> Result<()> {
+        self.image_bias_grad(n, hw, c, dy, dbias)
+    }
+
+    fn timestep_embedding(&mut self, n: usize, dim: usize, t: Tensor, y: Tensor) -> Result<()> {
+        self.embedding(n, dim, t, y)
+    }
+
+    fn dropout_forward(
+        &mut self,
+        x: Tensor,
+        y: Tensor,
+        p: f32,
+        seed: u64,
+        stream: u64,
+    ) -> Result<()> {
+        self.dropout(x, y, p, seed, stream)
+    }
+
+    fn dropout_backward(
+        &mut self,
+        dy: Tensor,
+        dx: Tensor,
+        p: f32,
+        seed: u64,
+        stream: u64,
+        accumulate: bool,
+    ) -> Result<()> {
+        self.dropout_grad(dy, dx, p, seed, stream, accumulate)
+    }
+
+    fn mse_loss(
+        &mut self,
+        pred: Tensor,
+        target: Tensor,
+        loss: Tensor,
+        dpred: Tensor,
+    ) -> Result<()> {
+        self.mse(pred, target, loss, dpred)
+    }
+
+    fn noise_add(
+        &mut self,
+        x0: Tensor,
+        timesteps: Tensor,
+        sqrt_ab: Tensor,
+        sqrt_1m_ab: Tensor,
+        x_t: Tensor,
+        eps: Tensor,
+        per_image: usize,
+        first_element: u64,
+        seed: u64,
+        stream: u64,
+    ) -> Result<()> {
+        self.forward_process(
+            x0,
+            timesteps,
+            sqrt_ab,
+            sqrt_1m_ab,
+            x_t,
+            eps,
+            per_image,
+            first_element,
+            seed,
+            stream,
+        )
+    }
+
+    fn normal(&mut self, x: Tensor, first_element: u64, seed: u64, stream: u64) -> Result<()> {
+        self.normal_draws(x, first_element, seed, stream)
+    }
+
+    fn sampler_load(&mut self, rows: &[super::SamplerRow]) -> Result<()> {
+        self.load_table(rows)
+    }
+
+    fn sampler_position(&mut self) -> Result<Option<usize>> {
+        self.table_position()
+    }
+
+    fn sampler_timesteps(&mut self, timesteps: Tensor) -> Result<()> {
+        self.table_timesteps(timesteps)
+    }
+
+    fn sampler_step(
+        &mut self,
+        x_t: Tensor,
+        eps_hat: Tensor,
+        x_prev: Tensor,
+        first_element: u64,
+        clip: bool,
+        seed: u64,
+        stream_base: u64,
+    ) -> Result<()> {
+        self.reverse_step(x_t, eps_hat, x_prev, first_element, clip, seed, stream_base)
+    }
+
+    fn sampler_advance(&mut self) -> Result<()> {
+        self.table_advance()
+    }
+
+    fn global_norm(&mut self, grads: Tensor, out: Tensor) -> Result<()> {
+        self.grad_norm(grads, out)
+    }
+
+    fn adam_step(
+        &mut self,
+        params: Tensor,
+        grads: Tensor,
+        m: Tensor,
+        v: Tensor,
+        norm: Tensor,
+        hp: super::AdamStep,
+    ) -> Result<()> {
+        self.adam(params, grads, m, v, norm, hp)
+    }
+
+    fn ema_update(&mut self, ema: Tensor, params: Tensor, decay: f32) -> Result<()> {
+        self.ema(ema, params, decay)
+    }
+
+    fn capture_begin(&mut self) -> Result<bool> {
+        // Everything a recorded op touches must exist before recording starts.
+        self.materialise()?;
+        self.graph = None;
+        self.stream
+            .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .map_err(cuda("starting a graph capture"))?;
+        self.capturing = true;
+        Ok(true)
+    }
+
+    fn capture_end(&mut self) -> Result<()> {
+        self.capturing = false;
+        let graph = self
+            .stream
+            .end_capture(sys::CUgraphInstantiate_flags(0))
+            .map_err(cuda("ending a graph capture"))?;
+        self.graph = graph;
+        if self.graph.is_none() {
+            return Err(Error::Cuda("the captured graph is empty".into()));
+        }
+        Ok(())
+    }
+
+    fn replay(&mut self) -> Result<()> {
+        match &self.graph {
+            Some(g) => g.launch().map_err(cuda("replaying a graph")),
+            None => Err(Error::Invalid(
+                "no recorded graph (or the arena grew since)".into(),
+            )),
+        }
+    }
+
+    fn synchronize(&mut self) -> Result<()> {
+        self.sync()
+    }
+}
+
+impl Drop for CudaBackend {
+    fn drop(&mut self) {
+        // Buffers are freed after everything queued has finished with them.
+        let _ = self.stream.synchronize();
+    }
 }

@@ -1,0 +1,268 @@
+//! Launchers of `kernels/conv.cu`: the three convolutions as implicit GEMMs, plus the bias gradient as a
+//! column sum (`kernels/gemm.cuh`).
+
+use super::elementwise::dims;
+use super::{launch, CudaBackend, WORKSPACE};
+use crate::backend::{ConvKind, ConvShape, Tensor};
+use crate::error::{Error, Result};
+use cudarc::driver::{LaunchConfig, PushKernelArg};
+
+/// The GEMM tile of `kernels/gemm.cuh`.
+const TILE: usize = 64;
+const TILE_K: usize = 16;
+
+/// A GEMM launch over an M x N output: grid (N / 64, M / 64, splits).
+pub(super) fn gemm_cfg(rows: usize, cols: usize, splits: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (
+            cols.div_ceil(TILE) as u32,
+            rows.div_ceil(TILE) as u32,
+            splits as u32,
+        ),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// How to cut a reduction of `kdim` for an M x N output: enough slices to give the device ~4 waves of
+/// blocks, at most 64, each at least 8 tiles of K long, and all partial sums fitting the workspace.
+/// Returns (splits, chunk). Depends on the shape and the SM count only, so a run is reproducible.
+pub(super) fn split_k(rows: usize, cols: usize, kdim: usize, sms: u32) -> (usize, usize) {
+    let tiles = rows.div_ceil(TILE) * cols.div_ceil(TILE);
+    let want = (4 * sms as usize).div_ceil(tiles.max(1));
+    let by_length = kdim / (8 * TILE_K);
+    let by_memory = WORKSPACE / (rows * cols).max(1);
+    let splits = want.min(by_length).min(by_memory).clamp(1, 64);
+    let chunk = kdim.div_ceil(splits).div_ceil(TILE_K) * TILE_K;
+    (kdim.div_ceil(chunk.max(1)).max(1), chunk.max(TILE_K))
+}
+
+/// The kernels' geometry arguments: (taps, stride, pad).
+fn geometry(kind: ConvKind) -> [i32; 3] {
+    [
+        kind.taps() as i32,
+        kind.stride() as i32,
+        kind.pad_before() as i32,
+    ]
+}
+
+impl CudaBackend {
+    pub(super) fn conv_forward(
+        &mut self,
+        s: ConvShape,
+        x: Tensor,
+        w: Tensor,
+        b: Tensor,
+        y: Tensor,
+    ) -> Result<()> {
+        self.args(
+            "conv2d_forward",
+            &[
+                ("x", x, s.x_len()),
+                ("weight", w, s.w_len()),
+                ("bias", b, s.o),
+            ],
+            &[("y", y, s.y_len())],
+        )?;
+        let (px, pw, pb, py) = (self.ptr(x), self.ptr(w), self.ptr(b), self.ptr(y));
+        let (oh, ow) = s.out_hw();
+        let cfg = gemm_cfg(s.n * oh * ow, s.o, 1);
+        let [n, h, wd, c, o] = dims([s.n, s.h, s.w, s.c, s.o])?;
+        let [taps, stride, pad] = geometry(s.kind);
+        launch!(
+            self,
+            "conv2d_forward_f32",
+            cfg,
+            px,
+            pw,
+            pb,
+            py,
+            n,
+            h,
+            wd,
+            c,
+            o,
+            taps,
+            stride,
+            pad
+        )
+    }
+
+    pub(super) fn conv_backward_data(
+        &mut self,
+        s: ConvShape,
+        dy: Tensor,
+        w: Tensor,
+        dx: Tensor,
+        acc: bool,
+    ) -> Result<()> {
+        self.args(
+            "conv2d_backward_data",
+            &[("dy", dy, s.y_len()), ("weight", w, s.w_len())],
+            &[("dx", dx, s.x_len())],
+        )?;
+        let (pdy, pw, pdx) = (self.ptr(dy), self.ptr(w), self.ptr(dx));
+        let cfg = gemm_cfg(s.n * s.h * s.w, s.c, 1);
+        let [n, h, wd, c, o] = dims([s.n, s.h, s.w, s.c, s.o])?;
+        let [taps, stride, pad] = geometry(s.kind);
+        let acc = acc as i32;
+        launch!(
+            self,
+            "conv2d_backward_data_f32",
+            cfg,
+            pdy,
+            pw,
+            pdx,
+            n,
+            h,
+            wd,
+            c,
+            o,
+            taps,
+            stride,
+            pad,
+            acc
+        )
+    }
+
+    /// `dw` by split-K GEMM into the workspace and a reduce; `db` as column sums of `dy`.
+    pub(super) fn conv_backward_weight(
+        &mut self,
+        s: ConvShape,
+        x: Tensor,
+        dy: Tensor,
+        dw: Tensor,
+        db: Tensor,
+    ) -> Result<()> {
+        self.args(
+            "conv2d_backward_weight",
+            &[("x", x, s.x_len()), ("dy", dy, s.y_len())],
+            &[("dweight", dw, s.w_len()), ("dbias", db, s.o)],
+        )?;
+        let (px, pdy, pdw, ws) = (
+            self.ptr(x),
+            self.ptr(dy),
+            self.ptr(dw),
+            self.workspace_ptr(),
+        );
+        let (oh, ow) = s.out_hw();
+        let pixels = s.n * oh * ow;
+        let (splits, chunk) = split_k(s.o, s.k(), pixels, self.sms);
+        let cfg = gemm_cfg(s.o, s.k(), splits);
+        let [n, h, wd, c, o, chunk_i] = dims([s.n, s.h, s.w, s.c, s.o, chunk])?;
+        let [taps, stride, pad] = geometry(s.kind);
+        launch!(
+            self,
+            "conv2d_backward_weight_f32",
+            cfg,
+            px,
+            pdy,
+            pdw,
+            ws,
+            chunk_i,
+            n,
+            h,
+            wd,
+            c,
+            o,
+            taps,
+            stride,
+            pad
+        )?;
+        if splits > 1 {
+            self.reduce_splits(splits, s.o, s.k(), pdw, 0, false)?;
+        }
+        self.column_sums(dy, pixels, s.o, db)
+    }
+
+    /// `c[m, n] (+)= sum of the split-K partials in the workspace (+ bias)`.
+    pub(super) fn reduce_splits(
+        &mut self,
+        splits: usize,
+        rows: usize,
+        cols: usize,
+        c: u64,
+        bias: u64,
+        acc: bool,
+    ) -> Result<()> {
+        let ws = self.workspace_ptr();
+        let cfg = self.elementwise_cfg(rows * cols);
+        let [splits, rows, cols] = dims([splits, rows, cols])?;
+        let (ldc, acc) = (cols as i64, acc as i32);
+        launch!(
+            self,
+            "gemm_reduce_f32",
+            cfg,
+            ws,
+            splits,
+            rows,
+            cols,
+            c,
+            ldc,
+            bias,
+            acc
+        )
+    }
+
+    /// `out[n] = sum_m x[m, n]` for an `[rows, cols]` tensor, in two deterministic stages through the
+    /// workspace.
+    pub(super) fn column_sums(
+        &mut self,
+        x: Tensor,
+        rows: usize,
+        cols: usize,
+        out: Tensor,
+    ) -> Result<()> {
+        if x.len != rows * cols || out.len != cols {
+            return Err(Error::shape("column sums", rows * cols, x.len));
+        }
+        let (px, pout, ws) = (self.ptr(x), self.ptr(out), self.workspace_ptr());
+        let slices = rows.div_ceil(256).clamp(1, 64).min(WORKSPACE / cols.max(1));
+        let cfg = LaunchConfig {
+            grid_dim: (cols.div_ceil(32) as u32, slices as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let rows_i = rows as i64;
+        let [cols_i, slices_i] = dims([cols, slices])?;
+        launch!(self, "column_sums_partial_f32", cfg, px, rows_i, cols_i, ws)?;
+        let cfg = LaunchConfig {
+            grid_dim: (cols.div_ceil(256) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        launch!(
+            self,
+            "column_sums_finish_f32",
+            cfg,
+            ws,
+            slices_i,
+            cols_i,
+            pout
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // The split must cover the reduction exactly once, in chunks the kernel can take, for any shape.
+    #[test]
+    fn split_k_covers_the_reduction() {
+        for (rows, cols, kdim) in [
+            (256, 2304, 131_072),
+            (3, 27, 7),
+            (128, 1152, 8 * 64),
+            (1, 1, 1),
+            (512, 4608, 2048),
+            (7000, 7000, 1_000_000),
+        ] {
+            let (splits, chunk) = split_k(rows, cols, kdim, 132);
+            assert!((1..=64).contains(&splits));
+            assert_eq!(chunk % TILE_K, 0, "{rows} {cols} {kdim}");
+            assert!(splits * chunk >= kdim && (splits - 1) * chunk < kdim);
+            assert!(splits == 1 || splits * rows * cols <= WORKSPACE);
+        }
+    }
+}

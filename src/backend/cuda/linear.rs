@@ -1,0 +1,99 @@
+//! Launchers of `kernels/linear.cu`: fully connected layers on the GEMM core.
+
+use super::conv::{gemm_cfg, split_k};
+use super::elementwise::dims;
+use super::{launch, CudaBackend};
+use crate::backend::Tensor;
+use crate::error::Result;
+use cudarc::driver::PushKernelArg;
+
+impl CudaBackend {
+    /// `y[m, n] = x[m, k] w[n, k]^T + b[n]`.
+    pub(super) fn linear(
+        &mut self,
+        m: usize,
+        k: usize,
+        n: usize,
+        x: Tensor,
+        w: Tensor,
+        b: Tensor,
+        y: Tensor,
+    ) -> Result<()> {
+        self.args(
+            "linear_forward",
+            &[("x", x, m * k), ("weight", w, n * k), ("bias", b, n)],
+            &[("y", y, m * n)],
+        )?;
+        let (px, pw, pb, py) = (self.ptr(x), self.ptr(w), self.ptr(b), self.ptr(y));
+        let cfg = gemm_cfg(m, n, 1);
+        let [mi, ki, ni] = dims([m, k, n])?;
+        launch!(self, "linear_forward_f32", cfg, px, pw, pb, py, mi, ki, ni)
+    }
+
+    /// `dx (+)= dy w` (when asked), `dw = dy^T x` (split-K), `db = column sums of dy`.
+    pub(super) fn linear_grad(
+        &mut self,
+        m: usize,
+        k: usize,
+        n: usize,
+        x: Tensor,
+        w: Tensor,
+        dy: Tensor,
+        dx: Option<Tensor>,
+        dw: Tensor,
+        db: Tensor,
+        acc: bool,
+    ) -> Result<()> {
+        let ins = [("x", x, m * k), ("weight", w, n * k), ("dy", dy, m * n)];
+        let grads = [("dweight", dw, n * k), ("dbias", db, n)];
+        match dx {
+            Some(dx) => self.args(
+                "linear_backward",
+                &ins,
+                &[grads[0], grads[1], ("dx", dx, m * k)],
+            )?,
+            None => self.args("linear_backward", &ins, &grads)?,
+        }
+        let [mi, ki, ni] = dims([m, k, n])?;
+        if let Some(dx) = dx {
+            let (pdy, pw, pdx, acc) = (self.ptr(dy), self.ptr(w), self.ptr(dx), acc as i32);
+            launch!(
+                self,
+                "linear_backward_data_f32",
+                gemm_cfg(m, k, 1),
+                pdy,
+                pw,
+                pdx,
+                mi,
+                ki,
+                ni,
+                acc
+            )?;
+        }
+        let (px, pdy, pdw, ws) = (
+            self.ptr(x),
+            self.ptr(dy),
+            self.ptr(dw),
+            self.workspace_ptr(),
+        );
+        let (splits, chunk) = split_k(n, k, m, self.sms);
+        let [chunk_i] = dims([chunk])?;
+        launch!(
+            self,
+            "linear_backward_weight_f32",
+            gemm_cfg(n, k, splits),
+            px,
+            pdy,
+            pdw,
+            ws,
+            chunk_i,
+            mi,
+            ki,
+            ni
+        )?;
+        if splits > 1 {
+            self.reduce_splits(splits, n, k, pdw, 0, false)?;
+        }
+        self.column_sums(dy, m, n, db)
+    }
+}

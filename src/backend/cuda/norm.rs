@@ -1,0 +1,166 @@
+//! Launchers of `kernels/groupnorm.cu`: group norm (with SiLU fused or not), forward and backward.
+
+use super::elementwise::dims;
+use super::{launch, CudaBackend, WORKSPACE};
+use crate::backend::{GroupNormShape, Tensor};
+use crate::error::{Error, Result};
+use cudarc::driver::{LaunchConfig, PushKernelArg};
+
+fn check(s: &GroupNormShape) -> Result<()> {
+    if s.groups == 0 || s.c % s.groups != 0 {
+        return Err(Error::shape(
+            "group norm channels",
+            format!("a multiple of {} groups", s.groups),
+            s.c,
+        ));
+    }
+    if s.n > 65_535 || s.groups > i32::MAX as usize {
+        return Err(Error::Invalid(format!(
+            "group norm over {} images of {} groups does not fit one launch",
+            s.n, s.groups
+        )));
+    }
+    Ok(())
+}
+
+/// One block of 256 threads per (group, image).
+fn cfg(s: &GroupNormShape) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (s.groups as u32, s.n as u32, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+impl CudaBackend {
+    pub(super) fn norm_forward(
+        &mut self,
+        s: GroupNormShape,
+        x: Tensor,
+        gamma: Tensor,
+        beta: Tensor,
+        y: Tensor,
+        mean: Tensor,
+        rstd: Tensor,
+        silu: bool,
+    ) -> Result<()> {
+        check(&s)?;
+        self.args(
+            "group_norm_forward",
+            &[
+                ("x", x, s.len()),
+                ("gamma", gamma, s.c),
+                ("beta", beta, s.c),
+            ],
+            &[
+                ("y", y, s.len()),
+                ("mean", mean, s.stats_len()),
+                ("rstd", rstd, s.stats_len()),
+            ],
+        )?;
+        let (px, pg, pb, py) = (self.ptr(x), self.ptr(gamma), self.ptr(beta), self.ptr(y));
+        let (pm, pr) = (self.ptr(mean), self.ptr(rstd));
+        let [hw, c, groups] = dims([s.hw, s.c, s.groups])?;
+        let (eps, silu) = (s.eps, silu as i32);
+        launch!(
+            self,
+            "group_norm_forward_f32",
+            cfg(&s),
+            px,
+            pg,
+            pb,
+            py,
+            pm,
+            pr,
+            hw,
+            c,
+            groups,
+            eps,
+            silu
+        )
+    }
+
+    /// dx by the backward kernel, which also leaves per-image sums of dgamma and dbeta in the workspace;
+    /// a second kernel adds them over images in order.
+    pub(super) fn norm_backward(
+        &mut self,
+        s: GroupNormShape,
+        x: Tensor,
+        gamma: Tensor,
+        beta: Tensor,
+        mean: Tensor,
+        rstd: Tensor,
+        dy: Tensor,
+        dx: Tensor,
+        dgamma: Tensor,
+        dbeta: Tensor,
+        silu: bool,
+        acc: bool,
+    ) -> Result<()> {
+        check(&s)?;
+        if 2 * s.n * s.c > WORKSPACE {
+            return Err(Error::Invalid(format!(
+                "group norm partials for {} images of {} channels exceed the workspace",
+                s.n, s.c
+            )));
+        }
+        self.args(
+            "group_norm_backward",
+            &[
+                ("x", x, s.len()),
+                ("gamma", gamma, s.c),
+                ("beta", beta, s.c),
+                ("mean", mean, s.stats_len()),
+                ("rstd", rstd, s.stats_len()),
+                ("dy", dy, s.len()),
+            ],
+            &[
+                ("dx", dx, s.len()),
+                ("dgamma", dgamma, s.c),
+                ("dbeta", dbeta, s.c),
+            ],
+        )?;
+        let (px, pg, pb) = (self.ptr(x), self.ptr(gamma), self.ptr(beta));
+        let (pm, pr, pdy, pdx) = (self.ptr(mean), self.ptr(rstd), self.ptr(dy), self.ptr(dx));
+        let part_g = self.workspace_ptr();
+        let part_b = part_g + 4 * (s.n * s.c) as u64;
+        let [n, hw, c, groups] = dims([s.n, s.hw, s.c, s.groups])?;
+        let (silu, acc) = (silu as i32, acc as i32);
+        launch!(
+            self,
+            "group_norm_backward_f32",
+            cfg(&s),
+            px,
+            pg,
+            pb,
+            pm,
+            pr,
+            pdy,
+            pdx,
+            part_g,
+            part_b,
+            hw,
+            c,
+            groups,
+            silu,
+            acc
+        )?;
+        let (pdg, pdb) = (self.ptr(dgamma), self.ptr(dbeta));
+        let finish = LaunchConfig {
+            grid_dim: (s.c.div_ceil(256) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        launch!(
+            self,
+            "group_norm_params_finish_f32",
+            finish,
+            part_g,
+            part_b,
+            pdg,
+            pdb,
+            n,
+            c
+        )
+    }
+}

@@ -1,0 +1,585 @@
+//! The CUDA backend against the CPU backend (the oracle), on a GPU machine:
+//!     cargo test --release --test gpu -- --ignored --test-threads=1
+//!
+//! Each op runs on both backends with the same random inputs of awkward sizes (odd channel counts,
+//! batch > 1, non-square images, sizes that are not multiples of the kernels' tiles); the device's
+//! outputs are poisoned with NaN before the op, so an element a kernel forgets to write fails the check.
+//! Then the whole U-Net (output and every parameter gradient), ten training steps' losses, the samplers
+//! with the closed-form Gaussian predictor, and the noise one seed draws.
+//!
+//! The error measure is max |gpu - cpu| / max |cpu| over a tensor (relative to its scale). fp32 sums of K
+//! products carry ~sqrt(K) * 6e-8 relative error in either backend, and the two add in different
+//! orders: 1e-5 is ~10x that for the largest K here (2304), and any indexing mistake is O(1).
+
+mod common;
+
+use ddpm_cuda::backend::cpu::CpuBackend;
+use ddpm_cuda::backend::cuda::CudaBackend;
+use ddpm_cuda::backend::{
+    AdamStep, AttentionShape, Backend, ConvKind, ConvShape, GroupNormShape, SamplerRow, Tensor,
+};
+use ddpm_cuda::model::{UNet, UNetConfig};
+use ddpm_cuda::rng;
+use ddpm_cuda::sample::{ddim_table, ddpm_respaced_table, ddpm_table, leading_timesteps, Variance};
+use ddpm_cuda::schedule::Schedule;
+use ddpm_cuda::train::{TrainOptions, Trainer};
+
+const TOL: f64 = 1e-5;
+
+/// The two backends side by side; every tensor has the same handle in both.
+struct Pair {
+    cpu: CpuBackend<f32>,
+    gpu: CudaBackend,
+    draws: u64,
+}
+
+impl Pair {
+    fn new() -> Self {
+        Self {
+            cpu: CpuBackend::new(),
+            gpu: CudaBackend::new().expect("these tests need a CUDA device and the kernels"),
+            draws: 0,
+        }
+    }
+
+    fn alloc(&mut self, len: usize) -> Tensor {
+        let t = self.cpu.alloc(len).unwrap();
+        assert_eq!(self.gpu.alloc(len).unwrap(), t);
+        t
+    }
+
+    /// A tensor of normal draws times `scale` (plus `shift`), the same on both sides.
+    fn input(&mut self, len: usize, scale: f32, shift: f32) -> Tensor {
+        let t = self.alloc(len);
+        self.draws += 1;
+        let v: Vec<f32> = (0..len)
+            .map(|i| shift + scale * rng::normal(7, self.draws, i as u64))
+            .collect();
+        self.cpu.upload(t, &v).unwrap();
+        self.gpu.upload(t, &v).unwrap();
+        t
+    }
+
+    /// An output: zero on the CPU, NaN on the device.
+    fn output(&mut self, len: usize) -> Tensor {
+        let t = self.alloc(len);
+        self.gpu.fill(t, f32::NAN).unwrap();
+        t
+    }
+
+    fn run(&mut self, op: impl Fn(&mut dyn Backend) -> ddpm_cuda::Result<()>) {
+        op(&mut self.cpu).expect("the CPU op");
+        op(&mut self.gpu).expect("the CUDA op");
+    }
+
+    /// Asserts the two sides agree on `t` within `tol` of its scale; returns the error.
+    fn check(&mut self, what: &str, t: Tensor, tol: f64) -> f64 {
+        let (a, b) = (self.gpu.download(t).unwrap(), self.cpu.download(t).unwrap());
+        let e = scaled_error(&a, &b);
+        eprintln!("{what:<48} error {e:.2e}");
+        assert!(e <= tol, "{what}: error {e:e} (tolerance {tol:e})");
+        e
+    }
+}
+
+/// max |a - b| / max |b|; infinite when `a` holds a NaN (an element the kernel did not write).
+fn scaled_error(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    if a.iter().any(|v| !v.is_finite()) {
+        return f64::INFINITY;
+    }
+    let scale = b.iter().fold(1e-30f64, |m, v| m.max(f64::from(v.abs())));
+    let err = a.iter().zip(b).fold(0.0f64, |m, (x, y)| {
+        m.max((f64::from(*x) - f64::from(*y)).abs())
+    });
+    err / scale
+}
+
+fn conv_case(p: &mut Pair, s: ConvShape) {
+    let what = format!("{:?} n{} {}x{} {}->{}", s.kind, s.n, s.h, s.w, s.c, s.o);
+    let x = p.input(s.x_len(), 1.0, 0.0);
+    let w = p.input(s.w_len(), 0.2, 0.0);
+    let b = p.input(s.o, 0.5, 0.0);
+    let y = p.output(s.y_len());
+    p.run(|be| be.conv2d_forward(s, x, w, b, y));
+    p.check(&format!("conv forward {what}"), y, TOL);
+    let dy = p.input(s.y_len(), 1.0, 0.0);
+    let (dw, db) = (p.output(s.w_len()), p.output(s.o));
+    p.run(|be| be.conv2d_backward_weight(s, x, dy, dw, db));
+    p.check(&format!("conv weight grad {what}"), dw, TOL);
+    p.check(&format!("conv bias grad {what}"), db, TOL);
+    let dx = p.output(s.x_len());
+    p.run(|be| be.conv2d_backward_data(s, dy, w, dx, false));
+    p.check(&format!("conv input grad {what}"), dx, TOL);
+    p.run(|be| be.conv2d_backward_data(s, dy, w, dx, true));
+    p.check(&format!("conv input grad, accumulated {what}"), dx, TOL);
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn convolutions_match_the_cpu() {
+    let mut p = Pair::new();
+    let shape = |n, h, w, c, o, kind| ConvShape {
+        n,
+        h,
+        w,
+        c,
+        o,
+        kind,
+    };
+    for s in [
+        shape(3, 7, 5, 5, 7, ConvKind::K3S1),
+        shape(2, 9, 6, 3, 11, ConvKind::K3S2),
+        shape(2, 8, 8, 6, 4, ConvKind::K3S2),
+        shape(3, 5, 7, 9, 13, ConvKind::K1),
+        // Many tiles, long reductions (split-K), the paper's widths.
+        shape(4, 16, 16, 128, 256, ConvKind::K3S1),
+        shape(2, 32, 32, 3, 128, ConvKind::K3S1),
+        shape(2, 16, 16, 256, 256, ConvKind::K3S2),
+    ] {
+        conv_case(&mut p, s);
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn group_norm_matches_the_cpu() {
+    let mut p = Pair::new();
+    for (n, hw, c, groups, silu) in [
+        (3, 35, 12, 4, true),
+        (2, 9, 6, 3, false),
+        (2, 256, 256, 32, true),
+        (1, 1024, 128, 32, false),
+    ] {
+        let s = GroupNormShape {
+            n,
+            hw,
+            c,
+            groups,
+            eps: 1e-6,
+        };
+        let what = format!("n{n} hw{hw} c{c} g{groups} silu {silu}");
+        let x = p.input(s.len(), 2.0, 0.5);
+        let (gamma, beta) = (p.input(c, 0.3, 1.0), p.input(c, 0.3, 0.0));
+        let (y, mean, rstd) = (
+            p.output(s.len()),
+            p.output(s.stats_len()),
+            p.output(s.stats_len()),
+        );
+        p.run(|be| be.group_norm_forward(s, x, gamma, beta, y, mean, rstd, silu));
+        p.check(&format!("group norm forward {what}"), y, TOL);
+        p.check(&format!("group norm mean {what}"), mean, TOL);
+        p.check(&format!("group norm rstd {what}"), rstd, TOL);
+        let dy = p.input(s.len(), 1.0, 0.0);
+        let (dx, dg, db) = (p.output(s.len()), p.output(c), p.output(c));
+        for acc in [false, true] {
+            p.run(|be| {
+                be.group_norm_backward(s, x, gamma, beta, mean, rstd, dy, dx, dg, db, silu, acc)
+            });
+            p.check(&format!("group norm dx (accumulate {acc}) {what}"), dx, TOL);
+            p.check(&format!("group norm dgamma {what}"), dg, TOL);
+            p.check(&format!("group norm dbeta {what}"), db, TOL);
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn linear_and_attention_match_the_cpu() {
+    let mut p = Pair::new();
+    for (m, k, n) in [(37, 19, 23), (2, 128, 512), (4096, 64, 192), (1, 3, 1)] {
+        let what = format!("{m}x{k} -> {n}");
+        let x = p.input(m * k, 1.0, 0.0);
+        let (w, b) = (p.input(n * k, 0.3, 0.0), p.input(n, 0.5, 0.0));
+        let y = p.output(m * n);
+        p.run(|be| be.linear_forward(m, k, n, x, w, b, y));
+        p.check(&format!("linear forward {what}"), y, TOL);
+        let dy = p.input(m * n, 1.0, 0.0);
+        let (dx, dw, db) = (p.output(m * k), p.output(n * k), p.output(n));
+        for acc in [false, true] {
+            p.run(|be| be.linear_backward(m, k, n, x, w, dy, Some(dx), dw, db, acc));
+            p.check(&format!("linear dx (accumulate {acc}) {what}"), dx, TOL);
+            p.check(&format!("linear dw {what}"), dw, TOL);
+            p.check(&format!("linear db {what}"), db, TOL);
+        }
+    }
+    for (n, l, c) in [
+        (2, 13, 20),
+        (3, 64, 64),
+        (2, 256, 256),
+        (4, 16, 256),
+        (1, 9, 3),
+    ] {
+        let s = AttentionShape { n, l, c };
+        let what = format!("n{n} l{l} c{c}");
+        let qkv = p.input(n * l * 3 * c, 1.0, 0.0);
+        let (out, lse) = (p.output(n * l * c), p.output(n * l));
+        p.run(|be| be.attention_forward(s, qkv, out, lse));
+        p.check(&format!("attention out {what}"), out, TOL);
+        p.check(&format!("attention lse {what}"), lse, TOL);
+        let dout = p.input(n * l * c, 1.0, 0.0);
+        let dqkv = p.output(n * l * 3 * c);
+        p.run(|be| be.attention_backward(s, qkv, out, lse, dout, dqkv));
+        p.check(&format!("attention dqkv {what}"), dqkv, TOL);
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn small_ops_match_the_cpu() {
+    let mut p = Pair::new();
+    let (n, h, w, c) = (3, 5, 7, 11);
+    let len = n * h * w * c;
+    let x = p.input(len, 2.0, 0.0);
+    let y = p.output(len);
+    p.run(|be| be.silu_forward(x, y));
+    p.check("silu forward", y, TOL);
+    let dy = p.input(len, 1.0, 0.0);
+    let dx = p.output(len);
+    for acc in [false, true] {
+        p.run(|be| be.silu_backward(x, dy, dx, acc));
+        p.check(&format!("silu backward (accumulate {acc})"), dx, TOL);
+    }
+    let up = p.output(4 * len);
+    p.run(|be| be.upsample2x_forward(n, h, w, c, x, up));
+    p.check("upsample forward", up, 0.0);
+    let dup = p.input(4 * len, 1.0, 0.0);
+    for acc in [false, true] {
+        p.run(|be| be.upsample2x_backward(n, h, w, c, dup, dx, acc));
+        p.check(&format!("upsample backward (accumulate {acc})"), dx, TOL);
+    }
+    let (pixels, ca, cb) = (n * h * w, 5, 9);
+    let (a, b) = (
+        p.input(pixels * ca, 1.0, 0.0),
+        p.input(pixels * cb, 1.0, 0.0),
+    );
+    let cat = p.output(pixels * (ca + cb));
+    p.run(|be| be.concat_forward(pixels, ca, cb, a, b, cat));
+    p.check("concat forward", cat, 0.0);
+    let dcat = p.input(pixels * (ca + cb), 1.0, 0.0);
+    let (da, db) = (p.output(pixels * ca), p.output(pixels * cb));
+    for (acc_a, acc_b) in [(false, false), (true, false), (false, true)] {
+        p.run(|be| be.concat_backward(pixels, ca, cb, dcat, da, db, acc_a, acc_b));
+        p.check("concat backward a", da, TOL);
+        p.check("concat backward b", db, TOL);
+    }
+    let bias = p.input(n * c, 1.0, 0.0);
+    let yb = p.input(len, 1.0, 0.0);
+    p.run(|be| be.add_image_bias(n, h * w, c, yb, bias));
+    p.check("add image bias", yb, TOL);
+    let dbias = p.output(n * c);
+    p.run(|be| be.image_bias_backward(n, h * w, c, dy, dbias));
+    p.check("image bias backward", dbias, TOL);
+    let steps = p.alloc(4);
+    for be in [&mut p.cpu as &mut dyn Backend, &mut p.gpu] {
+        be.upload(steps, &[0.0, 1.0, 517.0, 999.0]).unwrap();
+    }
+    for dim in [128, 7] {
+        let emb = p.output(4 * dim);
+        p.run(|be| be.timestep_embedding(4, dim, steps, emb));
+        // fp64 on both sides, rounded once: a last-bit difference of fp64 sin/cos at most.
+        p.check(&format!("timestep embedding dim {dim}"), emb, 1e-7);
+    }
+    let drop = p.output(len);
+    p.run(|be| be.dropout_forward(x, drop, 0.3, 5, 77));
+    p.check("dropout forward (same Philox mask)", drop, 1e-7);
+    for acc in [false, true] {
+        p.run(|be| be.dropout_backward(dy, dx, 0.3, 5, 77, acc));
+        p.check(&format!("dropout backward (accumulate {acc})"), dx, 1e-6);
+    }
+    let (sum, add_y) = (p.output(len), p.output(len));
+    p.run(|be| be.add(x, dy, add_y));
+    p.check("add", add_y, 0.0);
+    p.run(|be| be.copy(x, sum));
+    p.check("copy", sum, 0.0);
+    p.run(|be| be.accumulate(dy, sum, true));
+    p.check("accumulate", sum, 0.0);
+    p.run(|be| be.fill(sum, 2.5));
+    p.check("fill", sum, 0.0);
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn loss_optimizer_and_diffusion_ops_match_the_cpu() {
+    let mut p = Pair::new();
+    // Sizes that are not multiples of 4 exercise the Philox blocks' edges; a first element that is not
+    // one either.
+    let len = 3 * 9 * 7 * 3 + 2;
+    let (pred, target) = (p.input(len, 1.0, 0.0), p.input(len, 1.0, 0.2));
+    let (loss, dpred) = (p.output(1), p.output(len));
+    p.run(|be| be.mse_loss(pred, target, loss, dpred));
+    p.check("mse loss", loss, 1e-6);
+    p.check("mse gradient", dpred, 1e-6);
+
+    let n = 1_000_003;
+    let (params, grads) = (p.input(n, 1.0, 0.0), p.input(n, 0.01, 0.0));
+    let (m, v) = (p.input(n, 0.001, 0.0), p.input(n, 0.0, 0.0001));
+    let norm = p.output(1);
+    p.run(|be| be.global_norm(grads, norm));
+    p.check("global norm", norm, 1e-6);
+    let hp = AdamStep {
+        lr: 2e-4,
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay: 0.01,
+        bias_correction1: 0.1,
+        bias_correction2: 0.001,
+        max_grad_norm: 1.0,
+    };
+    p.run(|be| be.adam_step(params, grads, m, v, norm, hp));
+    p.check("adam params", params, 1e-6);
+    p.check("adam m", m, 1e-6);
+    p.check("adam v", v, 1e-6);
+    let ema = p.input(n, 1.0, 0.0);
+    p.run(|be| be.ema_update(ema, params, 0.999));
+    p.check("ema", ema, 1e-6);
+    // A non-finite norm skips the step on both sides.
+    for be in [&mut p.cpu as &mut dyn Backend, &mut p.gpu] {
+        be.fill(norm, f32::INFINITY).unwrap();
+    }
+    let before = p.gpu.download(params).unwrap();
+    p.run(|be| be.adam_step(params, grads, m, v, norm, hp));
+    assert_eq!(
+        p.gpu.download(params).unwrap(),
+        before,
+        "a non-finite norm must skip the step"
+    );
+
+    let s = Schedule::paper();
+    let f32s = |v: &[f64]| v.iter().map(|&x| x as f32).collect::<Vec<_>>();
+    let (sa, s1) = (p.alloc(1000), p.alloc(1000));
+    for be in [&mut p.cpu as &mut dyn Backend, &mut p.gpu] {
+        be.upload(sa, &f32s(&s.sqrt_alphas_cumprod)).unwrap();
+        be.upload(s1, &f32s(&s.sqrt_one_minus_alphas_cumprod))
+            .unwrap();
+    }
+    let per_image = 7 * 5 * 3;
+    let x0 = p.input(3 * per_image, 0.5, 0.0);
+    let ts = p.alloc(3);
+    for be in [&mut p.cpu as &mut dyn Backend, &mut p.gpu] {
+        be.upload(ts, &[0.0, 500.0, 999.0]).unwrap();
+    }
+    let (xt, eps) = (p.output(x0.len), p.output(x0.len));
+    p.run(|be| be.noise_add(x0, ts, sa, s1, xt, eps, per_image, 6, 42, 9));
+    // One seed draws the same noise on both: Box-Muller in fp64, rounded once.
+    p.check("noise_add eps (same Philox draws)", eps, 1e-7);
+    p.check("noise_add x_t", xt, 1e-6);
+    let z = p.output(1001);
+    p.run(|be| be.normal(z, 13, 42, 10));
+    p.check("normal draws", z, 1e-7);
+
+    for clip in [true, false] {
+        let rows = ddpm_table(&s, Variance::FixedLarge);
+        let (x, e, out) = (
+            p.input(len, 1.0, 0.0),
+            p.input(len, 1.0, 0.0),
+            p.output(len),
+        );
+        p.run(|be| {
+            be.sampler_load(&rows)?;
+            be.sampler_step(x, e, out, 5, clip, 3, 1 << 40)?;
+            be.sampler_advance()?;
+            be.sampler_step(out, e, out, 5, clip, 3, 1 << 40)
+        });
+        p.check(&format!("two sampler steps, clip {clip}"), out, 1e-5);
+        let t = p.output(4);
+        p.run(|be| be.sampler_timesteps(t));
+        p.check("sampler timesteps", t, 0.0);
+        assert_eq!(p.gpu.sampler_position().unwrap(), Some(998));
+    }
+}
+
+/// A small model of the paper's family with every code path: two levels, attention at the second,
+/// odd group sizes, dropout.
+fn small_config() -> UNetConfig {
+    UNetConfig {
+        sample_size: 8,
+        in_channels: 3,
+        out_channels: 3,
+        block_out_channels: vec![12, 24],
+        down_block_types: vec!["DownBlock2D".into(), "AttnDownBlock2D".into()],
+        up_block_types: vec!["AttnUpBlock2D".into(), "UpBlock2D".into()],
+        layers_per_block: 2,
+        norm_num_groups: 4,
+        norm_eps: 1e-6,
+        dropout: 0.1,
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn unet_output_and_every_gradient_match_the_cpu() {
+    for config in [small_config(), UNetConfig::preset("ddpm-cifar10").unwrap()] {
+        let batch = 3;
+        let mut p = Pair::new();
+        let mut net_cpu = UNet::new(&mut p.cpu, &config, batch).unwrap();
+        let mut net_gpu = UNet::new(&mut p.gpu, &config, batch).unwrap();
+        // Weights at a scale where every path matters (the paper's init zeroes some layers).
+        let weights: Vec<f32> = (0..net_cpu.num_params())
+            .map(|i| 0.05 * rng::normal(3, 3, i as u64))
+            .collect();
+        let input = p.input(net_cpu.input.len, 1.0, 0.0);
+        assert_eq!(input.len, net_gpu.input.len);
+        let ts = [3.0, 500.0, 999.0];
+        for be in [&mut p.cpu as &mut dyn Backend, &mut p.gpu] {
+            be.upload(net_cpu.params, &weights).unwrap();
+            be.copy(input, net_cpu.input).unwrap();
+            be.upload(net_cpu.timesteps, &ts).unwrap();
+        }
+        p.gpu.fill(net_gpu.output(), f32::NAN).unwrap();
+        p.gpu.fill(net_gpu.grads, f32::NAN).unwrap();
+        net_cpu.forward(&mut p.cpu, Some((1, 2))).unwrap();
+        net_gpu.forward(&mut p.gpu, Some((1, 2))).unwrap();
+        let name = format!("{:?}", config.block_out_channels);
+        p.check(&format!("U-Net {name} output"), net_cpu.output(), TOL);
+        let target = p.input(net_cpu.output().len, 1.0, 0.0);
+        let loss = p.output(1);
+        let (out, grad) = (net_cpu.output(), net_cpu.output_grad());
+        p.run(|be| be.mse_loss(out, target, loss, grad));
+        net_cpu.backward(&mut p.cpu).unwrap();
+        net_gpu.backward(&mut p.gpu).unwrap();
+        let (a, b) = (
+            p.gpu.download(net_gpu.grads).unwrap(),
+            p.cpu.download(net_cpu.grads).unwrap(),
+        );
+        let mut worst = (0.0, String::new());
+        for spec in net_cpu.specs() {
+            let r = spec.offset..spec.offset + spec.len;
+            let e = scaled_error(&a[r.clone()], &b[r]);
+            if e > worst.0 {
+                worst = (e, spec.name.clone());
+            }
+        }
+        eprintln!(
+            "U-Net {name}: worst gradient error {:.2e} in {}",
+            worst.0, worst.1
+        );
+        // Gradients pass through ~40 layers of fp32 sums in two different orders: 1e-4 of each tensor's scale.
+        assert!(
+            worst.0 < 1e-4,
+            "worst gradient error {:e} in {}",
+            worst.0,
+            worst.1
+        );
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn ten_training_steps_track_the_cpu() {
+    let opts = TrainOptions {
+        batch: 4,
+        lr: 1e-3,
+        warmup: 3,
+        max_grad_norm: 1.0,
+        ema_decay: 0.9,
+        flip: true,
+        seed: 11,
+    };
+    fn losses<B: Backend>(be: &mut B, opts: &TrainOptions) -> Vec<f32> {
+        let data = ddpm_cuda::data::synthetic(8, 64, 3);
+        let mut tr = Trainer::new(be, &small_config(), Schedule::paper(), opts.clone()).unwrap();
+        tr.init(be).unwrap();
+        let mut l = Vec::new();
+        while tr.step < 10 {
+            let images = data.batch(opts.seed, tr.step, opts.batch, opts.flip);
+            let t = tr.step(be, &images).unwrap();
+            l.push(be.download(t).unwrap()[0]);
+        }
+        l
+    }
+    let losses = [
+        losses(&mut CpuBackend::<f32>::new(), &opts),
+        losses(&mut CudaBackend::new().unwrap(), &opts),
+    ];
+    eprintln!("cpu  {:?}\ncuda {:?}", losses[0], losses[1]);
+    for (i, (a, b)) in losses[0].iter().zip(&losses[1]).enumerate() {
+        // Same data, noise, timesteps and dropout masks; only rounding differs, and Adam amplifies it
+        // slowly: 1e-3 relative over ten steps.
+        assert!(
+            (a - b).abs() <= 1e-3 * a.abs(),
+            "step {i}: cpu {a}, cuda {b}"
+        );
+    }
+}
+
+/// The samplers on the device, driven by the closed-form predictor (tests/common): the exact moments.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn device_samplers_have_their_exact_moments() {
+    use common::{exact_moments, gaussian_moments, moments_match, Kind};
+    let s = Schedule::paper();
+    let cases: Vec<(&str, Vec<SamplerRow>, Kind, usize)> = vec![
+        (
+            "ddpm fixed_large",
+            ddpm_table(&s, Variance::FixedLarge),
+            Kind::Ddpm { small: false },
+            1000,
+        ),
+        (
+            "ddpm fixed_small",
+            ddpm_table(&s, Variance::FixedSmall),
+            Kind::Ddpm { small: true },
+            1000,
+        ),
+        (
+            "ddpm respaced 100",
+            ddpm_respaced_table(&s, 100, Variance::FixedLarge).unwrap(),
+            Kind::Ddpm { small: false },
+            100,
+        ),
+        (
+            "ddim eta 0",
+            ddim_table(&s, 100, 0.0).unwrap(),
+            Kind::Ddim { eta: 0.0 },
+            100,
+        ),
+        (
+            "ddim eta 1",
+            ddim_table(&s, 1000, 1.0).unwrap(),
+            Kind::Ddim { eta: 1.0 },
+            1000,
+        ),
+    ];
+    for (what, rows, kind, steps) in cases {
+        let exact = exact_moments(kind, &leading_timesteps(1000, steps).unwrap());
+        let got = gaussian_moments(&mut CudaBackend::new().unwrap(), &rows);
+        assert!(
+            moments_match(what, got, exact),
+            "{what}: {got:?} vs {exact:?}"
+        );
+    }
+}
+
+/// A sampling run recorded as a CUDA graph gives what the CPU gives from the same seed.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn graph_sampling_matches_the_cpu() {
+    let config = small_config();
+    let weights: Vec<f32> = {
+        let mut be = CpuBackend::<f32>::new();
+        let net = UNet::new(&mut be, &config, 1).unwrap();
+        (0..net.num_params())
+            .map(|i| 0.05 * rng::normal(4, 4, i as u64))
+            .collect()
+    };
+    let rows = ddim_table(&Schedule::paper(), 20, 0.0).unwrap();
+    fn run<B: Backend>(
+        be: &mut B,
+        config: &UNetConfig,
+        w: &[f32],
+        rows: &[SamplerRow],
+    ) -> Vec<f32> {
+        let mut net = UNet::new_inference(be, config, 3).unwrap();
+        be.upload(net.params, w).unwrap();
+        ddpm_cuda::sample::many(be, &mut net, rows, 5, 9, true, None).unwrap()
+    }
+    let out = [
+        run(&mut CpuBackend::<f32>::new(), &config, &weights, &rows),
+        run(&mut CudaBackend::new().unwrap(), &config, &weights, &rows),
+    ];
+    let e = scaled_error(&out[1], &out[0]);
+    eprintln!("20-step DDIM, 5 images in batches of 3: error {e:.2e}");
+    assert!(e < 1e-4, "graph sampling differs from the CPU by {e}");
+}
