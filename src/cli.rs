@@ -3,6 +3,7 @@
 use crate::backend::cpu::CpuBackend;
 use crate::backend::cuda::CudaBackend;
 use crate::backend::Backend;
+use crate::bench;
 use crate::checkpoint::{self, SchedulerConfig};
 use crate::data::Dataset;
 use crate::eval;
@@ -64,11 +65,9 @@ enum Command {
     },
     /// The variational bound (the paper's NLL) in bits/dim over a dataset, with its breakdown.
     Eval(EvalArgs),
-    /// Training and sampling throughput on this machine (not implemented yet).
-    Bench {
-        #[arg(long, default_value = "ddpm-cifar10")]
-        preset: String,
-    },
+    /// Training and sampling throughput of a model on this machine, and its dominant kernels, each against
+    /// a ceiling (the measured copy bandwidth, the device's fp32 peak).
+    Bench(BenchArgs),
     /// Parameter count, FLOPs per forward pass and memory of a model.
     Info {
         /// A preset: ddpm-cifar10 or tiny.
@@ -98,6 +97,24 @@ enum Command {
         #[arg(long)]
         training_state: bool,
     },
+}
+
+#[derive(clap::Args)]
+struct BenchArgs {
+    /// The model: a preset (ddpm-cifar10, tiny).
+    #[arg(long, default_value = "ddpm-cifar10")]
+    preset: String,
+    /// Batch sizes to time, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "128,256")]
+    batch: Vec<usize>,
+    /// Timed training steps per batch size (after one warm-up step).
+    #[arg(long, default_value_t = 10)]
+    steps: usize,
+    /// Skip the per-kernel table.
+    #[arg(long)]
+    no_kernels: bool,
+    #[arg(long, value_enum, default_value = "auto")]
+    device: Device,
 }
 
 #[derive(clap::Args)]
@@ -278,10 +295,6 @@ fn dispatch(device: Device, job: impl Job) -> Result<()> {
     }
 }
 
-fn not_yet(what: &str, issue: u32) -> Result<()> {
-    bail!("`ddpm-cuda {what}` is not implemented yet (issue #{issue})")
-}
-
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Info {
@@ -314,7 +327,10 @@ fn run(cli: Cli) -> Result<()> {
             let device = args.device;
             dispatch(device, args)
         }
-        Command::Bench { .. } => not_yet("bench", 4),
+        Command::Bench(args) => {
+            let device = args.device;
+            dispatch(device, args)
+        }
         Command::Convert {
             model,
             out,
@@ -547,6 +563,46 @@ impl Job for EvalArgs {
             sd / (count as f64).sqrt()
         );
         println!("mean L_simple    {:.5}", mean.mse);
+        Ok(())
+    }
+}
+
+impl Job for BenchArgs {
+    fn run<B: Backend>(self, be: &mut B) -> Result<()> {
+        if self.batch.contains(&0) || self.steps == 0 {
+            bail!("--batch and --steps must be at least 1");
+        }
+        let config = UNetConfig::preset(&self.preset)?;
+        let ceilings = bench::Ceilings {
+            copy_gb_s: bench::copy_bandwidth(be)?,
+            peak_tflop_s: be.peak_tflops(),
+        };
+        println!("device       {}", be.describe());
+        println!(
+            "ceilings     device copy {:.0} GB/s (measured), fp32 peak {}",
+            ceilings.copy_gb_s,
+            ceilings.peak_tflop_s.map_or("unknown".into(), |p| format!(
+                "{p:.1} TFLOP/s (SMs x 128 lanes x 2 x clock)"
+            ))
+        );
+        println!(
+            "model        {} ({} steps timed per batch)",
+            self.preset, self.steps
+        );
+        let mut lines = Vec::new();
+        for &batch in &self.batch {
+            lines.extend(bench::model(be, &config, batch, self.steps, &ceilings)?);
+        }
+        if !self.no_kernels {
+            lines.extend(bench::kernels(be, self.batch[0], &ceilings)?);
+        }
+        println!(
+            "{:<52} {:>13} {:>12} {:<9} {:>7}",
+            "what", "time", "rate", "unit", "ceiling"
+        );
+        for l in &lines {
+            println!("{l}");
+        }
         Ok(())
     }
 }

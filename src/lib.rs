@@ -10,6 +10,7 @@
 #![allow(clippy::too_many_arguments)]
 
 pub mod backend;
+pub mod bench;
 pub mod checkpoint;
 pub mod cli;
 pub mod data;

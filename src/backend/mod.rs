@@ -520,4 +520,8 @@ pub trait Backend {
     fn synchronize(&mut self) -> Result<()> {
         Ok(())
     }
+    /// The arithmetic peak of the ops as written (fp32), in TFLOP/s, where the backend knows it.
+    fn peak_tflops(&self) -> Option<f64> {
+        None
+    }
 }

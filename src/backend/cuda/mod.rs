@@ -131,6 +131,9 @@ pub struct CudaBackend {
     sms: u32,
     /// Largest dynamic shared memory a block may opt in to, in bytes.
     max_shared: u32,
+    /// Compute capability major version and the SM clock (kHz), for the peak.
+    major: i32,
+    clock_khz: i32,
 }
 
 impl CudaBackend {
@@ -169,6 +172,7 @@ impl CudaBackend {
         let sms = attr(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as u32;
         let max_shared =
             attr(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)? as u32;
+        let clock_khz = attr(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_CLOCK_RATE)?;
         let module = ctx
             .load_module(cudarc::nvrtc::Ptx::from_binary(fatbin.to_vec()))
             .map_err(|e| {
@@ -185,6 +189,8 @@ impl CudaBackend {
             device: format!("{name} (sm_{major}{minor}, {sms} SMs)"),
             sms,
             max_shared,
+            major,
+            clock_khz,
             reserved: 0,
             arena: None,
             workspace: None,
@@ -742,6 +748,13 @@ impl super::Backend for CudaBackend {
 
     fn synchronize(&mut self) -> Result<()> {
         self.sync()
+    }
+
+    /// SMs x fp32 lanes per SM (128 on sm_90, 64 on sm_80) x 2 (a fused multiply-add) x the SM clock:
+    /// the SIMT fp32 peak that bounds the version 1 kernels.
+    fn peak_tflops(&self) -> Option<f64> {
+        let lanes = if self.major >= 9 { 128.0 } else { 64.0 };
+        Some(f64::from(self.sms) * lanes * 2.0 * f64::from(self.clock_khz) * 1e3 / 1e12)
     }
 }
 

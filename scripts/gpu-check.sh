@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# The whole GPU check in one run, on a GPU machine, from the binaries scripts/gpu-prepare.sh put in
+# gpu-carry/:
+#   1. the GPU tests (every kernel against the CPU backend, the U-Net and its gradients, training steps,
+#      the device samplers);
+#   2. compute-sanitizer (memcheck, racecheck) over a short training run and a short sampling run;
+#   3. ddpm-cuda train and sample on the paper's network (ddpm-cifar10);
+#   4. ddpm-cuda bench (training and sampling throughput at batch 128 and 256, the dominant kernels);
+# then a short table. The full log goes to stdout and to $OUT/gpu-check-<date>.log when $OUT is set
+# (the device tool brings $OUT back); commit it under benches/results/.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+carry=${GPU_CARRY:-gpu-carry}
+bin=$carry/ddpm-cuda
+log=${OUT:-/tmp}/gpu-check-$(date -u +%Y-%m-%d).log
+work=$(mktemp -d)
+exec > >(tee "$log") 2>&1
+
+declare -a summary
+record() { summary+=("$(printf '%-48s %s' "$1" "$2")"); }
+stage() { echo; echo "=== $1 ($(date -u +%H:%M:%S))"; }
+
+stage "machine"
+date -u
+echo "commit: $(tr '\n' ' ' < "$carry/COMMIT")"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv || true
+command -v compute-sanitizer || echo "compute-sanitizer not on PATH"
+
+stage "GPU tests"
+if "$carry/gpu-tests" --ignored --test-threads=1 --nocapture 2>&1; then
+  record "GPU tests" PASS
+else
+  record "GPU tests" FAIL
+fi
+
+sanitize() {  # tool, label, command...
+  local tool=$1 label=$2; shift 2
+  if ! command -v compute-sanitizer >/dev/null; then record "sanitizer $tool: $label" "SKIPPED (no compute-sanitizer)"; return; fi
+  if compute-sanitizer --tool "$tool" --error-exitcode 1 --print-limit 20 "$@" 2>&1 | tail -n 40; then
+    record "sanitizer $tool: $label" PASS
+  else
+    record "sanitizer $tool: $label" FAIL
+  fi
+}
+stage "compute-sanitizer"
+short_train=("$bin" train --preset tiny --steps 2 --batch 4 --grid 2 --every 2 --out "$work/san" --device cuda)
+short_sample=("$bin" sample --model "$work/san" --sampler ddim --steps 4 -n 3 --batch 3 --out "$work/san.png" --device cuda)
+sanitize memcheck "train tiny, 2 steps" "${short_train[@]}"
+sanitize memcheck "sample tiny, DDIM 4 steps" "${short_sample[@]}"
+sanitize racecheck "train tiny, 2 steps" "${short_train[@]}"
+sanitize racecheck "sample tiny, DDIM 4 steps" "${short_sample[@]}"
+
+stage "ddpm-cifar10 on the device"
+if "$bin" train --preset ddpm-cifar10 --steps 20 --batch 128 --grid 16 --every 20 --out "$work/cifar" --device cuda \
+   && "$bin" sample --model "$work/cifar" --sampler ddim --steps 50 -n 16 --out "$work/cifar.png" --device cuda; then
+  record "train + sample ddpm-cifar10" PASS
+  cp "$work/cifar/loss.csv" "${OUT:-/tmp}/cifar-loss.csv" 2>/dev/null || true
+else
+  record "train + sample ddpm-cifar10" FAIL
+fi
+
+stage "benchmark"
+if "$bin" bench --device cuda | tee "$work/bench.txt"; then
+  record "bench" PASS
+else
+  record "bench" FAIL
+fi
+
+stage "summary"
+printf '%s\n' "${summary[@]}"
+grep -E "images/s|TFLOP/s|GB/s" "$work/bench.txt" 2>/dev/null || true
+rm -rf "$work"

@@ -1,0 +1,325 @@
+//! `ddpm-cuda bench`: throughput of training and sampling for a model on one backend, and the time of the
+//! model's dominant kernels, each against a measured or stated ceiling.
+//!
+//! - Training: images/s over timed steps after warm-up (the loss read once at the end), and model
+//!   TFLOP/s from the forward multiply-adds x 3 (forward and backward).
+//! - Sampling: the time of one recorded step (forward + fused update) replayed; images/s for the full
+//!   1000-step sampler follow from it.
+//! - Kernels: a 3x3 convolution of the paper's widest 16x16 layer (forward, input and weight gradients),
+//!   group norm, attention, the optimizer, each as time, TFLOP/s or GB/s, and the ratio to the ceiling:
+//!   the device-to-device copy bandwidth measured here, and the backend's stated fp32 peak.
+
+use crate::backend::{
+    AdamStep, AttentionShape, Backend, ConvKind, ConvShape, GroupNormShape, Tensor,
+};
+use crate::error::Result;
+use crate::model::{UNet, UNetConfig};
+use crate::sample::{self, Draw, Start};
+use crate::schedule::Schedule;
+use crate::train::{TrainOptions, Trainer};
+use std::time::Instant;
+
+/// One line of the report.
+#[derive(Clone, Debug)]
+pub struct Line {
+    pub what: String,
+    /// Milliseconds per iteration.
+    pub ms: f64,
+    /// The figure of merit and its unit ("images/s", "TFLOP/s", "GB/s").
+    pub rate: f64,
+    pub unit: &'static str,
+    /// `rate` as a fraction of the ceiling, when one applies.
+    pub of_ceiling: Option<f64>,
+}
+
+impl std::fmt::Display for Line {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let pct = self
+            .of_ceiling
+            .map_or(String::from("-"), |r| format!("{:.1}%", 100.0 * r));
+        write!(
+            f,
+            "{:<52} {:>10.3} ms {:>12.2} {:<9} {:>7}",
+            self.what, self.ms, self.rate, self.unit, pct
+        )
+    }
+}
+
+/// Times `iters` calls of `f` after one warm-up call, waiting for the backend before and after.
+fn time<B: Backend>(
+    be: &mut B,
+    iters: usize,
+    mut f: impl FnMut(&mut B) -> Result<()>,
+) -> Result<f64> {
+    f(be)?;
+    be.synchronize()?;
+    let start = Instant::now();
+    for _ in 0..iters {
+        f(be)?;
+    }
+    be.synchronize()?;
+    Ok(start.elapsed().as_secs_f64() * 1e3 / iters as f64)
+}
+
+/// What the report compares against: the device copy bandwidth (measured) and the arithmetic peak.
+#[derive(Clone, Copy, Debug)]
+pub struct Ceilings {
+    pub copy_gb_s: f64,
+    pub peak_tflop_s: Option<f64>,
+}
+
+/// Measures the device-to-device copy bandwidth with a 256 MiB copy (bytes read + written).
+pub fn copy_bandwidth<B: Backend>(be: &mut B) -> Result<f64> {
+    let n = 64 << 20;
+    let (a, b) = (be.alloc(n)?, be.alloc(n)?);
+    be.fill(a, 1.0)?;
+    let ms = time(be, 10, |be| be.copy(a, b))?;
+    Ok(8.0 * n as f64 / (ms * 1e-3) / 1e9)
+}
+
+/// Training and sampling throughput of `config` at `batch`.
+pub fn model<B: Backend>(
+    be: &mut B,
+    config: &UNetConfig,
+    batch: usize,
+    train_steps: usize,
+    ceilings: &Ceilings,
+) -> Result<Vec<Line>> {
+    let opts = TrainOptions {
+        batch,
+        lr: 2e-4,
+        warmup: 100,
+        max_grad_norm: 1.0,
+        ema_decay: 0.9999,
+        flip: true,
+        seed: 0,
+    };
+    let mut tr = Trainer::new(be, config, Schedule::paper(), opts)?;
+    tr.init(be)?;
+    let per_image = tr.net.input.len / batch;
+    let images = vec![0.1f32; batch * per_image];
+    let flop = 2.0 * tr.net.macs_per_image() as f64;
+    let ms = time(be, train_steps, |be| tr.step(be, &images).map(|_| ()))?;
+    let mut lines = Vec::new();
+    let train_flop = 3.0 * flop * batch as f64;
+    let tflops = train_flop / (ms * 1e-3) / 1e12;
+    lines.push(Line {
+        what: format!("train step, batch {batch}"),
+        ms,
+        rate: batch as f64 / (ms * 1e-3),
+        unit: "images/s",
+        of_ceiling: None,
+    });
+    lines.push(Line {
+        what: format!("train step, batch {batch} (model FLOPs, fwd + bwd = 3x fwd)"),
+        ms,
+        rate: tflops,
+        unit: "TFLOP/s",
+        of_ceiling: ceilings.peak_tflop_s.map(|p| tflops / p),
+    });
+    drop(tr);
+    let mut net = UNet::new_inference(be, config, batch)?;
+    net.init(be, 0)?;
+    // 50 of the 1000 steps (the same kernels, the same work per step): the full run would take minutes.
+    let rows =
+        sample::ddpm_respaced_table(&Schedule::paper(), 50, crate::sample::Variance::FixedLarge)?;
+    let draw = Draw {
+        seed: 0,
+        first_image: 0,
+        per_image,
+        clip: true,
+        start: Start::Noise,
+    };
+    let (x, eps, ts) = (net.input, net.output(), net.timesteps);
+    let run_ms = time(be, 1, |be| {
+        sample::run(
+            be,
+            &rows,
+            x,
+            eps,
+            draw,
+            |be| {
+                be.sampler_timesteps(ts)?;
+                net.forward(be, None).map(|_| ())
+            },
+            |_, _| {},
+        )
+    })?;
+    let step_ms = run_ms / rows.len() as f64;
+    let sample_tflops = flop * batch as f64 / (step_ms * 1e-3) / 1e12;
+    lines.push(Line {
+        what: format!("sampling step, batch {batch} (1000-step images/s)"),
+        ms: step_ms,
+        rate: batch as f64 / (1000.0 * step_ms * 1e-3),
+        unit: "images/s",
+        of_ceiling: None,
+    });
+    lines.push(Line {
+        what: format!("sampling step, batch {batch} (model FLOPs)"),
+        ms: step_ms,
+        rate: sample_tflops,
+        unit: "TFLOP/s",
+        of_ceiling: ceilings.peak_tflop_s.map(|p| sample_tflops / p),
+    });
+    Ok(lines)
+}
+
+/// The dominant kernels of the paper's network at `batch`.
+pub fn kernels<B: Backend>(be: &mut B, batch: usize, ceilings: &Ceilings) -> Result<Vec<Line>> {
+    let mut lines = Vec::new();
+    let iters = 10;
+    let tflop_line = |what: String, ms: f64, flop: f64| {
+        let rate = flop / (ms * 1e-3) / 1e12;
+        Line {
+            what,
+            ms,
+            rate,
+            unit: "TFLOP/s",
+            of_ceiling: ceilings.peak_tflop_s.map(|p| rate / p),
+        }
+    };
+    let gbs_line = |what: String, ms: f64, bytes: f64| {
+        let rate = bytes / (ms * 1e-3) / 1e9;
+        Line {
+            what,
+            ms,
+            rate,
+            unit: "GB/s",
+            of_ceiling: Some(rate / ceilings.copy_gb_s),
+        }
+    };
+    let alloc_filled = |be: &mut B, len: usize, v: f32| -> Result<Tensor> {
+        let t = be.alloc(len)?;
+        be.fill(t, v)?;
+        Ok(t)
+    };
+
+    let s = ConvShape {
+        n: batch,
+        h: 16,
+        w: 16,
+        c: 256,
+        o: 256,
+        kind: ConvKind::K3S1,
+    };
+    let (x, w, b) = (
+        alloc_filled(be, s.x_len(), 0.5)?,
+        alloc_filled(be, s.w_len(), 0.01)?,
+        alloc_filled(be, s.o, 0.0)?,
+    );
+    let (y, dy) = (
+        alloc_filled(be, s.y_len(), 0.0)?,
+        alloc_filled(be, s.y_len(), 0.1)?,
+    );
+    let (dx, dw, db) = (
+        alloc_filled(be, s.x_len(), 0.0)?,
+        alloc_filled(be, s.w_len(), 0.0)?,
+        alloc_filled(be, s.o, 0.0)?,
+    );
+    let flop = 2.0 * s.macs() as f64;
+    let what = format!("conv 3x3 16x16 256->256, batch {batch}");
+    let ms = time(be, iters, |be| be.conv2d_forward(s, x, w, b, y))?;
+    lines.push(tflop_line(format!("{what}: forward"), ms, flop));
+    let ms = time(be, iters, |be| be.conv2d_backward_data(s, dy, w, dx, false))?;
+    lines.push(tflop_line(format!("{what}: input grad"), ms, flop));
+    let ms = time(be, iters, |be| be.conv2d_backward_weight(s, x, dy, dw, db))?;
+    lines.push(tflop_line(format!("{what}: weight grad"), ms, flop));
+
+    let g = GroupNormShape {
+        n: batch,
+        hw: 256,
+        c: 256,
+        groups: 32,
+        eps: 1e-6,
+    };
+    let (gamma, beta) = (alloc_filled(be, 256, 1.0)?, alloc_filled(be, 256, 0.0)?);
+    let (mean, rstd) = (
+        alloc_filled(be, g.stats_len(), 0.0)?,
+        alloc_filled(be, g.stats_len(), 0.0)?,
+    );
+    let ms = time(be, iters, |be| {
+        be.group_norm_forward(g, x, gamma, beta, y, mean, rstd, true)
+    })?;
+    // Reads x three times (two statistics passes and the normalisation) and writes y once.
+    lines.push(gbs_line(
+        format!("group norm + SiLU 16x16x256, batch {batch} (4 passes)"),
+        ms,
+        16.0 * g.len() as f64,
+    ));
+    let (dg, dbeta) = (alloc_filled(be, 256, 0.0)?, alloc_filled(be, 256, 0.0)?);
+    let ms = time(be, iters, |be| {
+        be.group_norm_backward(
+            g, x, gamma, beta, mean, rstd, dy, dx, dg, dbeta, true, false,
+        )
+    })?;
+    lines.push(gbs_line(
+        format!("group norm + SiLU backward, batch {batch} (7 passes)"),
+        ms,
+        28.0 * g.len() as f64,
+    ));
+
+    let a = AttentionShape {
+        n: batch,
+        l: 256,
+        c: 256,
+    };
+    let qkv = alloc_filled(be, a.n * a.l * 3 * a.c, 0.1)?;
+    let (out, lse) = (
+        alloc_filled(be, a.n * a.l * a.c, 0.0)?,
+        alloc_filled(be, a.n * a.l, 0.0)?,
+    );
+    let att_flop = 4.0 * (a.n * a.l * a.l * a.c) as f64;
+    let ms = time(be, iters, |be| be.attention_forward(a, qkv, out, lse))?;
+    lines.push(tflop_line(
+        format!("attention l=256 c=256, batch {batch}: forward"),
+        ms,
+        att_flop,
+    ));
+    let dqkv = alloc_filled(be, qkv.len, 0.0)?;
+    let ms = time(be, iters, |be| {
+        be.attention_backward(a, qkv, out, lse, out, dqkv)
+    })?;
+    lines.push(tflop_line(
+        format!("attention l=256 c=256, batch {batch}: backward"),
+        ms,
+        2.5 * att_flop,
+    ));
+
+    let n = 35_746_307;
+    let (p, gr, m, v, nrm) = (
+        alloc_filled(be, n, 0.1)?,
+        alloc_filled(be, n, 0.01)?,
+        alloc_filled(be, n, 0.0)?,
+        alloc_filled(be, n, 0.0)?,
+        alloc_filled(be, 1, 0.5)?,
+    );
+    let ms = time(be, iters, |be| be.global_norm(gr, nrm))?;
+    lines.push(gbs_line(
+        "gradient norm, 35.7 M parameters".into(),
+        ms,
+        4.0 * n as f64,
+    ));
+    let hp = AdamStep {
+        lr: 1e-4,
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay: 0.0,
+        bias_correction1: 0.5,
+        bias_correction2: 0.5,
+        max_grad_norm: 1.0,
+    };
+    let ms = time(be, iters, |be| be.adam_step(p, gr, m, v, nrm, hp))?;
+    lines.push(gbs_line(
+        "Adam, 35.7 M parameters".into(),
+        ms,
+        28.0 * n as f64,
+    ));
+    let ms = time(be, iters, |be| be.ema_update(m, p, 0.999))?;
+    lines.push(gbs_line(
+        "EMA, 35.7 M parameters".into(),
+        ms,
+        12.0 * n as f64,
+    ));
+    Ok(lines)
+}
