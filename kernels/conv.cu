@@ -14,7 +14,7 @@
 //   input gradient:  M = batch*h*w pixels,    N = c,            K = taps^2 * o   A = gather(dy), B = w
 //   weight gradient: M = o,                   N = taps^2 * c,   K = batch*oh*ow  A = dy^T, B = im2col(x)
 // FLOPs: 2 M N K each; the paper's 3x3 256->256 conv at 16x16, batch 128: 2 * 32768 * 256 * 2304 = 38.7 GFLOP.
-// Launch (all three): grid (ceil(N / 64), ceil(M / 64), splits), block 256; splits = 1 except for the
+// Launch (all three): grid (ceil(M / 64), ceil(N / 64), splits), block 256; splits = 1 except for the
 // weight gradient.
 #include "gemm.cuh"
 

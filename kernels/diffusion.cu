@@ -28,10 +28,13 @@ static_assert(sizeof(SamplerRow) == 32, "SamplerRow must match src/sample.rs");
 // image (integers held as float); sqrt_ab, sqrt_1m_ab: one per diffusion timestep.
 // Launch: one thread per Philox block (4 elements), grid-stride; any grid size gives the same result.
 // Bytes: 12 per element (read x0, write x_t and eps); a CIFAR batch of 128 is 393k elements, 4.7 MB.
+// A timestep outside [0, steps) is never used as an index: its image gets NaN (the host checks the
+// timesteps it uploads; this keeps a bad one from becoming a wild read).
 extern "C" __global__ void noise_add_f32(const float* __restrict__ x0, const float* __restrict__ timesteps,
                                          const float* __restrict__ sqrt_ab, const float* __restrict__ sqrt_1m_ab,
                                          float* __restrict__ x_t, float* __restrict__ eps, int64_t total,
-                                         int64_t per_image, int64_t first_element, uint64_t seed, uint64_t stream) {
+                                         int64_t per_image, int64_t first_element, uint64_t seed, uint64_t stream,
+                                         int64_t steps) {
     const int64_t first_block = first_element >> 2;
     const int64_t blocks = ((first_element + total + 3) >> 2) - first_block;
     for (int64_t b = ddpm::global_thread(); b < blocks; b += ddpm::grid_threads()) {
@@ -41,23 +44,31 @@ extern "C" __global__ void noise_add_f32(const float* __restrict__ x0, const flo
         for (int lane = 0; lane < 4; ++lane) {
             const int64_t i = ((first_block + b) << 2) + lane - first_element;
             if (i < 0 || i >= total) continue;
-            const int t = int(timesteps[i / per_image]);
+            const float tf = timesteps[i / per_image];
             eps[i] = draws[lane];
+            if (!(tf >= 0.0f && tf < float(steps))) {
+                x_t[i] = __int_as_float(0x7fc00000);  // NaN
+                continue;
+            }
+            const int t = int(tf);
             x_t[i] = sqrt_ab[t] * x0[i] + sqrt_1m_ab[t] * draws[lane];
         }
     }
 }
 
 // One reverse step, in place or not (x_prev may be x_t: each element is read before it is written by the
-// same thread). Row `*step` of `table`; noise from Philox (seed, stream_base + *step, first_element + i).
+// same thread). Row `*step` of `table` (`rows` rows; a step outside them, after the last advance, does
+// nothing); noise from Philox (seed, stream_base + *step, first_element + i).
 // Shapes: x_t, eps_hat, x_prev: `total` elements (NHWC images back to back).
 // Launch: one thread per Philox block (4 elements), grid-stride. Bytes: 12 per element.
 extern "C" __global__ void sampler_step_f32(const float* x_t, const float* __restrict__ eps_hat,
                                             const SamplerRow* __restrict__ table, const int* __restrict__ step,
                                             float* x_prev, int64_t total, int64_t first_element, int clip,
-                                            uint64_t seed, uint64_t stream_base) {
-    const SamplerRow row = table[*step];
-    const uint64_t stream = stream_base + uint64_t(*step);
+                                            uint64_t seed, uint64_t stream_base, int rows) {
+    const int s = *step;
+    if (s < 0 || s >= rows) return;
+    const SamplerRow row = table[s];
+    const uint64_t stream = stream_base + uint64_t(s);
     const int64_t first_block = first_element >> 2;
     const int64_t blocks = ((first_element + total + 3) >> 2) - first_block;
     for (int64_t b = ddpm::global_thread(); b < blocks; b += ddpm::grid_threads()) {
@@ -78,16 +89,19 @@ extern "C" __global__ void sampler_step_f32(const float* x_t, const float* __res
     }
 }
 
-// timesteps[n] = table[*step].t for every image of the batch. Launch: any grid covering `images`.
+// timesteps[n] = table[*step].t for every image of the batch (nothing when the table is exhausted).
+// Launch: any grid covering `images`.
 extern "C" __global__ void sampler_timesteps_f32(const SamplerRow* __restrict__ table, const int* __restrict__ step,
-                                                 float* __restrict__ timesteps, int images) {
+                                                 float* __restrict__ timesteps, int images, int rows) {
     const int n = blockIdx.x * blockDim.x + threadIdx.x;
-    if (n < images) timesteps[n] = table[*step].t;
+    const int s = *step;
+    if (n < images && s >= 0 && s < rows) timesteps[n] = table[s].t;
 }
 
-// Steps run from the last row down to row 0. Launch: one thread, after everything that reads *step.
+// Steps run from the last row down to row 0, then -1 (exhausted), where the counter stays.
+// Launch: one thread, after everything that reads *step.
 extern "C" __global__ void sampler_advance(int* step) {
-    if (threadIdx.x == 0 && blockIdx.x == 0) *step -= 1;
+    if (threadIdx.x == 0 && blockIdx.x == 0 && *step >= 0) *step -= 1;
 }
 
 // dpred = 2 (pred - target) / n, and partial[block] = the block's share of sum (pred - target)^2 in fp64;

@@ -144,8 +144,8 @@ template <class LoadA, class LoadB>
 __device__ __forceinline__ void gemm_tile(const LoadA& a, const LoadB& b, int m0, int n0, int k_begin, int k_end,
                                           float (&acc)[4][4]) {
     // +4 keeps rows 16-byte aligned and staggers the banks of the transposed stores.
-    __shared__ float As[GEMM_BK][GEMM_BM + 4];
-    __shared__ float Bs[GEMM_BK][GEMM_BN + 4];
+    __shared__ __align__(16) float As[GEMM_BK][GEMM_BM + 4];
+    __shared__ __align__(16) float Bs[GEMM_BK][GEMM_BN + 4];
     const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
     for (int k0 = k_begin; k0 < k_end; k0 += GEMM_BK) {
 #pragma unroll
@@ -187,13 +187,14 @@ struct Epilogue {
     float* workspace;     // split-K: slice z of the partial sums at workspace[z * rows * cols + m * cols + n]
 };
 
-// One launch: grid (ceil(cols / 64), ceil(rows / 64), splits), block 256. With splits > 1, slice z covers
+// One launch: grid (ceil(rows / 64), ceil(cols / 64), splits), block 256 (rows, the long side, on x, whose
+// limit is 2^31 - 1; consecutive blocks share a tile of B in L2). With splits > 1, slice z covers
 // k in [z * chunk, (z + 1) * chunk) and writes raw partial sums to the workspace (bias and accumulate are
 // applied by gemm_reduce_f32).
 template <class LoadA, class LoadB>
 __device__ __forceinline__ void gemm_run(const LoadA& a, const LoadB& b, int rows, int cols, int kdim, int chunk,
                                          const Epilogue& e) {
-    const int m0 = blockIdx.y * GEMM_BM, n0 = blockIdx.x * GEMM_BN;
+    const int m0 = blockIdx.x * GEMM_BM, n0 = blockIdx.y * GEMM_BN;
     const int k_begin = blockIdx.z * chunk, k_end = min(kdim, k_begin + chunk);
     float acc[4][4] = {};
     gemm_tile(a, b, m0, n0, k_begin, k_end, acc);

@@ -4,7 +4,7 @@
 //   linear_backward_data_f32    dx[m, k] (+)= dy[m, n] w[n, k]
 //   linear_backward_weight_f32  dw[n, k] = dy[m, n]^T x[m, k]  (split-K partials; gemm_reduce_f32 adds them)
 // The bias gradient is a column sum of dy (column_sums_* in gemm.cuh).
-// FLOPs: 2 m n k each. Launch: grid (ceil(N / 64), ceil(M / 64), splits), block 256.
+// FLOPs: 2 m n k each. Launch: grid (ceil(M / 64), ceil(N / 64), splits), block 256.
 #include "gemm.cuh"
 
 extern "C" __global__ void __launch_bounds__(ddpm::GEMM_THREADS)

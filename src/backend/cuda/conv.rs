@@ -11,12 +11,12 @@ use cudarc::driver::{LaunchConfig, PushKernelArg};
 const TILE: usize = 64;
 const TILE_K: usize = 16;
 
-/// A GEMM launch over an M x N output: grid (N / 64, M / 64, splits).
+/// A GEMM launch over an M x N output: grid (M / 64, N / 64, splits), the long side on x.
 pub(super) fn gemm_cfg(rows: usize, cols: usize, splits: usize) -> LaunchConfig {
     LaunchConfig {
         grid_dim: (
-            cols.div_ceil(TILE) as u32,
             rows.div_ceil(TILE) as u32,
+            cols.div_ceil(TILE) as u32,
             splits as u32,
         ),
         block_dim: (256, 1, 1),

@@ -46,6 +46,7 @@ impl CudaBackend {
         );
         let (pxt, pe) = (self.ptr(x_t), self.ptr(eps));
         let (total, per, first) = (x0.len as i64, per_image as i64, first as i64);
+        let steps = sqrt_ab.len as i64;
         let cfg = self.elementwise_cfg(x0.len.div_ceil(4) + 1);
         launch!(
             self,
@@ -61,7 +62,8 @@ impl CudaBackend {
             per,
             first,
             seed,
-            stream
+            stream,
+            steps
         )
     }
 
@@ -165,9 +167,18 @@ impl CudaBackend {
             &[("timesteps", timesteps, timesteps.len)],
         )?;
         let (table, step, pt) = (self.table_ptr(), self.step_ptr(), self.ptr(timesteps));
-        let [images] = dims([timesteps.len])?;
+        let [images, rows] = dims([timesteps.len, self.table_rows])?;
         let cfg = self.elementwise_cfg(timesteps.len);
-        launch!(self, "sampler_timesteps_f32", cfg, table, step, pt, images)
+        launch!(
+            self,
+            "sampler_timesteps_f32",
+            cfg,
+            table,
+            step,
+            pt,
+            images,
+            rows
+        )
     }
 
     pub(super) fn reverse_step(
@@ -195,6 +206,7 @@ impl CudaBackend {
         let (px, pe, pp) = (self.ptr(x_t), self.ptr(eps_hat), self.ptr(x_prev));
         let (table, step) = (self.table_ptr(), self.step_ptr());
         let (total, first, clip) = (x_t.len as i64, first as i64, clip as i32);
+        let rows = self.table_rows as i32;
         let cfg = self.elementwise_cfg(x_t.len.div_ceil(4) + 1);
         launch!(
             self,
@@ -209,7 +221,8 @@ impl CudaBackend {
             first,
             clip,
             seed,
-            stream_base
+            stream_base,
+            rows
         )
     }
 

@@ -192,6 +192,11 @@ impl CudaBackend {
             &[("dy", dy, n * hw * c)],
             &[("dbias", dbias, n * c)],
         )?;
+        if n > 65_535 {
+            return Err(Error::Invalid(format!(
+                "a time-embedding gradient over {n} images does not fit one launch"
+            )));
+        }
         let (pdy, pdb) = (self.ptr(dy), self.ptr(dbias));
         let cfg = LaunchConfig {
             grid_dim: (c.div_ceil(32) as u32, n as u32, 1),

@@ -253,21 +253,21 @@ impl CudaBackend {
                 ));
             }
             let bigger = DeviceBuffer::new(&self.ctx, need, "the activation and parameter arena")?;
-            if let Some(old) = &self.arena {
-                // SAFETY: both ranges are live allocations of at least old.bytes.
-                unsafe {
-                    result::memcpy_dtod_async(
-                        bigger.ptr,
-                        old.ptr,
-                        old.bytes,
-                        self.stream.cu_stream(),
-                    )
+            let kept = self.arena.as_ref().map_or(0, |a| a.bytes);
+            let cu = self.stream.cu_stream();
+            // SAFETY: both ranges are live allocations of at least `kept` bytes; the new tail is zeroed, as
+            // `alloc` promises.
+            unsafe {
+                if let Some(old) = &self.arena {
+                    result::memcpy_dtod_async(bigger.ptr, old.ptr, kept, cu)
+                        .map_err(cuda("copying the arena while growing it"))?;
                 }
-                .map_err(cuda("copying the arena while growing it"))?;
-                self.stream
-                    .synchronize()
-                    .map_err(cuda("growing the arena"))?;
+                result::memset_d8_async(bigger.ptr + kept as u64, 0, need - kept, cu)
+                    .map_err(cuda("zeroing the arena"))?;
             }
+            self.stream
+                .synchronize()
+                .map_err(cuda("growing the arena"))?;
             self.arena = Some(bigger);
             self.graph = None;
         }
