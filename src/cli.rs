@@ -187,6 +187,9 @@ struct TrainArgs {
     /// Images in each sample grid.
     #[arg(long, default_value_t = 36)]
     grid: usize,
+    /// Stop after this many consecutive steps with a non-finite loss or gradient (each is skipped).
+    #[arg(long, default_value_t = 50)]
+    max_bad_steps: u64,
     /// Continue the run saved in this directory (--steps is the new end). It keeps its saved options; --data,
     /// --batch, --lr, --warmup, --ema-decay and --max-grad-norm given here replace them.
     #[arg(long)]
@@ -242,11 +245,18 @@ struct SampleArgs {
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Err(e) = crate::interrupt::install() {
+        eprintln!("warning: {e}; Ctrl-C will stop without a checkpoint");
+    }
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
-            ExitCode::FAILURE
+            // A stop by signal that kept what was complete exits like an interrupted program.
+            match e.downcast_ref::<crate::Error>() {
+                Some(crate::Error::Interrupted(_)) => ExitCode::from(130),
+                _ => ExitCode::FAILURE,
+            }
         }
     }
 }
@@ -415,6 +425,7 @@ impl Job for TrainArgs {
             out,
             every: self.every.unwrap_or((self.steps / 2).max(1)),
             grid: self.grid,
+            max_bad_steps: self.max_bad_steps,
         };
         train::train(be, &run, opts, resume)?;
         Ok(())
@@ -491,7 +502,11 @@ impl Job for SampleArgs {
         let variance = self.variance.unwrap_or(m.scheduler.variance_type);
         let rows = sample::table(&schedule, self.sampler, steps, variance, self.eta)?;
         let clip = m.scheduler.clip_sample && !self.no_clip;
-        let mut net = UNet::new_inference(be, &m.config, self.batch.min(n))?;
+        let batch = self.batch.min(n);
+        crate::backend::check_fits(be, "sampling", batch, |b| {
+            UNet::arena_len(&m.config, b, false).map(|(len, _)| len)
+        })?;
+        let mut net = UNet::new_inference(be, &m.config, batch)?;
         be.upload(net.params, &m.flat_weights(&net)?)?;
         let how = match self.sampler {
             Sampler::Ddpm => format!("ddpm, {}", variance.name()),
@@ -499,14 +514,17 @@ impl Job for SampleArgs {
         };
         eprintln!("sampling {n} images, {steps} steps ({how}, clip {clip})");
         let all = sample::many(be, &mut net, &rows, n, self.seed, clip, init.as_deref())?;
-        write_samples(
-            &all,
-            n,
-            &m.config,
-            &self.out,
-            self.each.as_deref(),
-            self.out_npy.as_deref(),
-        )
+        let done = all.len() / (c * size * size);
+        if done == 0 {
+            return Err(crate::Error::Interrupted("no image was complete".into()).into());
+        }
+        let (out, each, npy) = (&self.out, self.each.as_deref(), self.out_npy.as_deref());
+        write_samples(&all, done, &m.config, out, each, npy)?;
+        if done < n {
+            let msg = format!("wrote the {done} of {n} images that were complete");
+            return Err(crate::Error::Interrupted(msg).into());
+        }
+        Ok(())
     }
 }
 

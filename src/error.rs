@@ -34,6 +34,12 @@ pub enum Error {
     Cuda(String),
     #[error("{0}")]
     Invalid(String),
+    /// Not enough memory for what was asked, before anything was allocated.
+    #[error("not enough memory: {0}")]
+    Memory(String),
+    /// A stop was asked for (SIGINT or SIGTERM) and the work stopped at a safe point.
+    #[error("interrupted: {0}")]
+    Interrupted(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -231,7 +231,8 @@ impl Evaluator {
 }
 
 /// The bound of the first `limit` images of `data` (all when `None`) under the U-Net in `net` (its
-/// weights loaded), in batches of `net.batch`, with a progress bar. Returns one bound per image.
+/// weights loaded), in batches of `net.batch`, with a progress bar. Returns one bound per image (after a
+/// stop request, those of the batches that finished).
 pub fn evaluate<B: Backend>(
     be: &mut B,
     net: &mut UNet,
@@ -255,11 +256,14 @@ pub fn evaluate<B: Backend>(
             .flat_map(|i| data.image(i).to_vec())
             .collect();
         let (input, timesteps, output, batch) = (net.input, net.timesteps, net.output(), net.batch);
-        let bounds = ev.batch(
+        let bounds = match ev.batch(
             &x0,
             dims,
             first as u64,
             |x_t, t| {
+                if crate::interrupt::requested() {
+                    return Err(Error::Interrupted(format!("evaluation stopped at t = {t}")));
+                }
                 let mut padded = x_t.to_vec();
                 padded.resize(input.len, 0.0);
                 be.upload(input, &padded)?;
@@ -273,7 +277,12 @@ pub fn evaluate<B: Backend>(
                 done += 1;
                 bar.update(done, 1.0, "");
             },
-        )?;
+        ) {
+            Ok(bounds) => bounds,
+            // A stop request: the images finished so far are the result.
+            Err(Error::Interrupted(_)) => break,
+            Err(e) => return Err(e),
+        };
         all.extend(bounds);
     }
     Ok(all)

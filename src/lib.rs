@@ -17,6 +17,7 @@ pub mod data;
 pub mod error;
 pub mod eval;
 pub mod image;
+pub mod interrupt;
 pub mod model;
 pub mod npy;
 pub mod progress;

@@ -210,6 +210,14 @@ pub fn run<B: Backend>(
         captured?;
     }
     for done in 1..=rows.len() {
+        if crate::interrupt::requested() {
+            be.synchronize()?;
+            return Err(Error::Interrupted(format!(
+                "sampling stopped after {} of {} steps",
+                done - 1,
+                rows.len()
+            )));
+        }
         if recorded {
             be.replay()?;
         } else {
@@ -254,6 +262,7 @@ pub fn images<B: Backend>(
 
 /// Samples `n` images in batches of `net.batch` (the last batch may be partial): NHWC, back to back.
 /// Image `i` is the same whatever the batch size. `init` (NHWC, `n` images) replaces the drawn `x_T`.
+/// After a stop request (SIGINT, SIGTERM) it returns the images of the batches that finished.
 pub fn many<B: Backend>(
     be: &mut B,
     net: &mut UNet,
@@ -291,8 +300,12 @@ pub fn many<B: Backend>(
             start,
         };
         let label = format!("batch {}/{batches}", b + 1);
-        let imgs = images(be, net, rows, draw, &label)?;
-        all.extend_from_slice(&imgs[..take * per_image]);
+        match images(be, net, rows, draw, &label) {
+            Ok(imgs) => all.extend_from_slice(&imgs[..take * per_image]),
+            // A stop request: the images of the finished batches are returned (fewer than `n`).
+            Err(Error::Interrupted(_)) => break,
+            Err(e) => return Err(e),
+        }
     }
     Ok(all)
 }

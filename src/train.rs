@@ -63,9 +63,9 @@ pub struct Trainer {
     pub ema: Tensor,
     m: Tensor,
     v: Tensor,
-    norm: Tensor,
-    /// The loss of step `s` at `losses[s % LOSS_CHUNK]`.
+    /// The loss and the gradient norm of step `s` at `[s % LOSS_CHUNK]`: read a chunk at a time.
     losses: Tensor,
+    norms: Tensor,
     x0: Tensor,
     eps: Tensor,
     sqrt_ab: Tensor,
@@ -85,7 +85,8 @@ impl Trainer {
         let net = UNet::new(be, config, opts.batch)?;
         let np = net.num_params();
         let (ema, m, v) = (be.alloc(np)?, be.alloc(np)?, be.alloc(np)?);
-        let (norm, losses) = (be.alloc(1)?, be.alloc(LOSS_CHUNK as usize)?);
+        let chunk = LOSS_CHUNK as usize;
+        let (losses, norms) = (be.alloc(chunk)?, be.alloc(chunk)?);
         let (x0, eps) = (be.alloc(net.input.len)?, be.alloc(net.input.len)?);
         let (sqrt_ab, sqrt_1m_ab) = (be.alloc(schedule.len())?, be.alloc(schedule.len())?);
         let f32s = |v: &[f64]| v.iter().map(|&x| x as f32).collect::<Vec<_>>();
@@ -98,8 +99,8 @@ impl Trainer {
             ema,
             m,
             v,
-            norm,
             losses,
+            norms,
             x0,
             eps,
             sqrt_ab,
@@ -147,16 +148,19 @@ impl Trainer {
             rng::stream(Purpose::TrainNoise, step),
         )?;
         let out = self.net.forward(be, Some((seed, step)))?;
-        let loss = self.losses.slice((step % LOSS_CHUNK) as usize, 1);
+        let slot = (step % LOSS_CHUNK) as usize;
+        let (loss, norm) = (self.losses.slice(slot, 1), self.norms.slice(slot, 1));
         be.mse_loss(out, self.eps, loss, self.net.output_grad())?;
         self.net.backward(be)?;
-        be.global_norm(self.net.grads, self.norm)?;
+        // A non-finite norm (from a non-finite loss or gradient) makes Adam skip the update on the
+        // backend itself: nothing waits for the host. The skip is counted when the ring is read.
+        be.global_norm(self.net.grads, norm)?;
         be.adam_step(
             self.net.params,
             self.net.grads,
             self.m,
             self.v,
-            self.norm,
+            norm,
             self.adam_hyper(step + 1),
         )?;
         be.ema_update(self.ema, self.net.params, self.opts.ema_decay)?;
@@ -182,17 +186,21 @@ impl Trainer {
         }
     }
 
-    /// The losses of steps `from .. self.step` (at most [`LOSS_CHUNK`] of them), read from the backend.
-    pub fn read_losses<B: Backend>(&self, be: &mut B, from: u64) -> Result<Vec<f32>> {
+    /// The (loss, gradient norm) of steps `from .. self.step` (at most [`LOSS_CHUNK`] of them), read from
+    /// the backend.
+    pub fn read_log<B: Backend>(&self, be: &mut B, from: u64) -> Result<Vec<(f32, f32)>> {
         if from > self.step || self.step - from > LOSS_CHUNK {
             return Err(Error::Invalid(format!(
                 "losses of steps {from}..{} are no longer kept (the ring holds {LOSS_CHUNK})",
                 self.step
             )));
         }
-        let ring = be.download(self.losses)?;
+        let (losses, norms) = (be.download(self.losses)?, be.download(self.norms)?);
         Ok((from..self.step)
-            .map(|s| ring[(s % LOSS_CHUNK) as usize])
+            .map(|s| {
+                let i = (s % LOSS_CHUNK) as usize;
+                (losses[i], norms[i])
+            })
             .collect())
     }
 
@@ -230,6 +238,21 @@ impl Trainer {
     }
 }
 
+/// The elements a training run reserves at `batch`: the U-Net with its gradients and activations, the
+/// EMA and Adam's moments, the batch and noise buffers, the log rings, the schedule tables, and the
+/// sampler for the grids (`grid` images).
+pub fn arena_len(
+    config: &UNetConfig,
+    batch: usize,
+    grid: usize,
+    timesteps: usize,
+) -> Result<usize> {
+    let (net, params) = UNet::arena_len(config, batch, true)?;
+    let (grid_net, _) = UNet::arena_len(config, grid, false)?;
+    let input = batch * config.sample_size * config.sample_size * config.in_channels;
+    Ok(net + 3 * params + 2 * input + 2 * LOSS_CHUNK as usize + 2 * timesteps + grid_net)
+}
+
 /// What `ddpm-cuda train` runs.
 pub struct Run {
     pub config: UNetConfig,
@@ -242,25 +265,36 @@ pub struct Run {
     pub every: u64,
     /// Images in each sample grid.
     pub grid: usize,
+    /// Stop after this many consecutive steps with a non-finite loss or gradient (each one skipped).
+    pub max_bad_steps: u64,
 }
 
 /// Trains from scratch, or from `resume`, until `run.steps`: progress bar, `loss.csv`, a sample grid from
-/// the EMA weights and a checkpoint every `run.every` steps, `loss.png` at the end.
+/// the EMA weights and a checkpoint every `run.every` steps, `loss.png` at the end. A stop request
+/// (SIGINT, SIGTERM) finishes the step, writes a checkpoint and returns. A step whose loss or gradient is
+/// not finite is skipped by the optimizer and counted; `run.max_bad_steps` of them in a row stop the run
+/// with an error, leaving the last checkpoint as it was.
 pub fn train<B: Backend>(
     be: &mut B,
     run: &Run,
     opts: TrainOptions,
     resume: Option<TrainState>,
 ) -> Result<()> {
-    if run.every == 0 || run.grid == 0 {
+    if run.every == 0 || run.grid == 0 || run.max_bad_steps == 0 {
         return Err(Error::Invalid(
-            "--every and --grid must be at least 1".into(),
+            "--every, --grid and --max-bad-steps must be at least 1".into(),
         ));
     }
     let scheduler = SchedulerConfig::default();
+    let timesteps = scheduler.num_train_timesteps;
+    crate::backend::check_fits(be, "training", opts.batch, |b| {
+        arena_len(&run.config, b, run.grid, timesteps)
+    })?;
     let data = Dataset::open(&run.data, run.config.sample_size, opts.seed)?;
     eprintln!("data: {}", data.description);
     let mut tr = Trainer::new(be, &run.config, scheduler.schedule(), opts.clone())?;
+    // The sampler for the grids, placed now: everything is reserved before the first step.
+    let mut grid_net = UNet::new_inference(be, &run.config, run.grid)?;
     match &resume {
         Some(s) => {
             tr.restore(be, s)?;
@@ -279,52 +313,50 @@ pub fn train<B: Backend>(
         opts.ema_decay
     );
     std::fs::create_dir_all(&run.out).map_err(|e| Error::io(&run.out, e))?;
-    let csv = run.out.join("loss.csv");
-    let mut losses = read_loss_csv(&csv, start);
-    let mut grid_net: Option<UNet> = None;
+    let mut log = Log::new(run, start);
     let rows = sample::ddpm_table(&tr.schedule, scheduler.variance_type);
     let mut bar = Progress::new("train", "img", run.steps.saturating_sub(start));
-    let (mut logged, mut smooth) = (start, None::<f64>);
     while tr.step < run.steps {
         let images = data.batch(opts.seed, tr.step, opts.batch, opts.flip);
         tr.step(be, &images)?;
-        let checkpoint = tr.step % run.every == 0 || tr.step == run.steps;
-        if tr.step - logged == LOSS_CHUNK || checkpoint {
-            for (i, loss) in tr.read_losses(be, logged)?.into_iter().enumerate() {
-                let step = logged + 1 + i as u64;
-                if !loss.is_finite() {
-                    return Err(Error::Invalid(format!(
-                        "the loss became {loss} at step {step}; the last checkpoint in {} is intact",
-                        run.out.display()
-                    )));
-                }
-                losses.push((step, loss));
-                let l = f64::from(loss);
-                smooth = Some(smooth.map_or(l, |s| 0.98 * s + 0.02 * l));
-            }
-            logged = tr.step;
+        let stop = crate::interrupt::requested();
+        let checkpoint = stop || tr.step % run.every == 0 || tr.step == run.steps;
+        if checkpoint || tr.step - log.logged == LOSS_CHUNK {
+            log.absorb(tr.read_log(be, log.logged)?, tr.step)?;
         }
-        let msg = smooth.map_or(String::new(), |s| format!("loss {s:.4}"));
-        bar.update(tr.step - start, opts.batch as f64, &msg);
+        bar.update(tr.step - start, opts.batch as f64, &log.message());
         if checkpoint {
-            write_loss_csv(&csv, &losses)?;
+            log.save(&run.out.join("loss.csv"))?;
             checkpoint::save_model(&run.out, &tr.net, &be.download(tr.ema)?, &scheduler)?;
             checkpoint::save_state(&run.out, &tr.state(be, &run.data)?)?;
-            let net = match &mut grid_net {
-                Some(n) => n,
-                None => grid_net.insert(UNet::new_inference(be, &run.config, run.grid)?),
-            };
-            be.copy(tr.ema, net.params)?;
+        }
+        if stop {
+            eprintln!(
+                "\nstopped at step {} (signal): checkpoint written to {}; continue with \
+                 `ddpm-cuda train --resume {} --steps {}`",
+                tr.step,
+                run.out.display(),
+                run.out.display(),
+                run.steps
+            );
+            return Ok(());
+        }
+        if checkpoint {
+            be.copy(tr.ema, grid_net.params)?;
+            let path = run.out.join(format!("samples_{:07}.png", tr.step));
             let draw = Draw {
                 seed: opts.seed,
                 first_image: 0,
-                per_image: net.input.len / net.batch,
+                per_image: grid_net.input.len / grid_net.batch,
                 clip: scheduler.clip_sample,
                 start: sample::Start::Noise,
             };
-            let images = sample::images(be, net, &rows, draw, "sample")?;
-            let path = run.out.join(format!("samples_{:07}.png", tr.step));
-            image::save_grid(&images, run.grid, &run.config, &path)?;
+            match sample::images(be, &mut grid_net, &rows, draw, "sample") {
+                Ok(images) => image::save_grid(&images, run.grid, &run.config, &path)?,
+                // A stop during the grid: the checkpoint is written; the next step's check stops.
+                Err(Error::Interrupted(_)) => continue,
+                Err(e) => return Err(e),
+            }
             eprintln!(
                 "step {}: wrote {} and a checkpoint",
                 tr.step,
@@ -332,35 +364,116 @@ pub fn train<B: Backend>(
             );
         }
     }
-    let curve: Vec<f32> = losses.iter().map(|&(_, l)| l).collect();
-    image::loss_curve(&curve).save_png(&run.out.join("loss.png"))?;
-    eprintln!(
-        "done: model in {} (diffusers layout), loss curve {}",
-        run.out.display(),
-        run.out.join("loss.png").display()
-    );
-    Ok(())
+    log.finish(&run.out)
 }
 
-/// `step,loss` rows of an earlier run up to `keep` (a crash may have left rows past the checkpoint).
-fn read_loss_csv(path: &Path, keep: u64) -> Vec<(u64, f32)> {
+/// The run's losses and gradient norms as they are read back, and the count of skipped steps.
+struct Log {
+    /// (step, loss, gradient norm) of every step so far, earlier runs' included.
+    rows: Vec<(u64, f32, f32)>,
+    /// The last step whose loss has been read.
+    logged: u64,
+    smooth: Option<f64>,
+    skipped: u64,
+    /// Consecutive skipped steps up to `logged`, and the limit.
+    bad_run: u64,
+    max_bad: u64,
+    out: std::path::PathBuf,
+}
+
+impl Log {
+    fn new(run: &Run, start: u64) -> Self {
+        Self {
+            rows: read_loss_csv(&run.out.join("loss.csv"), start),
+            logged: start,
+            smooth: None,
+            skipped: 0,
+            bad_run: 0,
+            max_bad: run.max_bad_steps,
+            out: run.out.clone(),
+        }
+    }
+
+    /// Takes the (loss, norm) of steps `logged + 1 ..= step`; fails after too many bad steps in a row.
+    fn absorb(&mut self, entries: Vec<(f32, f32)>, step: u64) -> Result<()> {
+        for (i, (loss, norm)) in entries.into_iter().enumerate() {
+            let s = self.logged + 1 + i as u64;
+            self.rows.push((s, loss, norm));
+            if loss.is_finite() && norm.is_finite() {
+                self.bad_run = 0;
+                let l = f64::from(loss);
+                self.smooth = Some(self.smooth.map_or(l, |m| 0.98 * m + 0.02 * l));
+            } else {
+                self.skipped += 1;
+                self.bad_run += 1;
+                eprintln!("\nstep {s}: loss {loss}, gradient norm {norm}: step skipped");
+            }
+            if self.bad_run >= self.max_bad {
+                return Err(Error::Invalid(format!(
+                    "training stopped at step {s}: {} consecutive steps had a non-finite loss or \
+                     gradient (each was skipped; {} skipped in all). The last checkpoint in {} is \
+                     intact; a lower --lr or a tighter --max-grad-norm may help",
+                    self.bad_run,
+                    self.skipped,
+                    self.out.display()
+                )));
+            }
+        }
+        self.logged = step;
+        Ok(())
+    }
+
+    fn message(&self) -> String {
+        let loss = self
+            .smooth
+            .map_or(String::new(), |s| format!("loss {s:.4}"));
+        match self.skipped {
+            0 => loss,
+            n => format!("{loss} ({n} skipped)"),
+        }
+    }
+
+    fn save(&self, path: &Path) -> Result<()> {
+        let mut csv = String::from("step,loss,grad_norm\n");
+        for (s, l, n) in &self.rows {
+            csv.push_str(&format!("{s},{l},{n}\n"));
+        }
+        checkpoint::write_atomic(path, csv.as_bytes())
+    }
+
+    fn finish(&self, out: &Path) -> Result<()> {
+        let curve: Vec<f32> = self.rows.iter().map(|&(_, l, _)| l).collect();
+        image::loss_curve(&curve).save_png(&out.join("loss.png"))?;
+        if self.skipped > 0 {
+            eprintln!(
+                "{} steps were skipped (non-finite loss or gradient)",
+                self.skipped
+            );
+        }
+        eprintln!(
+            "done: model in {} (diffusers layout), loss curve {}",
+            out.display(),
+            out.join("loss.png").display()
+        );
+        Ok(())
+    }
+}
+
+/// `step,loss,grad_norm` rows of an earlier run up to `keep` (a crash may have left rows past the
+/// checkpoint; files of the older `step,loss` form read with a NaN norm).
+fn read_loss_csv(path: &Path, keep: u64) -> Vec<(u64, f32, f32)> {
     let Ok(text) = std::fs::read_to_string(path) else {
         return Vec::new();
     };
     text.lines()
         .skip(1)
         .filter_map(|l| {
-            let (s, v) = l.split_once(',')?;
-            Some((s.parse().ok()?, v.parse().ok()?))
+            let mut f = l.split(',');
+            let step = f.next()?.parse().ok()?;
+            let loss = f.next()?.parse().ok()?;
+            let norm = f.next().and_then(|n| n.parse().ok()).unwrap_or(f32::NAN);
+            Some((step, loss, norm))
         })
-        .filter(|&(s, _)| s <= keep)
+        .filter(|&(s, _, _)| s <= keep)
         .collect()
-}
-
-fn write_loss_csv(path: &Path, losses: &[(u64, f32)]) -> Result<()> {
-    let mut csv = String::from("step,loss\n");
-    for (s, l) in losses {
-        csv.push_str(&format!("{s},{l}\n"));
-    }
-    checkpoint::write_atomic(path, csv.as_bytes())
 }

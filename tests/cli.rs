@@ -579,7 +579,10 @@ fn bad_input_is_a_clear_error_and_destroys_nothing() {
             vec!["diffuse", "--image", "keep.png", "--t", "1000"],
             "--t 1000",
         ),
-        (vec!["bench"], "not implemented yet"),
+        (
+            vec!["bench", "--preset", "tiny", "--batch", "0"],
+            "--batch and --steps must be at least 1",
+        ),
         (
             vec!["sample", "--model", "good", "--init-noise", "short.bin"],
             "not a .npy file",
@@ -620,7 +623,7 @@ fn bad_input_is_a_clear_error_and_destroys_nothing() {
     ] {
         let mut a = args.clone();
         a.extend_from_slice(&["--device", "cpu"]);
-        if a[0] == "diffuse" || a[0] == "bench" {
+        if a[0] == "diffuse" {
             a.truncate(a.len() - 2);
         }
         let e = fails(&dir, &a);

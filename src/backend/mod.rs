@@ -92,6 +92,36 @@ pub fn check_args(
     Ok(())
 }
 
+/// Fails, before anything is allocated, when `need(batch)` elements do not fit in what `be` has left,
+/// naming the memory needed, the memory available, and the largest batch that fits (`need` is affine in
+/// the batch: a fixed part and a part per image).
+pub fn check_fits<B: Backend + ?Sized>(
+    be: &B,
+    what: &str,
+    batch: usize,
+    need: impl Fn(usize) -> Result<usize>,
+) -> Result<()> {
+    let Some(avail) = be.memory_available() else {
+        return Ok(());
+    };
+    let want = need(batch)?;
+    if want <= avail {
+        return Ok(());
+    }
+    let (one, two) = (need(1)?, need(2)?);
+    let per_image = two.saturating_sub(one).max(1);
+    let fixed = one.saturating_sub(per_image);
+    let largest = avail.saturating_sub(fixed) / per_image;
+    let gib = |elements: usize| elements as f64 * 4.0 / (1u64 << 30) as f64;
+    Err(Error::Memory(format!(
+        "{what} at batch {batch} needs {:.2} GiB; {:.2} GiB is available on {}; the largest batch \
+         that fits is {largest}",
+        gib(want),
+        gib(avail),
+        be.describe()
+    )))
+}
+
 /// The three convolutions of the model.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ConvKind {
@@ -235,7 +265,8 @@ pub trait Backend {
     fn describe(&self) -> String;
 
     // --- buffers -----------------------------------------------------------------------------------------
-    /// Reserves `len` elements (zero-initialised).
+    /// Reserves `len` elements (zero-initialised); an error, before anything is allocated, when they do
+    /// not fit in [`Backend::memory_available`].
     fn alloc(&mut self, len: usize) -> Result<Tensor>;
     fn upload(&mut self, dst: Tensor, src: &[f32]) -> Result<()>;
     fn download(&mut self, src: Tensor) -> Result<Vec<f32>>;
@@ -519,6 +550,11 @@ pub trait Backend {
     /// Waits for everything queued (a no-op on the CPU).
     fn synchronize(&mut self) -> Result<()> {
         Ok(())
+    }
+    /// How many more elements `alloc` can reserve before memory runs out (device memory on a GPU, the
+    /// host's available memory on the CPU), where the backend can tell.
+    fn memory_available(&self) -> Option<usize> {
+        None
     }
     /// The arithmetic peak of the ops as written (fp32), in TFLOP/s, where the backend knows it.
     fn peak_tflops(&self) -> Option<f64> {

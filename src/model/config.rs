@@ -162,6 +162,20 @@ impl UNetConfig {
                 2 * down
             ));
         }
+        // Bounds that keep every size computed from the config far from overflow; real models are
+        // orders of magnitude inside them.
+        if levels > 8 || self.layers_per_block > 16 || self.sample_size > 4096 {
+            return err(format!(
+                "{levels} levels, layers_per_block {} and sample_size {} must be at most 8, 16 and 4096",
+                self.layers_per_block, self.sample_size
+            ));
+        }
+        if self.in_channels > 64 || self.out_channels > 64 {
+            return err("in_channels and out_channels must be at most 64".into());
+        }
+        if let Some(&c) = self.block_out_channels.iter().find(|&&c| c > 8192) {
+            return err(format!("block_out_channels entry {c} is over 8192"));
+        }
         if !(0.0..1.0).contains(&self.dropout) {
             return err(format!("dropout {} is outside [0, 1)", self.dropout));
         }

@@ -598,6 +598,7 @@ impl UNet {
         if batch == 0 {
             return Err(Error::Invalid("the batch size must be at least 1".into()));
         }
+        Self::size_guard(config, batch)?;
         let count = Self::build(config, batch, 0, 0, 0, 0);
         let np = count.specs.last().map_or(0, |s| s.offset + s.len);
         let na = count.acts.len;
@@ -620,6 +621,41 @@ impl UNet {
             acts.off,
             dacts.off - acts.off,
         ))
+    }
+
+    /// The elements [`UNet::new`] (training) or [`UNet::new_inference`] reserves for `config` at `batch`,
+    /// and the parameter count, computed without allocating.
+    pub fn arena_len(config: &UNetConfig, batch: usize, training: bool) -> Result<(usize, usize)> {
+        config.validate()?;
+        Self::size_guard(config, batch)?;
+        let count = Self::build(config, batch.max(1), 0, 0, 0, 0);
+        let (np, na) = (count.params.len, count.acts.len);
+        let total = if training { 2 * (np + na) } else { np + na };
+        Ok((total, np))
+    }
+
+    /// Refuses a batch whose arena could not exist: a generous bound on the elements (every layer of
+    /// every level at full resolution and the widest channel count) must stay under 2^50, checked
+    /// without overflow, so the sizes computed while building the net cannot wrap.
+    fn size_guard(config: &UNetConfig, batch: usize) -> Result<()> {
+        let widest = config.block_out_channels.iter().copied().max().unwrap_or(0);
+        let layers = config.block_out_channels.len() * (config.layers_per_block + 2) + 4;
+        let bound = [
+            config.sample_size,
+            config.sample_size,
+            2 * widest,
+            64,
+            layers,
+        ]
+        .iter()
+        .try_fold(batch, |acc, &x| acc.checked_mul(x));
+        match bound {
+            Some(b) if b < 1 << 50 => Ok(()),
+            _ => Err(Error::Memory(format!(
+                "batch {batch} of {0}x{0} images with up to {widest} channels is beyond any memory",
+                config.sample_size
+            ))),
+        }
     }
 
     /// Whether this net holds gradients (built with [`UNet::new`]).

@@ -84,6 +84,10 @@ impl<T: Real> CpuBackend<T> {
     }
 }
 
+fn gib(bytes: usize) -> f64 {
+    bytes as f64 / (1u64 << 30) as f64
+}
+
 fn gn_check(s: &GroupNormShape) -> Result<()> {
     if s.groups == 0 || s.c % s.groups != 0 {
         return Err(Error::shape(
@@ -106,8 +110,36 @@ impl<T: Real> Backend for CpuBackend<T> {
 
     fn alloc(&mut self, len: usize) -> Result<Tensor> {
         let t = Tensor::new(self.data.len(), len);
+        let bytes = len.saturating_mul(std::mem::size_of::<T>());
+        let short = |avail: usize| {
+            Error::Memory(format!(
+                "reserving {:.2} GiB on the CPU, {:.2} GiB available",
+                gib(bytes),
+                gib(avail.saturating_mul(std::mem::size_of::<T>()))
+            ))
+        };
+        if let Some(avail) = self.memory_available() {
+            if len > avail {
+                return Err(short(avail));
+            }
+        }
+        self.data.try_reserve_exact(len).map_err(|_| short(0))?;
         self.data.resize(t.end(), T::ZERO);
         Ok(t)
+    }
+
+    /// `MemAvailable` of /proc/meminfo, in elements (Linux; elsewhere unknown).
+    fn memory_available(&self) -> Option<usize> {
+        let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+        let kb: usize = info
+            .lines()
+            .find_map(|l| l.strip_prefix("MemAvailable:"))?
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse()
+            .ok()?;
+        Some(kb.saturating_mul(1024) / std::mem::size_of::<T>())
     }
 
     fn upload(&mut self, dst: Tensor, src: &[f32]) -> Result<()> {

@@ -349,6 +349,16 @@ impl super::Backend for CudaBackend {
     }
 
     fn alloc(&mut self, len: usize) -> Result<Tensor> {
+        if let Some(avail) = self.memory_available() {
+            if len > avail {
+                return Err(Error::Memory(format!(
+                    "reserving {:.2} GiB on {}: {:.2} GiB free",
+                    gib(4 * len),
+                    self.device,
+                    gib(4 * avail)
+                )));
+            }
+        }
         let t = Tensor::new(self.reserved, len);
         self.reserved = t.end();
         Ok(t)
@@ -748,6 +758,20 @@ impl super::Backend for CudaBackend {
 
     fn synchronize(&mut self) -> Result<()> {
         self.sync()
+    }
+
+    /// Free device memory, less what is reserved but not yet allocated, the workspace (if not yet
+    /// allocated) and 256 MiB of headroom for the driver and graphs, in elements.
+    fn memory_available(&self) -> Option<usize> {
+        let (free, _) = self.memory().ok()?;
+        let materialised = self.arena.as_ref().map_or(0, |a| a.bytes);
+        let pending = (4 * self.reserved).saturating_sub(materialised);
+        let workspace = if self.workspace.is_some() {
+            0
+        } else {
+            4 * WORKSPACE
+        };
+        Some(free.saturating_sub(pending + workspace + (256 << 20)) / 4)
     }
 
     /// SMs x fp32 lanes per SM (128 on sm_90, 64 on sm_80) x 2 (a fused multiply-add) x the SM clock:
