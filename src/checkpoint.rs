@@ -74,6 +74,20 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     Ok(())
 }
 
+/// Removes the temporary files [`write_atomic`] leaves when a process dies mid-write (`.NAME.tmp-PID`);
+/// the files they were to replace are intact. Best effort: a file that cannot be removed stays.
+pub fn remove_stale_temporaries(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with('.') && name.contains(".tmp-") {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
 /// Fails early, before any long work, when `path`'s directory does not exist.
 pub fn check_output_path(path: &Path, flag: &str) -> Result<()> {
     let dir = path

@@ -313,6 +313,7 @@ pub fn train<B: Backend>(
         opts.ema_decay
     );
     std::fs::create_dir_all(&run.out).map_err(|e| Error::io(&run.out, e))?;
+    checkpoint::remove_stale_temporaries(&run.out);
     let mut log = Log::new(run, start);
     let rows = sample::ddpm_table(&tr.schedule, scheduler.variance_type);
     let mut bar = Progress::new("train", "img", run.steps.saturating_sub(start));

@@ -583,3 +583,70 @@ fn graph_sampling_matches_the_cpu() {
     eprintln!("20-step DDIM, 5 images in batches of 3: error {e:.2e}");
     assert!(e < 1e-4, "graph sampling differs from the CPU by {e}");
 }
+
+/// Exact resume on the device: k steps, the state saved and restored into a fresh backend, then on to
+/// n, equals n steps straight, bit for bit (deterministic kernels: no atomics, fixed reduction orders).
+#[test]
+#[ignore = "needs a CUDA device"]
+fn resume_on_the_device_is_bit_identical() {
+    let opts = TrainOptions {
+        batch: 3,
+        lr: 1e-3,
+        warmup: 2,
+        max_grad_norm: 1.0,
+        ema_decay: 0.9,
+        flip: true,
+        seed: 5,
+    };
+    let data = ddpm_cuda::data::synthetic(8, 50, 2);
+    let run = |tr: &mut Trainer, be: &mut CudaBackend, until: u64| {
+        while tr.step < until {
+            let images = data.batch(opts.seed, tr.step, opts.batch, opts.flip);
+            tr.step(be, &images).unwrap();
+        }
+    };
+    let mut be = CudaBackend::new().unwrap();
+    let mut straight =
+        Trainer::new(&mut be, &small_config(), Schedule::paper(), opts.clone()).unwrap();
+    straight.init(&mut be).unwrap();
+    run(&mut straight, &mut be, 7);
+    let want = straight.state(&mut be, "synthetic").unwrap();
+
+    let mut be1 = CudaBackend::new().unwrap();
+    let mut first =
+        Trainer::new(&mut be1, &small_config(), Schedule::paper(), opts.clone()).unwrap();
+    first.init(&mut be1).unwrap();
+    run(&mut first, &mut be1, 3);
+    let saved = first.state(&mut be1, "synthetic").unwrap();
+    let mut be2 = CudaBackend::new().unwrap();
+    let mut resumed =
+        Trainer::new(&mut be2, &small_config(), Schedule::paper(), opts.clone()).unwrap();
+    resumed.restore(&mut be2, &saved).unwrap();
+    run(&mut resumed, &mut be2, 7);
+    assert!(
+        resumed.state(&mut be2, "synthetic").unwrap() == want,
+        "resume differs on the device"
+    );
+}
+
+/// A batch too large for the device is refused before training starts, naming what it needs, what is
+/// free and the largest batch that fits.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn a_batch_that_does_not_fit_the_device_is_refused_up_front() {
+    let mut be = CudaBackend::new().unwrap();
+    let config = UNetConfig::preset("ddpm-cifar10").unwrap();
+    let e = ddpm_cuda::backend::check_fits(&be, "training", 8192, |b| {
+        ddpm_cuda::train::arena_len(&config, b, 36, 1000)
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("needs") && e.contains("largest batch that fits is"),
+        "{e}"
+    );
+    // Nothing was allocated: a small run still fits afterwards.
+    let t = be.alloc(1 << 20).unwrap();
+    be.fill(t, 1.0).unwrap();
+    assert_eq!(be.download(t).unwrap()[12345], 1.0);
+}

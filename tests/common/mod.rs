@@ -9,6 +9,8 @@
 
 #![allow(dead_code)]
 
+pub mod cli;
+
 use ddpm_cuda::backend::{Backend, SamplerRow};
 use ddpm_cuda::sample::{self, Draw};
 
