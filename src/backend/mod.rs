@@ -122,6 +122,52 @@ pub fn check_fits<B: Backend + ?Sized>(
     )))
 }
 
+/// The checks on an op's parameters (beyond its tensors' lengths) that every backend makes.
+pub mod checks {
+    use super::GroupNormShape;
+    use crate::error::{Error, Result};
+
+    pub fn groups(s: &GroupNormShape) -> Result<()> {
+        if s.groups == 0 || s.c % s.groups != 0 {
+            return Err(Error::shape(
+                "group norm channels",
+                format!("a multiple of {} groups", s.groups),
+                s.c,
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn dropout(p: f32) -> Result<()> {
+        if (0.0..1.0).contains(&p) {
+            Ok(())
+        } else {
+            Err(Error::Invalid(format!(
+                "dropout probability {p} is outside [0, 1)"
+            )))
+        }
+    }
+
+    pub fn embedding_width(dim: usize) -> Result<()> {
+        if dim < 4 {
+            return Err(Error::shape("timestep embedding width", "at least 4", dim));
+        }
+        Ok(())
+    }
+
+    /// A batch of `len` elements in images of `per_image`.
+    pub fn images(len: usize, per_image: usize) -> Result<()> {
+        if per_image == 0 || len % per_image != 0 {
+            return Err(Error::shape(
+                "noise_add batch",
+                format!("a multiple of {per_image} elements"),
+                len,
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// The three convolutions of the model.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ConvKind {

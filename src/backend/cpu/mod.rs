@@ -11,8 +11,8 @@ pub mod reduce;
 
 use self::real::Real;
 use super::{
-    check_arg, check_args, AdamStep, Arg, AttentionShape, Backend, ConvShape, GroupNormShape,
-    SamplerRow, Tensor,
+    check_arg, check_args, checks, AdamStep, Arg, AttentionShape, Backend, ConvShape,
+    GroupNormShape, SamplerRow, Tensor,
 };
 use crate::error::{Error, Result};
 
@@ -86,17 +86,6 @@ impl<T: Real> CpuBackend<T> {
 
 fn gib(bytes: usize) -> f64 {
     bytes as f64 / (1u64 << 30) as f64
-}
-
-fn gn_check(s: &GroupNormShape) -> Result<()> {
-    if s.groups == 0 || s.c % s.groups != 0 {
-        return Err(Error::shape(
-            "group norm channels",
-            format!("a multiple of {} groups", s.groups),
-            s.c,
-        ));
-    }
-    Ok(())
 }
 
 impl<T: Real> Backend for CpuBackend<T> {
@@ -254,7 +243,7 @@ impl<T: Real> Backend for CpuBackend<T> {
         rstd: Tensor,
         silu: bool,
     ) -> Result<()> {
-        gn_check(&s)?;
+        checks::groups(&s)?;
         let ([x, g, b], [y, m, r]) = self.views(
             "group_norm_forward",
             [
@@ -287,7 +276,7 @@ impl<T: Real> Backend for CpuBackend<T> {
         silu: bool,
         accumulate: bool,
     ) -> Result<()> {
-        gn_check(&s)?;
+        checks::groups(&s)?;
         let ([x, g, b, m, r, dy], [dx, dg, db]) = self.views(
             "group_norm_backward",
             [
@@ -525,9 +514,7 @@ impl<T: Real> Backend for CpuBackend<T> {
     }
 
     fn timestep_embedding(&mut self, n: usize, dim: usize, t: Tensor, y: Tensor) -> Result<()> {
-        if dim < 4 {
-            return Err(Error::shape("timestep embedding width", "at least 4", dim));
-        }
+        checks::embedding_width(dim)?;
         let ([t], [y]) = self.views(
             "timestep_embedding",
             [("timesteps", t, n)],
@@ -545,7 +532,7 @@ impl<T: Real> Backend for CpuBackend<T> {
         seed: u64,
         stream: u64,
     ) -> Result<()> {
-        check_p(p)?;
+        checks::dropout(p)?;
         let ([x], [y]) = self.views("dropout_forward", [("x", x, x.len)], [("y", y, x.len)])?;
         elementwise::dropout_forward(x, y, p, seed, stream);
         Ok(())
@@ -560,7 +547,7 @@ impl<T: Real> Backend for CpuBackend<T> {
         stream: u64,
         accumulate: bool,
     ) -> Result<()> {
-        check_p(p)?;
+        checks::dropout(p)?;
         let ([dy], [dx]) = self.views(
             "dropout_backward",
             [("dy", dy, dy.len)],
@@ -599,13 +586,7 @@ impl<T: Real> Backend for CpuBackend<T> {
         seed: u64,
         stream: u64,
     ) -> Result<()> {
-        if per_image == 0 || x0.len % per_image != 0 {
-            return Err(Error::shape(
-                "noise_add batch",
-                format!("a multiple of {per_image} elements"),
-                x0.len,
-            ));
-        }
+        checks::images(x0.len, per_image)?;
         let ([x0s, ts, sa, s1], [xt, e]) = self.views(
             "noise_add",
             [
@@ -750,15 +731,5 @@ impl<T: Real> CpuBackend<T> {
                 "the sampler table is exhausted or was never loaded".into(),
             )),
         }
-    }
-}
-
-fn check_p(p: f32) -> Result<()> {
-    if (0.0..1.0).contains(&p) {
-        Ok(())
-    } else {
-        Err(Error::Invalid(format!(
-            "dropout probability {p} is outside [0, 1)"
-        )))
     }
 }

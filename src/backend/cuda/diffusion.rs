@@ -21,13 +21,7 @@ impl CudaBackend {
         seed: u64,
         stream: u64,
     ) -> Result<()> {
-        if per_image == 0 || x0.len % per_image != 0 {
-            return Err(Error::shape(
-                "noise_add batch",
-                format!("a multiple of {per_image} elements"),
-                x0.len,
-            ));
-        }
+        crate::backend::checks::images(x0.len, per_image)?;
         self.args(
             "noise_add",
             &[

@@ -209,9 +209,7 @@ impl CudaBackend {
     }
 
     pub(super) fn embedding(&mut self, n: usize, dim: usize, t: Tensor, y: Tensor) -> Result<()> {
-        if dim < 4 {
-            return Err(Error::shape("timestep embedding width", "at least 4", dim));
-        }
+        crate::backend::checks::embedding_width(dim)?;
         self.args(
             "timestep_embedding",
             &[("timesteps", t, n)],
@@ -231,7 +229,7 @@ impl CudaBackend {
         seed: u64,
         stream: u64,
     ) -> Result<()> {
-        check_p(p)?;
+        crate::backend::checks::dropout(p)?;
         self.args("dropout_forward", &[("x", x, x.len)], &[("y", y, x.len)])?;
         let (px, py, n) = (self.ptr(x), self.ptr(y), x.len as i64);
         let cfg = self.elementwise_cfg(x.len);
@@ -247,7 +245,7 @@ impl CudaBackend {
         stream: u64,
         acc: bool,
     ) -> Result<()> {
-        check_p(p)?;
+        crate::backend::checks::dropout(p)?;
         self.args(
             "dropout_backward",
             &[("dy", dy, dy.len)],
@@ -291,14 +289,4 @@ pub(super) fn dims<const N: usize>(v: [usize; N]) -> Result<[i32; N]> {
             .map_err(|_| Error::Invalid(format!("size {x} is too large for a kernel argument")))?;
     }
     Ok(out)
-}
-
-fn check_p(p: f32) -> Result<()> {
-    if (0.0..1.0).contains(&p) {
-        Ok(())
-    } else {
-        Err(Error::Invalid(format!(
-            "dropout probability {p} is outside [0, 1)"
-        )))
-    }
 }

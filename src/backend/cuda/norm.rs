@@ -7,13 +7,7 @@ use crate::error::{Error, Result};
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
 fn check(s: &GroupNormShape) -> Result<()> {
-    if s.groups == 0 || s.c % s.groups != 0 {
-        return Err(Error::shape(
-            "group norm channels",
-            format!("a multiple of {} groups", s.groups),
-            s.c,
-        ));
-    }
+    crate::backend::checks::groups(s)?;
     if s.n > 65_535 || s.groups > i32::MAX as usize {
         return Err(Error::Invalid(format!(
             "group norm over {} images of {} groups does not fit one launch",
