@@ -184,6 +184,33 @@ pub fn run<B: Backend>(
     x: Tensor,
     eps: Tensor,
     draw: Draw,
+    denoise: impl FnMut(&mut B) -> Result<()>,
+    progress: impl FnMut(usize, usize),
+) -> Result<()> {
+    drive(be, rows, x, eps, draw, true, denoise, progress)
+}
+
+/// [`run`], step by step, never recorded: for a `denoise` that works on the host (the tests that drive a
+/// sampler with a closed-form predictor).
+pub fn run_stepwise<B: Backend>(
+    be: &mut B,
+    rows: &[SamplerRow],
+    x: Tensor,
+    eps: Tensor,
+    draw: Draw,
+    denoise: impl FnMut(&mut B) -> Result<()>,
+    progress: impl FnMut(usize, usize),
+) -> Result<()> {
+    drive(be, rows, x, eps, draw, false, denoise, progress)
+}
+
+fn drive<B: Backend>(
+    be: &mut B,
+    rows: &[SamplerRow],
+    x: Tensor,
+    eps: Tensor,
+    draw: Draw,
+    record: bool,
     mut denoise: impl FnMut(&mut B) -> Result<()>,
     mut progress: impl FnMut(usize, usize),
 ) -> Result<()> {
@@ -203,7 +230,7 @@ pub fn run<B: Backend>(
         be.sampler_step(x, eps, x, first, draw.clip, draw.seed, base)?;
         be.sampler_advance()
     };
-    let recorded = be.capture_begin()?;
+    let recorded = record && be.capture_begin()?;
     if recorded {
         let captured = step(be);
         be.capture_end()?;

@@ -93,7 +93,7 @@ pub fn gaussian_moments<B: Backend>(be: &mut B, rows: &[SamplerRow]) -> (f64, f6
         clip: false,
         start: sample::Start::Noise,
     };
-    sample::run(
+    sample::run_stepwise(
         be,
         rows,
         x,

@@ -5,7 +5,7 @@ use super::elementwise::dims;
 use super::{launch, CudaBackend, WORKSPACE};
 use crate::backend::{AttentionShape, Tensor};
 use crate::error::{Error, Result};
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use cudarc::driver::LaunchConfig;
 
 /// The kernels that use more than the default 48 KB of dynamic shared memory for wide layers; the
 /// backend opts them in to the device's maximum at load.
@@ -22,11 +22,11 @@ const TILE: usize = 8;
 impl CudaBackend {
     fn attention_cfg(&self, s: &AttentionShape, floats: usize) -> Result<LaunchConfig> {
         let bytes = 4 * floats;
-        if bytes > self.max_shared as usize {
+        if bytes > self.props.max_shared as usize {
             return Err(Error::Invalid(format!(
                 "attention over {} channels needs {bytes} bytes of shared memory per block; this device \
                  allows {}",
-                s.c, self.max_shared
+                s.c, self.props.max_shared
             )));
         }
         if s.n > 65_535 {

@@ -5,7 +5,7 @@ use super::elementwise::dims;
 use super::{launch, CudaBackend, WORKSPACE};
 use crate::backend::{ConvKind, ConvShape, Tensor};
 use crate::error::{Error, Result};
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use cudarc::driver::LaunchConfig;
 
 /// The GEMM tile of `kernels/gemm.cuh`.
 const TILE: usize = 64;
@@ -147,7 +147,7 @@ impl CudaBackend {
         );
         let (oh, ow) = s.out_hw();
         let pixels = s.n * oh * ow;
-        let (splits, chunk) = split_k(s.o, s.k(), pixels, self.sms);
+        let (splits, chunk) = split_k(s.o, s.k(), pixels, self.props.sms);
         let cfg = gemm_cfg(s.o, s.k(), splits);
         let [n, h, wd, c, o, chunk_i] = dims([s.n, s.h, s.w, s.c, s.o, chunk])?;
         let [taps, stride, pad] = geometry(s.kind);

@@ -2,10 +2,10 @@
 //! counter on the device).
 
 use super::elementwise::dims;
-use super::{cuda, launch, CudaBackend, DeviceBuffer, REDUCE_BLOCKS};
+use super::{launch, CudaBackend, REDUCE_BLOCKS};
 use crate::backend::{SamplerRow, Tensor};
 use crate::error::{Error, Result};
-use cudarc::driver::{result, LaunchConfig, PushKernelArg};
+use cudarc::driver::LaunchConfig;
 
 impl CudaBackend {
     pub(super) fn forward_process(
@@ -99,6 +99,7 @@ impl CudaBackend {
 
     /// Uploads a table and sets the counter to its last row (host work: not for a recorded sequence).
     pub(super) fn load_table(&mut self, rows: &[SamplerRow]) -> Result<()> {
+        self.not_recording("loading a sampler table")?;
         if rows.is_empty() || rows.len() > i32::MAX as usize {
             return Err(Error::Invalid(
                 "a sampler table needs at least one row".into(),
@@ -107,19 +108,17 @@ impl CudaBackend {
         self.materialise()?;
         let bytes = std::mem::size_of_val(rows);
         if self.table.as_ref().is_none_or(|t| t.bytes < bytes) {
-            self.table = Some(DeviceBuffer::new(&self.ctx, bytes, "the sampler table")?);
+            self.table = Some(self.dev.malloc(bytes, "the sampler table")?);
         }
         if self.step.is_none() {
-            self.step = Some(DeviceBuffer::new(&self.ctx, 4, "the sampler step")?);
+            self.step = Some(self.dev.malloc(4, "the sampler step")?);
         }
         let (table, step) = (self.table_ptr(), self.step_ptr());
         let last = [(rows.len() - 1) as i32];
-        let cu = self.stream.cu_stream();
-        // SAFETY: both buffers were just sized for these copies; the host data outlives the staged copy.
+        // SAFETY: both buffers were just sized for these copies.
         unsafe {
-            result::memcpy_htod_async(table, bytemuck::cast_slice::<SamplerRow, f32>(rows), cu)
-                .map_err(cuda("uploading the sampler table"))?;
-            result::memcpy_htod_async(step, &last, cu).map_err(cuda("setting the sampler step"))?;
+            self.dev.htod(table, bytemuck::cast_slice(rows))?;
+            self.dev.htod(step, bytemuck::cast_slice(&last))?;
         }
         self.table_rows = rows.len();
         Ok(())
@@ -143,11 +142,13 @@ impl CudaBackend {
     /// Reads the counter (a synchronisation: not for inside a sampling loop).
     pub(super) fn table_position(&mut self) -> Result<Option<usize>> {
         self.loaded()?;
+        self.not_recording("reading the sampler step")?;
         let mut step = [0i32];
-        // SAFETY: the step buffer holds one i32; the stream is synchronised before it is read.
-        unsafe { result::memcpy_dtoh_async(&mut step, self.step_ptr(), self.stream.cu_stream()) }
-            .map_err(cuda("reading the sampler step"))?;
-        self.sync()?;
+        // SAFETY: the step buffer holds one i32; dtoh waits for everything queued.
+        unsafe {
+            self.dev
+                .dtoh(bytemuck::cast_slice_mut(&mut step), self.step_ptr())?
+        };
         Ok(usize::try_from(step[0])
             .ok()
             .filter(|&s| s < self.table_rows))

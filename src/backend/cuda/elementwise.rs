@@ -4,7 +4,7 @@
 use super::{launch, CudaBackend};
 use crate::backend::Tensor;
 use crate::error::{Error, Result};
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use cudarc::driver::LaunchConfig;
 
 impl CudaBackend {
     pub(super) fn fill_tensor(&mut self, dst: Tensor, value: f32) -> Result<()> {

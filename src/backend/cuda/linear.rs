@@ -5,7 +5,6 @@ use super::elementwise::dims;
 use super::{launch, CudaBackend};
 use crate::backend::Tensor;
 use crate::error::Result;
-use cudarc::driver::PushKernelArg;
 
 impl CudaBackend {
     /// `y[m, n] = x[m, k] w[n, k]^T + b[n]`.
@@ -76,7 +75,7 @@ impl CudaBackend {
             self.ptr(dw),
             self.workspace_ptr(),
         );
-        let (splits, chunk) = split_k(n, k, m, self.sms);
+        let (splits, chunk) = split_k(n, k, m, self.props.sms);
         let [chunk_i] = dims([chunk])?;
         launch!(
             self,

@@ -17,20 +17,17 @@
 
 mod attention;
 mod conv;
+mod device;
 mod diffusion;
 mod elementwise;
 mod linear;
 mod norm;
 mod optim;
 
+use self::device::{gib, Device, DeviceBuffer, Properties};
 use super::{check_args, Arg, Tensor};
 use crate::error::{Error, Result};
-use cudarc::driver::sys::{self, CUdevice_attribute, CUfunction_attribute};
-use cudarc::driver::{
-    result, CudaContext, CudaFunction, CudaGraph, CudaModule, CudaStream, LaunchConfig,
-};
-use std::collections::HashMap;
-use std::sync::Arc;
+use cudarc::driver::LaunchConfig;
 
 /// The fatbin build.rs compiled from `kernels/*.cu`, when nvcc was available at build time.
 #[cfg(ddpm_kernels)]
@@ -62,55 +59,8 @@ const REDUCE_BLOCKS: u32 = 512;
 /// The scratch workspace, in floats (64 MiB): split-K partial sums are sized to fit in it.
 const WORKSPACE: usize = 16 << 20;
 
-/// Device memory from `cuMemAlloc`, freed on drop.
-struct DeviceBuffer {
-    ptr: sys::CUdeviceptr,
-    bytes: usize,
-}
-
-impl DeviceBuffer {
-    fn new(ctx: &CudaContext, bytes: usize, what: &str) -> Result<Self> {
-        ctx.bind_to_thread().map_err(cuda("binding the context"))?;
-        if bytes == 0 {
-            return Ok(Self { ptr: 0, bytes });
-        }
-        // SAFETY: a plain allocation in the bound context; freed exactly once in Drop.
-        let ptr = unsafe { result::malloc_sync(bytes) }.map_err(|e| {
-            let free = ctx.mem_get_info().map_or(0, |(free, _)| free);
-            Error::Cuda(format!(
-                "allocating {what}: {:.2} GiB needed, {:.2} GiB free on the device ({e})",
-                gib(bytes),
-                gib(free)
-            ))
-        })?;
-        Ok(Self { ptr, bytes })
-    }
-}
-
-impl Drop for DeviceBuffer {
-    fn drop(&mut self) {
-        if self.ptr != 0 {
-            // SAFETY: allocated by malloc_sync and not freed before; the stream is synchronised by the owner.
-            unsafe {
-                let _ = result::free_sync(self.ptr);
-            }
-        }
-    }
-}
-
-fn gib(bytes: usize) -> f64 {
-    bytes as f64 / (1u64 << 30) as f64
-}
-
-/// Maps a driver error to ours, naming what was being done.
-fn cuda<E: std::fmt::Display>(what: &'static str) -> impl Fn(E) -> Error {
-    move |e| Error::Cuda(format!("{what}: {e}"))
-}
-
-/// Fields are dropped in order: the graph and the device buffers go before the module, the stream and the
-/// context they belong to.
+/// Fields are dropped in order: the device buffers go before the device they belong to.
 pub struct CudaBackend {
-    graph: Option<CudaGraph>,
     capturing: bool,
     /// Elements handed out by `alloc`, and the arena that holds them (once materialised).
     reserved: usize,
@@ -122,18 +72,8 @@ pub struct CudaBackend {
     table: Option<DeviceBuffer>,
     table_rows: usize,
     step: Option<DeviceBuffer>,
-    functions: HashMap<&'static str, CudaFunction>,
-    module: Arc<CudaModule>,
-    stream: Arc<CudaStream>,
-    ctx: Arc<CudaContext>,
-    /// "NVIDIA H100 80GB HBM3 (sm_90, 132 SMs)".
-    device: String,
-    sms: u32,
-    /// Largest dynamic shared memory a block may opt in to, in bytes.
-    max_shared: u32,
-    /// Compute capability major version and the SM clock (kHz), for the peak.
-    major: i32,
-    clock_khz: i32,
+    dev: Device,
+    props: Properties,
 }
 
 impl CudaBackend {
@@ -147,50 +87,21 @@ impl CudaBackend {
                     .into(),
             ));
         };
-        // SAFETY: only tries to dlopen libcuda and reports whether it loaded.
-        if !unsafe { sys::is_culib_present() } {
-            return Err(Error::Cuda(
-                "the CUDA driver library (libcuda) could not be loaded: no NVIDIA driver on this machine"
-                    .into(),
-            ));
-        }
-        let count = CudaContext::device_count().map_err(cuda("counting devices"))?;
-        if count == 0 {
-            return Err(Error::Cuda("the NVIDIA driver reports no devices".into()));
-        }
-        let ctx = CudaContext::new(0).map_err(cuda("creating a context on device 0"))?;
-        // Before any allocation: cudarc's event tracking would record events around every argument, which
-        // breaks stream capture (REFERENCE.md §5). This backend orders everything on one stream itself.
-        // SAFETY: nothing has been allocated or launched in this context yet.
-        unsafe { ctx.disable_event_tracking() };
-        let stream = ctx.new_stream().map_err(cuda("creating a stream"))?;
-        let name = ctx.name().map_err(cuda("reading the device name"))?;
-        let (major, minor) = ctx
-            .compute_capability()
-            .map_err(cuda("reading the compute capability"))?;
-        let attr = |a| ctx.attribute(a).map_err(cuda("reading a device attribute"));
-        let sms = attr(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as u32;
-        let max_shared =
-            attr(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)? as u32;
-        let clock_khz = attr(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_CLOCK_RATE)?;
-        let module = ctx
-            .load_module(cudarc::nvrtc::Ptx::from_binary(fatbin.to_vec()))
-            .map_err(|e| {
-                Error::Cuda(format!(
-                    "loading the kernels (built for {}) on {name} (sm_{major}{minor}): {e}",
-                    kernel_archs().unwrap_or("?")
-                ))
-            })?;
-        let mut backend = Self {
-            ctx,
-            stream,
-            module,
-            functions: HashMap::new(),
-            device: format!("{name} (sm_{major}{minor}, {sms} SMs)"),
-            sms,
-            max_shared,
-            major,
-            clock_khz,
+        let archs = kernel_archs().unwrap_or("?");
+        let (dev, props) = Device::gpu(fatbin, archs, &attention::KERNELS)?;
+        Ok(Self::on(dev, props))
+    }
+
+    /// The same backend over the CPU emulator of the kernels (feature `emu`): for tests without a GPU.
+    #[cfg(feature = "emu")]
+    pub fn emulated() -> Self {
+        let (dev, props) = Device::emulator();
+        Self::on(dev, props)
+    }
+
+    fn on(dev: Device, props: Properties) -> Self {
+        Self {
+            capturing: false,
             reserved: 0,
             arena: None,
             workspace: None,
@@ -198,48 +109,24 @@ impl CudaBackend {
             table: None,
             table_rows: 0,
             step: None,
-            graph: None,
-            capturing: false,
-        };
-        for name in attention::KERNELS {
-            let f = backend.function(name)?;
-            f.set_attribute(
-                CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                max_shared as i32,
-            )
-            .map_err(cuda("allowing attention its shared memory"))?;
+            dev,
+            props,
         }
-        Ok(backend)
     }
 
     /// The device, for logs.
     pub fn device_name(&self) -> &str {
-        &self.device
+        &self.props.name
     }
 
     /// Free and total device memory, in bytes.
     pub fn memory(&self) -> Result<(usize, usize)> {
-        self.ctx
-            .mem_get_info()
-            .map_err(cuda("reading device memory"))
+        self.dev.memory()
     }
 
     /// Elements reserved so far (what the arena will hold).
     pub fn reserved(&self) -> usize {
         self.reserved
-    }
-
-    /// A kernel of the embedded module, loaded once.
-    fn function(&mut self, name: &'static str) -> Result<CudaFunction> {
-        if let Some(f) = self.functions.get(name) {
-            return Ok(f.clone());
-        }
-        let f = self
-            .module
-            .load_function(name)
-            .map_err(|e| Error::Cuda(format!("kernel {name} is missing from the module: {e}")))?;
-        self.functions.insert(name, f.clone());
-        Ok(f)
     }
 
     /// Makes sure the arena holds every reserved element, allocating or growing it (contents kept), and the
@@ -252,36 +139,38 @@ impl CudaBackend {
                     "device memory would have to grow while recording a graph".into(),
                 ));
             }
-            let bigger = DeviceBuffer::new(&self.ctx, need, "the activation and parameter arena")?;
+            let bigger = self
+                .dev
+                .malloc(need, "the activation and parameter arena")?;
             let kept = self.arena.as_ref().map_or(0, |a| a.bytes);
-            let cu = self.stream.cu_stream();
             // SAFETY: both ranges are live allocations of at least `kept` bytes; the new tail is zeroed, as
             // `alloc` promises.
             unsafe {
                 if let Some(old) = &self.arena {
-                    result::memcpy_dtod_async(bigger.ptr, old.ptr, kept, cu)
-                        .map_err(cuda("copying the arena while growing it"))?;
+                    self.dev.dtod(bigger.ptr, old.ptr, kept)?;
                 }
-                result::memset_d8_async(bigger.ptr + kept as u64, 0, need - kept, cu)
-                    .map_err(cuda("zeroing the arena"))?;
+                self.dev.zero(bigger.ptr + kept as u64, need - kept)?;
             }
-            self.stream
-                .synchronize()
-                .map_err(cuda("growing the arena"))?;
+            self.dev.synchronize()?;
             self.arena = Some(bigger);
-            self.graph = None;
+            self.dev.forget_recording();
         }
         if self.workspace.is_none() {
-            self.workspace = Some(DeviceBuffer::new(
-                &self.ctx,
-                WORKSPACE * 4,
-                "the kernels' workspace",
-            )?);
-            self.partials = Some(DeviceBuffer::new(
-                &self.ctx,
-                REDUCE_BLOCKS as usize * 8,
-                "reduction partials",
-            )?);
+            self.workspace = Some(self.dev.malloc(WORKSPACE * 4, "the kernels' workspace")?);
+            self.partials = Some(
+                self.dev
+                    .malloc(REDUCE_BLOCKS as usize * 8, "reduction partials")?,
+            );
+        }
+        Ok(())
+    }
+
+    /// Refuses host transfers while a sequence is being recorded (they would not be part of it).
+    fn not_recording(&self, what: &str) -> Result<()> {
+        if self.capturing {
+            return Err(Error::Invalid(format!(
+                "{what} while recording a sequence of device work"
+            )));
         }
         Ok(())
     }
@@ -307,7 +196,9 @@ impl CudaBackend {
 
     /// A grid-stride launch over `n` items: 256 threads a block, at most 32 blocks per SM.
     fn elementwise_cfg(&self, n: usize) -> LaunchConfig {
-        let blocks = n.div_ceil(BLOCK as usize).clamp(1, 32 * self.sms as usize) as u32;
+        let blocks = n
+            .div_ceil(BLOCK as usize)
+            .clamp(1, 32 * self.props.sms as usize) as u32;
         LaunchConfig {
             grid_dim: (blocks, 1, 1),
             block_dim: (BLOCK, 1, 1),
@@ -316,9 +207,7 @@ impl CudaBackend {
     }
 
     fn sync(&self) -> Result<()> {
-        self.stream
-            .synchronize()
-            .map_err(cuda("synchronising the stream"))
+        self.dev.synchronize()
     }
 }
 
@@ -330,22 +219,21 @@ impl CudaBackend {
 /// orders every access.
 macro_rules! launch {
     ($be:expr, $name:expr, $cfg:expr, $($arg:expr),* $(,)?) => {{
-        let function = $be.function($name)?;
-        let mut builder = $be.stream.launch_builder(&function);
+        let mut params: Vec<*mut std::ffi::c_void> = Vec::new();
+        let mut sizes: Vec<usize> = Vec::new();
         $(
             let arg = $arg;
-            builder.arg(&arg);
+            params.push(&arg as *const _ as *mut std::ffi::c_void);
+            sizes.push(std::mem::size_of_val(&arg));
         )*
-        unsafe { builder.launch($cfg) }
-            .map(|_| ())
-            .map_err(|e| $crate::error::Error::Cuda(format!("launching {}: {e}", $name)))
+        unsafe { $be.dev.launch($name, $cfg, &mut params, &sizes) }
     }};
 }
 pub(crate) use launch;
 
 impl super::Backend for CudaBackend {
     fn describe(&self) -> String {
-        format!("cuda: {}", self.device)
+        format!("cuda: {}", self.props.name)
     }
 
     fn alloc(&mut self, len: usize) -> Result<Tensor> {
@@ -354,7 +242,7 @@ impl super::Backend for CudaBackend {
                 return Err(Error::Memory(format!(
                     "reserving {:.2} GiB on {}: {:.2} GiB free",
                     gib(4 * len),
-                    self.device,
+                    self.props.name,
                     gib(4 * avail)
                 )));
             }
@@ -365,19 +253,21 @@ impl super::Backend for CudaBackend {
     }
 
     fn upload(&mut self, dst: Tensor, src: &[f32]) -> Result<()> {
+        self.not_recording("an upload")?;
         self.args("upload", &[], &[("dst", dst, src.len())])?;
-        // SAFETY: dst was checked to lie inside the arena; the host slice outlives the (staged) copy.
-        unsafe { result::memcpy_htod_async(self.ptr(dst), src, self.stream.cu_stream()) }
-            .map_err(cuda("copying to the device"))
+        // SAFETY: dst was checked to lie inside the arena.
+        unsafe { self.dev.htod(self.ptr(dst), bytemuck::cast_slice(src)) }
     }
 
     fn download(&mut self, src: Tensor) -> Result<Vec<f32>> {
+        self.not_recording("a download")?;
         self.args("download", &[("src", src, src.len)], &[])?;
         let mut out = vec![0.0f32; src.len];
-        // SAFETY: src lies inside the arena; the stream is synchronised before `out` is read.
-        unsafe { result::memcpy_dtoh_async(&mut out, self.ptr(src), self.stream.cu_stream()) }
-            .map_err(cuda("copying from the device"))?;
-        self.sync()?;
+        // SAFETY: src lies inside the arena; dtoh waits for the copy.
+        unsafe {
+            self.dev
+                .dtoh(bytemuck::cast_slice_mut(&mut out), self.ptr(src))?
+        };
         Ok(out)
     }
 
@@ -388,15 +278,7 @@ impl super::Backend for CudaBackend {
     fn copy(&mut self, src: Tensor, dst: Tensor) -> Result<()> {
         self.args("copy", &[("src", src, src.len)], &[("dst", dst, src.len)])?;
         // SAFETY: both ranges were checked to lie inside the arena and not to overlap.
-        unsafe {
-            result::memcpy_dtod_async(
-                self.ptr(dst),
-                self.ptr(src),
-                4 * src.len,
-                self.stream.cu_stream(),
-            )
-        }
-        .map_err(cuda("copying on the device"))
+        unsafe { self.dev.dtod(self.ptr(dst), self.ptr(src), 4 * src.len) }
     }
 
     fn accumulate(&mut self, src: Tensor, dst: Tensor, accumulate: bool) -> Result<()> {
@@ -726,34 +608,18 @@ impl super::Backend for CudaBackend {
     fn capture_begin(&mut self) -> Result<bool> {
         // Everything a recorded op touches must exist before recording starts.
         self.materialise()?;
-        self.graph = None;
-        self.stream
-            .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
-            .map_err(cuda("starting a graph capture"))?;
+        self.dev.capture_begin()?;
         self.capturing = true;
         Ok(true)
     }
 
     fn capture_end(&mut self) -> Result<()> {
         self.capturing = false;
-        let graph = self
-            .stream
-            .end_capture(sys::CUgraphInstantiate_flags(0))
-            .map_err(cuda("ending a graph capture"))?;
-        self.graph = graph;
-        if self.graph.is_none() {
-            return Err(Error::Cuda("the captured graph is empty".into()));
-        }
-        Ok(())
+        self.dev.capture_end()
     }
 
     fn replay(&mut self) -> Result<()> {
-        match &self.graph {
-            Some(g) => g.launch().map_err(cuda("replaying a graph")),
-            None => Err(Error::Invalid(
-                "no recorded graph (or the arena grew since)".into(),
-            )),
-        }
+        self.dev.replay()
     }
 
     fn synchronize(&mut self) -> Result<()> {
@@ -777,14 +643,16 @@ impl super::Backend for CudaBackend {
     /// SMs x fp32 lanes per SM (128 on sm_90, 64 on sm_80) x 2 (a fused multiply-add) x the SM clock:
     /// the SIMT fp32 peak that bounds the version 1 kernels.
     fn peak_tflops(&self) -> Option<f64> {
-        let lanes = if self.major >= 9 { 128.0 } else { 64.0 };
-        Some(f64::from(self.sms) * lanes * 2.0 * f64::from(self.clock_khz) * 1e3 / 1e12)
+        let p = &self.props;
+        let lanes = if p.major >= 9 { 128.0 } else { 64.0 };
+        (p.clock_khz > 0)
+            .then(|| f64::from(p.sms) * lanes * 2.0 * f64::from(p.clock_khz) * 1e3 / 1e12)
     }
 }
 
 impl Drop for CudaBackend {
     fn drop(&mut self) {
         // Buffers are freed after everything queued has finished with them.
-        let _ = self.stream.synchronize();
+        let _ = self.dev.synchronize();
     }
 }

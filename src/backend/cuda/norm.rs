@@ -4,7 +4,7 @@ use super::elementwise::dims;
 use super::{launch, CudaBackend, WORKSPACE};
 use crate::backend::{GroupNormShape, Tensor};
 use crate::error::{Error, Result};
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use cudarc::driver::LaunchConfig;
 
 fn check(s: &GroupNormShape) -> Result<()> {
     crate::backend::checks::groups(s)?;

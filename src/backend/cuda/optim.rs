@@ -4,7 +4,6 @@ use super::diffusion::reduce_cfg;
 use super::{launch, CudaBackend};
 use crate::backend::{AdamStep, Tensor};
 use crate::error::Result;
-use cudarc::driver::PushKernelArg;
 
 impl CudaBackend {
     /// `out[0] = sqrt(sum grads^2)` through fixed-grid fp64 partials (deterministic).

@@ -1,0 +1,487 @@
+//! The machine the kernels run on, below the launchers: an NVIDIA GPU through the driver (cudarc), or,
+//! with the cargo feature `emu`, the CPU emulator of `emu/` that runs the same kernel sources thread by
+//! thread (for testing kernels and launchers on machines without a GPU). Both offer the same few things:
+//! memory, copies, launches by kernel name, recording a sequence of launches and replaying it.
+
+use crate::error::{Error, Result};
+use cudarc::driver::sys::{self, CUdevice_attribute, CUfunction_attribute};
+use cudarc::driver::{
+    result, CudaContext, CudaFunction, CudaGraph, CudaModule, CudaStream, LaunchConfig,
+};
+use std::collections::HashMap;
+use std::ffi::c_void;
+use std::sync::Arc;
+
+/// Maps a driver error to ours, naming what was being done.
+pub(super) fn cuda<E: std::fmt::Display>(what: &'static str) -> impl Fn(E) -> Error {
+    move |e| Error::Cuda(format!("{what}: {e}"))
+}
+
+pub(super) fn gib(bytes: usize) -> f64 {
+    bytes as f64 / (1u64 << 30) as f64
+}
+
+/// What the launchers need to know about the device.
+pub(super) struct Properties {
+    /// "NVIDIA H100 80GB HBM3 (sm_90, 132 SMs)".
+    pub name: String,
+    pub sms: u32,
+    /// Largest dynamic shared memory a block may opt in to, in bytes.
+    pub max_shared: u32,
+    /// Compute capability major version and the SM clock (kHz), for the arithmetic peak (0: unknown).
+    pub major: i32,
+    pub clock_khz: i32,
+}
+
+/// Device memory, freed on drop.
+pub(super) struct DeviceBuffer {
+    pub ptr: u64,
+    pub bytes: usize,
+    free: unsafe fn(u64),
+}
+
+impl Drop for DeviceBuffer {
+    fn drop(&mut self) {
+        if self.ptr != 0 {
+            // SAFETY: allocated by the matching allocator, not freed before; the owner has synchronised.
+            unsafe { (self.free)(self.ptr) }
+        }
+    }
+}
+
+/// A GPU through the CUDA driver: one context, one stream, the embedded module.
+pub(super) struct Gpu {
+    graph: Option<CudaGraph>,
+    functions: HashMap<&'static str, CudaFunction>,
+    module: Arc<CudaModule>,
+    stream: Arc<CudaStream>,
+    ctx: Arc<CudaContext>,
+}
+
+pub(super) enum Device {
+    Gpu(Gpu),
+    #[cfg(feature = "emu")]
+    Emu(emu::Emu),
+}
+
+unsafe fn gpu_free(ptr: u64) {
+    let _ = result::free_sync(ptr);
+}
+
+impl Device {
+    /// Opens GPU 0 and loads `fatbin`; `dynamic_shared` kernels may use the device's maximum of dynamic
+    /// shared memory.
+    pub fn gpu(
+        fatbin: &[u8],
+        archs: &str,
+        dynamic_shared: &[&'static str],
+    ) -> Result<(Self, Properties)> {
+        // SAFETY: only tries to dlopen libcuda and reports whether it loaded.
+        if !unsafe { sys::is_culib_present() } {
+            return Err(Error::Cuda(
+                "the CUDA driver library (libcuda) could not be loaded: no NVIDIA driver on this machine"
+                    .into(),
+            ));
+        }
+        let count = CudaContext::device_count().map_err(cuda("counting devices"))?;
+        if count == 0 {
+            return Err(Error::Cuda("the NVIDIA driver reports no devices".into()));
+        }
+        let ctx = CudaContext::new(0).map_err(cuda("creating a context on device 0"))?;
+        // Before any allocation: cudarc's event tracking would record events around every argument, which
+        // breaks stream capture (REFERENCE.md §5). This backend orders everything on one stream itself.
+        // SAFETY: nothing has been allocated or launched in this context yet.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.new_stream().map_err(cuda("creating a stream"))?;
+        let name = ctx.name().map_err(cuda("reading the device name"))?;
+        let (major, minor) = ctx
+            .compute_capability()
+            .map_err(cuda("reading the compute capability"))?;
+        let attr = |a| ctx.attribute(a).map_err(cuda("reading a device attribute"));
+        let sms = attr(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as u32;
+        let max_shared =
+            attr(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)? as u32;
+        let clock_khz = attr(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_CLOCK_RATE)?;
+        let module = ctx
+            .load_module(cudarc::nvrtc::Ptx::from_binary(fatbin.to_vec()))
+            .map_err(|e| {
+                Error::Cuda(format!(
+                    "loading the kernels (built for {archs}) on {name} (sm_{major}{minor}): {e}"
+                ))
+            })?;
+        let mut gpu = Gpu {
+            graph: None,
+            functions: HashMap::new(),
+            module,
+            stream,
+            ctx,
+        };
+        for kernel in dynamic_shared {
+            gpu.function(kernel)?
+                .set_attribute(
+                    CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    max_shared as i32,
+                )
+                .map_err(cuda("allowing a kernel the device's shared memory"))?;
+        }
+        let props = Properties {
+            name: format!("{name} (sm_{major}{minor}, {sms} SMs)"),
+            sms,
+            max_shared,
+            major,
+            clock_khz,
+        };
+        Ok((Self::Gpu(gpu), props))
+    }
+
+    /// The CPU emulator (feature `emu`).
+    #[cfg(feature = "emu")]
+    pub fn emulator() -> (Self, Properties) {
+        let props = Properties {
+            name: "CUDA emulator on the CPU (kernels/ built by the host compiler)".into(),
+            sms: 4,
+            max_shared: 227 << 10,
+            major: 9,
+            clock_khz: 0,
+        };
+        (Self::Emu(emu::Emu::default()), props)
+    }
+
+    pub fn malloc(&self, bytes: usize, what: &str) -> Result<DeviceBuffer> {
+        if bytes == 0 {
+            return Ok(DeviceBuffer {
+                ptr: 0,
+                bytes,
+                free: gpu_free,
+            });
+        }
+        match self {
+            Self::Gpu(g) => {
+                g.ctx
+                    .bind_to_thread()
+                    .map_err(cuda("binding the context"))?;
+                // SAFETY: a plain allocation in the bound context; freed once by DeviceBuffer.
+                let ptr = unsafe { result::malloc_sync(bytes) }.map_err(|e| {
+                    let free = g.ctx.mem_get_info().map_or(0, |(free, _)| free);
+                    Error::Cuda(format!(
+                        "allocating {what}: {:.2} GiB needed, {:.2} GiB free on the device ({e})",
+                        gib(bytes),
+                        gib(free)
+                    ))
+                })?;
+                Ok(DeviceBuffer {
+                    ptr,
+                    bytes,
+                    free: gpu_free,
+                })
+            }
+            #[cfg(feature = "emu")]
+            Self::Emu(_) => emu::malloc(bytes, what),
+        }
+    }
+
+    /// Copies `src` to device address `dst`.
+    ///
+    /// # Safety
+    /// `dst` must be the start of `src.len()` bytes of live device memory.
+    pub unsafe fn htod(&self, dst: u64, src: &[u8]) -> Result<()> {
+        match self {
+            Self::Gpu(g) => result::memcpy_htod_async(dst, src, g.stream.cu_stream())
+                .map_err(cuda("copying to the device")),
+            #[cfg(feature = "emu")]
+            Self::Emu(_) => {
+                std::ptr::copy_nonoverlapping(src.as_ptr(), dst as *mut u8, src.len());
+                Ok(())
+            }
+        }
+    }
+
+    /// Copies device memory at `src` into `dst`, waiting for everything queued before.
+    ///
+    /// # Safety
+    /// `src` must be the start of `dst.len()` bytes of live device memory.
+    pub unsafe fn dtoh(&self, dst: &mut [u8], src: u64) -> Result<()> {
+        match self {
+            Self::Gpu(g) => {
+                result::memcpy_dtoh_async(dst, src, g.stream.cu_stream())
+                    .map_err(cuda("copying from the device"))?;
+                self.synchronize()
+            }
+            #[cfg(feature = "emu")]
+            Self::Emu(_) => {
+                std::ptr::copy_nonoverlapping(src as *const u8, dst.as_mut_ptr(), dst.len());
+                Ok(())
+            }
+        }
+    }
+
+    /// # Safety
+    /// Both ranges must be live device memory of `bytes`, not overlapping.
+    pub unsafe fn dtod(&self, dst: u64, src: u64, bytes: usize) -> Result<()> {
+        match self {
+            Self::Gpu(g) => result::memcpy_dtod_async(dst, src, bytes, g.stream.cu_stream())
+                .map_err(cuda("copying on the device")),
+            #[cfg(feature = "emu")]
+            Self::Emu(_) => {
+                std::ptr::copy_nonoverlapping(src as *const u8, dst as *mut u8, bytes);
+                Ok(())
+            }
+        }
+    }
+
+    /// # Safety
+    /// `dst` must be live device memory of `bytes`.
+    pub unsafe fn zero(&self, dst: u64, bytes: usize) -> Result<()> {
+        match self {
+            Self::Gpu(g) => result::memset_d8_async(dst, 0, bytes, g.stream.cu_stream())
+                .map_err(cuda("zeroing device memory")),
+            #[cfg(feature = "emu")]
+            Self::Emu(_) => {
+                std::ptr::write_bytes(dst as *mut u8, 0, bytes);
+                Ok(())
+            }
+        }
+    }
+
+    /// Launches `name` with `params` (pointers to the argument values, `sizes` their sizes), or records
+    /// it when recording.
+    ///
+    /// # Safety
+    /// The arguments must match the kernel's signature and every address in them must be valid for
+    /// what the kernel does with it.
+    pub unsafe fn launch(
+        &mut self,
+        name: &'static str,
+        cfg: LaunchConfig,
+        params: &mut [*mut c_void],
+        sizes: &[usize],
+    ) -> Result<()> {
+        match self {
+            Self::Gpu(g) => {
+                let f = g.function(name)?;
+                let _ = sizes;
+                result::launch_kernel(
+                    f.cu_function(),
+                    cfg.grid_dim,
+                    cfg.block_dim,
+                    cfg.shared_mem_bytes,
+                    g.stream.cu_stream(),
+                    params,
+                )
+                .map_err(|e| Error::Cuda(format!("launching {name}: {e}")))
+            }
+            #[cfg(feature = "emu")]
+            Self::Emu(e) => e.launch(name, cfg, params, sizes),
+        }
+    }
+
+    pub fn synchronize(&self) -> Result<()> {
+        match self {
+            Self::Gpu(g) => g
+                .stream
+                .synchronize()
+                .map_err(cuda("synchronising the stream")),
+            #[cfg(feature = "emu")]
+            Self::Emu(_) => Ok(()),
+        }
+    }
+
+    /// Free and total device memory, in bytes.
+    pub fn memory(&self) -> Result<(usize, usize)> {
+        match self {
+            Self::Gpu(g) => g.ctx.mem_get_info().map_err(cuda("reading device memory")),
+            #[cfg(feature = "emu")]
+            Self::Emu(_) => Ok((8 << 30, 8 << 30)),
+        }
+    }
+
+    pub fn capture_begin(&mut self) -> Result<()> {
+        match self {
+            Self::Gpu(g) => {
+                g.graph = None;
+                g.stream
+                    .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+                    .map_err(cuda("starting a graph capture"))
+            }
+            #[cfg(feature = "emu")]
+            Self::Emu(e) => {
+                e.begin();
+                Ok(())
+            }
+        }
+    }
+
+    pub fn capture_end(&mut self) -> Result<()> {
+        match self {
+            Self::Gpu(g) => {
+                g.graph = g
+                    .stream
+                    .end_capture(sys::CUgraphInstantiate_flags(0))
+                    .map_err(cuda("ending a graph capture"))?;
+                if g.graph.is_none() {
+                    return Err(Error::Cuda("the captured graph is empty".into()));
+                }
+                Ok(())
+            }
+            #[cfg(feature = "emu")]
+            Self::Emu(e) => {
+                e.end();
+                Ok(())
+            }
+        }
+    }
+
+    pub fn replay(&mut self) -> Result<()> {
+        match self {
+            Self::Gpu(g) => match &g.graph {
+                Some(graph) => graph.launch().map_err(cuda("replaying a graph")),
+                None => Err(Error::Invalid("no recorded graph".into())),
+            },
+            #[cfg(feature = "emu")]
+            Self::Emu(e) => e.replay(),
+        }
+    }
+
+    /// Forgets a recorded sequence (its addresses are stale once memory moves).
+    pub fn forget_recording(&mut self) {
+        match self {
+            Self::Gpu(g) => g.graph = None,
+            #[cfg(feature = "emu")]
+            Self::Emu(e) => e.forget(),
+        }
+    }
+}
+
+impl Gpu {
+    /// A kernel of the embedded module, loaded once.
+    fn function(&mut self, name: &'static str) -> Result<CudaFunction> {
+        if let Some(f) = self.functions.get(name) {
+            return Ok(f.clone());
+        }
+        let f = self
+            .module
+            .load_function(name)
+            .map_err(|e| Error::Cuda(format!("kernel {name} is missing from the module: {e}")))?;
+        self.functions.insert(name, f.clone());
+        Ok(f)
+    }
+}
+
+#[cfg(feature = "emu")]
+mod emu {
+    //! The C entry points of `emu/` (built by build.rs with the feature) and the recording of launches.
+
+    use super::DeviceBuffer;
+    use crate::error::{Error, Result};
+    use cudarc::driver::LaunchConfig;
+    use std::ffi::{c_char, c_void, CString};
+
+    extern "C" {
+        fn ddpm_emu_launch(
+            name: *const c_char,
+            grid: *const u32,
+            block: *const u32,
+            shared_bytes: u32,
+            args: *mut *mut c_void,
+        ) -> i32;
+        fn ddpm_emu_malloc(bytes: usize) -> *mut c_void;
+        fn ddpm_emu_free(ptr: *mut c_void);
+    }
+
+    unsafe fn free(ptr: u64) {
+        ddpm_emu_free(ptr as *mut c_void)
+    }
+
+    pub fn malloc(bytes: usize, what: &str) -> Result<DeviceBuffer> {
+        // SAFETY: a plain host allocation, freed once by DeviceBuffer through `free`.
+        let ptr = unsafe { ddpm_emu_malloc(bytes) } as u64;
+        if ptr == 0 {
+            return Err(Error::Memory(format!(
+                "allocating {what} ({bytes} bytes) for the emulator"
+            )));
+        }
+        Ok(DeviceBuffer { ptr, bytes, free })
+    }
+
+    /// A launch kept for replay, its arguments copied by value.
+    struct Recorded {
+        name: CString,
+        cfg: LaunchConfig,
+        args: Vec<Vec<u8>>,
+    }
+
+    #[derive(Default)]
+    pub struct Emu {
+        recording: Option<Vec<Recorded>>,
+        recorded: Vec<Recorded>,
+    }
+
+    impl Emu {
+        pub fn begin(&mut self) {
+            self.recording = Some(Vec::new());
+        }
+        pub fn end(&mut self) {
+            self.recorded = self.recording.take().unwrap_or_default();
+        }
+        pub fn forget(&mut self) {
+            self.recorded.clear();
+        }
+
+        pub unsafe fn launch(
+            &mut self,
+            name: &'static str,
+            cfg: LaunchConfig,
+            params: &mut [*mut c_void],
+            sizes: &[usize],
+        ) -> Result<()> {
+            let cname = CString::new(name).expect("kernel names have no NUL");
+            if let Some(rec) = &mut self.recording {
+                let args = params
+                    .iter()
+                    .zip(sizes)
+                    .map(|(&p, &n)| std::slice::from_raw_parts(p as *const u8, n).to_vec())
+                    .collect();
+                rec.push(Recorded {
+                    name: cname,
+                    cfg,
+                    args,
+                });
+                return Ok(());
+            }
+            run(&cname, cfg, params)
+        }
+
+        pub fn replay(&mut self) -> Result<()> {
+            for r in &mut self.recorded {
+                let mut params: Vec<*mut c_void> = r
+                    .args
+                    .iter_mut()
+                    .map(|a| a.as_mut_ptr() as *mut c_void)
+                    .collect();
+                // SAFETY: the recorded arguments are the bytes of the original launch's values.
+                unsafe { run(&r.name, r.cfg, &mut params)? };
+            }
+            Ok(())
+        }
+    }
+
+    unsafe fn run(name: &CString, cfg: LaunchConfig, params: &mut [*mut c_void]) -> Result<()> {
+        let (g, b) = (cfg.grid_dim, cfg.block_dim);
+        let code = ddpm_emu_launch(
+            name.as_ptr(),
+            [g.0, g.1, g.2].as_ptr(),
+            [b.0, b.1, b.2].as_ptr(),
+            cfg.shared_mem_bytes,
+            params.as_mut_ptr(),
+        );
+        match code {
+            0 => Ok(()),
+            1 => Err(Error::Cuda(format!(
+                "kernel {name:?} is not in the emulator's table"
+            ))),
+            _ => Err(Error::Cuda(format!(
+                "the emulator cannot run {name:?} with block {b:?}"
+            ))),
+        }
+    }
+}
