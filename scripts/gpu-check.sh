@@ -6,7 +6,8 @@
 #   2. compute-sanitizer (memcheck, racecheck) over a short training run and a short sampling run;
 #   3. ddpm-cuda train and sample on the paper's network (ddpm-cifar10);
 #   4. ddpm-cuda bench (training and sampling throughput at batch 128 and 256, the dominant kernels);
-# then a short table. The full log goes to stdout and to $OUT/gpu-check-<date>.log when $OUT is set
+#   5. benches/peer_pytorch.py, the same network in PyTorch (fp32, bf16 autocast, torch.compile);
+# then a short table, with our images/s over the best PyTorch configuration's. The full log goes to stdout and to $OUT/gpu-check-<date>.log when $OUT is set
 # (the device tool brings $OUT back); commit it under benches/results/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -66,7 +67,35 @@ else
   record "bench" FAIL
 fi
 
+stage "PyTorch peer (same network, fp32 / bf16 / compiled)"
+if python3 benches/peer_pytorch.py --batch 128,256 --steps 10 | tee "$work/peer.txt"; then
+  record "peer benchmark" PASS
+else
+  record "peer benchmark" FAIL
+fi
+
 stage "summary"
 printf '%s\n' "${summary[@]}"
 grep -E "images/s|TFLOP/s|GB/s" "$work/bench.txt" 2>/dev/null || true
+# Ours against the best PyTorch configuration at each batch size.
+python3 - "$work/bench.txt" "$work/peer.txt" <<'PY' || true
+import re, sys
+ours, peer = {}, {}
+for line in open(sys.argv[1]):
+    m = re.match(r"(train|sampling) step, batch (\d+)(?: \(1000-step images/s\))?\s+[\d.]+ ms\s+([\d.]+) images/s", line)
+    if m:
+        ours[(m.group(1), int(m.group(2)))] = float(m.group(3))
+for line in open(sys.argv[2]):
+    f = line.split()
+    if len(f) == 7 and f[1].isdigit():
+        b = int(f[1])
+        for kind, v in (("train", float(f[3])), ("sampling", float(f[5]))):
+            if v > peer.get((kind, b), (0, ""))[0]:
+                peer[(kind, b)] = (v, f[0])
+print(f"{'':<22}{'ours img/s':>12}{'best peer':>12}{'config':>9}{'ratio':>8}")
+for key in sorted(ours):
+    if key in peer:
+        v, cfg = peer[key]
+        print(f"{key[0] + ' batch ' + str(key[1]):<22}{ours[key]:>12.2f}{v:>12.2f}{cfg:>9}{ours[key] / v:>8.2f}")
+PY
 rm -rf "$work"
