@@ -1,11 +1,11 @@
 // cuda_emu.h: just enough of CUDA C++ for the kernels in kernels/ to compile as ordinary C++ and run on
 // the CPU, thread by thread, for tests on machines without a GPU (cargo feature "emu").
 //
-// Each CUDA thread of a block is an OS thread of a pool; blocks run one after another. __syncthreads is
-// a barrier over the block's threads, warp shuffles exchange values through a per-warp buffer between
-// two barriers over the warp's 32 lanes, and __shared__ variables are statics (one block runs at a
-// time, so a static is that block's shared memory). Dynamic shared memory is filled with NaN before
-// each block, so a read of memory no thread wrote shows up. What this cannot show: timing, memory
+// Each CUDA thread of a block is a fiber (its own stack, switched by the runtime); blocks run one after
+// another. __syncthreads is a barrier over the block's threads, warp shuffles exchange values through a
+// per-warp buffer between two barriers over the warp's 32 lanes, and __shared__ variables are statics (one
+// block runs at a time, so a static is that block's shared memory). Dynamic shared memory is filled with
+// NaN before each block, so a read of memory no thread wrote shows up. What this cannot show: timing, memory
 // ordering between blocks, and anything about performance. Not part of the product: the kernels are
 // compiled by nvcc for the GPU, unchanged.
 #pragma once

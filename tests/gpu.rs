@@ -39,9 +39,6 @@ fn device() -> CudaBackend {
     }
 }
 
-/// Whether the device is the emulator, where the largest cases would take too long.
-const EMULATED: bool = cfg!(feature = "emu");
-
 /// The two backends side by side; every tensor has the same handle in both.
 struct Pair {
     cpu: CpuBackend<f32>,
@@ -209,12 +206,8 @@ fn group_norm_matches_the_cpu() {
 #[ignore = "needs a CUDA device"]
 fn linear_and_attention_match_the_cpu() {
     let mut p = Pair::new();
-    // The emulator takes minutes over the widest cases; the GPU runs them all.
-    let linears: &[(usize, usize, usize)] = if EMULATED {
-        &[(37, 19, 23), (2, 128, 512), (1, 3, 1)]
-    } else {
-        &[(37, 19, 23), (2, 128, 512), (4096, 64, 192), (1, 3, 1)]
-    };
+    let linears: &[(usize, usize, usize)] =
+        &[(37, 19, 23), (2, 128, 512), (4096, 64, 192), (1, 3, 1)];
     for &(m, k, n) in linears {
         let what = format!("{m}x{k} -> {n}");
         let x = p.input(m * k, 1.0, 0.0);
@@ -231,17 +224,13 @@ fn linear_and_attention_match_the_cpu() {
             p.check(&format!("linear db {what}"), db, TOL);
         }
     }
-    let attentions: &[(usize, usize, usize)] = if EMULATED {
-        &[(2, 13, 20), (2, 40, 64), (1, 16, 256), (1, 9, 3)]
-    } else {
-        &[
-            (2, 13, 20),
-            (3, 64, 64),
-            (2, 256, 256),
-            (4, 16, 256),
-            (1, 9, 3),
-        ]
-    };
+    let attentions: &[(usize, usize, usize)] = &[
+        (2, 13, 20),
+        (3, 64, 64),
+        (2, 256, 256),
+        (4, 16, 256),
+        (1, 9, 3),
+    ];
     for &(n, l, c) in attentions {
         let s = AttentionShape { n, l, c };
         let what = format!("n{n} l{l} c{c}");
@@ -443,10 +432,7 @@ fn small_config() -> UNetConfig {
 #[test]
 #[ignore = "needs a CUDA device"]
 fn unet_output_and_every_gradient_match_the_cpu() {
-    let mut configs = vec![small_config()];
-    if !EMULATED {
-        configs.push(UNetConfig::preset("ddpm-cifar10").unwrap());
-    }
+    let configs = [small_config(), UNetConfig::preset("ddpm-cifar10").unwrap()];
     for config in configs {
         let batch = 3;
         let mut p = Pair::new();
@@ -523,7 +509,7 @@ fn ten_training_steps_track_the_cpu() {
         let mut tr = Trainer::new(be, &small_config(), Schedule::paper(), opts.clone()).unwrap();
         tr.init(be).unwrap();
         let mut l = Vec::new();
-        while tr.step < if EMULATED { 3 } else { 10 } {
+        while tr.step < 10 {
             let images = data.batch(opts.seed, tr.step, opts.batch, opts.flip);
             let t = tr.step(be, &images).unwrap();
             l.push(be.download(t).unwrap()[0]);
@@ -605,9 +591,7 @@ fn graph_sampling_matches_the_cpu() {
             .map(|i| 0.05 * rng::normal(4, 4, i as u64))
             .collect()
     };
-    // On the emulator a step of this net takes seconds: fewer steps, the same structure (two batches,
-    // the second partial).
-    let steps = if EMULATED { 3 } else { 20 };
+    let steps = 20;
     let rows = ddim_table(&Schedule::paper(), steps, 0.0).unwrap();
     fn run<B: Backend>(
         be: &mut B,
@@ -653,20 +637,21 @@ fn resume_on_the_device_is_bit_identical() {
     let mut straight =
         Trainer::new(&mut be, &small_config(), Schedule::paper(), opts.clone()).unwrap();
     straight.init(&mut be).unwrap();
-    run(&mut straight, &mut be, 7);
+    let (k, n) = (3, 7);
+    run(&mut straight, &mut be, n);
     let want = straight.state(&mut be, "synthetic").unwrap();
 
     let mut be1 = device();
     let mut first =
         Trainer::new(&mut be1, &small_config(), Schedule::paper(), opts.clone()).unwrap();
     first.init(&mut be1).unwrap();
-    run(&mut first, &mut be1, 3);
+    run(&mut first, &mut be1, k);
     let saved = first.state(&mut be1, "synthetic").unwrap();
     let mut be2 = device();
     let mut resumed =
         Trainer::new(&mut be2, &small_config(), Schedule::paper(), opts.clone()).unwrap();
     resumed.restore(&mut be2, &saved).unwrap();
-    run(&mut resumed, &mut be2, 7);
+    run(&mut resumed, &mut be2, n);
     assert!(
         resumed.state(&mut be2, "synthetic").unwrap() == want,
         "resume differs on the device"
