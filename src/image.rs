@@ -134,30 +134,108 @@ pub fn load_image(path: &Path, size: usize) -> Result<Vec<f32>> {
     Ok(out)
 }
 
-/// A loss curve (log scale, smoothed) as a picture: raw values in light grey, a moving average in blue.
-pub fn loss_curve(losses: &[f32]) -> Canvas {
-    let (w, h, pad) = (640usize, 360usize, 20usize);
+/// 3x5 glyphs for the few characters the plots print, one row per entry, bit 2 the left column.
+fn glyph(ch: char) -> [u8; 5] {
+    match ch {
+        '0' => [7, 5, 5, 5, 7],
+        '1' => [2, 6, 2, 2, 7],
+        '2' => [7, 1, 7, 4, 7],
+        '3' => [7, 1, 7, 1, 7],
+        '4' => [5, 5, 7, 1, 1],
+        '5' => [7, 4, 7, 1, 7],
+        '6' => [7, 4, 7, 5, 7],
+        '7' => [7, 1, 1, 1, 1],
+        '8' => [7, 5, 7, 5, 7],
+        '9' => [7, 5, 7, 1, 7],
+        '.' => [0, 0, 0, 0, 2],
+        '-' => [0, 0, 7, 0, 0],
+        'E' => [7, 4, 6, 4, 7],
+        'G' => [3, 4, 5, 5, 3],
+        'L' => [4, 4, 4, 4, 7],
+        'O' => [2, 5, 5, 5, 2],
+        'P' => [6, 5, 6, 4, 4],
+        'S' => [3, 4, 2, 1, 6],
+        'T' => [7, 2, 2, 2, 2],
+        '(' => [1, 2, 2, 2, 1],
+        ')' => [4, 2, 2, 2, 4],
+        _ => [0; 5],
+    }
+}
+
+impl Canvas {
+    /// Writes `text` with its top-left corner at (x, y), each glyph pixel `scale` pixels wide.
+    pub fn text(&mut self, x: usize, y: usize, text: &str, scale: usize, colour: [u8; 3]) {
+        for (i, ch) in text.chars().enumerate() {
+            for (row, bits) in glyph(ch).iter().enumerate() {
+                for col in 0..3 {
+                    if bits & (4 >> col) != 0 {
+                        for dy in 0..scale {
+                            for dx in 0..scale {
+                                let px = x + (4 * i + col) * scale + dx;
+                                self.put(px, y + row * scale + dy, colour);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The width `text` takes at `scale`.
+    pub fn text_width(text: &str, scale: usize) -> usize {
+        (4 * text.chars().count()).saturating_sub(1) * scale
+    }
+}
+
+/// A loss curve: `(step, loss)` points on a log scale, raw values in light grey and a moving average in
+/// blue, the axes labelled with the first and last step and the lowest and highest loss.
+pub fn loss_curve(points: &[(u64, f32)]) -> Canvas {
+    let (w, h) = (640usize, 360usize);
+    let (left, right, top, bottom) = (70usize, 20usize, 30usize, 40usize);
     let mut c = Canvas::new(w, h, [255, 255, 255]);
-    for x in pad..w - pad {
-        c.put(x, h - pad, [0, 0, 0]);
+    let black = [0, 0, 0];
+    for x in left..w - right {
+        c.put(x, h - bottom, black);
     }
-    for y in pad..h - pad {
-        c.put(pad, y, [0, 0, 0]);
+    for y in top..h - bottom {
+        c.put(left, y, black);
     }
-    let vals: Vec<f64> = losses
+    c.text(left, 8, "LOSS (LOG)", 2, black);
+    let pts: Vec<(u64, f64)> = points
         .iter()
-        .map(|&v| f64::from(v).max(1e-8).ln())
-        .filter(|v| v.is_finite())
+        .map(|&(s, v)| (s, f64::from(v).max(1e-8).ln()))
+        .filter(|(_, v)| v.is_finite())
         .collect();
-    if vals.len() < 2 {
+    if pts.len() < 2 {
         return c;
     }
-    let (lo, hi) = vals
+    let (lo, hi) = pts
         .iter()
-        .fold((f64::MAX, f64::MIN), |(a, b), &v| (a.min(v), b.max(v)));
+        .fold((f64::MAX, f64::MIN), |(a, b), &(_, v)| (a.min(v), b.max(v)));
     let span = (hi - lo).max(1e-6);
-    let px = |i: usize| pad + 1 + i * (w - 2 * pad - 2) / (vals.len() - 1);
-    let py = |v: f64| h - pad - 1 - (((v - lo) / span) * (h - 2 * pad - 2) as f64) as usize;
+    let (x_span, y_span) = (w - left - right - 2, h - top - bottom - 2);
+    let px = |i: usize| left + 1 + i * x_span / (pts.len() - 1);
+    let py = |v: f64| h - bottom - 1 - (((v - lo) / span) * y_span as f64) as usize;
+    let label = |v: f64| format!("{:.3}", v.exp());
+    c.text(4, top, &label(hi), 2, black);
+    c.text(4, h - bottom - 10, &label(lo), 2, black);
+    let (first, last) = (pts[0].0.to_string(), pts[pts.len() - 1].0.to_string());
+    c.text(left, h - bottom + 8, &first, 2, black);
+    c.text(
+        w - right - Canvas::text_width(&last, 2),
+        h - bottom + 8,
+        &last,
+        2,
+        black,
+    );
+    c.text(
+        w / 2 - Canvas::text_width("STEP", 2) / 2,
+        h - bottom + 8,
+        "STEP",
+        2,
+        black,
+    );
+    let vals: Vec<f64> = pts.iter().map(|&(_, v)| v).collect();
     let window = (vals.len() / 50).max(1);
     let mut smooth = Vec::with_capacity(vals.len());
     let mut acc = 0.0;
@@ -188,4 +266,43 @@ pub fn loss_curve(losses: &[f32]) -> Canvas {
         }
     }
     c
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // "1" at scale 2: its 3x5 pattern, each bit a 2x2 square, and nothing else painted.
+    #[test]
+    fn text_draws_the_glyph_bits() {
+        let mut c = Canvas::new(10, 12, [255, 255, 255]);
+        c.text(1, 1, "1", 2, [0, 0, 0]);
+        let dark = |x: usize, y: usize| c.rgb[(y * 10 + x) * 3] == 0;
+        let want = [[0, 1, 0], [1, 1, 0], [0, 1, 0], [0, 1, 0], [1, 1, 1]];
+        for y in 0..12 {
+            for x in 0..10 {
+                let inside = (1..7).contains(&x) && (1..11).contains(&y);
+                let bit = inside && want[(y - 1) / 2][(x - 1) / 2] == 1;
+                assert_eq!(dark(x, y), bit, "pixel ({x}, {y})");
+            }
+        }
+    }
+
+    #[test]
+    fn loss_curve_labels_its_range() {
+        let pts: Vec<(u64, f32)> = (1..=100).map(|s| (s, 1.0 / s as f32)).collect();
+        let c = loss_curve(&pts);
+        assert_eq!((c.width, c.height), (640, 360));
+        // The highest loss (1.000) is written at the top left, the last step at the bottom right.
+        let dark_in = |x0: usize, y0: usize, w: usize, h: usize| {
+            (y0..y0 + h).any(|y| (x0..x0 + w).any(|x| c.rgb[(y * 640 + x) * 3] == 0))
+        };
+        assert!(dark_in(4, 30, 40, 10));
+        assert!(dark_in(
+            640 - 20 - Canvas::text_width("100", 2),
+            328,
+            20,
+            10
+        ));
+    }
 }

@@ -443,7 +443,7 @@ impl Log {
     }
 
     fn finish(&self, out: &Path) -> Result<()> {
-        let curve: Vec<f32> = self.rows.iter().map(|&(_, l, _)| l).collect();
+        let curve: Vec<(u64, f32)> = self.rows.iter().map(|&(s, l, _)| (s, l)).collect();
         image::loss_curve(&curve).save_png(&out.join("loss.png"))?;
         if self.skipped > 0 {
             eprintln!(
