@@ -282,7 +282,8 @@ fn build_emulator() {
 }
 
 /// Whether kernel `name`'s body (from its name to the brace that closes it) synchronises threads, directly
-/// or through the project's helpers that do (block and warp reductions, the GEMM core).
+/// or through the project's helpers that do (block and warp reductions, the GEMM cores and the `*_gemm<..>`
+/// bodies that run them).
 fn synchronises(text: &str, name: &str) -> bool {
     let Some(start) = text.find(&format!("void {name}(")) else {
         return true;
@@ -309,10 +310,12 @@ fn synchronises(text: &str, name: &str) -> bool {
     let body = &body[open..end];
     [
         "__syncthreads",
+        "__syncwarp",
         "__shfl",
         "block_sum",
         "warp_sum",
         "warp_dot",
+        "_gemm<",
         "gemm_run",
         "gemm_tile",
     ]

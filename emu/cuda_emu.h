@@ -50,6 +50,7 @@ extern thread_local dim3 block_idx;
 extern dim3 block_dim;
 extern dim3 grid_dim;
 void syncthreads();
+void syncwarp();
 float shfl_xor(float v, int lane_mask);
 double shfl_xor(double v, int lane_mask);
 float* dynamic_shared();
@@ -61,6 +62,7 @@ float* dynamic_shared();
 #define gridDim (emu::grid_dim)
 
 inline void __syncthreads() { emu::syncthreads(); }
+inline void __syncwarp(unsigned = 0xffffffffu) { emu::syncwarp(); }
 inline float __shfl_xor_sync(unsigned, float v, int m) { return emu::shfl_xor(v, m); }
 inline double __shfl_xor_sync(unsigned, double v, int m) { return emu::shfl_xor(v, m); }
 inline unsigned __umulhi(unsigned a, unsigned b) { return unsigned((uint64_t(a) * b) >> 32); }

@@ -184,6 +184,7 @@ void run_fibers(Block& b, unsigned threads) {
 }  // namespace
 
 void syncthreads() { wait(current->all); }
+void syncwarp() { wait(current->warps[current->running->id / 32]); }
 float shfl_xor(float v, int m) { return exchange(v, m); }
 double shfl_xor(double v, int m) { return exchange(v, m); }
 float* dynamic_shared() { return current->shared.data(); }

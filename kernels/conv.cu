@@ -1,7 +1,9 @@
-// conv.cu: the model's three convolutions as implicit GEMMs on the core of gemm.cuh (fp32, version 1).
-//   conv2d_forward_f32          y = conv(x, w) + b
-//   conv2d_backward_data_f32    dx (+)= the input gradient
-//   conv2d_backward_weight_f32  dw = the weight gradient (split-K partials; see gemm.cuh)
+// conv.cu: the model's three convolutions as implicit GEMMs, each in two precisions:
+//   conv2d_forward_{f32,bf16}          y = conv(x, w) + b
+//   conv2d_backward_data_{f32,bf16}    dx (+)= the input gradient
+//   conv2d_backward_weight_{f32,bf16}  dw = the weight gradient (split-K partials; see gemm.cuh)
+// _f32 runs on the fp32 core of gemm.cuh (exact fp32, the path the tests hold to the CPU), _bf16 on the
+// tensor-core core of gemm_tc.cuh (operands rounded to bf16, fp32 sums). Tensors are fp32 either way.
 // The bias gradient is a column sum of dy (column_sums_* in gemm.cuh).
 //
 // Layouts: x [batch, h, w, c] and y [batch, oh, ow, o] NHWC; w [o, taps, taps, c] (ours: the PyTorch
@@ -14,9 +16,9 @@
 //   input gradient:  M = batch*h*w pixels,    N = c,            K = taps^2 * o   A = gather(dy), B = w
 //   weight gradient: M = o,                   N = taps^2 * c,   K = batch*oh*ow  A = dy^T, B = im2col(x)
 // FLOPs: 2 M N K each; the paper's 3x3 256->256 conv at 16x16, batch 128: 2 * 32768 * 256 * 2304 = 38.7 GFLOP.
-// Launch (all three): grid (ceil(M / 64), ceil(N / 64), splits), block 256; splits = 1 except for the
-// weight gradient.
-#include "gemm.cuh"
+// Launch (all three): grid (ceil(M / T), ceil(N / T), splits), block 256, with tile T = 64 (_f32) or 128
+// (_bf16); splits = 1 except for the weight gradient, whose chunk is a multiple of 16 (_f32) or 32 (_bf16).
+#include "gemm_tc.cuh"
 
 __device__ __forceinline__ ddpm::ConvGeom conv_geom(int h, int w, int c, int o, int taps, int stride, int pad) {
     ddpm::ConvGeom g;
@@ -27,39 +29,84 @@ __device__ __forceinline__ ddpm::ConvGeom conv_geom(int h, int w, int c, int o, 
     return g;
 }
 
-extern "C" __global__ void __launch_bounds__(ddpm::GEMM_THREADS)
-    conv2d_forward_f32(const float* __restrict__ x, const float* __restrict__ w, const float* __restrict__ b,
-                       float* __restrict__ y, int batch, int h, int wd, int c, int o, int taps, int stride,
-                       int pad) {
+namespace {
+template <bool TC>
+__device__ __forceinline__ void conv_forward_gemm(const float* x, const float* w, const float* b, float* y,
+                                                  int batch, int h, int wd, int c, int o, int taps, int stride,
+                                                  int pad) {
     const ddpm::ConvGeom g = conv_geom(h, wd, c, o, taps, stride, pad);
     const int rows = batch * g.oh * g.ow, kdim = taps * taps * c;
     const ddpm::Im2col a{x, g, rows, kdim};
     const ddpm::ColsB bw{w, kdim, o};
     const ddpm::Epilogue e{y, o, b, 0, nullptr};
-    ddpm::gemm_run(a, bw, rows, o, kdim, kdim, e);
+    ddpm::gemm<TC>(a, bw, rows, o, kdim, kdim, e);
 }
 
-extern "C" __global__ void __launch_bounds__(ddpm::GEMM_THREADS)
-    conv2d_backward_data_f32(const float* __restrict__ dy, const float* __restrict__ w, float* __restrict__ dx,
-                             int batch, int h, int wd, int c, int o, int taps, int stride, int pad,
-                             int accumulate) {
+template <bool TC>
+__device__ __forceinline__ void conv_backward_data_gemm(const float* dy, const float* w, float* dx, int batch,
+                                                        int h, int wd, int c, int o, int taps, int stride,
+                                                        int pad, int accumulate) {
     const ddpm::ConvGeom g = conv_geom(h, wd, c, o, taps, stride, pad);
     const int rows = batch * h * wd, kdim = taps * taps * o;
     const ddpm::DyGather a{dy, g, rows, kdim};
     const ddpm::WeightT bw{w, g};
     const ddpm::Epilogue e{dx, c, nullptr, accumulate, nullptr};
-    ddpm::gemm_run(a, bw, rows, c, kdim, kdim, e);
+    ddpm::gemm<TC>(a, bw, rows, c, kdim, kdim, e);
 }
 
 // Slice z of the reduction over pixels writes workspace[z, o, k]; gemm_reduce_f32 then writes dw.
-extern "C" __global__ void __launch_bounds__(ddpm::GEMM_THREADS)
-    conv2d_backward_weight_f32(const float* __restrict__ x, const float* __restrict__ dy, float* __restrict__ dw,
-                               float* __restrict__ workspace, int chunk, int batch, int h, int wd, int c, int o,
-                               int taps, int stride, int pad) {
+template <bool TC>
+__device__ __forceinline__ void conv_backward_weight_gemm(const float* x, const float* dy, float* dw,
+                                                          float* workspace, int chunk, int batch, int h, int wd,
+                                                          int c, int o, int taps, int stride, int pad) {
     const ddpm::ConvGeom g = conv_geom(h, wd, c, o, taps, stride, pad);
     const int pixels = batch * g.oh * g.ow, kdim = taps * taps * c;
     const ddpm::ColsA a{dy, o, o};
     const ddpm::Im2colB bx{ddpm::Im2col{x, g, pixels, kdim}};
     const ddpm::Epilogue e{dw, kdim, nullptr, 0, workspace};
-    ddpm::gemm_run(a, bx, o, kdim, pixels, chunk, e);
+    ddpm::gemm<TC>(a, bx, o, kdim, pixels, chunk, e);
+}
+}  // namespace
+
+// The entry points: one per op and precision, the same arguments in both.
+extern "C" __global__ void __launch_bounds__(256)
+    conv2d_forward_f32(const float* __restrict__ x, const float* __restrict__ w, const float* __restrict__ b,
+                       float* __restrict__ y, int batch, int h, int wd, int c, int o, int taps, int stride,
+                       int pad) {
+    conv_forward_gemm<false>(x, w, b, y, batch, h, wd, c, o, taps, stride, pad);
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+    conv2d_backward_data_f32(const float* __restrict__ dy, const float* __restrict__ w, float* __restrict__ dx,
+                             int batch, int h, int wd, int c, int o, int taps, int stride, int pad,
+                             int accumulate) {
+    conv_backward_data_gemm<false>(dy, w, dx, batch, h, wd, c, o, taps, stride, pad, accumulate);
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+    conv2d_backward_weight_f32(const float* __restrict__ x, const float* __restrict__ dy, float* __restrict__ dw,
+                               float* __restrict__ workspace, int chunk, int batch, int h, int wd, int c, int o,
+                               int taps, int stride, int pad) {
+    conv_backward_weight_gemm<false>(x, dy, dw, workspace, chunk, batch, h, wd, c, o, taps, stride, pad);
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+    conv2d_forward_bf16(const float* __restrict__ x, const float* __restrict__ w, const float* __restrict__ b,
+                       float* __restrict__ y, int batch, int h, int wd, int c, int o, int taps, int stride,
+                       int pad) {
+    conv_forward_gemm<true>(x, w, b, y, batch, h, wd, c, o, taps, stride, pad);
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+    conv2d_backward_data_bf16(const float* __restrict__ dy, const float* __restrict__ w, float* __restrict__ dx,
+                             int batch, int h, int wd, int c, int o, int taps, int stride, int pad,
+                             int accumulate) {
+    conv_backward_data_gemm<true>(dy, w, dx, batch, h, wd, c, o, taps, stride, pad, accumulate);
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+    conv2d_backward_weight_bf16(const float* __restrict__ x, const float* __restrict__ dy, float* __restrict__ dw,
+                               float* __restrict__ workspace, int chunk, int batch, int h, int wd, int c, int o,
+                               int taps, int stride, int pad) {
+    conv_backward_weight_gemm<true>(x, dy, dw, workspace, chunk, batch, h, wd, c, o, taps, stride, pad);
 }

@@ -185,6 +185,18 @@ struct Epilogue {
     const float* bias;    // added per column when not null
     int accumulate;       // C += result instead of C = result
     float* workspace;     // split-K: slice z of the partial sums at workspace[z * rows * cols + m * cols + n]
+
+    // Writes result v of C[m, n] (in range): a raw partial sum to the workspace when the launch splits K,
+    // else bias and accumulate applied, to C.
+    __device__ __forceinline__ void store(int rows, int cols, int m, int n, float v) const {
+        if (gridDim.z > 1) {
+            workspace[(int64_t(blockIdx.z) * rows + m) * cols + n] = v;
+            return;
+        }
+        if (bias) v += bias[n];
+        float* dst = c + int64_t(m) * ldc + n;
+        *dst = accumulate ? *dst + v : v;
+    }
 };
 
 // One launch: grid (ceil(rows / 64), ceil(cols / 64), splits), block 256 (rows, the long side, on x, whose
@@ -206,15 +218,7 @@ __device__ __forceinline__ void gemm_run(const LoadA& a, const LoadB& b, int row
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
             const int n = n0 + 4 * tx + j;
-            if (n >= cols) continue;
-            if (gridDim.z > 1) {
-                e.workspace[(int64_t(blockIdx.z) * rows + m) * cols + n] = acc[i][j];
-            } else {
-                float v = acc[i][j];
-                if (e.bias) v += e.bias[n];
-                float* dst = e.c + int64_t(m) * e.ldc + n;
-                *dst = e.accumulate ? *dst + v : v;
-            }
+            if (n < cols) e.store(rows, cols, m, n, acc[i][j]);
         }
     }
 }

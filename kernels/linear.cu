@@ -1,35 +1,76 @@
 // linear.cu: fully connected layers (the time-embedding MLP, the time projection of every ResBlock and
 // the attention projections, where the rows are the batch's pixels) on the GEMM core of gemm.cuh.
-//   linear_forward_f32          y[m, n] = x[m, k] w[n, k]^T + b[n]
-//   linear_backward_data_f32    dx[m, k] (+)= dy[m, n] w[n, k]
-//   linear_backward_weight_f32  dw[n, k] = dy[m, n]^T x[m, k]  (split-K partials; gemm_reduce_f32 adds them)
+//   linear_forward_{f32,bf16}          y[m, n] = x[m, k] w[n, k]^T + b[n]
+//   linear_backward_data_{f32,bf16}    dx[m, k] (+)= dy[m, n] w[n, k]
+//   linear_backward_weight_{f32,bf16}  dw[n, k] = dy[m, n]^T x[m, k]  (split-K partials; gemm_reduce_f32
+//                                      adds them)
+// _f32 on the fp32 core, _bf16 on the tensor-core core (gemm_tc.cuh), as in conv.cu.
 // The bias gradient is a column sum of dy (column_sums_* in gemm.cuh).
-// FLOPs: 2 m n k each. Launch: grid (ceil(M / 64), ceil(N / 64), splits), block 256.
-#include "gemm.cuh"
+// FLOPs: 2 m n k each. Launch: grid (ceil(M / T), ceil(N / T), splits), block 256, T = 64 (_f32) or 128
+// (_bf16).
+#include "gemm_tc.cuh"
 
-extern "C" __global__ void __launch_bounds__(ddpm::GEMM_THREADS)
-    linear_forward_f32(const float* __restrict__ x, const float* __restrict__ w, const float* __restrict__ b,
-                       float* __restrict__ y, int m, int k, int n) {
+namespace {
+template <bool TC>
+__device__ __forceinline__ void linear_forward_gemm(const float* x, const float* w, const float* b, float* y, int m,
+                                                    int k, int n) {
     const ddpm::RowsA a{x, k, m};
     const ddpm::ColsB bw{w, k, n};
     const ddpm::Epilogue e{y, n, b, 0, nullptr};
-    ddpm::gemm_run(a, bw, m, n, k, k, e);
+    ddpm::gemm<TC>(a, bw, m, n, k, k, e);
 }
 
-extern "C" __global__ void __launch_bounds__(ddpm::GEMM_THREADS)
-    linear_backward_data_f32(const float* __restrict__ dy, const float* __restrict__ w, float* __restrict__ dx,
-                             int m, int k, int n, int accumulate) {
+template <bool TC>
+__device__ __forceinline__ void linear_backward_data_gemm(const float* dy, const float* w, float* dx, int m, int k,
+                                                          int n, int accumulate) {
     const ddpm::RowsA a{dy, n, m};
     const ddpm::RowsB bw{w, k, k};
     const ddpm::Epilogue e{dx, k, nullptr, accumulate, nullptr};
-    ddpm::gemm_run(a, bw, m, k, n, n, e);
+    ddpm::gemm<TC>(a, bw, m, k, n, n, e);
 }
 
-extern "C" __global__ void __launch_bounds__(ddpm::GEMM_THREADS)
-    linear_backward_weight_f32(const float* __restrict__ x, const float* __restrict__ dy, float* __restrict__ dw,
-                               float* __restrict__ workspace, int chunk, int m, int k, int n) {
+template <bool TC>
+__device__ __forceinline__ void linear_backward_weight_gemm(const float* x, const float* dy, float* dw,
+                                                            float* workspace, int chunk, int m, int k, int n) {
     const ddpm::ColsA a{dy, n, n};
     const ddpm::RowsB bx{x, k, k};
     const ddpm::Epilogue e{dw, k, nullptr, 0, workspace};
-    ddpm::gemm_run(a, bx, n, k, m, chunk, e);
+    ddpm::gemm<TC>(a, bx, n, k, m, chunk, e);
+}
+}  // namespace
+
+extern "C" __global__ void __launch_bounds__(256)
+    linear_forward_f32(const float* __restrict__ x, const float* __restrict__ w, const float* __restrict__ b,
+                       float* __restrict__ y, int m, int k, int n) {
+    linear_forward_gemm<false>(x, w, b, y, m, k, n);
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+    linear_backward_data_f32(const float* __restrict__ dy, const float* __restrict__ w, float* __restrict__ dx,
+                             int m, int k, int n, int accumulate) {
+    linear_backward_data_gemm<false>(dy, w, dx, m, k, n, accumulate);
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+    linear_backward_weight_f32(const float* __restrict__ x, const float* __restrict__ dy, float* __restrict__ dw,
+                               float* __restrict__ workspace, int chunk, int m, int k, int n) {
+    linear_backward_weight_gemm<false>(x, dy, dw, workspace, chunk, m, k, n);
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+    linear_forward_bf16(const float* __restrict__ x, const float* __restrict__ w, const float* __restrict__ b,
+                       float* __restrict__ y, int m, int k, int n) {
+    linear_forward_gemm<true>(x, w, b, y, m, k, n);
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+    linear_backward_data_bf16(const float* __restrict__ dy, const float* __restrict__ w, float* __restrict__ dx,
+                             int m, int k, int n, int accumulate) {
+    linear_backward_data_gemm<true>(dy, w, dx, m, k, n, accumulate);
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+    linear_backward_weight_bf16(const float* __restrict__ x, const float* __restrict__ dy, float* __restrict__ dw,
+                               float* __restrict__ workspace, int chunk, int m, int k, int n) {
+    linear_backward_weight_gemm<true>(x, dy, dw, workspace, chunk, m, k, n);
 }

@@ -2,7 +2,7 @@
 
 use crate::backend::cpu::CpuBackend;
 use crate::backend::cuda::CudaBackend;
-use crate::backend::Backend;
+use crate::backend::{Backend, Precision};
 use crate::bench;
 use crate::checkpoint::{self, SchedulerConfig};
 use crate::data::Dataset;
@@ -36,6 +36,13 @@ enum Device {
     Auto,
     Cpu,
     Cuda,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum PrecisionArg {
+    Auto,
+    Fp32,
+    Bf16,
 }
 
 #[derive(Subcommand)]
@@ -115,6 +122,10 @@ struct BenchArgs {
     no_kernels: bool,
     #[arg(long, value_enum, default_value = "auto")]
     device: Device,
+    /// The arithmetic of the convolutions and linear layers: fp32, or bf16 on tensor cores (sums in fp32);
+    /// auto is bf16 on a CUDA device of compute capability 8.0 or newer, else fp32.
+    #[arg(long, value_enum, default_value = "auto")]
+    precision: PrecisionArg,
 }
 
 #[derive(clap::Args)]
@@ -141,6 +152,10 @@ struct EvalArgs {
     seed: u64,
     #[arg(long, value_enum, default_value = "auto")]
     device: Device,
+    /// The arithmetic of the convolutions and linear layers: fp32, or bf16 on tensor cores (sums in fp32);
+    /// auto is bf16 on a CUDA device of compute capability 8.0 or newer, else fp32.
+    #[arg(long, value_enum, default_value = "auto")]
+    precision: PrecisionArg,
 }
 
 #[derive(clap::Args)]
@@ -196,6 +211,10 @@ struct TrainArgs {
     resume: Option<PathBuf>,
     #[arg(long, value_enum, default_value = "auto")]
     device: Device,
+    /// The arithmetic of the convolutions and linear layers: fp32, or bf16 on tensor cores (sums in fp32);
+    /// auto is bf16 on a CUDA device of compute capability 8.0 or newer, else fp32.
+    #[arg(long, value_enum, default_value = "auto")]
+    precision: PrecisionArg,
 }
 
 #[derive(clap::Args)]
@@ -241,6 +260,10 @@ struct SampleArgs {
     out_npy: Option<PathBuf>,
     #[arg(long, value_enum, default_value = "auto")]
     device: Device,
+    /// The arithmetic of the convolutions and linear layers: fp32, or bf16 on tensor cores (sums in fp32);
+    /// auto is bf16 on a CUDA device of compute capability 8.0 or newer, else fp32.
+    #[arg(long, value_enum, default_value = "auto")]
+    precision: PrecisionArg,
 }
 
 pub fn main() -> ExitCode {
@@ -266,43 +289,49 @@ trait Job {
     fn run<B: Backend>(self, be: &mut B) -> Result<()>;
 }
 
-/// Picks the backend, says which and why, and runs the job on it. `auto` takes CUDA only once the CUDA
-/// backend has passed its GPU tests ([`crate::backend::cuda::VERIFIED`]); until then `--device cuda` runs
-/// it on request.
-fn dispatch(device: Device, job: impl Job) -> Result<()> {
+/// Picks the backend and the precision, says which and why, and runs the job on it. `auto` takes CUDA only
+/// once the CUDA backend has passed its GPU tests ([`crate::backend::cuda::VERIFIED`]); until then
+/// `--device cuda` runs it on request. The CPU computes in fp32 only.
+fn dispatch(device: Device, precision: PrecisionArg, job: impl Job) -> Result<()> {
     let threads = rayon::current_num_threads();
-    if device == Device::Cpu {
-        eprintln!("device: cpu (--device cpu), {threads} threads");
-        return job.run(&mut CpuBackend::<f32>::new());
-    }
-    let cuda = CudaBackend::new();
-    match (device, cuda) {
-        (Device::Cuda, Ok(mut be)) => {
-            eprintln!("device: cuda (--device cuda), {}", be.device_name());
-            job.run(&mut be)
-        }
-        (Device::Cuda, Err(e)) => bail!("--device cuda: {e}"),
-        (_, Ok(mut be)) if crate::backend::cuda::VERIFIED => {
-            eprintln!(
-                "device: cuda, {} (--device cpu to use the CPU)",
+    // The CUDA backend, or why the CPU runs the job.
+    let chosen: std::result::Result<CudaBackend, String> = match device {
+        Device::Cpu => Err("--device cpu".into()),
+        Device::Cuda => Ok(CudaBackend::new().map_err(|e| anyhow::anyhow!("--device cuda: {e}"))?),
+        Device::Auto => match CudaBackend::new() {
+            Ok(be) if crate::backend::cuda::VERIFIED => Ok(be),
+            Ok(be) => Err(format!(
+                "found {}, but the CUDA backend has not passed its GPU tests yet; --device cuda uses it anyway",
                 be.device_name()
-            );
-            job.run(&mut be)
+            )),
+            Err(e) => Err(format!("cuda not used: {e}")),
+        },
+    };
+    let mut be = match chosen {
+        Ok(be) => be,
+        Err(why) => {
+            if precision == PrecisionArg::Bf16 {
+                bail!("--precision bf16 needs the CUDA backend, and the CPU was chosen: {why}");
+            }
+            eprintln!("device: cpu, {threads} threads, fp32 ({why})");
+            return job.run(&mut CpuBackend::<f32>::new());
         }
-        (_, Ok(be)) => {
-            eprintln!(
-                "device: cpu, {threads} threads (found {}, but the CUDA backend has not passed its GPU tests \
-                 yet; --device cuda uses it anyway)",
-                be.device_name()
-            );
-            drop(be);
-            job.run(&mut CpuBackend::<f32>::new())
-        }
-        (_, Err(e)) => {
-            eprintln!("device: cpu, {threads} threads (cuda not used: {e})");
-            job.run(&mut CpuBackend::<f32>::new())
-        }
-    }
+    };
+    let p = match precision {
+        PrecisionArg::Fp32 => Precision::Fp32,
+        PrecisionArg::Bf16 => Precision::Bf16,
+        PrecisionArg::Auto if be.supports_bf16() => Precision::Bf16,
+        PrecisionArg::Auto => Precision::Fp32,
+    };
+    be.set_precision(p)?;
+    eprintln!(
+        "device: cuda, {}, {} GEMMs (--device {}, --precision {})",
+        be.device_name(),
+        p.name(),
+        format!("{device:?}").to_lowercase(),
+        format!("{precision:?}").to_lowercase(),
+    );
+    job.run(&mut be)
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -319,12 +348,12 @@ fn run(cli: Cli) -> Result<()> {
             None => info(&UNetConfig::preset(&preset)?, &preset, batch),
         },
         Command::Train(args) => {
-            let device = args.device;
-            dispatch(device, args)
+            let (device, precision) = (args.device, args.precision);
+            dispatch(device, precision, args)
         }
         Command::Sample(args) => {
-            let device = args.device;
-            dispatch(device, args)
+            let (device, precision) = (args.device, args.precision);
+            dispatch(device, precision, args)
         }
         Command::Diffuse {
             image,
@@ -334,12 +363,12 @@ fn run(cli: Cli) -> Result<()> {
             out,
         } => diffuse(&image, &t, size, seed, &out),
         Command::Eval(args) => {
-            let device = args.device;
-            dispatch(device, args)
+            let (device, precision) = (args.device, args.precision);
+            dispatch(device, precision, args)
         }
         Command::Bench(args) => {
-            let device = args.device;
-            dispatch(device, args)
+            let (device, precision) = (args.device, args.precision);
+            dispatch(device, precision, args)
         }
         Command::Convert {
             model,

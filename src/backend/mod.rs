@@ -305,6 +305,25 @@ pub struct AdamStep {
     pub max_grad_norm: f32,
 }
 
+/// The arithmetic of the GEMM-shaped ops (convolutions and linear layers). Tensors are fp32 either way.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Precision {
+    /// fp32 multiply-adds: the exact path, the one every backend has and the tests hold to the CPU.
+    Fp32,
+    /// Operands rounded to bf16 (8 significant bits) and multiplied on tensor cores, sums in fp32 (CUDA,
+    /// compute capability 8.0 and newer).
+    Bf16,
+}
+
+impl Precision {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Fp32 => "fp32",
+            Self::Bf16 => "bf16",
+        }
+    }
+}
+
 /// The op set. Every method checks its arguments and returns an error rather than panicking.
 pub trait Backend {
     /// A short description for logs ("cpu (2 threads)", "cuda: NVIDIA H100 ...").

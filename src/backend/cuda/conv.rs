@@ -3,20 +3,28 @@
 
 use super::elementwise::dims;
 use super::{launch, CudaBackend, WORKSPACE};
-use crate::backend::{ConvKind, ConvShape, Tensor};
+use crate::backend::{ConvKind, ConvShape, Precision, Tensor};
 use crate::error::{Error, Result};
 use cudarc::driver::LaunchConfig;
 
-/// The GEMM tile of `kernels/gemm.cuh`.
-const TILE: usize = 64;
-const TILE_K: usize = 16;
+/// A GEMM core's tiling: each block computes an `mn` x `mn` tile of the output, stepping `k` at a time
+/// through the reduction.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Tile {
+    pub mn: usize,
+    pub k: usize,
+}
 
-/// A GEMM launch over an M x N output: grid (M / 64, N / 64, splits), the long side on x.
-pub(super) fn gemm_cfg(rows: usize, cols: usize, splits: usize) -> LaunchConfig {
+/// The fp32 core (`kernels/gemm.cuh`) and the bf16 tensor-core core (`kernels/gemm_tc.cuh`).
+pub(super) const TILE_F32: Tile = Tile { mn: 64, k: 16 };
+pub(super) const TILE_BF16: Tile = Tile { mn: 128, k: 32 };
+
+/// A GEMM launch over an M x N output: grid (M / tile, N / tile, splits), the long side on x.
+pub(super) fn gemm_cfg(tile: Tile, rows: usize, cols: usize, splits: usize) -> LaunchConfig {
     LaunchConfig {
         grid_dim: (
-            rows.div_ceil(TILE) as u32,
-            cols.div_ceil(TILE) as u32,
+            rows.div_ceil(tile.mn) as u32,
+            cols.div_ceil(tile.mn) as u32,
             splits as u32,
         ),
         block_dim: (256, 1, 1),
@@ -25,16 +33,23 @@ pub(super) fn gemm_cfg(rows: usize, cols: usize, splits: usize) -> LaunchConfig 
 }
 
 /// How to cut a reduction of `kdim` for an M x N output: enough slices to give the device ~4 waves of
-/// blocks, at most 64, each at least 8 tiles of K long, and all partial sums fitting the workspace.
-/// Returns (splits, chunk). Depends on the shape and the SM count only, so a run is reproducible.
-pub(super) fn split_k(rows: usize, cols: usize, kdim: usize, sms: u32) -> (usize, usize) {
-    let tiles = rows.div_ceil(TILE) * cols.div_ceil(TILE);
+/// blocks, at most 64, each at least 8 steps of the tile's K long, and all partial sums fitting the
+/// workspace. Returns (splits, chunk), chunk a multiple of the K step. Depends on the shape, the core and
+/// the SM count only, so a run is reproducible.
+pub(super) fn split_k(
+    tile: Tile,
+    rows: usize,
+    cols: usize,
+    kdim: usize,
+    sms: u32,
+) -> (usize, usize) {
+    let tiles = rows.div_ceil(tile.mn) * cols.div_ceil(tile.mn);
     let want = (4 * sms as usize).div_ceil(tiles.max(1));
-    let by_length = kdim / (8 * TILE_K);
+    let by_length = kdim / (8 * tile.k);
     let by_memory = WORKSPACE / (rows * cols).max(1);
     let splits = want.min(by_length).min(by_memory).clamp(1, 64);
-    let chunk = kdim.div_ceil(splits).div_ceil(TILE_K) * TILE_K;
-    (kdim.div_ceil(chunk.max(1)).max(1), chunk.max(TILE_K))
+    let chunk = kdim.div_ceil(splits).div_ceil(tile.k) * tile.k;
+    (kdim.div_ceil(chunk.max(1)).max(1), chunk.max(tile.k))
 }
 
 /// The kernels' geometry arguments: (taps, stride, pad).
@@ -47,6 +62,14 @@ fn geometry(kind: ConvKind) -> [i32; 3] {
 }
 
 impl CudaBackend {
+    /// The tiling of the GEMM core the current precision runs on.
+    pub(super) fn tile(&self) -> Tile {
+        match self.precision {
+            Precision::Fp32 => TILE_F32,
+            Precision::Bf16 => TILE_BF16,
+        }
+    }
+
     pub(super) fn conv_forward(
         &mut self,
         s: ConvShape,
@@ -66,12 +89,12 @@ impl CudaBackend {
         )?;
         let (px, pw, pb, py) = (self.ptr(x), self.ptr(w), self.ptr(b), self.ptr(y));
         let (oh, ow) = s.out_hw();
-        let cfg = gemm_cfg(s.n * oh * ow, s.o, 1);
+        let cfg = gemm_cfg(self.tile(), s.n * oh * ow, s.o, 1);
         let [n, h, wd, c, o] = dims([s.n, s.h, s.w, s.c, s.o])?;
         let [taps, stride, pad] = geometry(s.kind);
         launch!(
             self,
-            "conv2d_forward_f32",
+            self.pick("conv2d_forward_f32", "conv2d_forward_bf16"),
             cfg,
             px,
             pw,
@@ -102,13 +125,13 @@ impl CudaBackend {
             &[("dx", dx, s.x_len())],
         )?;
         let (pdy, pw, pdx) = (self.ptr(dy), self.ptr(w), self.ptr(dx));
-        let cfg = gemm_cfg(s.n * s.h * s.w, s.c, 1);
+        let cfg = gemm_cfg(self.tile(), s.n * s.h * s.w, s.c, 1);
         let [n, h, wd, c, o] = dims([s.n, s.h, s.w, s.c, s.o])?;
         let [taps, stride, pad] = geometry(s.kind);
         let acc = acc as i32;
         launch!(
             self,
-            "conv2d_backward_data_f32",
+            self.pick("conv2d_backward_data_f32", "conv2d_backward_data_bf16"),
             cfg,
             pdy,
             pw,
@@ -147,13 +170,13 @@ impl CudaBackend {
         );
         let (oh, ow) = s.out_hw();
         let pixels = s.n * oh * ow;
-        let (splits, chunk) = split_k(s.o, s.k(), pixels, self.props.sms);
-        let cfg = gemm_cfg(s.o, s.k(), splits);
+        let (splits, chunk) = split_k(self.tile(), s.o, s.k(), pixels, self.props.sms);
+        let cfg = gemm_cfg(self.tile(), s.o, s.k(), splits);
         let [n, h, wd, c, o, chunk_i] = dims([s.n, s.h, s.w, s.c, s.o, chunk])?;
         let [taps, stride, pad] = geometry(s.kind);
         launch!(
             self,
-            "conv2d_backward_weight_f32",
+            self.pick("conv2d_backward_weight_f32", "conv2d_backward_weight_bf16"),
             cfg,
             px,
             pdy,
@@ -247,22 +270,25 @@ impl CudaBackend {
 mod tests {
     use super::*;
 
-    // The split must cover the reduction exactly once, in chunks the kernel can take, for any shape.
+    // The split must cover the reduction exactly once, in chunks the kernel can take, for any shape and
+    // either core.
     #[test]
     fn split_k_covers_the_reduction() {
-        for (rows, cols, kdim) in [
-            (256, 2304, 131_072),
-            (3, 27, 7),
-            (128, 1152, 8 * 64),
-            (1, 1, 1),
-            (512, 4608, 2048),
-            (7000, 7000, 1_000_000),
-        ] {
-            let (splits, chunk) = split_k(rows, cols, kdim, 132);
-            assert!((1..=64).contains(&splits));
-            assert_eq!(chunk % TILE_K, 0, "{rows} {cols} {kdim}");
-            assert!(splits * chunk >= kdim && (splits - 1) * chunk < kdim);
-            assert!(splits == 1 || splits * rows * cols <= WORKSPACE);
+        for tile in [TILE_F32, TILE_BF16] {
+            for (rows, cols, kdim) in [
+                (256, 2304, 131_072),
+                (3, 27, 7),
+                (128, 1152, 8 * 64),
+                (1, 1, 1),
+                (512, 4608, 2048),
+                (7000, 7000, 1_000_000),
+            ] {
+                let (splits, chunk) = split_k(tile, rows, cols, kdim, 132);
+                assert!((1..=64).contains(&splits));
+                assert_eq!(chunk % tile.k, 0, "{tile:?} {rows} {cols} {kdim}");
+                assert!(splits * chunk >= kdim && (splits - 1) * chunk < kdim);
+                assert!(splits == 1 || splits * rows * cols <= WORKSPACE);
+            }
         }
     }
 }

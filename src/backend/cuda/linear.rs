@@ -24,9 +24,10 @@ impl CudaBackend {
             &[("y", y, m * n)],
         )?;
         let (px, pw, pb, py) = (self.ptr(x), self.ptr(w), self.ptr(b), self.ptr(y));
-        let cfg = gemm_cfg(m, n, 1);
+        let cfg = gemm_cfg(self.tile(), m, n, 1);
         let [mi, ki, ni] = dims([m, k, n])?;
-        launch!(self, "linear_forward_f32", cfg, px, pw, pb, py, mi, ki, ni)
+        let kernel = self.pick("linear_forward_f32", "linear_forward_bf16");
+        launch!(self, kernel, cfg, px, pw, pb, py, mi, ki, ni)
     }
 
     /// `dx (+)= dy w` (when asked), `dw = dy^T x` (split-K), `db = column sums of dy`.
@@ -58,8 +59,8 @@ impl CudaBackend {
             let (pdy, pw, pdx, acc) = (self.ptr(dy), self.ptr(w), self.ptr(dx), acc as i32);
             launch!(
                 self,
-                "linear_backward_data_f32",
-                gemm_cfg(m, k, 1),
+                self.pick("linear_backward_data_f32", "linear_backward_data_bf16"),
+                gemm_cfg(self.tile(), m, k, 1),
                 pdy,
                 pw,
                 pdx,
@@ -75,12 +76,12 @@ impl CudaBackend {
             self.ptr(dw),
             self.workspace_ptr(),
         );
-        let (splits, chunk) = split_k(n, k, m, self.props.sms);
+        let (splits, chunk) = split_k(self.tile(), n, k, m, self.props.sms);
         let [chunk_i] = dims([chunk])?;
         launch!(
             self,
-            "linear_backward_weight_f32",
-            gemm_cfg(n, k, splits),
+            self.pick("linear_backward_weight_f32", "linear_backward_weight_bf16"),
+            gemm_cfg(self.tile(), n, k, splits),
             px,
             pdy,
             pdw,

@@ -25,7 +25,7 @@ mod norm;
 mod optim;
 
 use self::device::{gib, Device, DeviceBuffer, Properties};
-use super::{check_args, Arg, Tensor};
+use super::{check_args, Arg, Precision, Tensor};
 use crate::error::{Error, Result};
 use cudarc::driver::LaunchConfig;
 
@@ -72,6 +72,8 @@ pub struct CudaBackend {
     table: Option<DeviceBuffer>,
     table_rows: usize,
     step: Option<DeviceBuffer>,
+    /// Which GEMM core the convolutions and linear layers run on.
+    precision: Precision,
     dev: Device,
     props: Properties,
 }
@@ -109,8 +111,39 @@ impl CudaBackend {
             table: None,
             table_rows: 0,
             step: None,
+            precision: Precision::Fp32,
             dev,
             props,
+        }
+    }
+
+    /// Runs the convolutions and linear layers in `p` from now on (see [`Precision`]). bf16 needs tensor
+    /// cores with bf16 inputs: compute capability 8.0 or newer.
+    pub fn set_precision(&mut self, p: Precision) -> Result<()> {
+        if p == Precision::Bf16 && !self.supports_bf16() {
+            return Err(Error::Cuda(format!(
+                "--precision bf16 needs compute capability 8.0 or newer; {} is older (use --precision fp32)",
+                self.props.name
+            )));
+        }
+        self.precision = p;
+        Ok(())
+    }
+
+    pub fn precision(&self) -> Precision {
+        self.precision
+    }
+
+    /// Whether the device has bf16 tensor cores (sm_80 and newer).
+    pub fn supports_bf16(&self) -> bool {
+        self.props.major >= 8
+    }
+
+    /// The kernel of an op in the current precision: its `_f32` or its `_bf16` twin.
+    fn pick(&self, f32: &'static str, bf16: &'static str) -> &'static str {
+        match self.precision {
+            Precision::Fp32 => f32,
+            Precision::Bf16 => bf16,
         }
     }
 
@@ -233,7 +266,7 @@ pub(crate) use launch;
 
 impl super::Backend for CudaBackend {
     fn describe(&self) -> String {
-        format!("cuda: {}", self.props.name)
+        format!("cuda: {}, {} GEMMs", self.props.name, self.precision.name())
     }
 
     fn alloc(&mut self, len: usize) -> Result<Tensor> {
