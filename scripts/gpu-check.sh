@@ -5,15 +5,24 @@
 #      the device samplers);
 #   2. compute-sanitizer (memcheck, racecheck) over a short training run and a short sampling run;
 #   3. ddpm-cuda train and sample on the paper's network (ddpm-cifar10);
-#   4. ddpm-cuda bench (training and sampling throughput at batch 128 and 256, the dominant kernels);
+#   4. ddpm-cuda bench in fp32 and in bf16 (training and sampling throughput at batch 128 and 256; the
+#      dominant kernels, with the convolution in both precisions: the ladder of dev/conv/README.md);
 #   5. benches/peer_pytorch.py, the same network in PyTorch (fp32, bf16 autocast, torch.compile);
-# then a short table, with our images/s over the best PyTorch configuration's. The full log goes to stdout and to $OUT/gpu-check-<date>.log when $OUT is set
-# (the device tool brings $OUT back); commit it under benches/results/.
+# then a short table, with our images/s over the best PyTorch configuration's. The full log goes to stdout
+# and to $OUT/gpu-check-<date>-<part>.log when $OUT is set (the device tool brings $OUT back); commit it
+# under benches/results/.
+#
+#   scripts/gpu-check.sh [all|verify|perf]
+# verify is 1-3, perf is 4-5 (torch.compile's autotuning takes minutes): each fits one 10-minute call.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+part=${1:-all}
+case $part in all|verify|perf) ;; *) echo "usage: $0 [all|verify|perf]" >&2; exit 2;; esac
+run_verify() { [ "$part" != perf ]; }
+run_perf() { [ "$part" != verify ]; }
 carry=${GPU_CARRY:-gpu-carry}
 bin=$carry/ddpm-cuda
-log=${OUT:-/tmp}/gpu-check-$(date -u +%Y-%m-%d).log
+log=${OUT:-/tmp}/gpu-check-$(date -u +%Y-%m-%d)-$part.log
 work=$(mktemp -d)
 exec > >(tee "$log") 2>&1
 
@@ -27,6 +36,7 @@ echo "commit: $(tr '\n' ' ' < "$carry/COMMIT")"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv || true
 command -v compute-sanitizer || echo "compute-sanitizer not on PATH"
 
+if run_verify; then
 stage "GPU tests"
 if "$carry/gpu-tests" --ignored --test-threads=1 --nocapture 2>&1; then
   record "GPU tests" PASS
@@ -44,28 +54,35 @@ sanitize() {  # tool, label, command...
   fi
 }
 stage "compute-sanitizer"
-short_train=("$bin" train --preset tiny --steps 2 --batch 4 --grid 2 --every 2 --out "$work/san" --device cuda)
-short_sample=("$bin" sample --model "$work/san" --sampler ddim --steps 4 -n 3 --batch 3 --out "$work/san.png" --device cuda)
-sanitize memcheck "train tiny, 2 steps" "${short_train[@]}"
-sanitize memcheck "sample tiny, DDIM 4 steps" "${short_sample[@]}"
-sanitize racecheck "train tiny, 2 steps" "${short_train[@]}"
-sanitize racecheck "sample tiny, DDIM 4 steps" "${short_sample[@]}"
+for precision in fp32 bf16; do
+  short_train=("$bin" train --preset tiny --steps 2 --batch 4 --grid 2 --every 2 --out "$work/san-$precision" --device cuda --precision $precision)
+  short_sample=("$bin" sample --model "$work/san-$precision" --sampler ddim --steps 4 -n 3 --batch 3 --out "$work/san.png" --device cuda --precision $precision)
+  sanitize memcheck "train tiny, 2 steps, $precision" "${short_train[@]}"
+  rm -rf "$work/san-$precision"
+  sanitize racecheck "train tiny, 2 steps, $precision" "${short_train[@]}"
+  sanitize memcheck "sample tiny, DDIM 4 steps, $precision" "${short_sample[@]}"
+  sanitize racecheck "sample tiny, DDIM 4 steps, $precision" "${short_sample[@]}"
+done
 
-stage "ddpm-cifar10 on the device"
-if "$bin" train --preset ddpm-cifar10 --steps 20 --batch 128 --grid 16 --every 20 --out "$work/cifar" --device cuda \
-   && "$bin" sample --model "$work/cifar" --sampler ddim --steps 50 -n 16 --out "$work/cifar.png" --device cuda; then
+stage "ddpm-cifar10 on the device (bf16)"
+if "$bin" train --preset ddpm-cifar10 --steps 20 --batch 128 --grid 16 --every 20 --out "$work/cifar" --device cuda --precision bf16 \
+   && "$bin" sample --model "$work/cifar" --sampler ddim --steps 50 -n 16 --out "$work/cifar.png" --device cuda --precision bf16; then
   record "train + sample ddpm-cifar10" PASS
   cp "$work/cifar/loss.csv" "${OUT:-/tmp}/cifar-loss.csv" 2>/dev/null || true
 else
   record "train + sample ddpm-cifar10" FAIL
 fi
-
-stage "benchmark"
-if "$bin" bench --device cuda | tee "$work/bench.txt"; then
-  record "bench" PASS
-else
-  record "bench" FAIL
 fi
+
+if run_perf; then
+stage "benchmark"
+for precision in fp32 bf16; do
+  if "$bin" bench --device cuda --precision $precision | tee "$work/bench-$precision.txt"; then
+    record "bench $precision" PASS
+  else
+    record "bench $precision" FAIL
+  fi
+done
 
 stage "PyTorch peer (same network, fp32 / bf16 / compiled)"
 if python3 benches/peer_pytorch.py --batch 128,256 --steps 10 | tee "$work/peer.txt"; then
@@ -73,29 +90,36 @@ if python3 benches/peer_pytorch.py --batch 128,256 --steps 10 | tee "$work/peer.
 else
   record "peer benchmark" FAIL
 fi
+fi
 
 stage "summary"
 printf '%s\n' "${summary[@]}"
-grep -E "images/s|TFLOP/s|GB/s" "$work/bench.txt" 2>/dev/null || true
-# Ours against the best PyTorch configuration at each batch size.
-python3 - "$work/bench.txt" "$work/peer.txt" <<'PY' || true
+run_perf || { rm -rf "$work"; exit 0; }
+grep -E "ceilings|images/s|TFLOP/s|GB/s" "$work/bench-fp32.txt" "$work/bench-bf16.txt" 2>/dev/null || true
+# Ours (each precision) against the best PyTorch configuration at each batch size.
+python3 - "$work/bench-fp32.txt" "$work/bench-bf16.txt" "$work/peer.txt" <<'PY' || true
 import re, sys
 ours, peer = {}, {}
-for line in open(sys.argv[1]):
-    m = re.match(r"(train|sampling) step, batch (\d+)(?: \(1000-step images/s\))?\s+[\d.]+ ms\s+([\d.]+) images/s", line)
-    if m:
-        ours[(m.group(1), int(m.group(2)))] = float(m.group(3))
-for line in open(sys.argv[2]):
+for path, precision in ((sys.argv[1], "fp32"), (sys.argv[2], "bf16")):
+    try:
+        lines = open(path).readlines()
+    except OSError:
+        continue
+    for line in lines:
+        m = re.match(r"(train|sampling) step, batch (\d+)(?: \(1000-step images/s\))?\s+[\d.]+ ms\s+([\d.]+) images/s", line)
+        if m:
+            ours[(m.group(1), int(m.group(2)), precision)] = float(m.group(3))
+for line in open(sys.argv[3]):
     f = line.split()
     if len(f) == 7 and f[1].isdigit():
         b = int(f[1])
         for kind, v in (("train", float(f[3])), ("sampling", float(f[5]))):
             if v > peer.get((kind, b), (0, ""))[0]:
                 peer[(kind, b)] = (v, f[0])
-print(f"{'':<22}{'ours img/s':>12}{'best peer':>12}{'config':>9}{'ratio':>8}")
+print(f"{'':<27}{'ours img/s':>12}{'best peer':>12}{'config':>9}{'ratio':>8}")
 for key in sorted(ours):
-    if key in peer:
-        v, cfg = peer[key]
-        print(f"{key[0] + ' batch ' + str(key[1]):<22}{ours[key]:>12.2f}{v:>12.2f}{cfg:>9}{ours[key] / v:>8.2f}")
+    if key[:2] in peer:
+        v, cfg = peer[key[:2]]
+        print(f"{key[0] + ' batch ' + str(key[1]) + ' ' + key[2]:<27}{ours[key]:>12.2f}{v:>12.2f}{cfg:>9}{ours[key] / v:>8.2f}")
 PY
 rm -rf "$work"

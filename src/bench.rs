@@ -5,12 +5,14 @@
 //!   TFLOP/s from the forward multiply-adds x 3 (forward and backward).
 //! - Sampling: the time of one recorded step (forward + fused update) replayed; images/s for the full
 //!   1000-step sampler follow from it.
-//! - Kernels: a 3x3 convolution of the paper's widest 16x16 layer (forward, input and weight gradients),
+//! - Kernels: a 3x3 convolution of the paper's widest 16x16 layer (forward, input and weight gradients)
+//!   in every precision the backend has (the convolution ladder: v1 fp32 SIMT, v2 bf16 tensor cores),
 //!   group norm, attention, the optimizer, each as time, TFLOP/s or GB/s, and the ratio to the ceiling:
-//!   the device-to-device copy bandwidth measured here, and the backend's stated fp32 peak.
+//!   the device-to-device copy bandwidth and the arithmetic peak of the precision, both measured here
+//!   (the peak from the specification where the backend cannot measure it).
 
 use crate::backend::{
-    AdamStep, AttentionShape, Backend, ConvKind, ConvShape, GroupNormShape, Tensor,
+    AdamStep, AttentionShape, Backend, ConvKind, ConvShape, GroupNormShape, Precision, Tensor,
 };
 use crate::error::Result;
 use crate::model::{UNet, UNetConfig};
@@ -39,7 +41,7 @@ impl std::fmt::Display for Line {
             .map_or(String::from("-"), |r| format!("{:.1}%", 100.0 * r));
         write!(
             f,
-            "{:<52} {:>10.3} ms {:>12.2} {:<9} {:>7}",
+            "{:<60} {:>10.3} ms {:>12.2} {:<9} {:>7}",
             self.what, self.ms, self.rate, self.unit, pct
         )
     }
@@ -61,11 +63,34 @@ fn time<B: Backend>(
     Ok(start.elapsed().as_secs_f64() * 1e3 / iters as f64)
 }
 
-/// What the report compares against: the device copy bandwidth (measured) and the arithmetic peak.
+/// What the report compares against: the device copy bandwidth (measured) and the arithmetic peak of each
+/// precision (measured where the backend can, else stated).
 #[derive(Clone, Copy, Debug)]
 pub struct Ceilings {
     pub copy_gb_s: f64,
-    pub peak_tflop_s: Option<f64>,
+    pub peak_fp32: Option<f64>,
+    pub peak_bf16: Option<f64>,
+}
+
+impl Ceilings {
+    /// Measures what the backend can measure; the peaks fall back to its stated ones.
+    pub fn measure<B: Backend>(be: &mut B) -> Result<Self> {
+        let peak = |be: &mut B, p| -> Result<Option<f64>> {
+            Ok(be.measure_peak_tflops(p)?.or(be.stated_peak_tflops(p)))
+        };
+        Ok(Self {
+            copy_gb_s: copy_bandwidth(be)?,
+            peak_fp32: peak(be, Precision::Fp32)?,
+            peak_bf16: peak(be, Precision::Bf16)?,
+        })
+    }
+
+    pub fn peak(&self, p: Precision) -> Option<f64> {
+        match p {
+            Precision::Fp32 => self.peak_fp32,
+            Precision::Bf16 => self.peak_bf16,
+        }
+    }
 }
 
 /// Measures the device-to-device copy bandwidth with a 256 MiB copy (bytes read + written).
@@ -99,6 +124,7 @@ pub fn model<B: Backend>(
     let per_image = tr.net.input.len / batch;
     let images = vec![0.1f32; batch * per_image];
     let flop = 2.0 * tr.net.macs_per_image() as f64;
+    let peak = ceilings.peak(be.precision());
     let ms = time(be, train_steps, |be| tr.step(be, &images).map(|_| ()))?;
     let mut lines = Vec::new();
     let train_flop = 3.0 * flop * batch as f64;
@@ -115,7 +141,7 @@ pub fn model<B: Backend>(
         ms,
         rate: tflops,
         unit: "TFLOP/s",
-        of_ceiling: ceilings.peak_tflop_s.map(|p| tflops / p),
+        of_ceiling: peak.map(|p| tflops / p),
     });
     drop(tr);
     let mut net = UNet::new_inference(be, config, batch)?;
@@ -159,7 +185,7 @@ pub fn model<B: Backend>(
         ms: step_ms,
         rate: sample_tflops,
         unit: "TFLOP/s",
-        of_ceiling: ceilings.peak_tflop_s.map(|p| sample_tflops / p),
+        of_ceiling: peak.map(|p| sample_tflops / p),
     });
     Ok(lines)
 }
@@ -168,14 +194,14 @@ pub fn model<B: Backend>(
 pub fn kernels<B: Backend>(be: &mut B, batch: usize, ceilings: &Ceilings) -> Result<Vec<Line>> {
     let mut lines = Vec::new();
     let iters = 10;
-    let tflop_line = |what: String, ms: f64, flop: f64| {
+    let tflop_line = |what: String, ms: f64, flop: f64, p: Precision| {
         let rate = flop / (ms * 1e-3) / 1e12;
         Line {
             what,
             ms,
             rate,
             unit: "TFLOP/s",
-            of_ceiling: ceilings.peak_tflop_s.map(|p| rate / p),
+            of_ceiling: ceilings.peak(p).map(|peak| rate / peak),
         }
     };
     let gbs_line = |what: String, ms: f64, bytes: f64| {
@@ -217,13 +243,22 @@ pub fn kernels<B: Backend>(be: &mut B, batch: usize, ceilings: &Ceilings) -> Res
         alloc_filled(be, s.o, 0.0)?,
     );
     let flop = 2.0 * s.macs() as f64;
-    let what = format!("conv 3x3 16x16 256->256, batch {batch}");
-    let ms = time(be, iters, |be| be.conv2d_forward(s, x, w, b, y))?;
-    lines.push(tflop_line(format!("{what}: forward"), ms, flop));
-    let ms = time(be, iters, |be| be.conv2d_backward_data(s, dy, w, dx, false))?;
-    lines.push(tflop_line(format!("{what}: input grad"), ms, flop));
-    let ms = time(be, iters, |be| be.conv2d_backward_weight(s, x, dy, dw, db))?;
-    lines.push(tflop_line(format!("{what}: weight grad"), ms, flop));
+    // Every precision this backend has, on the same shape: on CUDA, versions 1 (fp32 SIMT) and 2 (bf16
+    // WMMA) of the convolution ladder (dev/conv/README.md).
+    let own = be.precision();
+    for p in [Precision::Fp32, Precision::Bf16] {
+        if be.set_precision(p).is_err() {
+            continue;
+        }
+        let what = format!("conv 3x3 16x16 256->256 {}, batch {batch}", p.name());
+        let ms = time(be, iters, |be| be.conv2d_forward(s, x, w, b, y))?;
+        lines.push(tflop_line(format!("{what}: forward"), ms, flop, p));
+        let ms = time(be, iters, |be| be.conv2d_backward_data(s, dy, w, dx, false))?;
+        lines.push(tflop_line(format!("{what}: input grad"), ms, flop, p));
+        let ms = time(be, iters, |be| be.conv2d_backward_weight(s, x, dy, dw, db))?;
+        lines.push(tflop_line(format!("{what}: weight grad"), ms, flop, p));
+    }
+    be.set_precision(own)?;
 
     let g = GroupNormShape {
         n: batch,
@@ -274,6 +309,7 @@ pub fn kernels<B: Backend>(be: &mut B, batch: usize, ceilings: &Ceilings) -> Res
         format!("attention l=256 c=256, batch {batch}: forward"),
         ms,
         att_flop,
+        Precision::Fp32, // attention is fp32 in every precision (version 1)
     ));
     let dqkv = alloc_filled(be, qkv.len, 0.0)?;
     let ms = time(be, iters, |be| {
@@ -283,6 +319,7 @@ pub fn kernels<B: Backend>(be: &mut B, batch: usize, ceilings: &Ceilings) -> Res
         format!("attention l=256 c=256, batch {batch}: backward"),
         ms,
         2.5 * att_flop,
+        Precision::Fp32,
     ));
 
     let n = 35_746_307;

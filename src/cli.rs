@@ -73,7 +73,7 @@ enum Command {
     /// The variational bound (the paper's NLL) in bits/dim over a dataset, with its breakdown.
     Eval(EvalArgs),
     /// Training and sampling throughput of a model on this machine, and its dominant kernels, each against
-    /// a ceiling (the measured copy bandwidth, the device's fp32 peak).
+    /// a ceiling (the copy bandwidth and the arithmetic peak of the precision, measured here).
     Bench(BenchArgs),
     /// Parameter count, FLOPs per forward pass and memory of a model.
     Info {
@@ -620,18 +620,25 @@ impl Job for BenchArgs {
             bail!("--batch and --steps must be at least 1");
         }
         let config = UNetConfig::preset(&self.preset)?;
-        let ceilings = bench::Ceilings {
-            copy_gb_s: bench::copy_bandwidth(be)?,
-            peak_tflop_s: be.peak_tflops(),
-        };
+        let ceilings = bench::Ceilings::measure(be)?;
         println!("device       {}", be.describe());
+        let peak = |p: Option<f64>| p.map_or("unknown".into(), |p| format!("{p:.1} TFLOP/s"));
         println!(
-            "ceilings     device copy {:.0} GB/s (measured), fp32 peak {}",
+            "ceilings     device copy {:.0} GB/s; fp32 FMA {}; bf16 tensor cores {} (measured where the \
+             backend can, else stated; bench's GEMMs run in {})",
             ceilings.copy_gb_s,
-            ceilings.peak_tflop_s.map_or("unknown".into(), |p| format!(
-                "{p:.1} TFLOP/s (SMs x 128 lanes x 2 x clock)"
-            ))
+            peak(ceilings.peak_fp32),
+            peak(ceilings.peak_bf16),
+            be.precision().name()
         );
+        for p in [Precision::Fp32, Precision::Bf16] {
+            if let Some(stated) = be.stated_peak_tflops(p) {
+                println!(
+                    "stated       {} peak {stated:.1} TFLOP/s (SMs x FLOPs per SM per clock x clock)",
+                    p.name()
+                );
+            }
+        }
         println!(
             "model        {} ({} steps timed per batch)",
             self.preset, self.steps
@@ -644,7 +651,7 @@ impl Job for BenchArgs {
             lines.extend(bench::kernels(be, self.batch[0], &ceilings)?);
         }
         println!(
-            "{:<52} {:>13} {:>12} {:<9} {:>7}",
+            "{:<60} {:>13} {:>12} {:<9} {:>7}",
             "what", "time", "rate", "unit", "ceiling"
         );
         for l in &lines {

@@ -517,6 +517,14 @@ fn bad_input_is_a_clear_error_and_destroys_nothing() {
             "--batch and --steps must be at least 1",
         ),
         (
+            vec!["train", "--preset", "tiny", "--precision", "bf16"],
+            "--precision bf16 needs the CUDA backend",
+        ),
+        (
+            vec!["sample", "--model", "good", "--precision", "bf16"],
+            "--precision bf16 needs the CUDA backend",
+        ),
+        (
             vec!["sample", "--model", "good", "--init-noise", "short.bin"],
             "not a .npy file",
         ),

@@ -621,8 +621,30 @@ pub trait Backend {
     fn memory_available(&self) -> Option<usize> {
         None
     }
-    /// The arithmetic peak of the ops as written (fp32), in TFLOP/s, where the backend knows it.
-    fn peak_tflops(&self) -> Option<f64> {
+    /// The arithmetic of the GEMM-shaped ops (see [`Precision`]).
+    fn precision(&self) -> Precision {
+        Precision::Fp32
+    }
+    /// Runs the GEMM-shaped ops in `p` from now on; an error where the backend has no such arithmetic.
+    fn set_precision(&mut self, p: Precision) -> Result<()> {
+        match p {
+            Precision::Fp32 => Ok(()),
+            _ => Err(Error::Invalid(format!(
+                "{} computes in fp32 only (asked for {})",
+                self.describe(),
+                p.name()
+            ))),
+        }
+    }
+    /// The arithmetic peak of `p`'s GEMMs from the device's specification, in TFLOP/s, where the backend
+    /// knows it.
+    fn stated_peak_tflops(&self, p: Precision) -> Option<f64> {
+        let _ = p;
         None
+    }
+    /// The same peak measured here, with the instructions the GEMMs use and nothing else in the loop.
+    fn measure_peak_tflops(&mut self, p: Precision) -> Result<Option<f64>> {
+        let _ = p;
+        Ok(None)
     }
 }

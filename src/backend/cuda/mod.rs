@@ -117,23 +117,6 @@ impl CudaBackend {
         }
     }
 
-    /// Runs the convolutions and linear layers in `p` from now on (see [`Precision`]). bf16 needs tensor
-    /// cores with bf16 inputs: compute capability 8.0 or newer.
-    pub fn set_precision(&mut self, p: Precision) -> Result<()> {
-        if p == Precision::Bf16 && !self.supports_bf16() {
-            return Err(Error::Cuda(format!(
-                "--precision bf16 needs compute capability 8.0 or newer; {} is older (use --precision fp32)",
-                self.props.name
-            )));
-        }
-        self.precision = p;
-        Ok(())
-    }
-
-    pub fn precision(&self) -> Precision {
-        self.precision
-    }
-
     /// Whether the device has bf16 tensor cores (sm_80 and newer).
     pub fn supports_bf16(&self) -> bool {
         self.props.major >= 8
@@ -673,13 +656,65 @@ impl super::Backend for CudaBackend {
         Some(free.saturating_sub(pending + workspace + (256 << 20)) / 4)
     }
 
-    /// SMs x fp32 lanes per SM (128 on sm_90, 64 on sm_80) x 2 (a fused multiply-add) x the SM clock:
-    /// the SIMT fp32 peak that bounds the version 1 kernels.
-    fn peak_tflops(&self) -> Option<f64> {
-        let p = &self.props;
-        let lanes = if p.major >= 9 { 128.0 } else { 64.0 };
-        (p.clock_khz > 0)
-            .then(|| f64::from(p.sms) * lanes * 2.0 * f64::from(p.clock_khz) * 1e3 / 1e12)
+    fn precision(&self) -> Precision {
+        self.precision
+    }
+
+    /// bf16 needs tensor cores with bf16 inputs: compute capability 8.0 or newer.
+    fn set_precision(&mut self, p: Precision) -> Result<()> {
+        if p == Precision::Bf16 && !self.supports_bf16() {
+            return Err(Error::Cuda(format!(
+                "--precision bf16 needs compute capability 8.0 or newer; {} is older (use --precision fp32)",
+                self.props.name
+            )));
+        }
+        self.precision = p;
+        Ok(())
+    }
+
+    /// SMs x FLOPs per SM per clock x the SM clock. fp32: 128 lanes x 2 (a fused multiply-add) on sm_90,
+    /// 64 x 2 on sm_80. bf16 with fp32 accumulation, dense: 4096 on sm_90 (H100, H200), 2048 on sm_80
+    /// (A100; the 8.x consumer parts have half that).
+    fn stated_peak_tflops(&self, p: Precision) -> Option<f64> {
+        let props = &self.props;
+        let per_clock = match (p, props.major >= 9) {
+            (Precision::Fp32, true) => 256.0,
+            (Precision::Fp32, false) => 128.0,
+            (Precision::Bf16, true) => 4096.0,
+            (Precision::Bf16, false) => 2048.0,
+        };
+        (props.clock_khz > 0 && (p == Precision::Fp32 || self.supports_bf16()))
+            .then(|| f64::from(props.sms) * per_clock * f64::from(props.clock_khz) * 1e3 / 1e12)
+    }
+
+    /// Times `kernels/peak.cu` over 4 blocks per SM: fp32 FMAs, or bf16 WMMA.
+    fn measure_peak_tflops(&mut self, p: Precision) -> Result<Option<f64>> {
+        if p == Precision::Bf16 && !self.supports_bf16() {
+            return Ok(None);
+        }
+        self.materialise()?;
+        let blocks = 4 * self.props.sms;
+        let cfg = LaunchConfig {
+            grid_dim: (blocks, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (kernel, iters, flop) = match p {
+            Precision::Fp32 => ("peak_fma_f32", 4096i32, 2.0 * 8.0 * 256.0),
+            Precision::Bf16 => ("peak_mma_bf16", 256i32, 2.0 * 4.0 * 4096.0 * 8.0),
+        };
+        let flop = flop * f64::from(iters) * f64::from(blocks);
+        let (out, seed) = (self.workspace_ptr(), 0.5f32);
+        launch!(self, kernel, cfg, out, seed, iters)?;
+        self.sync()?;
+        let runs = 5;
+        let start = std::time::Instant::now();
+        for _ in 0..runs {
+            launch!(self, kernel, cfg, out, seed, iters)?;
+        }
+        self.sync()?;
+        let seconds = start.elapsed().as_secs_f64() / f64::from(runs);
+        Ok(Some(flop / seconds / 1e12))
     }
 }
 
