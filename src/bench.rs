@@ -39,10 +39,14 @@ impl std::fmt::Display for Line {
         let pct = self
             .of_ceiling
             .map_or(String::from("-"), |r| format!("{:.1}%", 100.0 * r));
+        let time = match self.ms > 0.0 {
+            true => format!("{:.3} ms", self.ms),
+            false => "-".into(), // not a timing (memory)
+        };
         write!(
             f,
-            "{:<60} {:>10.3} ms {:>12.2} {:<9} {:>7}",
-            self.what, self.ms, self.rate, self.unit, pct
+            "{:<60} {:>13} {:>12.2} {:<9} {:>7}",
+            self.what, time, self.rate, self.unit, pct
         )
     }
 }
@@ -119,6 +123,7 @@ pub fn model<B: Backend>(
         flip: true,
         seed: 0,
     };
+    let (tensors_before, _) = be.bytes_held();
     let mut tr = Trainer::new(be, config, Schedule::paper(), opts)?;
     tr.init(be)?;
     let per_image = tr.net.input.len / batch;
@@ -142,6 +147,18 @@ pub fn model<B: Backend>(
         rate: tflops,
         unit: "TFLOP/s",
         of_ceiling: peak.map(|p| tflops / p),
+    });
+    // Everything the trainer allocated (weights, gradients, Adam, EMA, activations for the backward pass),
+    // plus the kernels' scratch: what PyTorch's max_memory_allocated counts (neither includes the CUDA
+    // context).
+    let (tensors, scratch) = be.bytes_held();
+    let gib = (tensors - tensors_before + scratch) as f64 / f64::from(1u32 << 30);
+    lines.push(Line {
+        what: format!("train memory, batch {batch} (tensors + scratch)"),
+        ms: 0.0,
+        rate: gib,
+        unit: "GiB",
+        of_ceiling: None,
     });
     drop(tr);
     let mut net = UNet::new_inference(be, config, batch)?;

@@ -621,6 +621,10 @@ pub trait Backend {
     fn memory_available(&self) -> Option<usize> {
         None
     }
+    /// Memory this backend holds, in bytes: (tensors, scratch). Tensors are everything `alloc` handed out
+    /// (the one arena: the peak, since nothing is freed before the backend is); scratch is the fixed
+    /// workspace of the kernels that need one.
+    fn bytes_held(&self) -> (usize, usize);
     /// The arithmetic of the GEMM-shaped ops (see [`Precision`]).
     fn precision(&self) -> Precision {
         Precision::Fp32

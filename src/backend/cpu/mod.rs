@@ -118,6 +118,10 @@ impl<T: Real> Backend for CpuBackend<T> {
     }
 
     /// `MemAvailable` of /proc/meminfo, in elements (Linux; elsewhere unknown).
+    fn bytes_held(&self) -> (usize, usize) {
+        (self.data.len() * std::mem::size_of::<T>(), 0)
+    }
+
     fn memory_available(&self) -> Option<usize> {
         let info = std::fs::read_to_string("/proc/meminfo").ok()?;
         let kb: usize = info
