@@ -5,7 +5,9 @@
 //! batch > 1, non-square images, sizes that are not multiples of the kernels' tiles); the device's
 //! outputs are poisoned with NaN before the op, so an element a kernel forgets to write fails the check.
 //! Then the whole U-Net (output and every parameter gradient), ten training steps' losses, the samplers
-//! with the closed-form Gaussian predictor, and the noise one seed draws.
+//! with the closed-form Gaussian predictor, and the noise one seed draws. The bf16 tensor-core GEMMs
+//! (`--precision bf16`) are held to the same CPU oracle with the tolerances derived at TOL_BF16_EXACT and
+//! TOL_BF16.
 //!
 //! The error measure is max |gpu - cpu| / max |cpu| over a tensor (relative to its scale). fp32 sums of K
 //! products carry ~sqrt(K) * 6e-8 relative error in either backend, and the two add in different

@@ -642,8 +642,6 @@ impl super::Backend for CudaBackend {
         self.sync()
     }
 
-    /// Free device memory, less what is reserved but not yet allocated, the workspace (if not yet
-    /// allocated) and 256 MiB of headroom for the driver and graphs, in elements.
     fn bytes_held(&self) -> (usize, usize) {
         let bytes = |b: &Option<DeviceBuffer>| b.as_ref().map_or(0, |b| b.bytes);
         let scratch = [&self.workspace, &self.partials, &self.table, &self.step]
@@ -653,6 +651,8 @@ impl super::Backend for CudaBackend {
         (4 * self.reserved, scratch)
     }
 
+    /// Free device memory, less what is reserved but not yet allocated, the workspace (if not yet
+    /// allocated) and 256 MiB of headroom for the driver and graphs, in elements.
     fn memory_available(&self) -> Option<usize> {
         let (free, _) = self.memory().ok()?;
         let materialised = self.arena.as_ref().map_or(0, |a| a.bytes);
