@@ -311,6 +311,7 @@ fn synchronises(text: &str, name: &str) -> bool {
     [
         "__syncthreads",
         "__syncwarp",
+        "wmma::",
         "__shfl",
         "block_sum",
         "warp_sum",

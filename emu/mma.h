@@ -4,7 +4,9 @@
 // On the device a fragment is spread over the warp's 32 lanes in a layout the API does not disclose; here
 // every lane holds the whole tile and does the whole multiply, so the lanes compute the same thing
 // redundantly and any layout-independent use of the API (all the kernels may rely on) behaves as on the
-// device. A product of two bf16 values is exact in fp32; sums run in k order (the device's order within
+// device. Loads and stores are collective, as on the device: each is fenced by warp barriers, so every
+// lane has read before any lane writes (a kernel that loads an accumulator from shared memory, adds to
+// it and stores it back updates it once, not once per lane). A product of two bf16 values is exact in fp32; sums run in k order (the device's order within
 // an mma is unspecified, hence the tests' tolerances). The API's preconditions are checked, not assumed:
 // pointers 32-byte aligned, leading dimensions a multiple of 16 bytes.
 #pragma once
@@ -15,6 +17,7 @@
 #include <type_traits>
 
 #include "cuda_bf16.h"
+#include "cuda_emu.h"
 
 namespace nvcuda::wmma {
 struct matrix_a {};
@@ -47,8 +50,19 @@ template <class Use, class T, class Layout>
 inline void load_matrix_sync(fragment<Use, 16, 16, 16, T, Layout>& f, const T* p, unsigned ldm) {
     detail::check(p, ldm, sizeof(T), "load_matrix_sync");
     constexpr bool col = std::is_same_v<Layout, col_major>;
+    emu::syncwarp();
     for (int r = 0; r < 16; ++r)
         for (int c = 0; c < 16; ++c) f.x[16 * r + c] = col ? p[c * ldm + r] : p[r * ldm + c];
+    emu::syncwarp();
+}
+
+inline void load_matrix_sync(fragment<accumulator, 16, 16, 16, float>& f, const float* p, unsigned ldm,
+                             layout_t layout) {
+    detail::check(p, ldm, sizeof(float), "load_matrix_sync");
+    emu::syncwarp();
+    for (int r = 0; r < 16; ++r)
+        for (int c = 0; c < 16; ++c) f.x[16 * r + c] = layout == mem_col_major ? p[c * ldm + r] : p[r * ldm + c];
+    emu::syncwarp();
 }
 
 template <class T>
@@ -73,10 +87,12 @@ inline void mma_sync(fragment<accumulator, 16, 16, 16, float>& d, const fragment
 inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, float>& f, unsigned ldm,
                               layout_t layout) {
     detail::check(p, ldm, sizeof(float), "store_matrix_sync");
+    emu::syncwarp();
     for (int r = 0; r < 16; ++r)
         for (int c = 0; c < 16; ++c) {
             float& dst = layout == mem_col_major ? p[c * ldm + r] : p[r * ldm + c];
             dst = f.x[16 * r + c];
         }
+    emu::syncwarp();
 }
 }  // namespace nvcuda::wmma

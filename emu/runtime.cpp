@@ -103,7 +103,7 @@ struct Block {
     Barrier all;
     std::vector<Barrier> warps;
     std::vector<double> slots;
-    std::vector<float> shared;
+    std::vector<float> shared;  // dynamic shared memory, from the first 128-byte boundary in it
     std::vector<Fiber> fibers;
     void* scheduler_sp = nullptr;
     Fiber* running = nullptr;
@@ -187,7 +187,11 @@ void syncthreads() { wait(current->all); }
 void syncwarp() { wait(current->warps[current->running->id / 32]); }
 float shfl_xor(float v, int m) { return exchange(v, m); }
 double shfl_xor(double v, int m) { return exchange(v, m); }
-float* dynamic_shared() { return current->shared.data(); }
+float* dynamic_shared() {
+    // The device's dynamic shared memory starts aligned (WMMA needs 32 bytes); a vector's data need not.
+    const auto at = reinterpret_cast<std::uintptr_t>(current->shared.data());
+    return current->shared.data() + ((128 - at % 128) % 128) / sizeof(float);
+}
 
 int launch(const Launcher& launcher, bool sequential, const unsigned grid[3], const unsigned block[3],
            unsigned shared_bytes, void** args) {
@@ -206,7 +210,7 @@ int launch(const Launcher& launcher, bool sequential, const unsigned grid[3], co
         for (unsigned y = 0; y < grid[1]; ++y)
             for (unsigned x = 0; x < grid[0]; ++x) {
                 block_idx = dim3{x, y, z};
-                state.shared.assign((shared_bytes + 3) / 4, __int_as_float(0x7fc00000));
+                state.shared.assign((shared_bytes + 3) / 4 + 32, __int_as_float(0x7fc00000));
                 if (sequential) {
                     for (unsigned id = 0; id < threads; ++id) {
                         set_thread(id);

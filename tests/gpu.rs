@@ -107,6 +107,10 @@ impl Pair {
         let (a, b) = (self.gpu.download(t).unwrap(), self.cpu.download(t).unwrap());
         let e = scaled_error(&a, &b);
         eprintln!("{what:<48} error {e:.2e}");
+        if e > tol {
+            eprintln!("  device {:?}...", &a[..a.len().min(8)]);
+            eprintln!("  cpu    {:?}...", &b[..b.len().min(8)]);
+        }
         assert!(e <= tol, "{what}: error {e:e} (tolerance {tol:e})");
         e
     }
@@ -311,6 +315,42 @@ fn linear_and_attention_match_the_cpu() {
         let dqkv = p.output(n * l * 3 * c);
         p.run(|be| be.attention_backward(s, qkv, out, lse, dout, dqkv));
         p.check(&format!("attention dqkv {what}"), dqkv, TOL);
+    }
+}
+
+/// The bf16 attention forward (tensor cores for q k^T and P v, the softmax in fp32) against the CPU's fp32,
+/// on widths it takes (multiples of 16) and one it leaves to the fp32 kernel (3); then the fp32 backward
+/// on top of its output and lse, as `--precision bf16` training runs them.
+///
+/// Tolerances. The scores s = q.k / sqrt(c) have unit scale here and come out of bf16 products with an
+/// error ~2^-8 of that scale (TOL_BF16); a softmax weight exp(s - m) inherits it as a relative error, and P
+/// itself is rounded to bf16 (2^-9) before P v, whose v is rounded too: the output, an average of v rows,
+/// is off by ~2^-8 relative to its scale, and lse (the log of a sum of such weights) by ~2^-8 absolute on
+/// a scale of log l + max s ~ 5. Output 2e-2, lse 5e-3, and the gradients (the fp32 backward rebuilds P
+/// from the bf16 lse, so each P_ij carries the same ~2^-8) 3e-2 of scale.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn bf16_attention_forward_tracks_fp32() {
+    let mut p = Pair::bf16();
+    for (n, l, c) in [
+        (2, 13, 32),
+        (3, 64, 64),
+        (2, 256, 256),
+        (4, 16, 256),
+        (1, 9, 3),
+        (2, 100, 48),
+    ] {
+        let s = AttentionShape { n, l, c };
+        let what = format!("bf16 n{n} l{l} c{c}");
+        let qkv = p.input(n * l * 3 * c, 1.0, 0.0);
+        let (out, lse) = (p.output(n * l * c), p.output(n * l));
+        p.run(|be| be.attention_forward(s, qkv, out, lse));
+        p.check(&format!("attention out {what}"), out, 2e-2);
+        p.check(&format!("attention lse {what}"), lse, 5e-3);
+        let dout = p.input(n * l * c, 1.0, 0.0);
+        let dqkv = p.output(n * l * 3 * c);
+        p.run(|be| be.attention_backward(s, qkv, out, lse, dout, dqkv));
+        p.check(&format!("attention dqkv {what}"), dqkv, 3e-2);
     }
 }
 
@@ -571,7 +611,14 @@ fn unet_output_and_every_gradient_match_the_cpu() {
 #[test]
 #[ignore = "needs a CUDA device"]
 fn bf16_unet_output_and_every_gradient_track_fp32() {
-    unet_case(&mut Pair::bf16(), &small_config(), 3e-2, 6e-2);
+    // Widths 12 and 24 leave attention to the fp32 kernel; 16 and 32 run its bf16 forward too.
+    let wider = UNetConfig {
+        block_out_channels: vec![16, 32],
+        ..small_config()
+    };
+    for config in [small_config(), wider] {
+        unet_case(&mut Pair::bf16(), &config, 3e-2, 6e-2);
+    }
 }
 
 fn ten_steps_options() -> TrainOptions {
