@@ -9,29 +9,71 @@ use cudarc::driver::LaunchConfig;
 
 /// The kernels that use more than the default 48 KB of dynamic shared memory for wide layers; the
 /// backend opts them in to the device's maximum at load.
-pub(super) const KERNELS: [&str; 4] = [
+pub(super) const KERNELS: [&str; 6] = [
     "attention_forward_f32",
     "attention_forward_bf16",
     "attention_backward_dq_f32",
+    "attention_backward_dq_bf16",
     "attention_backward_dkv_f32",
+    "attention_backward_dkv_bf16",
 ];
 
 /// Warps per block (one query or key each) and the tile staged in shared memory: `kernels/attention.cu`.
 const WARPS: usize = 8;
 const TILE: usize = 8;
 
-/// Queries per block of the bf16 forward (`kernels/attention_tc.cu`), 4 warps of 16.
+/// The bf16 kernels (`kernels/attention_tc.cu`): queries per block of the forward and the dq kernel, keys
+/// per tile of the dq kernel, keys per block of the dkv kernel.
 const TC_QUERIES: usize = 64;
+const TC_DQ_KEYS: usize = 32;
+const TC_DKV_KEYS: usize = 32;
 
-/// The bf16 forward's dynamic shared memory for `c` channels: the Q, K and V tiles (bf16, rows padded by 8),
-/// the scores (fp32, 64 x 68), the probabilities (bf16, 64 x 72) and the output accumulators (fp32, rows
-/// padded by 4), each region rounded up to 32 bytes (`kernels/attention_tc.cu`).
-fn tc_shared_bytes(c: usize) -> usize {
-    let align = |b: usize| b.div_ceil(32) * 32;
-    3 * align(64 * (c + 8) * 2) + align(64 * 68 * 4) + align(64 * 72 * 2) + 64 * (c + 4) * 4
+/// The bf16 kernels' dynamic shared memory for `c` channels, region by region as the kernels carve it
+/// (each rounded up to 32 bytes): [forward, dq, dkv].
+fn tc_shared_bytes(c: usize) -> [usize; 3] {
+    let r = |count: usize, bytes: usize| (count * bytes).div_ceil(32) * 32;
+    let (ldt, ldo) = (c + 8, c + 4);
+    let (q, kt, kb) = (TC_QUERIES, TC_DQ_KEYS, TC_DKV_KEYS);
+    [
+        // Q, K, V tiles; S; P; O.
+        3 * r(q * ldt, 2) + r(q * (q + 4), 4) + r(q * (q + 8), 2) + r(q * ldo, 4),
+        // Q, dO; K, V; S, dP; dS; dq.
+        2 * r(q * ldt, 2)
+            + 2 * r(kt * ldt, 2)
+            + 2 * r(q * (kt + 4), 4)
+            + r(q * (kt + 8), 2)
+            + r(q * ldo, 4),
+        // K, V; Q, dO; lse, delta; S^T, dP^T; P^T, dS^T; dk, dv.
+        2 * r(kb * ldt, 2)
+            + 2 * r(q * ldt, 2)
+            + 2 * r(q, 4)
+            + 2 * r(kb * (q + 4), 4)
+            + 2 * r(kb * (q + 8), 2)
+            + 2 * r(kb * ldo, 4),
+    ]
+}
+
+/// A bf16 attention launch: `per_block` positions a block, `threads` threads, `bytes` of shared memory.
+fn tc_cfg(s: &AttentionShape, per_block: usize, threads: u32, bytes: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (s.l.div_ceil(per_block) as u32, s.n as u32, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: bytes as u32,
+    }
 }
 
 impl CudaBackend {
+    /// Whether attention of shape `s` runs on the bf16 kernels: in bf16 precision, for widths they take (a
+    /// multiple of 16, every kernel's shared memory within the device's limit). The fp32 kernels otherwise.
+    fn attention_on_tensor_cores(&self, s: &AttentionShape) -> bool {
+        self.precision == Precision::Bf16
+            && s.c % 16 == 0
+            && s.n <= 65_535
+            && tc_shared_bytes(s.c)
+                .iter()
+                .all(|&b| b <= self.props.max_shared as usize)
+    }
+
     fn attention_cfg(&self, s: &AttentionShape, floats: usize) -> Result<LaunchConfig> {
         let bytes = 4 * floats;
         if bytes > self.props.max_shared as usize {
@@ -70,17 +112,8 @@ impl CudaBackend {
         let [l, c] = dims([s.l, s.c])?;
         // bf16 on tensor cores where the kernel takes the width (c a multiple of 16, its tiles within the
         // shared memory); the fp32 kernel otherwise.
-        let tc_bytes = tc_shared_bytes(s.c);
-        if self.precision == Precision::Bf16
-            && s.c % 16 == 0
-            && tc_bytes <= self.props.max_shared as usize
-            && s.n <= 65_535
-        {
-            let cfg = LaunchConfig {
-                grid_dim: (s.l.div_ceil(TC_QUERIES) as u32, s.n as u32, 1),
-                block_dim: (128, 1, 1),
-                shared_mem_bytes: tc_bytes as u32,
-            };
+        if self.attention_on_tensor_cores(&s) {
+            let cfg = tc_cfg(&s, TC_QUERIES, 128, tc_shared_bytes(s.c)[0]);
             return launch!(self, "attention_forward_bf16", cfg, pq, po, pl, l, c);
         }
         let cfg = self.attention_cfg(&s, (2 * TILE + 2 * WARPS) * s.c)?;
@@ -115,6 +148,36 @@ impl CudaBackend {
         let (pq, po, pl) = (self.ptr(qkv), self.ptr(out), self.ptr(lse));
         let (pdo, pdq, delta) = (self.ptr(dout), self.ptr(dqkv), self.workspace_ptr());
         let [l, c] = dims([s.l, s.c])?;
+        if self.attention_on_tensor_cores(&s) {
+            let [_, dq_bytes, dkv_bytes] = tc_shared_bytes(s.c);
+            let cfg = tc_cfg(&s, TC_QUERIES, 128, dq_bytes);
+            launch!(
+                self,
+                "attention_backward_dq_bf16",
+                cfg,
+                pq,
+                po,
+                pl,
+                pdo,
+                pdq,
+                delta,
+                l,
+                c
+            )?;
+            let cfg = tc_cfg(&s, TC_DKV_KEYS, 64, dkv_bytes);
+            return launch!(
+                self,
+                "attention_backward_dkv_bf16",
+                cfg,
+                pq,
+                pl,
+                pdo,
+                delta,
+                pdq,
+                l,
+                c
+            );
+        }
         let cfg = self.attention_cfg(&s, (2 * TILE + 3 * WARPS) * s.c)?;
         launch!(
             self,
