@@ -7,7 +7,8 @@
 #   3. ddpm-cuda train and sample on the paper's network (ddpm-cifar10);
 #   4. ddpm-cuda bench in fp32 and in bf16 (training and sampling throughput at batch 128 and 256; the
 #      dominant kernels, with the convolution in both precisions: the ladder of dev/conv/README.md);
-#   5. benches/peer_pytorch.py, the same network in PyTorch (fp32, bf16 autocast, torch.compile);
+#   5. the criterion benches (benches/gpu.rs), and benches/peer_pytorch.py, the same network in PyTorch
+#      (fp32, bf16 autocast, torch.compile);
 # then a short table, with our images/s over the best PyTorch configuration's. The full log goes to stdout
 # and to $OUT/gpu-check-<date>-<part>.log when $OUT is set (the device tool brings $OUT back); commit it
 # under benches/results/.
@@ -83,6 +84,13 @@ for precision in fp32 bf16; do
     record "bench $precision" FAIL
   fi
 done
+
+stage "criterion benches (benches/gpu.rs: each kernel family and the U-Net, both precisions)"
+if "$carry/gpu-bench" --bench 2>&1 | grep -Ev "^(Benchmarking|Found|  [0-9]+ \(|Gnuplot)" ; then
+  record "criterion benches" PASS
+else
+  record "criterion benches" FAIL
+fi
 
 stage "PyTorch peer (same network, fp32 / bf16 / compiled)"
 if python3 benches/peer_pytorch.py --batch 128,256 --steps 10 | tee "$work/peer.txt"; then

@@ -4,8 +4,8 @@
 #
 #   scripts/gpu-prepare.sh            # then, on the GPU machine: scripts/gpu-check.sh
 #
-# gpu-carry/ holds the ddpm-cuda binary (kernels embedded), the GPU test binary, and COMMIT (the commit
-# and whether the tree had uncommitted changes).
+# gpu-carry/ holds the ddpm-cuda binary (kernels embedded), the GPU test binary, the criterion GPU bench
+# binary (benches/gpu.rs), and COMMIT (the commit and whether the tree had uncommitted changes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 NVCC=${NVCC:-$(scripts/install-nvcc.sh | tail -n 1)}
@@ -14,9 +14,13 @@ cargo build --release
 tests=$(cargo test --release --test gpu --no-run --message-format=json 2>/dev/null \
   | grep -o '"executable":"[^"]*"' | sed 's/"executable":"\(.*\)"/\1/' | tail -n 1)
 [ -n "$tests" ] || { echo "error: no GPU test binary was built" >&2; exit 1; }
+benches=$(cargo bench --bench gpu --no-run --message-format=json 2>/dev/null \
+  | grep -o '"executable":"[^"]*"' | sed 's/"executable":"\(.*\)"/\1/' | tail -n 1)
+[ -n "$benches" ] || { echo "error: no GPU bench binary was built" >&2; exit 1; }
 rm -rf gpu-carry && mkdir -p gpu-carry
 cp target/release/ddpm-cuda gpu-carry/
 cp "$tests" gpu-carry/gpu-tests
+cp "$benches" gpu-carry/gpu-bench
 {
   git rev-parse HEAD 2>/dev/null || echo unknown
   git status --porcelain 2>/dev/null | grep -q . && echo "with uncommitted changes" || echo "clean tree"
