@@ -1,5 +1,7 @@
 // conv.cu: the model's three convolutions as implicit GEMMs, each in two precisions:
-//   conv2d_forward_{f32,bf16}          y = conv(x, w) + b
+//   conv2d_forward_{f32,bf16}          y = conv(x, w) + b (+ image_bias[image, o]) (+ residual): the
+//                                      ResNet block's time-embedding and residual adds fused into the
+//                                      epilogue when their pointers are not null
 //   conv2d_backward_data_{f32,bf16}    dx (+)= the input gradient
 //   conv2d_backward_weight_{f32,bf16}  dw = the weight gradient (split-K partials; see gemm.cuh)
 // _f32 runs on the fp32 core of gemm.cuh (exact fp32, the path the tests hold to the CPU), _bf16 on the
@@ -31,14 +33,15 @@ __device__ __forceinline__ ddpm::ConvGeom conv_geom(int h, int w, int c, int o, 
 
 namespace {
 template <bool TC>
-__device__ __forceinline__ void conv_forward_gemm(const float* x, const float* w, const float* b, float* y,
+__device__ __forceinline__ void conv_forward_gemm(const float* x, const float* w, const float* b,
+                                                  const float* image_bias, const float* residual, float* y,
                                                   int batch, int h, int wd, int c, int o, int taps, int stride,
                                                   int pad) {
     const ddpm::ConvGeom g = conv_geom(h, wd, c, o, taps, stride, pad);
     const int rows = batch * g.oh * g.ow, kdim = taps * taps * c;
     const ddpm::Im2col a{x, g, rows, kdim};
     const ddpm::ColsB bw{w, kdim, o};
-    const ddpm::Epilogue e{y, o, b, 0, nullptr};
+    const ddpm::Epilogue e{y, o, b, 0, nullptr, image_bias, g.oh * g.ow, residual};
     ddpm::gemm<TC>(a, bw, rows, o, kdim, kdim, e);
 }
 
@@ -71,9 +74,10 @@ __device__ __forceinline__ void conv_backward_weight_gemm(const float* x, const 
 // The entry points: one per op and precision, the same arguments in both.
 extern "C" __global__ void __launch_bounds__(256)
     conv2d_forward_f32(const float* __restrict__ x, const float* __restrict__ w, const float* __restrict__ b,
+                       const float* __restrict__ image_bias, const float* __restrict__ residual,
                        float* __restrict__ y, int batch, int h, int wd, int c, int o, int taps, int stride,
                        int pad) {
-    conv_forward_gemm<false>(x, w, b, y, batch, h, wd, c, o, taps, stride, pad);
+    conv_forward_gemm<false>(x, w, b, image_bias, residual, y, batch, h, wd, c, o, taps, stride, pad);
 }
 
 extern "C" __global__ void __launch_bounds__(256)
@@ -92,9 +96,10 @@ extern "C" __global__ void __launch_bounds__(256)
 
 extern "C" __global__ void __launch_bounds__(256)
     conv2d_forward_bf16(const float* __restrict__ x, const float* __restrict__ w, const float* __restrict__ b,
+                       const float* __restrict__ image_bias, const float* __restrict__ residual,
                        float* __restrict__ y, int batch, int h, int wd, int c, int o, int taps, int stride,
                        int pad) {
-    conv_forward_gemm<true>(x, w, b, y, batch, h, wd, c, o, taps, stride, pad);
+    conv_forward_gemm<true>(x, w, b, image_bias, residual, y, batch, h, wd, c, o, taps, stride, pad);
 }
 
 extern "C" __global__ void __launch_bounds__(256)

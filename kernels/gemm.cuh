@@ -185,6 +185,11 @@ struct Epilogue {
     const float* bias;    // added per column when not null
     int accumulate;       // C += result instead of C = result
     float* workspace;     // split-K: slice z of the partial sums at workspace[z * rows * cols + m * cols + n]
+    // Fused adds of the convolution forward (never split): image_bias[m / pixels, n] (a per-image,
+    // per-channel bias: the time embedding) and residual[m * ldc + n], when not null.
+    const float* image_bias = nullptr;
+    int pixels = 1;
+    const float* residual = nullptr;
 
     // Writes result v of C[m, n] (in range): a raw partial sum to the workspace when the launch splits K,
     // else bias and accumulate applied, to C.
@@ -194,6 +199,8 @@ struct Epilogue {
             return;
         }
         if (bias) v += bias[n];
+        if (image_bias) v += image_bias[int64_t(m / pixels) * cols + n];
+        if (residual) v += residual[int64_t(m) * ldc + n];
         float* dst = c + int64_t(m) * ldc + n;
         *dst = accumulate ? *dst + v : v;
     }

@@ -150,6 +150,13 @@ fn conv_case(p: &mut Pair, s: ConvShape, tol: f64) {
     let y = p.output(s.y_len());
     p.run(|be| be.conv2d_forward(s, x, w, b, y));
     p.check(&format!("conv forward {what}"), y, tol);
+    // The ResNet block's two fused forms: + the time embedding per image, + the residual.
+    let (t, r) = (p.input(s.n * s.o, 0.5, 0.0), p.input(s.y_len(), 1.0, 0.0));
+    let yf = p.output(s.y_len());
+    p.run(|be| be.conv2d_forward_fused(s, x, w, b, Some(t), None, yf));
+    p.check(&format!("conv forward + image bias {what}"), yf, tol);
+    p.run(|be| be.conv2d_forward_fused(s, x, w, b, None, Some(r), yf));
+    p.check(&format!("conv forward + residual {what}"), yf, tol);
     let dy = p.input(s.y_len(), 1.0, 0.0);
     let (dw, db) = (p.output(s.w_len()), p.output(s.o));
     p.run(|be| be.conv2d_backward_weight(s, x, dy, dw, db));

@@ -351,6 +351,30 @@ pub trait Backend {
         b: Tensor,
         y: Tensor,
     ) -> Result<()>;
+    /// `y = conv(x, w) + b (+ image_bias[image, o]) (+ residual)`: a convolution with the time-embedding add
+    /// and the residual add of a ResNet block done in its epilogue, where the backend fuses them (CUDA);
+    /// elsewhere the same three steps one after another, in the same order of additions.
+    #[allow(clippy::too_many_arguments)]
+    fn conv2d_forward_fused(
+        &mut self,
+        s: ConvShape,
+        x: Tensor,
+        w: Tensor,
+        b: Tensor,
+        image_bias: Option<Tensor>,
+        residual: Option<Tensor>,
+        y: Tensor,
+    ) -> Result<()> {
+        self.conv2d_forward(s, x, w, b, y)?;
+        if let Some(t) = image_bias {
+            let (oh, ow) = s.out_hw();
+            self.add_image_bias(s.n, oh * ow, s.o, y, t)?;
+        }
+        match residual {
+            Some(r) => self.accumulate(r, y, true),
+            None => Ok(()),
+        }
+    }
     fn conv2d_backward_data(
         &mut self,
         s: ConvShape,

@@ -47,6 +47,12 @@ impl Builder {
         t
     }
     fn conv(&mut self, name: &str, s: ConvShape, init_scale: f64) -> Conv {
+        let y = self.act(s.y_len());
+        self.conv_into(name, s, init_scale, y)
+    }
+
+    /// A convolution whose output is `y`, an activation allocated by the caller.
+    fn conv_into(&mut self, name: &str, s: ConvShape, init_scale: f64, y: Tensor) -> Conv {
         let k = s.kind.taps();
         let w = self.param(
             format!("{name}.weight"),
@@ -55,12 +61,7 @@ impl Builder {
             init_scale,
         );
         let b = self.param(format!("{name}.bias"), Kind::Bias, s.o, 0.0);
-        Conv {
-            s,
-            w,
-            b,
-            y: self.act(s.y_len()),
-        }
+        Conv { s, w, b, y }
     }
     fn norm(&mut self, name: &str, s: GroupNormShape, silu: bool) -> Norm {
         let gamma = self.param(format!("{name}.weight"), Kind::Gamma, s.c, 0.0);
@@ -116,6 +117,25 @@ struct Conv {
 impl Conv {
     fn forward<B: Backend>(&self, be: &mut B, x: Tensor) -> Result<Tensor> {
         be.conv2d_forward(self.s, x, self.w.value, self.b.value, self.y)?;
+        Ok(self.y)
+    }
+    /// The forward with a per-image bias and a residual added in the convolution's epilogue.
+    fn forward_fused<B: Backend>(
+        &self,
+        be: &mut B,
+        x: Tensor,
+        image_bias: Option<Tensor>,
+        residual: Option<Tensor>,
+    ) -> Result<Tensor> {
+        be.conv2d_forward_fused(
+            self.s,
+            x,
+            self.w.value,
+            self.b.value,
+            image_bias,
+            residual,
+            self.y,
+        )?;
         Ok(self.y)
     }
     fn backward<B: Backend>(
@@ -304,10 +324,13 @@ impl ResBlock {
             1.0,
         );
         let norm2 = b.norm(&format!("{name}.norm2"), gn(cout), true);
-        let conv2 = b.conv(
+        // conv2 writes the block's output: the residual is added in its epilogue.
+        let out = b.act(n * hw * cout);
+        let conv2 = b.conv_into(
             &format!("{name}.conv2"),
             conv(cout, cout, ConvKind::K3S1),
             0.0,
+            out,
         );
         let shortcut = (cin != cout).then(|| {
             b.conv(
@@ -321,7 +344,6 @@ impl ResBlock {
         } else {
             norm2.y
         };
-        let out = b.act(n * hw * cout);
         Self {
             index,
             n,
@@ -344,10 +366,11 @@ impl ResBlock {
         x: Tensor,
         temb_act: Tensor,
     ) -> Result<Tensor> {
-        let h = self.norm1.forward(be, x)?;
-        let h = self.conv1.forward(be, h)?;
+        // The time-embedding add and the residual add happen in the convolutions' epilogues, so their
+        // inputs come first: the projection of the embedding, and the shortcut.
         let t = self.temb.forward(be, temb_act)?;
-        be.add_image_bias(self.n, self.hw, self.conv1.s.o, h, t)?;
+        let h = self.norm1.forward(be, x)?;
+        let h = self.conv1.forward_fused(be, h, Some(t), None)?;
         let h = self.norm2.forward(be, h)?;
         let h = match net.dropout {
             Some((p, seed, stream)) if self.dropped != self.norm2.y => {
@@ -356,13 +379,11 @@ impl ResBlock {
             }
             _ => h,
         };
-        let h = self.conv2.forward(be, h)?;
         let skip = match &self.shortcut {
             Some(c) => c.forward(be, x)?,
             None => x,
         };
-        be.add(skip, h, self.out)?;
-        Ok(self.out)
+        self.conv2.forward_fused(be, h, None, Some(skip))
     }
 
     fn backward<B: Backend>(

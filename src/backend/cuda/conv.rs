@@ -70,24 +70,34 @@ impl CudaBackend {
         }
     }
 
+    /// `y = conv(x, w) + b`, plus the per-image bias `[n, o]` and the residual `[n, oh, ow, o]` when given,
+    /// all in the GEMM's epilogue.
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn conv_forward(
         &mut self,
         s: ConvShape,
         x: Tensor,
         w: Tensor,
         b: Tensor,
+        image_bias: Option<Tensor>,
+        residual: Option<Tensor>,
         y: Tensor,
     ) -> Result<()> {
-        self.args(
-            "conv2d_forward",
-            &[
-                ("x", x, s.x_len()),
-                ("weight", w, s.w_len()),
-                ("bias", b, s.o),
-            ],
-            &[("y", y, s.y_len())],
-        )?;
+        let mut ins = vec![
+            ("x", x, s.x_len()),
+            ("weight", w, s.w_len()),
+            ("bias", b, s.o),
+        ];
+        if let Some(t) = image_bias {
+            ins.push(("image bias", t, s.n * s.o));
+        }
+        if let Some(r) = residual {
+            ins.push(("residual", r, s.y_len()));
+        }
+        self.args("conv2d_forward", &ins, &[("y", y, s.y_len())])?;
         let (px, pw, pb, py) = (self.ptr(x), self.ptr(w), self.ptr(b), self.ptr(y));
+        let pt = image_bias.map_or(0, |t| self.ptr(t));
+        let pr = residual.map_or(0, |r| self.ptr(r));
         let (oh, ow) = s.out_hw();
         let cfg = gemm_cfg(self.tile(), s.n * oh * ow, s.o, 1);
         let [n, h, wd, c, o] = dims([s.n, s.h, s.w, s.c, s.o])?;
@@ -99,6 +109,8 @@ impl CudaBackend {
             px,
             pw,
             pb,
+            pt,
+            pr,
             py,
             n,
             h,

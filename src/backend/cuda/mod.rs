@@ -313,7 +313,20 @@ impl super::Backend for CudaBackend {
         b: Tensor,
         y: Tensor,
     ) -> Result<()> {
-        self.conv_forward(s, x, w, b, y)
+        self.conv_forward(s, x, w, b, None, None, y)
+    }
+
+    fn conv2d_forward_fused(
+        &mut self,
+        s: super::ConvShape,
+        x: Tensor,
+        w: Tensor,
+        b: Tensor,
+        image_bias: Option<Tensor>,
+        residual: Option<Tensor>,
+        y: Tensor,
+    ) -> Result<()> {
+        self.conv_forward(s, x, w, b, image_bias, residual, y)
     }
 
     fn conv2d_backward_data(
