@@ -1,6 +1,6 @@
 // linear.cu: fully connected layers (the time-embedding MLP, the time projection of every ResBlock and
 // the attention projections, where the rows are the batch's pixels) on the GEMM core of gemm.cuh.
-//   linear_forward_{f32,bf16}          y[m, n] = x[m, k] w[n, k]^T + b[n]
+//   linear_forward_{f32,bf16}          y[m, n] = x[m, k] w[n, k]^T + b[n] (+ residual[m, n] when not null)
 //   linear_backward_data_{f32,bf16}    dx[m, k] (+)= dy[m, n] w[n, k]
 //   linear_backward_weight_{f32,bf16}  dw[n, k] = dy[m, n]^T x[m, k]  (split-K partials; gemm_reduce_f32
 //                                      adds them)
@@ -12,11 +12,11 @@
 
 namespace {
 template <bool TC>
-__device__ __forceinline__ void linear_forward_gemm(const float* x, const float* w, const float* b, float* y, int m,
-                                                    int k, int n) {
+__device__ __forceinline__ void linear_forward_gemm(const float* x, const float* w, const float* b,
+                                                    const float* residual, float* y, int m, int k, int n) {
     const ddpm::RowsA a{x, k, m};
     const ddpm::ColsB bw{w, k, n};
-    const ddpm::Epilogue e{y, n, b, 0, nullptr};
+    const ddpm::Epilogue e{y, n, b, 0, nullptr, nullptr, 1, residual};
     ddpm::gemm<TC>(a, bw, m, n, k, k, e);
 }
 
@@ -41,8 +41,8 @@ __device__ __forceinline__ void linear_backward_weight_gemm(const float* x, cons
 
 extern "C" __global__ void __launch_bounds__(256)
     linear_forward_f32(const float* __restrict__ x, const float* __restrict__ w, const float* __restrict__ b,
-                       float* __restrict__ y, int m, int k, int n) {
-    linear_forward_gemm<false>(x, w, b, y, m, k, n);
+                       const float* __restrict__ residual, float* __restrict__ y, int m, int k, int n) {
+    linear_forward_gemm<false>(x, w, b, residual, y, m, k, n);
 }
 
 extern "C" __global__ void __launch_bounds__(256)
@@ -59,8 +59,8 @@ extern "C" __global__ void __launch_bounds__(256)
 
 extern "C" __global__ void __launch_bounds__(256)
     linear_forward_bf16(const float* __restrict__ x, const float* __restrict__ w, const float* __restrict__ b,
-                       float* __restrict__ y, int m, int k, int n) {
-    linear_forward_gemm<true>(x, w, b, y, m, k, n);
+                       const float* __restrict__ residual, float* __restrict__ y, int m, int k, int n) {
+    linear_forward_gemm<true>(x, w, b, residual, y, m, k, n);
 }
 
 extern "C" __global__ void __launch_bounds__(256)

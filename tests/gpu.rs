@@ -281,6 +281,9 @@ fn linear_case(p: &mut Pair, m: usize, k: usize, n: usize, tol: f64) {
     let y = p.output(m * n);
     p.run(|be| be.linear_forward(m, k, n, x, w, b, y));
     p.check(&format!("linear forward {what}"), y, tol);
+    let (r, yf) = (p.input(m * n, 1.0, 0.0), p.output(m * n));
+    p.run(|be| be.linear_forward_fused(m, k, n, x, w, b, r, yf));
+    p.check(&format!("linear forward + residual {what}"), yf, tol);
     let dy = p.input(m * n, 1.0, 0.0);
     let (dx, dw, db) = (p.output(m * k), p.output(n * k), p.output(n));
     for acc in [false, true] {

@@ -438,6 +438,23 @@ pub trait Backend {
         b: Tensor,
         y: Tensor,
     ) -> Result<()>;
+    /// `y = x w^T + b + residual`: the attention block's residual add done in the layer's epilogue where
+    /// the backend fuses it (CUDA); elsewhere the two steps one after another, in the same order.
+    #[allow(clippy::too_many_arguments)]
+    fn linear_forward_fused(
+        &mut self,
+        m: usize,
+        k: usize,
+        n: usize,
+        x: Tensor,
+        w: Tensor,
+        b: Tensor,
+        residual: Tensor,
+        y: Tensor,
+    ) -> Result<()> {
+        self.linear_forward(m, k, n, x, w, b, y)?;
+        self.accumulate(residual, y, true)
+    }
     /// `dx = dy w` (skipped when `dx` is `None`), `dw = dy^T x`, `db = sum_rows dy`.
     #[allow(clippy::too_many_arguments)]
     fn linear_backward(

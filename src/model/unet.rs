@@ -77,6 +77,20 @@ impl Builder {
         }
     }
     fn linear(&mut self, name: &str, m: usize, inp: usize, out: usize, init_scale: f64) -> Linear {
+        let y = self.act(m * out);
+        self.linear_into(name, m, inp, out, init_scale, y)
+    }
+
+    /// A linear layer whose output is `y`, an activation allocated by the caller.
+    fn linear_into(
+        &mut self,
+        name: &str,
+        m: usize,
+        inp: usize,
+        out: usize,
+        init_scale: f64,
+        y: Tensor,
+    ) -> Linear {
         let w = self.param(
             format!("{name}.weight"),
             Kind::Linear { out, inp },
@@ -90,7 +104,7 @@ impl Builder {
             n: out,
             w,
             b,
-            y: self.act(m * out),
+            y,
         }
     }
 }
@@ -224,6 +238,20 @@ impl Linear {
             x,
             self.w.value,
             self.b.value,
+            self.y,
+        )?;
+        Ok(self.y)
+    }
+    /// The forward with `residual` added in the layer's epilogue.
+    fn forward_fused<B: Backend>(&self, be: &mut B, x: Tensor, residual: Tensor) -> Result<Tensor> {
+        be.linear_forward_fused(
+            self.m,
+            self.k,
+            self.n,
+            x,
+            self.w.value,
+            self.b.value,
+            residual,
             self.y,
         )?;
         Ok(self.y)
@@ -492,8 +520,9 @@ impl AttnBlock {
         };
         let attn = b.act(n * l * c);
         let lse = b.act(n * l);
-        let proj = b.linear(&format!("{name}.to_out.0"), n * l, c, c, 0.0);
+        // The projection writes the block's output: the residual is added in its epilogue.
         let out = b.act(n * l * c);
+        let proj = b.linear_into(&format!("{name}.to_out.0"), n * l, c, c, 0.0, out);
         Self {
             norm,
             qkv,
@@ -509,9 +538,7 @@ impl AttnBlock {
         let h = self.norm.forward(be, x)?;
         let qkv = self.qkv.forward(be, h)?;
         be.attention_forward(self.shape, qkv, self.attn, self.lse)?;
-        let p = self.proj.forward(be, self.attn)?;
-        be.add(x, p, self.out)?;
-        Ok(self.out)
+        self.proj.forward_fused(be, self.attn, x)
     }
 
     fn backward<B: Backend>(
@@ -521,8 +548,8 @@ impl AttnBlock {
         tape: &mut Tape,
         x: Tensor,
     ) -> Result<()> {
+        // The projection's output is the block's output, so its gradient is already dout.
         let dout = net.grad(self.out);
-        be.accumulate(dout, net.grad(self.proj.y), false)?;
         self.proj.backward(be, net, tape, self.attn, true)?;
         be.attention_backward(
             self.shape,

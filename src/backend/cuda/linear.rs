@@ -7,7 +7,8 @@ use crate::backend::Tensor;
 use crate::error::Result;
 
 impl CudaBackend {
-    /// `y[m, n] = x[m, k] w[n, k]^T + b[n]`.
+    /// `y[m, n] = x[m, k] w[n, k]^T + b[n] (+ residual[m, n])`.
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn linear(
         &mut self,
         m: usize,
@@ -16,18 +17,20 @@ impl CudaBackend {
         x: Tensor,
         w: Tensor,
         b: Tensor,
+        residual: Option<Tensor>,
         y: Tensor,
     ) -> Result<()> {
-        self.args(
-            "linear_forward",
-            &[("x", x, m * k), ("weight", w, n * k), ("bias", b, n)],
-            &[("y", y, m * n)],
-        )?;
+        let mut ins = vec![("x", x, m * k), ("weight", w, n * k), ("bias", b, n)];
+        if let Some(r) = residual {
+            ins.push(("residual", r, m * n));
+        }
+        self.args("linear_forward", &ins, &[("y", y, m * n)])?;
         let (px, pw, pb, py) = (self.ptr(x), self.ptr(w), self.ptr(b), self.ptr(y));
+        let pr = residual.map_or(0, |r| self.ptr(r));
         let cfg = gemm_cfg(self.tile(), m, n, 1);
         let [mi, ki, ni] = dims([m, k, n])?;
         let kernel = self.pick("linear_forward_f32", "linear_forward_bf16");
-        launch!(self, kernel, cfg, px, pw, pb, py, mi, ki, ni)
+        launch!(self, kernel, cfg, px, pw, pb, pr, py, mi, ki, ni)
     }
 
     /// `dx (+)= dy w` (when asked), `dw = dy^T x` (split-K), `db = column sums of dy`.

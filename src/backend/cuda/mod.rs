@@ -403,7 +403,21 @@ impl super::Backend for CudaBackend {
         b: Tensor,
         y: Tensor,
     ) -> Result<()> {
-        self.linear(m, k, n, x, w, b, y)
+        self.linear(m, k, n, x, w, b, None, y)
+    }
+
+    fn linear_forward_fused(
+        &mut self,
+        m: usize,
+        k: usize,
+        n: usize,
+        x: Tensor,
+        w: Tensor,
+        b: Tensor,
+        residual: Tensor,
+        y: Tensor,
+    ) -> Result<()> {
+        self.linear(m, k, n, x, w, b, Some(residual), y)
     }
 
     fn linear_backward(
