@@ -10,7 +10,8 @@
 // warps (16 queries each):
 //   1. S = Q K^T for its 16 x 64 scores: WMMA m16n16k16 over the c channels, q and k rounded to bf16,
 //      fp32 sums, written to shared memory;
-//   2. the online softmax in fp32: two lanes per query row (32 keys each) update the row maximum m and the
+//   2. the online softmax in fp32: two lanes per query row (32 keys each, interleaved so the warp's
+//      shared-memory accesses hit 32 distinct banks: spread()) update the row maximum m and the
 //      row sum, write P = exp(S / sqrt(c) - m) as bf16, and rescale the row's output accumulator by
 //      exp(m_old - m_new);
 //   3. O += P V: the warp's 16 x c accumulator, kept in shared memory in fp32 (WMMA's accumulator layout
@@ -55,6 +56,14 @@ constexpr int AT_LDS = AT_KV + 4;  // S row stride (fp32)
 constexpr int AT_LDP = AT_KV + 8;  // P row stride (bf16)
 
 __device__ __forceinline__ size_t align32(size_t bytes) { return (bytes + 31) / 32 * 32; }
+
+// Step i (of n) of the lane pair that owns row r of a row-wise loop over 2 n columns: the pair splits the
+// columns odd and even (half), and each row starts at its own offset. The row strides of S, P, dP, dS and
+// (for c a multiple of 32) the accumulators are 4 words mod 32, so contiguous halves would put the 16 rows
+// of a warp on 8 banks (a 4-way conflict per access); this
+// order puts the warp's 32 lanes on 32 banks (the column step is 2 words for fp32 rows, and the two lanes of
+// a pair share a word for bf16 ones). Over i = 0 .. n - 1 each lane visits its n columns once.
+__device__ __forceinline__ int spread(int i, int r, int n, int half) { return 2 * ((i + r) % n) + half; }
 
 // Carves the dynamic shared memory into regions, in order, each 32-byte aligned.
 struct Carver {
@@ -139,8 +148,8 @@ extern "C" __global__ void __launch_bounds__(32 * AT_WARPS)
     stage_bf16(qs, ldt, src + q0 * row, row, AT_Q, min(AT_Q, l - q0), c);
     for (int e = threadIdx.x; e < AT_Q * c; e += blockDim.x) os[(e / c) * ldo + e % c] = 0.0f;
 
-    // Lanes 2r and 2r + 1 of warp w own query row 16 w + r of the block: keys [32 half, 32 half + 32) of
-    // each tile, channels [half c / 2, (half + 1) c / 2) of the output.
+    // Lanes 2r and 2r + 1 of warp w own query row 16 w + r of the block: half of each tile's keys and half
+    // of the output's channels each (interleaved by spread(); the final write takes contiguous halves).
     const int r = 16 * warp + lane / 2, half = lane % 2;
     float m = -INFINITY, sum = 0.0f;
     __nv_bfloat16* qw = qs + 16 * warp * ldt;
@@ -159,25 +168,28 @@ extern "C" __global__ void __launch_bounds__(32 * AT_WARPS)
         __syncwarp();
 
         // 2. The online softmax of row r over this tile's keys (past the end of the sequence: -inf).
-        const float* srow = ss + r * AT_LDS + 32 * half;
+        const float* srow = ss + r * AT_LDS;
         float tile_max = -INFINITY;
-        for (int j = 0; j < 32; ++j)
-            if (j0 + 32 * half + j < l) tile_max = fmaxf(tile_max, srow[j] * scale);
+        for (int i = 0; i < AT_KV / 2; ++i) {
+            const int j = spread(i, r, AT_KV / 2, half);
+            if (j0 + j < l) tile_max = fmaxf(tile_max, srow[j] * scale);
+        }
         tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
         const float m_new = fmaxf(m, tile_max);  // finite: every tile holds at least one key
         const float corr = expf(m - m_new);
         float part = 0.0f;
-        __nv_bfloat16* prow = ps + r * AT_LDP + 32 * half;
-        for (int j = 0; j < 32; ++j) {
-            const float p = j0 + 32 * half + j < l ? expf(srow[j] * scale - m_new) : 0.0f;
+        __nv_bfloat16* prow = ps + r * AT_LDP;
+        for (int i = 0; i < AT_KV / 2; ++i) {
+            const int j = spread(i, r, AT_KV / 2, half);
+            const float p = j0 + j < l ? expf(srow[j] * scale - m_new) : 0.0f;
             prow[j] = __float2bfloat16_rn(p);
             part += p;
         }
         part += __shfl_xor_sync(0xffffffffu, part, 1);
         sum = sum * corr + part;
         m = m_new;
-        float* orow = os + r * ldo + half * (c / 2);
-        for (int ch = 0; ch < c / 2; ++ch) orow[ch] *= corr;
+        float* orow = os + r * ldo;
+        for (int i = 0; i < c / 2; ++i) orow[spread(i, r, c / 2, half)] *= corr;
         __syncwarp();
 
         // 3. O += P V (V row-major: [key][channel] is (k, n)).
@@ -248,7 +260,8 @@ extern "C" __global__ void __launch_bounds__(128)
             mma_tile<true>(dps + 16 * warp * lds + n, lds, dos + 16 * warp * ldt, ldt, vs + n * ldt, ldt, c);
         }
         __syncwarp();
-        for (int j = 16 * half; j < 16 * half + 16; ++j) {
+        for (int i = 0; i < AB_KT / 2; ++i) {
+            const int j = spread(i, r, AB_KT / 2, half);
             const float p = row_valid && j0 + j < l ? expf(ss[r * lds + j] * scale - lse_r) : 0.0f;
             dss[r * ldp + j] = __float2bfloat16_rn(p * (dps[r * lds + j] - d));
         }
@@ -294,8 +307,8 @@ extern "C" __global__ void __launch_bounds__(64)
         dks[(e / c) * ldo + e % c] = 0.0f;
         dvs[(e / c) * ldo + e % c] = 0.0f;
     }
-    // Lanes 2r' and 2r' + 1 of warp w own key row r = 16 w + r' of the block: queries [32 half, 32 half + 32)
-    // of each tile.
+    // Lanes 2r' and 2r' + 1 of warp w own key row r = 16 w + r' of the block: half of each tile's queries
+    // each (interleaved by spread()).
     const int r = 16 * warp + lane / 2, half = lane % 2;
 
     for (int i0 = 0; i0 < l; i0 += AB_QT) {
@@ -314,7 +327,8 @@ extern "C" __global__ void __launch_bounds__(64)
             mma_tile<true>(dpt + 16 * warp * lds + n, lds, vs + 16 * warp * ldt, ldt, dos + n * ldt, ldt, c);
         }
         __syncwarp();
-        for (int i = 32 * half; i < 32 * half + 32; ++i) {
+        for (int ii = 0; ii < AB_QT / 2; ++ii) {
+            const int i = spread(ii, r, AB_QT / 2, half);
             const float p = i < queries ? expf(st[r * lds + i] * scale - lse_t[i]) : 0.0f;
             pt[r * ldp + i] = __float2bfloat16_rn(p);
             dst_t[r * ldp + i] = __float2bfloat16_rn(p * (dpt[r * lds + i] - delta_t[i]));

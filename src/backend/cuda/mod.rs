@@ -736,8 +736,10 @@ impl super::Backend for CudaBackend {
             shared_mem_bytes: 0,
         };
         let (kernel, iters, flop) = match p {
-            Precision::Fp32 => ("peak_fma_f32", 4096i32, 2.0 * 8.0 * 256.0),
-            Precision::Bf16 => ("peak_mma_bf16", 256i32, 2.0 * 4.0 * 4096.0 * 8.0),
+            // Long enough (milliseconds per launch at the expected peaks) that the launch and the wait
+            // are a rounding error of the timing.
+            Precision::Fp32 => ("peak_fma_f32", 65_536i32, 2.0 * 8.0 * 256.0),
+            Precision::Bf16 => ("peak_mma_bf16", 8192i32, 2.0 * 4.0 * 4096.0 * 8.0),
         };
         let flop = flop * f64::from(iters) * f64::from(blocks);
         let (out, seed) = (self.workspace_ptr(), 0.5f32);
