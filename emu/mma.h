@@ -44,25 +44,27 @@ inline void check(const void* p, unsigned ldm, unsigned elem_bytes, const char* 
 }
 inline float value(float v) { return v; }
 inline float value(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+// A collective load of a 16 x 16 tile into a fragment's row-major elements x, from row-major or (col)
+// column-major memory.
+template <class T>
+inline void load(T* x, const T* p, unsigned ldm, bool col) {
+    check(p, ldm, sizeof(T), "load_matrix_sync");
+    emu::syncwarp();
+    for (int r = 0; r < 16; ++r)
+        for (int c = 0; c < 16; ++c) x[16 * r + c] = col ? p[c * ldm + r] : p[r * ldm + c];
+    emu::syncwarp();
+}
 }  // namespace detail
 
 template <class Use, class T, class Layout>
 inline void load_matrix_sync(fragment<Use, 16, 16, 16, T, Layout>& f, const T* p, unsigned ldm) {
-    detail::check(p, ldm, sizeof(T), "load_matrix_sync");
-    constexpr bool col = std::is_same_v<Layout, col_major>;
-    emu::syncwarp();
-    for (int r = 0; r < 16; ++r)
-        for (int c = 0; c < 16; ++c) f.x[16 * r + c] = col ? p[c * ldm + r] : p[r * ldm + c];
-    emu::syncwarp();
+    detail::load(f.x, p, ldm, std::is_same_v<Layout, col_major>);
 }
 
 inline void load_matrix_sync(fragment<accumulator, 16, 16, 16, float>& f, const float* p, unsigned ldm,
                              layout_t layout) {
-    detail::check(p, ldm, sizeof(float), "load_matrix_sync");
-    emu::syncwarp();
-    for (int r = 0; r < 16; ++r)
-        for (int c = 0; c < 16; ++c) f.x[16 * r + c] = layout == mem_col_major ? p[c * ldm + r] : p[r * ldm + c];
-    emu::syncwarp();
+    detail::load(f.x, p, ldm, layout == mem_col_major);
 }
 
 template <class T>

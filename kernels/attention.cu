@@ -23,8 +23,6 @@ namespace {
 constexpr int ATT_WARPS = 8;
 constexpr int ATT_TILE = 8;
 
-// 1 / sqrt(c) in fp64, rounded once (the CPU twin does the same).
-__device__ __forceinline__ float attention_scale(int c) { return float(1.0 / sqrt(double(c))); }
 
 // sum_ch a[ch] b[ch] over the warp's lanes; every lane gets the result.
 __device__ __forceinline__ float warp_dot(const float* a, const float* b, int c, int lane) {
@@ -47,7 +45,7 @@ extern "C" __global__ void __launch_bounds__(256)
     const bool active = i < l;
     const int64_t row = 3 * int64_t(c);
     const float* base = qkv + int64_t(image) * l * row;
-    const float scale = attention_scale(c);
+    const float scale = ddpm::attention_scale(c);
     if (active)
         for (int ch = lane; ch < c; ch += 32) q[ch] = base[i * row + ch], o[ch] = 0.0f;
     float m = -INFINITY, sum = 0.0f;
@@ -92,7 +90,7 @@ extern "C" __global__ void __launch_bounds__(256)
     const bool active = i < l;
     const int64_t row = 3 * int64_t(c), pos = int64_t(image) * l + i;
     const float* base = qkv + int64_t(image) * l * row;
-    const float scale = attention_scale(c);
+    const float scale = ddpm::attention_scale(c);
     float d_i = 0.0f, lse_i = 0.0f;
     if (active) {
         float s = 0.0f;
@@ -146,7 +144,7 @@ extern "C" __global__ void __launch_bounds__(256)
     const bool active = j < l;
     const int64_t row = 3 * int64_t(c), img = int64_t(image) * l;
     const float* base = qkv + img * row;
-    const float scale = attention_scale(c);
+    const float scale = ddpm::attention_scale(c);
     if (active)
         for (int ch = lane; ch < c; ch += 32) {
             k[ch] = base[j * row + c + ch];

@@ -85,6 +85,11 @@ __device__ __forceinline__ void stage_bf16(__nv_bfloat16* dst, int ldt, const fl
     }
 }
 
+// Zeroes rows x c of fp32 rows of stride ld (the accumulators), the block's threads together.
+__device__ __forceinline__ void zero_rows(float* dst, int ld, int rows, int c) {
+    for (int e = threadIdx.x; e < rows * c; e += blockDim.x) dst[(e / c) * ld + e % c] = 0.0f;
+}
+
 // acc (a 16 x 16 fp32 tile) = sum over k < kdim of A(16 x kdim, row-major) B(kdim x 16), B column-major
 // when ColB (a matrix stored [n][k], used transposed).
 template <bool ColB>
@@ -141,12 +146,11 @@ extern "C" __global__ void __launch_bounds__(32 * AT_WARPS)
     const int image = blockIdx.y, q0 = blockIdx.x * AT_Q;
     const int64_t row = 3 * int64_t(c);
     const float* src = qkv + int64_t(image) * l * row;
-    // 1 / sqrt(c) in fp64, rounded once (as the fp32 kernel and the CPU do).
-    const float scale = float(1.0 / sqrt(double(c)));
+    const float scale = ddpm::attention_scale(c);
 
     // Stage the block's queries (zero past the end), clear the output accumulators.
     stage_bf16(qs, ldt, src + q0 * row, row, AT_Q, min(AT_Q, l - q0), c);
-    for (int e = threadIdx.x; e < AT_Q * c; e += blockDim.x) os[(e / c) * ldo + e % c] = 0.0f;
+    zero_rows(os, ldo, AT_Q, c);
 
     // Lanes 2r and 2r + 1 of warp w own query row 16 w + r of the block: half of each tile's keys and half
     // of the output's channels each (interleaved by spread(); the final write takes contiguous halves).
@@ -231,11 +235,11 @@ extern "C" __global__ void __launch_bounds__(128)
     const int image = blockIdx.y, q0 = blockIdx.x * AT_Q;
     const int64_t row = 3 * int64_t(c), img = int64_t(image) * l;
     const float* src = qkv + img * row;
-    const float scale = float(1.0 / sqrt(double(c)));
+    const float scale = ddpm::attention_scale(c);
     const int valid = min(AT_Q, l - q0);
     stage_bf16(qs, ldt, src + q0 * row, row, AT_Q, valid, c);
     stage_bf16(dos, ldt, dout + (img + q0) * c, c, AT_Q, valid, c);
-    for (int e = threadIdx.x; e < AT_Q * c; e += blockDim.x) dqs[(e / c) * ldo + e % c] = 0.0f;
+    zero_rows(dqs, ldo, AT_Q, c);
 
     // Lanes 2r' and 2r' + 1 of warp w own row r = 16 w + r': delta_r = dout_r . out_r in fp32, from memory.
     const int r = 16 * warp + lane / 2, half = lane % 2;
@@ -299,14 +303,12 @@ extern "C" __global__ void __launch_bounds__(64)
     const int image = blockIdx.y, k0 = blockIdx.x * AB_K;
     const int64_t row = 3 * int64_t(c), img = int64_t(image) * l;
     const float* src = qkv + img * row;
-    const float scale = float(1.0 / sqrt(double(c)));
+    const float scale = ddpm::attention_scale(c);
     const int keys = min(AB_K, l - k0);
     stage_bf16(ks, ldt, src + k0 * row + c, row, AB_K, keys, c);
     stage_bf16(vs, ldt, src + k0 * row + 2 * c, row, AB_K, keys, c);
-    for (int e = threadIdx.x; e < AB_K * c; e += blockDim.x) {
-        dks[(e / c) * ldo + e % c] = 0.0f;
-        dvs[(e / c) * ldo + e % c] = 0.0f;
-    }
+    zero_rows(dks, ldo, AB_K, c);
+    zero_rows(dvs, ldo, AB_K, c);
     // Lanes 2r' and 2r' + 1 of warp w own key row r = 16 w + r' of the block: half of each tile's queries
     // each (interleaved by spread()).
     const int r = 16 * warp + lane / 2, half = lane % 2;

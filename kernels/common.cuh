@@ -128,6 +128,10 @@ __device__ __forceinline__ double block_sum_f64(double v, double* scratch) {
     return warp_sum_f64(v);
 }
 
+// Attention's score scale 1 / sqrt(c), in fp64 rounded once (the CPU twin does the same): every attention
+// kernel, fp32 or bf16, scales by exactly this float.
+__device__ __forceinline__ float attention_scale(int c) { return float(1.0 / sqrt(double(c))); }
+
 __device__ __forceinline__ float sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
 
 // d silu(z) / dz = s (1 + z (1 - s)), s = sigmoid(z).

@@ -60,19 +60,21 @@ struct Pair {
 
 impl Pair {
     fn new() -> Self {
+        Self::with(device())
+    }
+
+    /// The device running its GEMMs and attention in bf16 on tensor cores.
+    fn bf16() -> Self {
+        Self::with(device_in(Precision::Bf16))
+    }
+
+    fn with(gpu: CudaBackend) -> Self {
         Self {
             cpu: CpuBackend::new(),
-            gpu: device(),
+            gpu,
             draws: 0,
             bf16_inputs: false,
         }
-    }
-
-    /// The device running its GEMMs in bf16 on tensor cores.
-    fn bf16() -> Self {
-        let mut p = Self::new();
-        p.gpu.set_precision(Precision::Bf16).unwrap();
-        p
     }
 
     fn alloc(&mut self, len: usize) -> Tensor {

@@ -96,6 +96,44 @@ impl CudaBackend {
         })
     }
 
+    /// The kernel that runs `pass` of attention of shape `s`, and its launch: bf16 on tensor cores where
+    /// those kernels take the width ([`Self::attention_on_tensor_cores`]), fp32 otherwise. Both kernels of
+    /// a pass take the same arguments.
+    fn attention_kernel(
+        &self,
+        s: &AttentionShape,
+        pass: Pass,
+    ) -> Result<(&'static str, LaunchConfig)> {
+        if self.attention_on_tensor_cores(s) {
+            let [forward, dq, dkv] = tc_shared_bytes(s.c);
+            return Ok(match pass {
+                Pass::Forward => (
+                    "attention_forward_bf16",
+                    tc_cfg(s, TC_QUERIES, 128, forward),
+                ),
+                Pass::Dq => ("attention_backward_dq_bf16", tc_cfg(s, TC_QUERIES, 128, dq)),
+                Pass::Dkv => (
+                    "attention_backward_dkv_bf16",
+                    tc_cfg(s, TC_DKV_KEYS, 64, dkv),
+                ),
+            });
+        }
+        Ok(match pass {
+            Pass::Forward => (
+                "attention_forward_f32",
+                self.attention_cfg(s, (2 * TILE + 2 * WARPS) * s.c)?,
+            ),
+            Pass::Dq => (
+                "attention_backward_dq_f32",
+                self.attention_cfg(s, (2 * TILE + 3 * WARPS) * s.c)?,
+            ),
+            Pass::Dkv => (
+                "attention_backward_dkv_f32",
+                self.attention_cfg(s, (2 * TILE + 4 * WARPS) * s.c + 2 * TILE)?,
+            ),
+        })
+    }
+
     pub(super) fn attention(
         &mut self,
         s: AttentionShape,
@@ -110,14 +148,8 @@ impl CudaBackend {
         )?;
         let (pq, po, pl) = (self.ptr(qkv), self.ptr(out), self.ptr(lse));
         let [l, c] = dims([s.l, s.c])?;
-        // bf16 on tensor cores where the kernel takes the width (c a multiple of 16, its tiles within the
-        // shared memory); the fp32 kernel otherwise.
-        if self.attention_on_tensor_cores(&s) {
-            let cfg = tc_cfg(&s, TC_QUERIES, 128, tc_shared_bytes(s.c)[0]);
-            return launch!(self, "attention_forward_bf16", cfg, pq, po, pl, l, c);
-        }
-        let cfg = self.attention_cfg(&s, (2 * TILE + 2 * WARPS) * s.c)?;
-        launch!(self, "attention_forward_f32", cfg, pq, po, pl, l, c)
+        let (kernel, cfg) = self.attention_kernel(&s, Pass::Forward)?;
+        launch!(self, kernel, cfg, pq, po, pl, l, c)
     }
 
     pub(super) fn attention_grad(
@@ -148,62 +180,17 @@ impl CudaBackend {
         let (pq, po, pl) = (self.ptr(qkv), self.ptr(out), self.ptr(lse));
         let (pdo, pdq, delta) = (self.ptr(dout), self.ptr(dqkv), self.workspace_ptr());
         let [l, c] = dims([s.l, s.c])?;
-        if self.attention_on_tensor_cores(&s) {
-            let [_, dq_bytes, dkv_bytes] = tc_shared_bytes(s.c);
-            let cfg = tc_cfg(&s, TC_QUERIES, 128, dq_bytes);
-            launch!(
-                self,
-                "attention_backward_dq_bf16",
-                cfg,
-                pq,
-                po,
-                pl,
-                pdo,
-                pdq,
-                delta,
-                l,
-                c
-            )?;
-            let cfg = tc_cfg(&s, TC_DKV_KEYS, 64, dkv_bytes);
-            return launch!(
-                self,
-                "attention_backward_dkv_bf16",
-                cfg,
-                pq,
-                pl,
-                pdo,
-                delta,
-                pdq,
-                l,
-                c
-            );
-        }
-        let cfg = self.attention_cfg(&s, (2 * TILE + 3 * WARPS) * s.c)?;
-        launch!(
-            self,
-            "attention_backward_dq_f32",
-            cfg,
-            pq,
-            po,
-            pl,
-            pdo,
-            pdq,
-            delta,
-            l,
-            c
-        )?;
-        let cfg = self.attention_cfg(&s, (2 * TILE + 4 * WARPS) * s.c + 2 * TILE)?;
-        launch!(
-            self,
-            "attention_backward_dkv_f32",
-            cfg,
-            pq,
-            pl,
-            pdo,
-            delta,
-            pdq,
-            l,
-            c
-        )
+        let (kernel, cfg) = self.attention_kernel(&s, Pass::Dq)?;
+        launch!(self, kernel, cfg, pq, po, pl, pdo, pdq, delta, l, c)?;
+        let (kernel, cfg) = self.attention_kernel(&s, Pass::Dkv)?;
+        launch!(self, kernel, cfg, pq, pl, pdo, delta, pdq, l, c)
     }
+}
+
+/// The three kernels of attention: the forward, and the backward's two.
+#[derive(Clone, Copy)]
+enum Pass {
+    Forward,
+    Dq,
+    Dkv,
 }
