@@ -13,7 +13,7 @@
 use criterion::{criterion_group, criterion_main, BenchmarkGroup, Criterion, Throughput};
 use ddpm_cuda::backend::cuda::CudaBackend;
 use ddpm_cuda::backend::{
-    AdamStep, AttentionShape, Backend, ConvKind, ConvShape, GroupNormShape, Precision, Tensor,
+    AdamHyper, AttentionShape, Backend, ConvKind, ConvShape, GroupNormShape, Precision, Tensor,
 };
 use ddpm_cuda::model::{UNet, UNetConfig};
 use std::time::{Duration, Instant};
@@ -194,14 +194,13 @@ fn bandwidth(c: &mut Criterion) {
         filled(&mut be, n, 0.1),
     );
     let norm = filled(&mut be, 1, 1.0);
-    let hp = AdamStep {
+    let hp = AdamHyper {
         lr: 2e-4,
+        warmup: 0,
         beta1: 0.9,
         beta2: 0.999,
         eps: 1e-8,
         weight_decay: 0.0,
-        bias_correction1: 0.1,
-        bias_correction2: 0.001,
         max_grad_norm: 1.0,
     };
     // Adam reads parameters, gradients and both moments and writes three of them back.
@@ -237,7 +236,7 @@ fn unet(c: &mut Criterion) {
         });
         g.throughput(Throughput::Elements(3 * flop));
         bench(&mut g, &mut be, "forward_backward", |be| {
-            let out = net.forward(be, Some((0, 0))).unwrap();
+            let out = net.forward(be, Some(0)).unwrap();
             be.copy(out, net.output_grad()).unwrap();
             net.backward(be).unwrap();
         });

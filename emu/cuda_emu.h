@@ -66,6 +66,9 @@ inline void __syncwarp(unsigned = 0xffffffffu) { emu::syncwarp(); }
 inline float __shfl_xor_sync(unsigned, float v, int m) { return emu::shfl_xor(v, m); }
 inline double __shfl_xor_sync(unsigned, double v, int m) { return emu::shfl_xor(v, m); }
 inline unsigned __umulhi(unsigned a, unsigned b) { return unsigned((uint64_t(a) * b) >> 32); }
+inline unsigned long long __umul64hi(unsigned long long a, unsigned long long b) {
+    return (unsigned long long)(((unsigned __int128)a * b) >> 64);
+}
 inline float __int_as_float(int i) {
     float f;
     std::memcpy(&f, &i, sizeof f);

@@ -1,12 +1,16 @@
 // diffusion.cu: the diffusion process itself, fused.
 //   noise_add_f32          q(x_t | x_0) for a training batch, drawing its own eps
+//   draw_timesteps_f32     the training batch's timesteps, uniform over [0, T)
+//   clock_advance          the training clock: +1
+//   log_at_clock_f32       a step's loss and gradient norm into the log ring, at the clock's slot
 //   sampler_step_f32       one reverse step x_t -> x_{t-1} (DDPM ancestral, respaced DDPM or DDIM),
 //                          coefficients read from a device table at a device-side step index
 //   sampler_timesteps_f32  fills the model's timestep input from that table and index
 //   sampler_advance        moves the device-side step index to the next row
 //   mse_partial_f32        L_simple's squared error (partial sums for finish_sum_f64) and its gradient
-// The step index lives in device memory so that one captured graph of a sampling step can be replayed
-// for every step with no host work in between.
+// The sampler's step index and the training clock live in device memory so that one captured graph of a
+// sampling step, or of a training step, can be replayed for every step with no host work in between: the
+// training step's random streams are base + per_step * clock (rng::Stream on the host).
 #include "common.cuh"
 
 // One row per sampling step, built on the host in f64 (src/sample.rs, SamplerRow) and uploaded as f32:
@@ -23,7 +27,7 @@ struct SamplerRow {
 static_assert(sizeof(SamplerRow) == 32, "SamplerRow must match src/sample.rs");
 
 // x_t = sqrt_ab[t_n] * x0 + sqrt_1m_ab[t_n] * eps, eps = Philox normal (seed, stream, first_element + i),
-// with n = i / per_image the image of element i.
+// with n = i / per_image the image of element i and stream = stream_base + stream_per_step * *clock.
 // Shapes: x0, x_t, eps: `total` elements, images of `per_image` (NHWC) back to back; timesteps: one per
 // image (integers held as float); sqrt_ab, sqrt_1m_ab: one per diffusion timestep.
 // Launch: one thread per Philox block (4 elements), grid-stride; any grid size gives the same result.
@@ -33,8 +37,10 @@ static_assert(sizeof(SamplerRow) == 32, "SamplerRow must match src/sample.rs");
 extern "C" __global__ void noise_add_f32(const float* __restrict__ x0, const float* __restrict__ timesteps,
                                          const float* __restrict__ sqrt_ab, const float* __restrict__ sqrt_1m_ab,
                                          float* __restrict__ x_t, float* __restrict__ eps, int64_t total,
-                                         int64_t per_image, int64_t first_element, uint64_t seed, uint64_t stream,
-                                         int64_t steps) {
+                                         int64_t per_image, int64_t first_element, uint64_t seed,
+                                         uint64_t stream_base, uint64_t stream_per_step,
+                                         const uint64_t* __restrict__ clock, int64_t steps) {
+    const uint64_t stream = stream_base + stream_per_step * *clock;
     const int64_t first_block = first_element >> 2;
     const int64_t blocks = ((first_element + total + 3) >> 2) - first_block;
     for (int64_t b = ddpm::global_thread(); b < blocks; b += ddpm::grid_threads()) {
@@ -54,6 +60,31 @@ extern "C" __global__ void noise_add_f32(const float* __restrict__ x0, const flo
             x_t[i] = sqrt_ab[t] * x0[i] + sqrt_1m_ab[t] * draws[lane];
         }
     }
+}
+
+// timesteps[i] = the top 64 bits of (64 random bits) * steps, the random bits being words 0 and 1 of Philox
+// block i of (seed, stream_base + stream_per_step * *clock): rng::below, bit for bit. Launch: any grid.
+extern "C" __global__ void draw_timesteps_f32(float* __restrict__ timesteps, int64_t n, uint64_t seed,
+                                              uint64_t stream_base, uint64_t stream_per_step,
+                                              const uint64_t* __restrict__ clock, uint64_t steps) {
+    const uint64_t stream = stream_base + stream_per_step * *clock;
+    for (int64_t i = ddpm::global_thread(); i < n; i += ddpm::grid_threads()) {
+        const uint4 r = ddpm::philox_block(seed, stream, uint64_t(i));
+        const uint64_t bits = uint64_t(r.x) | (uint64_t(r.y) << 32);
+        timesteps[i] = float(__umul64hi(bits, steps));
+    }
+}
+
+// The training clock moves one step on. Launch: one thread, after everything of the step that reads it.
+extern "C" __global__ void clock_advance(uint64_t* clock) {
+    if (threadIdx.x == 0 && blockIdx.x == 0) *clock += 1;
+}
+
+// ring[(*clock % slots) * n + i] = src[i]: the host reads the ring a chunk of steps at a time.
+extern "C" __global__ void log_at_clock_f32(const float* __restrict__ src, float* __restrict__ ring, int64_t n,
+                                            int64_t slots, const uint64_t* __restrict__ clock) {
+    const int64_t at = int64_t(*clock % uint64_t(slots)) * n;
+    for (int64_t i = ddpm::global_thread(); i < n; i += ddpm::grid_threads()) ring[at + i] = src[i];
 }
 
 // One reverse step, in place or not (x_prev may be x_t: each element is read before it is written by the

@@ -172,15 +172,26 @@ __device__ __forceinline__ float keep_scale(float p, uint64_t seed, uint64_t str
     return ddpm::philox_uniform(seed, stream, uint64_t(e)) >= p ? float(1.0 / (1.0 - double(p))) : 0.0f;
 }
 
+// The stream of a per-step draw: base + per_step * (training clock), read from device memory so that a
+// recorded training step draws fresh masks at every replay (rng::Stream on the host).
+__device__ __forceinline__ uint64_t step_stream(uint64_t base, uint64_t per_step, const uint64_t* clock) {
+    return base + per_step * *clock;
+}
+
 // y = x * keep_scale. Bytes: 8 per element.
 extern "C" __global__ void dropout_forward_f32(const float* __restrict__ x, float* __restrict__ y, int64_t n,
-                                               float p, uint64_t seed, uint64_t stream) {
+                                               float p, uint64_t seed, uint64_t stream_base,
+                                               uint64_t stream_per_step, const uint64_t* __restrict__ clock) {
+    const uint64_t stream = step_stream(stream_base, stream_per_step, clock);
     for (int64_t i = ddpm::global_thread(); i < n; i += ddpm::grid_threads()) y[i] = x[i] * keep_scale(p, seed, stream, i);
 }
 
 // dx (+)= dy * keep_scale (the same mask, regenerated). Bytes: 8 (12 accumulating) per element.
 extern "C" __global__ void dropout_backward_f32(const float* __restrict__ dy, float* __restrict__ dx, int64_t n,
-                                                float p, uint64_t seed, uint64_t stream, int accumulate) {
+                                                float p, uint64_t seed, uint64_t stream_base,
+                                                uint64_t stream_per_step, const uint64_t* __restrict__ clock,
+                                                int accumulate) {
+    const uint64_t stream = step_stream(stream_base, stream_per_step, clock);
     for (int64_t i = ddpm::global_thread(); i < n; i += ddpm::grid_threads()) {
         const float g = dy[i] * keep_scale(p, seed, stream, i);
         dx[i] = accumulate ? dx[i] + g : g;

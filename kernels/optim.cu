@@ -30,27 +30,39 @@ extern "C" __global__ void __launch_bounds__(256)
     if (threadIdx.x == 0) out[0] = float(root ? sqrt(s) : s);
 }
 
-// One Adam(W) step. The gradient norm is read from device memory (*norm), so nothing waits for the host:
-// a non-finite norm leaves parameters and moments untouched (the step is skipped); otherwise gradients are
-// scaled by min(1, max_norm / norm) (max_norm 0: no clipping) and
+// One Adam(W) step, update number t = *clock + 1. The gradient norm and the clock are read from device
+// memory, so nothing waits for the host and one recorded step replays for every step: a non-finite norm
+// leaves parameters and moments untouched (the step is skipped); otherwise gradients are scaled by
+// min(1, max_norm / norm) (max_norm 0: no clipping) and
 //   m = b1 m + (1 - b1) g,  v = b2 v + (1 - b2) g^2,
-//   p -= lr (m / bc1 / (sqrt(v / bc2) + eps) + wd p),  bc1 = 1 - b1^t, bc2 = 1 - b2^t.
+//   p -= lr_t (m / bc1 / (sqrt(v / bc2) + eps) + wd p),
+// with lr_t = lr min(t / warmup, 1), 1 - b1, 1 - b2, bc1 = 1 - b1^t, bc2 = 1 - b2^t computed in fp64 and
+// rounded once, as AdamHyper::at does on the host (the betas come in fp64 for that; the moment updates
+// multiply by them rounded to f32).
+// Bytes: 28 per parameter (read p, g, m, v; write p, m, v).
 extern "C" __global__ void adam_step_f32(float* __restrict__ params, const float* __restrict__ grads,
                                          float* __restrict__ m, float* __restrict__ v,
-                                         const float* __restrict__ norm, int64_t n, float lr, float beta1,
-                                         float beta2, float eps, float weight_decay, float bias_correction1,
-                                         float bias_correction2, float max_norm) {
+                                         const float* __restrict__ norm, int64_t n,
+                                         const uint64_t* __restrict__ clock, float lr, double warmup,
+                                         double beta1_d, double beta2_d, float eps, float weight_decay,
+                                         float max_norm) {
     const float g_norm = *norm;
     if (!isfinite(g_norm)) return;
+    const double t = double(*clock + 1);
+    const float lr_t = float(double(lr) * fmin(t / warmup, 1.0));
+    const float bias_correction1 = float(1.0 - pow(beta1_d, t));
+    const float bias_correction2 = float(1.0 - pow(beta2_d, t));
+    const float beta1 = float(beta1_d), beta2 = float(beta2_d);
+    const float one_minus_beta1 = float(1.0 - beta1_d), one_minus_beta2 = float(1.0 - beta2_d);
     const float clip = (max_norm > 0.0f && g_norm > max_norm) ? max_norm / g_norm : 1.0f;
     for (int64_t i = ddpm::global_thread(); i < n; i += ddpm::grid_threads()) {
         const float g = grads[i] * clip;
-        const float mi = beta1 * m[i] + (1.0f - beta1) * g;
-        const float vi = beta2 * v[i] + (1.0f - beta2) * g * g;
+        const float mi = beta1 * m[i] + one_minus_beta1 * g;
+        const float vi = beta2 * v[i] + one_minus_beta2 * g * g;
         m[i] = mi;
         v[i] = vi;
         const float mhat = mi / bias_correction1, vhat = vi / bias_correction2;
-        params[i] -= lr * (mhat / (sqrtf(vhat) + eps) + weight_decay * params[i]);
+        params[i] -= lr_t * (mhat / (sqrtf(vhat) + eps) + weight_decay * params[i]);
     }
 }
 

@@ -39,6 +39,46 @@ pub fn stream(purpose: Purpose, index: u64) -> u64 {
     ((purpose as u64) << 56) | (index & ((1u64 << 56) - 1))
 }
 
+/// A stream id that may move with the backend's training clock: `base + per_step * clock` (see
+/// `Backend::clock_set`). A fixed stream has `per_step = 0`. The random ops of a training step take their
+/// streams in this form, so that one recorded step replays with fresh draws as the clock advances.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Stream {
+    pub base: u64,
+    pub per_step: u64,
+}
+
+impl Stream {
+    /// The same stream at every step.
+    pub const fn fixed(id: u64) -> Self {
+        Self {
+            base: id,
+            per_step: 0,
+        }
+    }
+
+    /// `stream(purpose, per_step * clock + offset)`, for every clock below `2^56 / per_step`.
+    pub fn per_step(purpose: Purpose, per_step: u64, offset: u64) -> Self {
+        Self {
+            base: stream(purpose, offset),
+            per_step,
+        }
+    }
+
+    /// `offset` more than this stream (the layers of one step).
+    pub fn offset(self, by: u64) -> Self {
+        Self {
+            base: self.base.wrapping_add(by),
+            ..self
+        }
+    }
+
+    /// The stream id at training clock `clock`.
+    pub fn at(self, clock: u64) -> u64 {
+        self.base.wrapping_add(self.per_step.wrapping_mul(clock))
+    }
+}
+
 #[inline(always)]
 fn round(c: [u32; 4], k: [u32; 2]) -> [u32; 4] {
     let p0 = u64::from(M0) * u64::from(c[0]);
@@ -128,6 +168,15 @@ mod tests {
     use super::*;
 
     // Known-answer vectors of Philox4x32-10 published with Random123 (kat_vectors).
+    #[test]
+    fn a_per_step_stream_is_the_stream_of_its_step() {
+        let s = Stream::per_step(Purpose::Dropout, 1 << 10, 0).offset(7);
+        for step in [0, 1, 2, 799_999, (1 << 46) - 1] {
+            assert_eq!(s.at(step), stream(Purpose::Dropout, (step << 10) + 7));
+        }
+        assert_eq!(Stream::fixed(42).at(12345), 42);
+    }
+
     #[test]
     fn philox_matches_random123_known_answers() {
         assert_eq!(

@@ -2,7 +2,7 @@
 //! them over a backend. One table format serves the 1000-step ancestral sampler, a respaced one and DDIM,
 //! so the device runs every sampler with one fused kernel.
 
-use crate::backend::{Backend, SamplerRow, Tensor};
+use crate::backend::{Backend, SamplerRow, Sequence, Tensor};
 use crate::error::{Error, Result};
 use crate::model::UNet;
 use crate::progress::Progress;
@@ -230,7 +230,7 @@ fn drive<B: Backend>(
         be.sampler_step(x, eps, x, first, draw.clip, draw.seed, base)?;
         be.sampler_advance()
     };
-    let recorded = record && be.capture_begin()?;
+    let recorded = record && be.capture_begin(Sequence::Sampling)?;
     if recorded {
         let captured = step(be);
         be.capture_end()?;
@@ -246,7 +246,7 @@ fn drive<B: Backend>(
             )));
         }
         if recorded {
-            be.replay()?;
+            be.replay(Sequence::Sampling)?;
         } else {
             step(be)?;
         }

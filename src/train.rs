@@ -2,17 +2,20 @@
 //! of the weights, dropout and flips. One step is: upload a batch, draw t and eps, noise-add, forward, MSE,
 //! backward, gradient norm, Adam, EMA, all through the `Backend`, so the same code drives the device.
 //!
+//! Everything after the upload depends on the step number only through the backend's training clock
+//! (the random streams, Adam's schedule, the log slot), so on a backend that records (CUDA) the step is
+//! recorded once as a graph and replayed: the host's work per step is the batch upload and one launch.
 //! The loss of every step lands in a small ring on the backend and is read back a chunk at a time, so a
 //! device run does not synchronise with the host every step.
 
-use crate::backend::{AdamStep, Backend, Tensor};
+use crate::backend::{AdamHyper, Backend, Sequence, Stream, Tensor};
 use crate::checkpoint::{self, SchedulerConfig, TrainState};
 use crate::data::Dataset;
 use crate::error::{Error, Result};
 use crate::image;
 use crate::model::{UNet, UNetConfig};
 use crate::progress::Progress;
-use crate::rng::{self, Purpose};
+use crate::rng::Purpose;
 use crate::sample::{self, Draw};
 use crate::schedule::Schedule;
 use serde::{Deserialize, Serialize};
@@ -63,15 +66,20 @@ pub struct Trainer {
     pub ema: Tensor,
     m: Tensor,
     v: Tensor,
-    /// The loss and the gradient norm of step `s` at `[s % LOSS_CHUNK]`: read a chunk at a time.
-    losses: Tensor,
-    norms: Tensor,
+    /// This step's (loss, gradient norm), and the ring that keeps those of step `s` at
+    /// `[2 (s % LOSS_CHUNK) ..]`: read a chunk at a time.
+    now: Tensor,
+    log: Tensor,
     x0: Tensor,
     eps: Tensor,
     sqrt_ab: Tensor,
     sqrt_1m_ab: Tensor,
     /// Steps done so far.
     pub step: u64,
+    /// Record the step and replay it where the backend can (the default); false runs every op each step.
+    pub record: bool,
+    /// The backend's id of this trainer's recording of its step, once made.
+    recording: Option<u64>,
 }
 
 impl Trainer {
@@ -86,7 +94,7 @@ impl Trainer {
         let np = net.num_params();
         let (ema, m, v) = (be.alloc(np)?, be.alloc(np)?, be.alloc(np)?);
         let chunk = LOSS_CHUNK as usize;
-        let (losses, norms) = (be.alloc(chunk)?, be.alloc(chunk)?);
+        let (now, log) = (be.alloc(2)?, be.alloc(2 * chunk)?);
         let (x0, eps) = (be.alloc(net.input.len)?, be.alloc(net.input.len)?);
         let (sqrt_ab, sqrt_1m_ab) = (be.alloc(schedule.len())?, be.alloc(schedule.len())?);
         let f32s = |v: &[f64]| v.iter().map(|&x| x as f32).collect::<Vec<_>>();
@@ -99,13 +107,15 @@ impl Trainer {
             ema,
             m,
             v,
-            losses,
-            norms,
+            now,
+            log,
             x0,
             eps,
             sqrt_ab,
             sqrt_1m_ab,
             step: 0,
+            record: true,
+            recording: None,
         })
     }
 
@@ -119,21 +129,41 @@ impl Trainer {
         Ok(())
     }
 
-    /// The timesteps of training step `step`: uniform over `0..T`, one per image.
-    pub fn timesteps(&self, step: u64) -> Vec<f32> {
-        let big_t = self.schedule.len() as u64;
-        let stream = rng::stream(Purpose::Timesteps, step);
-        (0..self.opts.batch)
-            .map(|i| rng::below(self.opts.seed, stream, i as u64, big_t) as f32)
-            .collect()
+    /// One step on `images` (`batch` NHWC images in [-1, 1]). Returns the handle of this step's loss, valid
+    /// until the next step (read it only when it is logged: on a device that is a synchronisation).
+    pub fn step<B: Backend>(&mut self, be: &mut B, images: &[f32]) -> Result<Tensor> {
+        be.upload(self.x0, images)?;
+        be.clock_set(self.step)?;
+        if self.record && !self.recorded(be) && be.capture_begin(Sequence::Training)? {
+            let ops = self.ops(be);
+            be.capture_end()?;
+            ops?;
+            self.recording = be.recording_id(Sequence::Training);
+        }
+        if self.record && self.recorded(be) {
+            be.replay(Sequence::Training)?;
+        } else {
+            self.ops(be)?;
+        }
+        self.step += 1;
+        Ok(self.now.slice(0, 1))
     }
 
-    /// One step on `images` (`batch` NHWC images in [-1, 1]). Returns the handle of this step's loss (read
-    /// it only when it is logged: on a device that is a synchronisation).
-    pub fn step<B: Backend>(&mut self, be: &mut B, images: &[f32]) -> Result<Tensor> {
-        let (seed, step) = (self.opts.seed, self.step);
-        be.upload(self.x0, images)?;
-        be.upload(self.net.timesteps, &self.timesteps(step))?;
+    /// Whether the backend's recording of the training step is this trainer's (another trainer on the
+    /// same backend may have replaced it, or memory moved and the backend forgot it).
+    fn recorded<B: Backend>(&self, be: &B) -> bool {
+        self.recording.is_some() && self.recording == be.recording_id(Sequence::Training)
+    }
+
+    /// The ops of one step, after the upload: the same at every step, the clock supplying what changes.
+    fn ops<B: Backend>(&mut self, be: &mut B) -> Result<()> {
+        let seed = self.opts.seed;
+        be.draw_timesteps(
+            self.net.timesteps,
+            self.schedule.len(),
+            seed,
+            Stream::per_step(Purpose::Timesteps, 1, 0),
+        )?;
         let per_image = self.net.input.len / self.opts.batch;
         be.noise_add(
             self.x0,
@@ -145,15 +175,14 @@ impl Trainer {
             per_image,
             0,
             seed,
-            rng::stream(Purpose::TrainNoise, step),
+            Stream::per_step(Purpose::TrainNoise, 1, 0),
         )?;
-        let out = self.net.forward(be, Some((seed, step)))?;
-        let slot = (step % LOSS_CHUNK) as usize;
-        let (loss, norm) = (self.losses.slice(slot, 1), self.norms.slice(slot, 1));
+        let out = self.net.forward(be, Some(seed))?;
+        let (loss, norm) = (self.now.slice(0, 1), self.now.slice(1, 1));
         be.mse_loss(out, self.eps, loss, self.net.output_grad())?;
         self.net.backward(be)?;
         // A non-finite norm (from a non-finite loss or gradient) makes Adam skip the update on the
-        // backend itself: nothing waits for the host. The skip is counted when the ring is read.
+        // backend itself: nothing waits for the host. The skip is counted when the log is read.
         be.global_norm(self.net.grads, norm)?;
         be.adam_step(
             self.net.params,
@@ -161,27 +190,23 @@ impl Trainer {
             self.m,
             self.v,
             norm,
-            self.adam_hyper(step + 1),
+            self.adam_hyper(),
         )?;
         be.ema_update(self.ema, self.net.params, self.opts.ema_decay)?;
-        self.step += 1;
-        Ok(loss)
+        be.log_at_clock(self.now, self.log)?;
+        be.clock_advance()
     }
 
-    /// Adam's hyper-parameters for update number `t` (from 1): the paper's betas and epsilon, the learning
-    /// rate warmed up linearly, the bias corrections.
-    fn adam_hyper(&self, t: u64) -> AdamStep {
+    /// Adam's hyper-parameters: the paper's betas and epsilon, the learning rate warmed up linearly.
+    fn adam_hyper(&self) -> AdamHyper {
         let o = &self.opts;
-        let t = t as f64;
-        let lr = f64::from(o.lr) * (t / o.warmup.max(1) as f64).min(1.0);
-        AdamStep {
-            lr: lr as f32,
+        AdamHyper {
+            lr: o.lr,
+            warmup: o.warmup,
             beta1: 0.9,
             beta2: 0.999,
             eps: 1e-8,
             weight_decay: 0.0,
-            bias_correction1: (1.0 - 0.9f64.powf(t)) as f32,
-            bias_correction2: (1.0 - 0.999f64.powf(t)) as f32,
             max_grad_norm: o.max_grad_norm,
         }
     }
@@ -195,11 +220,11 @@ impl Trainer {
                 self.step
             )));
         }
-        let (losses, norms) = (be.download(self.losses)?, be.download(self.norms)?);
+        let log = be.download(self.log)?;
         Ok((from..self.step)
             .map(|s| {
-                let i = (s % LOSS_CHUNK) as usize;
-                (losses[i], norms[i])
+                let i = 2 * (s % LOSS_CHUNK) as usize;
+                (log[i], log[i + 1])
             })
             .collect())
     }
@@ -250,7 +275,7 @@ pub fn arena_len(
     let (net, params) = UNet::arena_len(config, batch, true)?;
     let (grid_net, _) = UNet::arena_len(config, grid, false)?;
     let input = batch * config.sample_size * config.sample_size * config.in_channels;
-    Ok(net + 3 * params + 2 * input + 2 * LOSS_CHUNK as usize + 2 * timesteps + grid_net)
+    Ok(net + 3 * params + 2 * input + 2 + 2 * LOSS_CHUNK as usize + 2 * timesteps + grid_net)
 }
 
 /// What `ddpm-cuda train` runs.

@@ -18,8 +18,8 @@ mod common;
 use ddpm_cuda::backend::cpu::CpuBackend;
 use ddpm_cuda::backend::cuda::CudaBackend;
 use ddpm_cuda::backend::{
-    AdamStep, AttentionShape, Backend, ConvKind, ConvShape, GroupNormShape, Precision, SamplerRow,
-    Tensor,
+    AdamHyper, AttentionShape, Backend, ConvKind, ConvShape, GroupNormShape, Precision, SamplerRow,
+    Stream, Tensor,
 };
 use ddpm_cuda::model::{UNet, UNetConfig};
 use ddpm_cuda::rng;
@@ -443,11 +443,16 @@ fn small_ops_match_the_cpu() {
         // fp64 on both sides, rounded once: a last-bit difference of fp64 sin/cos at most.
         p.check(&format!("timestep embedding dim {dim}"), emb, 1e-7);
     }
+    // The masks of block 5 at training step 31: the stream comes from the clock on the device.
     let drop = p.output(len);
-    p.run(|be| be.dropout_forward(x, drop, 0.3, 5, 77));
+    let stream = Stream::per_step(rng::Purpose::Dropout, 1 << 10, 5);
+    p.run(|be| {
+        be.clock_set(31)?;
+        be.dropout_forward(x, drop, 0.3, 5, stream)
+    });
     p.check("dropout forward (same Philox mask)", drop, 1e-7);
     for acc in [false, true] {
-        p.run(|be| be.dropout_backward(dy, dx, 0.3, 5, 77, acc));
+        p.run(|be| be.dropout_backward(dy, dx, 0.3, 5, stream, acc));
         p.check(&format!("dropout backward (accumulate {acc})"), dx, 1e-6);
     }
     let (sum, add_y) = (p.output(len), p.output(len));
@@ -480,17 +485,21 @@ fn loss_optimizer_and_diffusion_ops_match_the_cpu() {
     let norm = p.output(1);
     p.run(|be| be.global_norm(grads, norm));
     p.check("global norm", norm, 1e-6);
-    let hp = AdamStep {
+    // Update 5 of a 10-step warmup: the device resolves the learning rate and bias corrections from
+    // its clock (fp64, rounded once, as the CPU does).
+    let hp = AdamHyper {
         lr: 2e-4,
+        warmup: 10,
         beta1: 0.9,
         beta2: 0.999,
         eps: 1e-8,
         weight_decay: 0.01,
-        bias_correction1: 0.1,
-        bias_correction2: 0.001,
         max_grad_norm: 1.0,
     };
-    p.run(|be| be.adam_step(params, grads, m, v, norm, hp));
+    p.run(|be| {
+        be.clock_set(4)?;
+        be.adam_step(params, grads, m, v, norm, hp)
+    });
     p.check("adam params", params, 1e-6);
     p.check("adam m", m, 1e-6);
     p.check("adam v", v, 1e-6);
@@ -524,13 +533,38 @@ fn loss_optimizer_and_diffusion_ops_match_the_cpu() {
         be.upload(ts, &[0.0, 500.0, 999.0]).unwrap();
     }
     let (xt, eps) = (p.output(x0.len), p.output(x0.len));
-    p.run(|be| be.noise_add(x0, ts, sa, s1, xt, eps, per_image, 6, 42, 9));
+    let noise = Stream::per_step(rng::Purpose::TrainNoise, 1, 0);
+    p.run(|be| {
+        be.clock_set(123_457)?;
+        be.noise_add(x0, ts, sa, s1, xt, eps, per_image, 6, 42, noise)
+    });
     // One seed draws the same noise on both: Box-Muller in fp64, rounded once.
     p.check("noise_add eps (same Philox draws)", eps, 1e-7);
     p.check("noise_add x_t", xt, 1e-6);
     let z = p.output(1001);
     p.run(|be| be.normal(z, 13, 42, 10));
     p.check("normal draws", z, 1e-7);
+    // Training timesteps of step 123457, then of the next step after the clock advances on the device.
+    let drawn = p.output(1001);
+    let stream = Stream::per_step(rng::Purpose::Timesteps, 1, 0);
+    for step in 0..2 {
+        p.run(|be| be.draw_timesteps(drawn, 1000, 42, stream));
+        p.check(&format!("training timesteps, step {step}"), drawn, 0.0);
+        p.run(|be| be.clock_advance());
+    }
+    // The log ring: three slots of two; clock 123459 writes slot 0, and so on around.
+    let (entry, bump, ring) = (p.input(2, 1.0, 0.0), p.input(2, 1.0, 0.0), p.alloc(6));
+    for be in [&mut p.cpu as &mut dyn Backend, &mut p.gpu] {
+        be.fill(ring, 0.0).unwrap();
+    }
+    for _ in 0..4 {
+        p.run(|be| {
+            be.log_at_clock(entry, ring)?;
+            be.accumulate(bump, entry, true)?;
+            be.clock_advance()
+        });
+    }
+    p.check("log ring", ring, 0.0);
 
     for clip in [true, false] {
         let rows = ddpm_table(&s, Variance::FixedLarge);
@@ -590,8 +624,11 @@ fn unet_case(p: &mut Pair, config: &UNetConfig, out_tol: f64, grad_tol: f64) {
     }
     p.gpu.fill(net_gpu.output(), f32::NAN).unwrap();
     p.gpu.fill(net_gpu.grads, f32::NAN).unwrap();
-    net_cpu.forward(&mut p.cpu, Some((1, 2))).unwrap();
-    net_gpu.forward(&mut p.gpu, Some((1, 2))).unwrap();
+    // Dropout masks of seed 1 at training step 2.
+    p.cpu.clock_set(2).unwrap();
+    p.gpu.clock_set(2).unwrap();
+    net_cpu.forward(&mut p.cpu, Some(1)).unwrap();
+    net_gpu.forward(&mut p.gpu, Some(1)).unwrap();
     let name = format!("{:?}", config.block_out_channels);
     p.check(&format!("U-Net {name} output"), net_cpu.output(), out_tol);
     let target = p.input(net_cpu.output().len, 1.0, 0.0);
@@ -714,6 +751,72 @@ fn ten_bf16_training_steps_track_the_fp32_losses() {
     // average out (~1e-4 relative); the updates are clipped to norm 1 at lr 1e-3 and differ by as little.
     // Tolerance 2e-3 relative (measured on the emulator: 1.3e-5).
     losses_track(&cpu, &ten_losses(&mut gpu, &opts), 2e-3);
+}
+
+/// The training step recorded once as a graph and replayed equals the same ops launched one by one, bit
+/// for bit: everything that changes from step to step (timesteps, noise, dropout masks, Adam's schedule,
+/// the log slot) comes from the clock on the device. Two trainers share one backend, stepping in turn,
+/// so each must replay its own recording (not the other's, which replaced it on the device).
+#[test]
+#[ignore = "needs a CUDA device"]
+fn a_recorded_training_step_replays_exactly_like_its_ops() {
+    let opts = ten_steps_options();
+    let other = TrainOptions {
+        seed: 99,
+        ..ten_steps_options()
+    };
+    let data = ddpm_cuda::data::synthetic(8, 64, 3);
+    let mut shared = device();
+    let mut a = Trainer::new(
+        &mut shared,
+        &small_config(),
+        Schedule::paper(),
+        opts.clone(),
+    )
+    .unwrap();
+    let mut b = Trainer::new(
+        &mut shared,
+        &small_config(),
+        Schedule::paper(),
+        other.clone(),
+    )
+    .unwrap();
+    a.init(&mut shared).unwrap();
+    b.init(&mut shared).unwrap();
+    let mut alone = device();
+    let mut want =
+        Trainer::new(&mut alone, &small_config(), Schedule::paper(), opts.clone()).unwrap();
+    want.record = false;
+    want.init(&mut alone).unwrap();
+    let steps = 6;
+    for s in 0..steps {
+        a.step(
+            &mut shared,
+            &data.batch(opts.seed, s, opts.batch, opts.flip),
+        )
+        .unwrap();
+        b.step(
+            &mut shared,
+            &data.batch(other.seed, s, other.batch, other.flip),
+        )
+        .unwrap();
+        want.step(&mut alone, &data.batch(opts.seed, s, opts.batch, opts.flip))
+            .unwrap();
+    }
+    let recorded = shared.recording_id(ddpm_cuda::backend::Sequence::Training);
+    assert!(recorded.is_some(), "the device recorded the training step");
+    let log = a.read_log(&mut shared, 0).unwrap();
+    let want_log = want.read_log(&mut alone, 0).unwrap();
+    eprintln!("recorded {log:?}\none by one {want_log:?}");
+    assert_eq!(log, want_log, "losses and gradient norms");
+    assert!(log.iter().all(|(l, n)| l.is_finite() && n.is_finite()));
+    assert!(
+        a.state(&mut shared, "synthetic").unwrap() == want.state(&mut alone, "synthetic").unwrap(),
+        "weights, EMA or Adam moments differ between the recorded and the launched step"
+    );
+    // The other trainer really trained on its own seed (it did not replay a's step, nor a its).
+    let b_log = b.read_log(&mut shared, 0).unwrap();
+    assert_ne!(b_log, log);
 }
 
 /// The samplers on the device, driven by the closed-form predictor (tests/common): the exact moments.

@@ -10,7 +10,9 @@
 #![allow(clippy::too_many_arguments)]
 
 use ddpm_cuda::backend::cpu::CpuBackend;
-use ddpm_cuda::backend::{AttentionShape, Backend, ConvKind, ConvShape, GroupNormShape, Tensor};
+use ddpm_cuda::backend::{
+    AttentionShape, Backend, ConvKind, ConvShape, GroupNormShape, Stream, Tensor,
+};
 use ddpm_cuda::rng;
 
 type Be = CpuBackend<f64>;
@@ -459,14 +461,21 @@ fn upsample_concat_dropout_gradients() {
         &[dd],
         dy_,
         rd,
-        &|be| be.dropout_forward(x, dy_, 0.3, 11, 12).unwrap(),
-        &|be| be.dropout_backward(rd, dd, 0.3, 11, 12, false).unwrap(),
+        &|be| {
+            be.dropout_forward(x, dy_, 0.3, 11, Stream::fixed(12))
+                .unwrap()
+        },
+        &|be| {
+            be.dropout_backward(rd, dd, 0.3, 11, Stream::fixed(12), false)
+                .unwrap()
+        },
     );
     // Inverted dropout: each output is 0 or x / (1 - p), and about p of them are 0.
     let big = 20_000;
     let (bx, by) = (alloc(&mut be, big), alloc(&mut be, big));
     be.fill(bx, 1.0).unwrap();
-    be.dropout_forward(bx, by, 0.3, 1, 2).unwrap();
+    be.dropout_forward(bx, by, 0.3, 1, Stream::fixed(2))
+        .unwrap();
     let ys = be.slice(by).unwrap();
     let zeros = ys.iter().filter(|&&v| v == 0.0).count();
     let kept = 1.0 / (1.0 - f64::from(0.3f32));
@@ -563,7 +572,9 @@ fn unet_parameter_gradients_with_dropout() {
     let out = net.output();
     let r = be.alloc(out.len).unwrap();
     rnd.fill(&mut be, r, 1.0);
-    let key = Some((3u64, 8u64));
+    // Dropout with seed 3, at training step 8.
+    be.clock_set(8).unwrap();
+    let key = Some(3u64);
     net.forward(&mut be, key).unwrap();
     be.copy(r, net.output_grad()).unwrap();
     net.backward(&mut be).unwrap();

@@ -14,6 +14,7 @@ pub mod cpu;
 pub mod cuda;
 
 use crate::error::{Error, Result};
+pub use crate::rng::Stream;
 
 /// A handle to `len` elements at `off` in a backend's arena.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
@@ -155,6 +156,30 @@ pub mod checks {
         Ok(())
     }
 
+    /// A count of diffusion timesteps to draw from: at least one, and each exact as an f32.
+    pub fn timestep_count(steps: usize) -> Result<()> {
+        if steps == 0 || steps > 1 << 24 {
+            return Err(Error::shape(
+                "timestep count",
+                "1 ..= 16777216 (integers exact in f32)",
+                steps,
+            ));
+        }
+        Ok(())
+    }
+
+    /// The slots of a ring of `ring` elements holding entries of `entry`.
+    pub fn ring_slots(entry: usize, ring: usize) -> Result<usize> {
+        if entry == 0 || ring < entry || ring % entry != 0 {
+            return Err(Error::shape(
+                "log ring",
+                format!("a positive multiple of its entry ({entry} elements)"),
+                ring,
+            ));
+        }
+        Ok(ring / entry)
+    }
+
     /// A batch of `len` elements in images of `per_image`.
     pub fn images(len: usize, per_image: usize) -> Result<()> {
         if per_image == 0 || len % per_image != 0 {
@@ -290,12 +315,68 @@ pub struct SamplerRow {
     pub unused: f32,
 }
 
-/// Adam(W) hyper-parameters for one update, with the bias corrections folded in by the caller.
+/// Adam(W) hyper-parameters and the learning-rate schedule. The backend resolves them for update
+/// `t = clock + 1` ([`AdamHyper::at`]), so a recorded training step needs nothing from the host.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamHyper {
+    /// The learning rate after warmup.
+    pub lr: f32,
+    /// Updates over which the learning rate rises linearly from `lr / warmup` to `lr` (0: none).
+    pub warmup: u64,
+    /// The betas in f64: `1 - beta` and the bias corrections `1 - beta^t` are computed in f64 and rounded
+    /// once (as PyTorch does with Python floats), the moment updates use the betas rounded to f32.
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f32,
+    pub weight_decay: f32,
+    /// Gradients are scaled by `min(1, max_grad_norm / norm)` first; 0 disables clipping.
+    pub max_grad_norm: f32,
+}
+
+impl AdamHyper {
+    /// The values of update number `t` (from 1): the warmed-up learning rate and the bias corrections,
+    /// computed in f64 and rounded once (`kernels/optim.cu` does the same on the device).
+    pub fn at(&self, t: u64) -> AdamStep {
+        let t = t as f64;
+        let warm = (t / self.warmup.max(1) as f64).min(1.0);
+        AdamStep {
+            lr: (f64::from(self.lr) * warm) as f32,
+            beta1: self.beta1 as f32,
+            beta2: self.beta2 as f32,
+            one_minus_beta1: (1.0 - self.beta1) as f32,
+            one_minus_beta2: (1.0 - self.beta2) as f32,
+            eps: self.eps,
+            weight_decay: self.weight_decay,
+            bias_correction1: (1.0 - self.beta1.powf(t)) as f32,
+            bias_correction2: (1.0 - self.beta2.powf(t)) as f32,
+            max_grad_norm: self.max_grad_norm,
+        }
+    }
+}
+
+/// The recorded sequences a backend keeps, one of each: recording one replaces only its own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Sequence {
+    /// One step of a sampler (`sample::run`).
+    Sampling = 0,
+    /// One training step (`train::Trainer::step`).
+    Training = 1,
+}
+
+impl Sequence {
+    pub const COUNT: usize = 2;
+}
+
+/// Adam(W) hyper-parameters of one update, resolved ([`AdamHyper::at`]).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct AdamStep {
     pub lr: f32,
     pub beta1: f32,
     pub beta2: f32,
+    /// `1 - beta`, rounded from f64 (not computed in f32 from the rounded beta: 1 - 0.999f32 is 1.3e-5
+    /// off in relative terms, which would move every update by 6e-6).
+    pub one_minus_beta1: f32,
+    pub one_minus_beta2: f32,
     pub eps: f32,
     pub weight_decay: f32,
     /// `1 - beta1^step` and `1 - beta2^step`.
@@ -557,14 +638,15 @@ pub trait Backend {
     /// Sinusoidal embedding `[n, dim]` of `n` timesteps: `[sin(t f_i), cos(t f_i)]`,
     /// `f_i = exp(-ln(10000) i / (dim/2 - 1))`.
     fn timestep_embedding(&mut self, n: usize, dim: usize, t: Tensor, y: Tensor) -> Result<()>;
-    /// Inverted dropout: keeps element `e` when `uniform(seed, stream, e) >= p`, scaling by `1 / (1 - p)`.
+    /// Inverted dropout: keeps element `e` when `uniform(seed, stream.at(clock), e) >= p`, scaling by
+    /// `1 / (1 - p)`.
     fn dropout_forward(
         &mut self,
         x: Tensor,
         y: Tensor,
         p: f32,
         seed: u64,
-        stream: u64,
+        stream: Stream,
     ) -> Result<()>;
     #[allow(clippy::too_many_arguments)]
     fn dropout_backward(
@@ -573,14 +655,14 @@ pub trait Backend {
         dx: Tensor,
         p: f32,
         seed: u64,
-        stream: u64,
+        stream: Stream,
         accumulate: bool,
     ) -> Result<()>;
     /// `loss[0] = mean((pred - target)^2)`, `dpred = 2 (pred - target) / len`.
     fn mse_loss(&mut self, pred: Tensor, target: Tensor, loss: Tensor, dpred: Tensor)
         -> Result<()>;
-    /// The forward process for a batch: draws `eps` (Philox normal of elements `first_element + i`) and
-    /// writes `x_t = sqrt_ab[t] x0 + sqrt_1m_ab[t] eps`, `t = timesteps[i / per_image]`.
+    /// The forward process for a batch: draws `eps` (Philox normal of elements `first_element + i` of
+    /// `stream.at(clock)`) and writes `x_t = sqrt_ab[t] x0 + sqrt_1m_ab[t] eps`, `t = timesteps[i / per_image]`.
     #[allow(clippy::too_many_arguments)]
     fn noise_add(
         &mut self,
@@ -593,10 +675,28 @@ pub trait Backend {
         per_image: usize,
         first_element: u64,
         seed: u64,
-        stream: u64,
+        stream: Stream,
     ) -> Result<()>;
     /// Fills `x` with Philox normal draws of elements `first_element + i`.
     fn normal(&mut self, x: Tensor, first_element: u64, seed: u64, stream: u64) -> Result<()>;
+    /// Training timesteps: `timesteps[i] = below(seed, stream.at(clock), i, steps)` (`rng::below`), as
+    /// floats.
+    fn draw_timesteps(
+        &mut self,
+        timesteps: Tensor,
+        steps: usize,
+        seed: u64,
+        stream: Stream,
+    ) -> Result<()>;
+
+    // --- the training clock: the step number that per-step streams and Adam's schedule read ------------
+    /// Sets the clock (not while recording).
+    fn clock_set(&mut self, step: u64) -> Result<()>;
+    /// Adds one to the clock, in order with the ops around it (recordable).
+    fn clock_advance(&mut self) -> Result<()>;
+    /// `ring[slot * src.len + i] = src[i]`, `slot = clock % (ring.len / src.len)`: a log of per-step
+    /// values that the host reads a chunk at a time.
+    fn log_at_clock(&mut self, src: Tensor, ring: Tensor) -> Result<()>;
 
     // --- the sampler: a table of rows and a step counter that live with the backend --------------------
     /// Installs a sampler table and sets the counter to its last row.
@@ -623,8 +723,9 @@ pub trait Backend {
     // --- optimisation --------------------------------------------------------------------------------------
     /// `out[0] = sqrt(sum grads^2)`.
     fn global_norm(&mut self, grads: Tensor, out: Tensor) -> Result<()>;
-    /// One Adam(W) step over the flat parameter buffer; reads the gradient norm from `norm[0]` for clipping
-    /// and skips the update (parameters and moments unchanged) when the norm is not finite.
+    /// One Adam(W) step over the flat parameter buffer, update number `clock + 1`; reads the gradient norm
+    /// from `norm[0]` for clipping and skips the update (parameters and moments unchanged) when the norm
+    /// is not finite.
     #[allow(clippy::too_many_arguments)]
     fn adam_step(
         &mut self,
@@ -633,25 +734,35 @@ pub trait Backend {
         m: Tensor,
         v: Tensor,
         norm: Tensor,
-        hp: AdamStep,
+        hp: AdamHyper,
     ) -> Result<()>;
     /// `ema = decay * ema + (1 - decay) * params`.
     fn ema_update(&mut self, ema: Tensor, params: Tensor, decay: f32) -> Result<()>;
 
     // --- replayable sequences ------------------------------------------------------------------------------
-    /// Starts recording the ops that follow, up to [`Backend::capture_end`], into a sequence that
-    /// [`Backend::replay`] runs again with no host work (a CUDA graph). Returns false where the backend does
-    /// not record (the CPU): the caller then runs the ops itself each time. Recorded ops do not run while
-    /// they are recorded, and must not download, upload or allocate.
-    fn capture_begin(&mut self) -> Result<bool> {
+    /// Starts recording the ops that follow, up to [`Backend::capture_end`], as sequence `seq` (replacing
+    /// an earlier recording of it), which [`Backend::replay`] runs again with no host work (a CUDA graph).
+    /// Returns false where the backend does not record (the CPU): the caller then runs the ops itself each
+    /// time. Recorded ops do not run while they are recorded, and must not download, upload or allocate.
+    fn capture_begin(&mut self, seq: Sequence) -> Result<bool> {
+        let _ = seq;
         Ok(false)
     }
     fn capture_end(&mut self) -> Result<()> {
         Ok(())
     }
-    /// Runs the recorded sequence once more (queued; nothing waits for it).
-    fn replay(&mut self) -> Result<()> {
-        Err(Error::Invalid("this backend records no sequences".into()))
+    /// An id of the current recording of `seq`, new with each recording; `None` when there is none (never
+    /// recorded, or forgotten because memory moved). A caller keeps the id it recorded and replays only
+    /// while it is current: another caller may have recorded `seq` since.
+    fn recording_id(&self, seq: Sequence) -> Option<u64> {
+        let _ = seq;
+        None
+    }
+    /// Runs recorded sequence `seq` once more (queued; nothing waits for it).
+    fn replay(&mut self, seq: Sequence) -> Result<()> {
+        Err(Error::Invalid(format!(
+            "this backend records no sequences (asked to replay {seq:?})"
+        )))
     }
     /// Waits for everything queued (a no-op on the CPU).
     fn synchronize(&mut self) -> Result<()> {

@@ -4,7 +4,9 @@
 
 use super::config::UNetConfig;
 use super::params::{legacy_name, Kind, NamedTensor, ParamSpec};
-use crate::backend::{AttentionShape, Backend, ConvKind, ConvShape, GroupNormShape, Tensor};
+use crate::backend::{
+    AttentionShape, Backend, ConvKind, ConvShape, GroupNormShape, Stream, Tensor,
+};
 use crate::error::{Error, Result};
 use crate::rng;
 use std::collections::{HashMap, HashSet};
@@ -284,7 +286,7 @@ impl Linear {
 /// Addresses shared by all blocks: the gradient region's offset and the dropout draw of this step.
 struct Ctx {
     grad_delta: usize,
-    dropout: Option<(f32, u64, u64)>,
+    dropout: Option<(f32, u64, Stream)>,
 }
 
 impl Ctx {
@@ -402,7 +404,7 @@ impl ResBlock {
         let h = self.norm2.forward(be, h)?;
         let h = match net.dropout {
             Some((p, seed, stream)) if self.dropped != self.norm2.y => {
-                be.dropout_forward(h, self.dropped, p, seed, stream + self.index as u64)?;
+                be.dropout_forward(h, self.dropped, p, seed, stream.offset(self.index as u64))?;
                 self.dropped
             }
             _ => h,
@@ -438,7 +440,7 @@ impl ResBlock {
                 dx,
                 p,
                 seed,
-                stream + self.index as u64,
+                stream.offset(self.index as u64),
                 tape.accumulate(dx),
             )?;
         }
@@ -944,17 +946,14 @@ impl UNet {
         be.upload(self.params, &flat)
     }
 
-    /// Forward pass on [`UNet::input`] and [`UNet::timesteps`]. `dropout` = (seed, step) turns dropout on
-    /// (training); `None` runs the network deterministically.
-    pub fn forward<B: Backend>(
-        &mut self,
-        be: &mut B,
-        dropout: Option<(u64, u64)>,
-    ) -> Result<Tensor> {
+    /// Forward pass on [`UNet::input`] and [`UNet::timesteps`]. `dropout = Some(seed)` turns dropout on
+    /// (training), with the masks of the backend's training clock (block `i` of step `s` draws from
+    /// stream `Dropout, s * 1024 + i`); `None` runs the network deterministically.
+    pub fn forward<B: Backend>(&mut self, be: &mut B, dropout: Option<u64>) -> Result<Tensor> {
         let p = self.config.dropout as f32;
         self.ctx.dropout = match dropout {
-            Some((seed, step)) if p > 0.0 => {
-                Some((p, seed, rng::stream(rng::Purpose::Dropout, step << 10)))
+            Some(seed) if p > 0.0 => {
+                Some((p, seed, Stream::per_step(rng::Purpose::Dropout, 1 << 10, 0)))
             }
             _ => None,
         };

@@ -367,10 +367,12 @@ pub fn adam_step<T: Real>(
         1.0
     };
     let f = T::from_f32;
-    let (clip, b1, b2, bc1, bc2, lr, eps, wd) = (
+    let (clip, b1, b2, c1, c2, bc1, bc2, lr, eps, wd) = (
         f(clip),
         f(hp.beta1),
         f(hp.beta2),
+        f(hp.one_minus_beta1),
+        f(hp.one_minus_beta2),
         f(hp.bias_correction1),
         f(hp.bias_correction2),
         f(hp.lr),
@@ -384,8 +386,8 @@ pub fn adam_step<T: Real>(
         .for_each(|((p, g), (m, v))| {
             for i in 0..p.len() {
                 let g = g[i] * clip;
-                m[i] = b1 * m[i] + (T::ONE - b1) * g;
-                v[i] = b2 * v[i] + (T::ONE - b2) * g * g;
+                m[i] = b1 * m[i] + c1 * g;
+                v[i] = b2 * v[i] + c2 * g * g;
                 let mhat = m[i] / bc1;
                 let vhat = v[i] / bc2;
                 p[i] -= lr * (mhat / (vhat.sqrt() + eps) + wd * p[i]);

@@ -11,10 +11,11 @@ pub mod reduce;
 
 use self::real::Real;
 use super::{
-    check_arg, check_args, checks, AdamStep, Arg, AttentionShape, Backend, ConvShape,
-    GroupNormShape, SamplerRow, Tensor,
+    check_arg, check_args, checks, AdamHyper, Arg, AttentionShape, Backend, ConvShape,
+    GroupNormShape, SamplerRow, Stream, Tensor,
 };
 use crate::error::{Error, Result};
+use crate::rng;
 
 /// The slices of one op: inputs shared, outputs unique.
 type Views<'a, T, const R: usize, const W: usize> = ([&'a [T]; R], [&'a mut [T]; W]);
@@ -24,6 +25,8 @@ pub struct CpuBackend<T: Real = f32> {
     sampler: Vec<SamplerRow>,
     /// The row the next sampler step uses; `None` once the table is exhausted.
     step: Option<usize>,
+    /// The training clock.
+    clock: u64,
 }
 
 impl<T: Real> Default for CpuBackend<T> {
@@ -38,6 +41,7 @@ impl<T: Real> CpuBackend<T> {
             data: Vec::new(),
             sampler: Vec::new(),
             step: None,
+            clock: 0,
         }
     }
 
@@ -534,9 +538,10 @@ impl<T: Real> Backend for CpuBackend<T> {
         y: Tensor,
         p: f32,
         seed: u64,
-        stream: u64,
+        stream: Stream,
     ) -> Result<()> {
         checks::dropout(p)?;
+        let stream = stream.at(self.clock);
         let ([x], [y]) = self.views("dropout_forward", [("x", x, x.len)], [("y", y, x.len)])?;
         elementwise::dropout_forward(x, y, p, seed, stream);
         Ok(())
@@ -548,10 +553,11 @@ impl<T: Real> Backend for CpuBackend<T> {
         dx: Tensor,
         p: f32,
         seed: u64,
-        stream: u64,
+        stream: Stream,
         accumulate: bool,
     ) -> Result<()> {
         checks::dropout(p)?;
+        let stream = stream.at(self.clock);
         let ([dy], [dx]) = self.views(
             "dropout_backward",
             [("dy", dy, dy.len)],
@@ -588,9 +594,10 @@ impl<T: Real> Backend for CpuBackend<T> {
         per_image: usize,
         first_element: u64,
         seed: u64,
-        stream: u64,
+        stream: Stream,
     ) -> Result<()> {
         checks::images(x0.len, per_image)?;
+        let stream = stream.at(self.clock);
         let ([x0s, ts, sa, s1], [xt, e]) = self.views(
             "noise_add",
             [
@@ -627,6 +634,43 @@ impl<T: Real> Backend for CpuBackend<T> {
 
     fn normal(&mut self, x: Tensor, first_element: u64, seed: u64, stream: u64) -> Result<()> {
         elementwise::normal(self.slice_mut(x)?, first_element, seed, stream);
+        Ok(())
+    }
+
+    fn draw_timesteps(
+        &mut self,
+        timesteps: Tensor,
+        steps: usize,
+        seed: u64,
+        stream: Stream,
+    ) -> Result<()> {
+        checks::timestep_count(steps)?;
+        let stream = stream.at(self.clock);
+        for (i, t) in self.slice_mut(timesteps)?.iter_mut().enumerate() {
+            *t = T::from_f64(rng::below(seed, stream, i as u64, steps as u64) as f64);
+        }
+        Ok(())
+    }
+
+    fn clock_set(&mut self, step: u64) -> Result<()> {
+        self.clock = step;
+        Ok(())
+    }
+
+    fn clock_advance(&mut self) -> Result<()> {
+        self.clock += 1;
+        Ok(())
+    }
+
+    fn log_at_clock(&mut self, src: Tensor, ring: Tensor) -> Result<()> {
+        let slots = checks::ring_slots(src.len, ring.len)?;
+        let at = (self.clock % slots as u64) as usize * src.len;
+        let ([s], [r]) = self.views(
+            "log_at_clock",
+            [("src", src, src.len)],
+            [("ring", ring.slice(at, src.len), src.len)],
+        )?;
+        r.copy_from_slice(s);
         Ok(())
     }
 
@@ -700,8 +744,9 @@ impl<T: Real> Backend for CpuBackend<T> {
         m: Tensor,
         v: Tensor,
         norm: Tensor,
-        hp: AdamStep,
+        hp: AdamHyper,
     ) -> Result<()> {
+        let hp = hp.at(self.clock + 1);
         let len = params.len;
         let ([g, nrm], [p, m, v]) = self.views(
             "adam_step",

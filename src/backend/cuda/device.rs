@@ -3,6 +3,7 @@
 //! thread (for testing kernels and launchers on machines without a GPU). Both offer the same few things:
 //! memory, copies, launches by kernel name, recording a sequence of launches and replaying it.
 
+use crate::backend::Sequence;
 use crate::error::{Error, Result};
 use cudarc::driver::sys::{self, CUdevice_attribute, CUfunction_attribute};
 use cudarc::driver::{
@@ -51,7 +52,9 @@ impl Drop for DeviceBuffer {
 
 /// A GPU through the CUDA driver: one context, one stream, the embedded module.
 pub(super) struct Gpu {
-    graph: Option<CudaGraph>,
+    /// One recorded graph per [`Sequence`], and the one being recorded.
+    graphs: [Option<CudaGraph>; Sequence::COUNT],
+    recording: Option<Sequence>,
     functions: HashMap<&'static str, CudaFunction>,
     module: Arc<CudaModule>,
     stream: Arc<CudaStream>,
@@ -110,7 +113,8 @@ impl Device {
                 ))
             })?;
         let mut gpu = Gpu {
-            graph: None,
+            graphs: Default::default(),
+            recording: None,
             functions: HashMap::new(),
             module,
             stream,
@@ -295,17 +299,18 @@ impl Device {
         }
     }
 
-    pub fn capture_begin(&mut self) -> Result<()> {
+    pub fn capture_begin(&mut self, seq: Sequence) -> Result<()> {
         match self {
             Self::Gpu(g) => {
-                g.graph = None;
+                g.graphs[seq as usize] = None;
+                g.recording = Some(seq);
                 g.stream
                     .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
                     .map_err(cuda("starting a graph capture"))
             }
             #[cfg(feature = "emu")]
             Self::Emu(e) => {
-                e.begin();
+                e.begin(seq);
                 Ok(())
             }
         }
@@ -314,13 +319,18 @@ impl Device {
     pub fn capture_end(&mut self) -> Result<()> {
         match self {
             Self::Gpu(g) => {
-                g.graph = g
+                let seq = g
+                    .recording
+                    .take()
+                    .ok_or_else(|| Error::Invalid("no graph capture to end".into()))?;
+                let graph = g
                     .stream
                     .end_capture(sys::CUgraphInstantiate_flags(0))
                     .map_err(cuda("ending a graph capture"))?;
-                if g.graph.is_none() {
+                if graph.is_none() {
                     return Err(Error::Cuda("the captured graph is empty".into()));
                 }
+                g.graphs[seq as usize] = graph;
                 Ok(())
             }
             #[cfg(feature = "emu")]
@@ -331,21 +341,22 @@ impl Device {
         }
     }
 
-    pub fn replay(&mut self) -> Result<()> {
+    pub fn replay(&mut self, seq: Sequence) -> Result<()> {
         match self {
-            Self::Gpu(g) => match &g.graph {
+            Self::Gpu(g) => match &g.graphs[seq as usize] {
                 Some(graph) => graph.launch().map_err(cuda("replaying a graph")),
-                None => Err(Error::Invalid("no recorded graph".into())),
+                None => Err(Error::Invalid(format!("no recorded graph of {seq:?}"))),
             },
             #[cfg(feature = "emu")]
-            Self::Emu(e) => e.replay(),
+            Self::Emu(e) => e.replay(seq),
         }
     }
 
-    /// Forgets a recorded sequence (its addresses are stale once memory moves).
-    pub fn forget_recording(&mut self) {
+    /// Forgets every recorded sequence (their addresses are stale once memory moves, their kernels once
+    /// the precision changes).
+    pub fn forget_recordings(&mut self) {
         match self {
-            Self::Gpu(g) => g.graph = None,
+            Self::Gpu(g) => g.graphs = Default::default(),
             #[cfg(feature = "emu")]
             Self::Emu(e) => e.forget(),
         }
@@ -372,6 +383,7 @@ mod emu {
     //! The C entry points of `emu/` (built by build.rs with the feature) and the recording of launches.
 
     use super::DeviceBuffer;
+    use crate::backend::Sequence;
     use crate::error::{Error, Result};
     use cudarc::driver::LaunchConfig;
     use std::ffi::{c_char, c_void, CString};
@@ -412,19 +424,22 @@ mod emu {
 
     #[derive(Default)]
     pub struct Emu {
-        recording: Option<Vec<Recorded>>,
-        recorded: Vec<Recorded>,
+        recording: Option<(Sequence, Vec<Recorded>)>,
+        recorded: [Vec<Recorded>; Sequence::COUNT],
     }
 
     impl Emu {
-        pub fn begin(&mut self) {
-            self.recording = Some(Vec::new());
+        pub fn begin(&mut self, seq: Sequence) {
+            self.recorded[seq as usize].clear();
+            self.recording = Some((seq, Vec::new()));
         }
         pub fn end(&mut self) {
-            self.recorded = self.recording.take().unwrap_or_default();
+            if let Some((seq, launches)) = self.recording.take() {
+                self.recorded[seq as usize] = launches;
+            }
         }
         pub fn forget(&mut self) {
-            self.recorded.clear();
+            self.recorded = Default::default();
         }
 
         pub unsafe fn launch(
@@ -435,7 +450,7 @@ mod emu {
             sizes: &[usize],
         ) -> Result<()> {
             let cname = CString::new(name).expect("kernel names have no NUL");
-            if let Some(rec) = &mut self.recording {
+            if let Some((_, rec)) = &mut self.recording {
                 let args = params
                     .iter()
                     .zip(sizes)
@@ -451,8 +466,8 @@ mod emu {
             run(&cname, cfg, params)
         }
 
-        pub fn replay(&mut self) -> Result<()> {
-            for r in &mut self.recorded {
+        pub fn replay(&mut self, seq: Sequence) -> Result<()> {
+            for r in &mut self.recorded[seq as usize] {
                 let mut params: Vec<*mut c_void> = r
                     .args
                     .iter_mut()

@@ -3,7 +3,7 @@
 
 use super::elementwise::dims;
 use super::{launch, CudaBackend, REDUCE_BLOCKS};
-use crate::backend::{SamplerRow, Tensor};
+use crate::backend::{checks, SamplerRow, Stream, Tensor};
 use crate::error::{Error, Result};
 use cudarc::driver::LaunchConfig;
 
@@ -19,9 +19,9 @@ impl CudaBackend {
         per_image: usize,
         first: u64,
         seed: u64,
-        stream: u64,
+        stream: Stream,
     ) -> Result<()> {
-        crate::backend::checks::images(x0.len, per_image)?;
+        checks::images(x0.len, per_image)?;
         self.args(
             "noise_add",
             &[
@@ -41,6 +41,7 @@ impl CudaBackend {
         let (pxt, pe) = (self.ptr(x_t), self.ptr(eps));
         let (total, per, first) = (x0.len as i64, per_image as i64, first as i64);
         let steps = sqrt_ab.len as i64;
+        let (base, per_step, clock) = (stream.base, stream.per_step, self.clock_ptr());
         let cfg = self.elementwise_cfg(x0.len.div_ceil(4) + 1);
         launch!(
             self,
@@ -56,9 +57,57 @@ impl CudaBackend {
             per,
             first,
             seed,
-            stream,
+            base,
+            per_step,
+            clock,
             steps
         )
+    }
+
+    /// `timesteps[i] = below(seed, stream.at(clock), i, steps)` as floats.
+    pub(super) fn timestep_draws(
+        &mut self,
+        timesteps: Tensor,
+        steps: usize,
+        seed: u64,
+        stream: Stream,
+    ) -> Result<()> {
+        checks::timestep_count(steps)?;
+        self.args(
+            "draw_timesteps",
+            &[],
+            &[("timesteps", timesteps, timesteps.len)],
+        )?;
+        let (pt, n) = (self.ptr(timesteps), timesteps.len as i64);
+        let (base, per_step, clock) = (stream.base, stream.per_step, self.clock_ptr());
+        let steps = steps as u64;
+        let cfg = self.elementwise_cfg(timesteps.len);
+        launch!(
+            self,
+            "draw_timesteps_f32",
+            cfg,
+            pt,
+            n,
+            seed,
+            base,
+            per_step,
+            clock,
+            steps
+        )
+    }
+
+    /// `ring[(clock % slots) * src.len + i] = src[i]`.
+    pub(super) fn log_entry(&mut self, src: Tensor, ring: Tensor) -> Result<()> {
+        let slots = checks::ring_slots(src.len, ring.len)?;
+        self.args(
+            "log_at_clock",
+            &[("src", src, src.len)],
+            &[("ring", ring, ring.len)],
+        )?;
+        let (ps, pr, clock) = (self.ptr(src), self.ptr(ring), self.clock_ptr());
+        let (n, slots) = (src.len as i64, slots as i64);
+        let cfg = self.elementwise_cfg(src.len);
+        launch!(self, "log_at_clock_f32", cfg, ps, pr, n, slots, clock)
     }
 
     /// `loss[0] = mean((pred - target)^2)` through fp64 partials, `dpred = 2 (pred - target) / n`.

@@ -2,7 +2,7 @@
 //! the timestep embedding, dropout and normal draws.
 
 use super::{launch, CudaBackend};
-use crate::backend::Tensor;
+use crate::backend::{Stream, Tensor};
 use crate::error::{Error, Result};
 use cudarc::driver::LaunchConfig;
 
@@ -227,13 +227,26 @@ impl CudaBackend {
         y: Tensor,
         p: f32,
         seed: u64,
-        stream: u64,
+        stream: Stream,
     ) -> Result<()> {
         crate::backend::checks::dropout(p)?;
         self.args("dropout_forward", &[("x", x, x.len)], &[("y", y, x.len)])?;
         let (px, py, n) = (self.ptr(x), self.ptr(y), x.len as i64);
+        let (base, per_step, clock) = (stream.base, stream.per_step, self.clock_ptr());
         let cfg = self.elementwise_cfg(x.len);
-        launch!(self, "dropout_forward_f32", cfg, px, py, n, p, seed, stream)
+        launch!(
+            self,
+            "dropout_forward_f32",
+            cfg,
+            px,
+            py,
+            n,
+            p,
+            seed,
+            base,
+            per_step,
+            clock
+        )
     }
 
     pub(super) fn dropout_grad(
@@ -242,7 +255,7 @@ impl CudaBackend {
         dx: Tensor,
         p: f32,
         seed: u64,
-        stream: u64,
+        stream: Stream,
         acc: bool,
     ) -> Result<()> {
         crate::backend::checks::dropout(p)?;
@@ -252,6 +265,7 @@ impl CudaBackend {
             &[("dx", dx, dy.len)],
         )?;
         let (pdy, pdx, n, acc) = (self.ptr(dy), self.ptr(dx), dy.len as i64, acc as i32);
+        let (base, per_step, clock) = (stream.base, stream.per_step, self.clock_ptr());
         let cfg = self.elementwise_cfg(dy.len);
         launch!(
             self,
@@ -262,7 +276,9 @@ impl CudaBackend {
             n,
             p,
             seed,
-            stream,
+            base,
+            per_step,
+            clock,
             acc
         )
     }

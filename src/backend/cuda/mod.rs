@@ -14,6 +14,10 @@
 //!   [`check_args`] as the CPU backend before it launches, and every launch checked.
 //! - **Sampler.** The table and the step counter live on the device; `sampler_step` reads both there, so
 //!   one step recorded as a CUDA graph replays for every row.
+//! - **Training.** The training clock lives on the device too: the random ops take their streams as
+//!   `base + per_step * clock`, Adam computes its learning rate and bias corrections from it, the loss
+//!   log is written at `clock % slots`, so one training step recorded as a CUDA graph replays for every
+//!   step. Each recorded [`Sequence`] has its own graph.
 
 mod attention;
 mod conv;
@@ -25,7 +29,7 @@ mod norm;
 mod optim;
 
 use self::device::{gib, Device, DeviceBuffer, Properties};
-use super::{check_args, Arg, Precision, Tensor};
+use super::{check_args, AdamHyper, Arg, Precision, Sequence, Stream, Tensor};
 use crate::error::{Error, Result};
 use cudarc::driver::LaunchConfig;
 
@@ -61,7 +65,10 @@ const WORKSPACE: usize = 16 << 20;
 
 /// Fields are dropped in order: the device buffers go before the device they belong to.
 pub struct CudaBackend {
-    capturing: bool,
+    /// The sequence being recorded, the id of each recorded sequence (see `recording_id`), the last id.
+    capturing: Option<Sequence>,
+    recorded: [Option<u64>; Sequence::COUNT],
+    recordings: u64,
     /// Elements handed out by `alloc`, and the arena that holds them (once materialised).
     reserved: usize,
     arena: Option<DeviceBuffer>,
@@ -72,6 +79,8 @@ pub struct CudaBackend {
     table: Option<DeviceBuffer>,
     table_rows: usize,
     step: Option<DeviceBuffer>,
+    /// The training clock (one u64), allocated with the workspace.
+    clock: Option<DeviceBuffer>,
     /// Which GEMM core the convolutions and linear layers run on.
     precision: Precision,
     dev: Device,
@@ -103,7 +112,9 @@ impl CudaBackend {
 
     fn on(dev: Device, props: Properties) -> Self {
         Self {
-            capturing: false,
+            capturing: None,
+            recorded: [None; Sequence::COUNT],
+            recordings: 0,
             reserved: 0,
             arena: None,
             workspace: None,
@@ -111,6 +122,7 @@ impl CudaBackend {
             table: None,
             table_rows: 0,
             step: None,
+            clock: None,
             precision: Precision::Fp32,
             dev,
             props,
@@ -150,7 +162,7 @@ impl CudaBackend {
     fn materialise(&mut self) -> Result<()> {
         let need = self.reserved * 4;
         if self.arena.as_ref().is_none_or(|a| a.bytes < need) {
-            if self.capturing {
+            if self.capturing.is_some() {
                 return Err(Error::Invalid(
                     "device memory would have to grow while recording a graph".into(),
                 ));
@@ -169,7 +181,7 @@ impl CudaBackend {
             }
             self.dev.synchronize()?;
             self.arena = Some(bigger);
-            self.dev.forget_recording();
+            self.forget_recordings();
         }
         if self.workspace.is_none() {
             self.workspace = Some(self.dev.malloc(WORKSPACE * 4, "the kernels' workspace")?);
@@ -177,13 +189,17 @@ impl CudaBackend {
                 self.dev
                     .malloc(REDUCE_BLOCKS as usize * 8, "reduction partials")?,
             );
+            let clock = self.dev.malloc(8, "the training clock")?;
+            // SAFETY: 8 bytes just allocated.
+            unsafe { self.dev.zero(clock.ptr, 8)? };
+            self.clock = Some(clock);
         }
         Ok(())
     }
 
     /// Refuses host transfers while a sequence is being recorded (they would not be part of it).
     fn not_recording(&self, what: &str) -> Result<()> {
-        if self.capturing {
+        if self.capturing.is_some() {
             return Err(Error::Invalid(format!(
                 "{what} while recording a sequence of device work"
             )));
@@ -208,6 +224,17 @@ impl CudaBackend {
 
     fn partials_ptr(&self) -> u64 {
         self.partials.as_ref().map_or(0, |w| w.ptr)
+    }
+
+    /// Recorded sequences hold addresses and kernel names: stale once memory moves or the precision
+    /// changes.
+    fn forget_recordings(&mut self) {
+        self.dev.forget_recordings();
+        self.recorded = [None; Sequence::COUNT];
+    }
+
+    fn clock_ptr(&self) -> u64 {
+        self.clock.as_ref().map_or(0, |c| c.ptr)
     }
 
     /// A grid-stride launch over `n` items: 256 threads a block, at most 32 blocks per SM.
@@ -541,7 +568,7 @@ impl super::Backend for CudaBackend {
         y: Tensor,
         p: f32,
         seed: u64,
-        stream: u64,
+        stream: Stream,
     ) -> Result<()> {
         self.dropout(x, y, p, seed, stream)
     }
@@ -552,7 +579,7 @@ impl super::Backend for CudaBackend {
         dx: Tensor,
         p: f32,
         seed: u64,
-        stream: u64,
+        stream: Stream,
         accumulate: bool,
     ) -> Result<()> {
         self.dropout_grad(dy, dx, p, seed, stream, accumulate)
@@ -579,7 +606,7 @@ impl super::Backend for CudaBackend {
         per_image: usize,
         first_element: u64,
         seed: u64,
-        stream: u64,
+        stream: Stream,
     ) -> Result<()> {
         self.forward_process(
             x0,
@@ -597,6 +624,33 @@ impl super::Backend for CudaBackend {
 
     fn normal(&mut self, x: Tensor, first_element: u64, seed: u64, stream: u64) -> Result<()> {
         self.normal_draws(x, first_element, seed, stream)
+    }
+
+    fn draw_timesteps(
+        &mut self,
+        timesteps: Tensor,
+        steps: usize,
+        seed: u64,
+        stream: Stream,
+    ) -> Result<()> {
+        self.timestep_draws(timesteps, steps, seed, stream)
+    }
+
+    fn clock_set(&mut self, step: u64) -> Result<()> {
+        self.not_recording("setting the training clock")?;
+        self.materialise()?;
+        // SAFETY: the clock is 8 bytes of live device memory (materialise).
+        unsafe { self.dev.htod(self.clock_ptr(), &step.to_le_bytes()) }
+    }
+
+    fn clock_advance(&mut self) -> Result<()> {
+        self.materialise()?;
+        let clock = self.clock_ptr();
+        launch!(self, "clock_advance", LaunchConfig::for_num_elems(1), clock)
+    }
+
+    fn log_at_clock(&mut self, src: Tensor, ring: Tensor) -> Result<()> {
+        self.log_entry(src, ring)
     }
 
     fn sampler_load(&mut self, rows: &[super::SamplerRow]) -> Result<()> {
@@ -639,7 +693,7 @@ impl super::Backend for CudaBackend {
         m: Tensor,
         v: Tensor,
         norm: Tensor,
-        hp: super::AdamStep,
+        hp: AdamHyper,
     ) -> Result<()> {
         self.adam(params, grads, m, v, norm, hp)
     }
@@ -648,21 +702,34 @@ impl super::Backend for CudaBackend {
         self.ema(ema, params, decay)
     }
 
-    fn capture_begin(&mut self) -> Result<bool> {
+    fn capture_begin(&mut self, seq: Sequence) -> Result<bool> {
         // Everything a recorded op touches must exist before recording starts.
+        self.not_recording("starting a recording")?;
         self.materialise()?;
-        self.dev.capture_begin()?;
-        self.capturing = true;
+        self.recorded[seq as usize] = None;
+        self.dev.capture_begin(seq)?;
+        self.capturing = Some(seq);
         Ok(true)
     }
 
     fn capture_end(&mut self) -> Result<()> {
-        self.capturing = false;
-        self.dev.capture_end()
+        let seq = self
+            .capturing
+            .take()
+            .ok_or_else(|| Error::Invalid("capture_end without capture_begin".into()))?;
+        self.dev.capture_end()?;
+        self.recordings += 1;
+        self.recorded[seq as usize] = Some(self.recordings);
+        Ok(())
     }
 
-    fn replay(&mut self) -> Result<()> {
-        self.dev.replay()
+    fn recording_id(&self, seq: Sequence) -> Option<u64> {
+        self.recorded[seq as usize]
+    }
+
+    fn replay(&mut self, seq: Sequence) -> Result<()> {
+        self.not_recording("replaying a recording")?;
+        self.dev.replay(seq)
     }
 
     fn synchronize(&mut self) -> Result<()> {
@@ -671,10 +738,16 @@ impl super::Backend for CudaBackend {
 
     fn bytes_held(&self) -> (usize, usize) {
         let bytes = |b: &Option<DeviceBuffer>| b.as_ref().map_or(0, |b| b.bytes);
-        let scratch = [&self.workspace, &self.partials, &self.table, &self.step]
-            .into_iter()
-            .map(bytes)
-            .sum();
+        let scratch = [
+            &self.workspace,
+            &self.partials,
+            &self.table,
+            &self.step,
+            &self.clock,
+        ]
+        .into_iter()
+        .map(bytes)
+        .sum();
         (4 * self.reserved, scratch)
     }
 
@@ -703,6 +776,11 @@ impl super::Backend for CudaBackend {
                 "--precision bf16 needs compute capability 8.0 or newer; {} is older (use --precision fp32)",
                 self.props.name
             )));
+        }
+        if p != self.precision {
+            // Recorded sequences launch the kernels of the precision they were recorded in.
+            self.not_recording("changing the precision")?;
+            self.forget_recordings();
         }
         self.precision = p;
         Ok(())

@@ -2,7 +2,7 @@
 
 use super::diffusion::reduce_cfg;
 use super::{launch, CudaBackend};
-use crate::backend::{AdamStep, Tensor};
+use crate::backend::{AdamHyper, Tensor};
 use crate::error::Result;
 
 impl CudaBackend {
@@ -25,7 +25,7 @@ impl CudaBackend {
         m: Tensor,
         v: Tensor,
         norm: Tensor,
-        hp: AdamStep,
+        hp: AdamHyper,
     ) -> Result<()> {
         let len = params.len;
         self.args(
@@ -44,7 +44,9 @@ impl CudaBackend {
             self.ptr(v),
             self.ptr(norm),
         );
-        let n = len as i64;
+        let (n, clock) = (len as i64, self.clock_ptr());
+        // The kernel resolves the schedule for update `clock + 1` as AdamHyper::at does.
+        let warmup = hp.warmup.max(1) as f64;
         let cfg = self.elementwise_cfg(len);
         launch!(
             self,
@@ -56,13 +58,13 @@ impl CudaBackend {
             pv,
             pn,
             n,
+            clock,
             hp.lr,
+            warmup,
             hp.beta1,
             hp.beta2,
             hp.eps,
             hp.weight_decay,
-            hp.bias_correction1,
-            hp.bias_correction2,
             hp.max_grad_norm
         )
     }
