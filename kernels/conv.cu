@@ -4,6 +4,12 @@
 //                                      epilogue when their pointers are not null
 //   conv2d_backward_data_{f32,bf16}    dx (+)= the input gradient
 //   conv2d_backward_weight_{f32,bf16}  dw = the weight gradient (split-K partials; see gemm.cuh)
+//   conv2d_forward_normed_{f32,bf16}, conv2d_backward_weight_normed_{f32,bf16}
+//                                      the same two with the input given as silu(group_norm(x)): the
+//                                      normalisation applied as the operand is loaded (NormedIm2col in
+//                                      gemm.cuh), from statistics group_norm_forward_f32 computed without
+//                                      writing its output. The normalised activation is never stored: one
+//                                      write and one read of it saved per ResNet block normalisation.
 // _f32 runs on the fp32 core of gemm.cuh (exact fp32, the path the tests hold to the CPU), _bf16 on the
 // tensor-core core of gemm_tc.cuh (operands rounded to bf16, fp32 sums). Tensors are fp32 either way.
 // The bias gradient is a column sum of dy (column_sums_* in gemm.cuh).
@@ -31,15 +37,41 @@ __device__ __forceinline__ ddpm::ConvGeom conv_geom(int h, int w, int c, int o, 
     return g;
 }
 
+// The statistics and affine parameters of a normalisation applied as the input is loaded.
+struct NormArgs {
+    const float* mean;
+    const float* rstd;
+    const float* gamma;
+    const float* beta;
+    int groups;
+    int silu;
+};
+
 namespace {
-template <bool TC>
+// The input gather: plain, or normalised as it is loaded when `norm` is given.
+template <bool NORMED>
+struct Gather;
+template <>
+struct Gather<false> {
+    using type = ddpm::Im2col;
+    __device__ static type make(const ddpm::Im2col& a, const NormArgs&) { return a; }
+};
+template <>
+struct Gather<true> {
+    using type = ddpm::NormedIm2col;
+    __device__ static type make(const ddpm::Im2col& a, const NormArgs& n) {
+        return ddpm::NormedIm2col{a, n.mean, n.rstd, n.gamma, n.beta, n.groups, n.silu};
+    }
+};
+
+template <bool TC, bool NORMED = false>
 __device__ __forceinline__ void conv_forward_gemm(const float* x, const float* w, const float* b,
                                                   const float* image_bias, const float* residual, float* y,
                                                   int batch, int h, int wd, int c, int o, int taps, int stride,
-                                                  int pad) {
+                                                  int pad, NormArgs norm = NormArgs{}) {
     const ddpm::ConvGeom g = conv_geom(h, wd, c, o, taps, stride, pad);
     const int rows = batch * g.oh * g.ow, kdim = taps * taps * c;
-    const ddpm::Im2col a{x, g, rows, kdim};
+    const auto a = Gather<NORMED>::make(ddpm::Im2col{x, g, rows, kdim}, norm);
     const ddpm::ColsB bw{w, kdim, o};
     const ddpm::Epilogue e{y, o, b, 0, nullptr, image_bias, g.oh * g.ow, residual};
     ddpm::gemm<TC>(a, bw, rows, o, kdim, kdim, e);
@@ -58,14 +90,16 @@ __device__ __forceinline__ void conv_backward_data_gemm(const float* dy, const f
 }
 
 // Slice z of the reduction over pixels writes workspace[z, o, k]; gemm_reduce_f32 then writes dw.
-template <bool TC>
+template <bool TC, bool NORMED = false>
 __device__ __forceinline__ void conv_backward_weight_gemm(const float* x, const float* dy, float* dw,
                                                           float* workspace, int chunk, int batch, int h, int wd,
-                                                          int c, int o, int taps, int stride, int pad) {
+                                                          int c, int o, int taps, int stride, int pad,
+                                                          NormArgs norm = NormArgs{}) {
     const ddpm::ConvGeom g = conv_geom(h, wd, c, o, taps, stride, pad);
     const int pixels = batch * g.oh * g.ow, kdim = taps * taps * c;
     const ddpm::ColsA a{dy, o, o};
-    const ddpm::Im2colB bx{ddpm::Im2col{x, g, pixels, kdim}};
+    using G = Gather<NORMED>;
+    const ddpm::Im2colB<typename G::type> bx{G::make(ddpm::Im2col{x, g, pixels, kdim}, norm)};
     const ddpm::Epilogue e{dw, kdim, nullptr, 0, workspace};
     ddpm::gemm<TC>(a, bx, o, kdim, pixels, chunk, e);
 }
@@ -115,3 +149,48 @@ extern "C" __global__ void __launch_bounds__(256)
                                int taps, int stride, int pad) {
     conv_backward_weight_gemm<true>(x, dy, dw, workspace, chunk, batch, h, wd, c, o, taps, stride, pad);
 }
+
+// The normalised-input twins: x is the block's input before group norm (+ SiLU); mean and rstd are
+// [batch, groups] from group_norm_forward_f32, gamma and beta [c].
+#define DDPM_NORM_PARAMS                                                                                   \
+    const float *__restrict__ mean, const float *__restrict__ rstd, const float *__restrict__ gamma,       \
+        const float *__restrict__ beta, int groups, int silu
+#define DDPM_NORM_ARGS NormArgs{mean, rstd, gamma, beta, groups, silu}
+
+extern "C" __global__ void __launch_bounds__(256)
+    conv2d_forward_normed_f32(const float* __restrict__ x, DDPM_NORM_PARAMS, const float* __restrict__ w,
+                              const float* __restrict__ b, const float* __restrict__ image_bias,
+                              const float* __restrict__ residual, float* __restrict__ y, int batch, int h, int wd,
+                              int c, int o, int taps, int stride, int pad) {
+    conv_forward_gemm<false, true>(x, w, b, image_bias, residual, y, batch, h, wd, c, o, taps, stride, pad,
+                                   DDPM_NORM_ARGS);
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+    conv2d_forward_normed_bf16(const float* __restrict__ x, DDPM_NORM_PARAMS, const float* __restrict__ w,
+                               const float* __restrict__ b, const float* __restrict__ image_bias,
+                               const float* __restrict__ residual, float* __restrict__ y, int batch, int h,
+                               int wd, int c, int o, int taps, int stride, int pad) {
+    conv_forward_gemm<true, true>(x, w, b, image_bias, residual, y, batch, h, wd, c, o, taps, stride, pad,
+                                  DDPM_NORM_ARGS);
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+    conv2d_backward_weight_normed_f32(const float* __restrict__ x, DDPM_NORM_PARAMS,
+                                      const float* __restrict__ dy, float* __restrict__ dw,
+                                      float* __restrict__ workspace, int chunk, int batch, int h, int wd, int c,
+                                      int o, int taps, int stride, int pad) {
+    conv_backward_weight_gemm<false, true>(x, dy, dw, workspace, chunk, batch, h, wd, c, o, taps, stride, pad,
+                                           DDPM_NORM_ARGS);
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+    conv2d_backward_weight_normed_bf16(const float* __restrict__ x, DDPM_NORM_PARAMS,
+                                       const float* __restrict__ dy, float* __restrict__ dw,
+                                       float* __restrict__ workspace, int chunk, int batch, int h, int wd, int c,
+                                       int o, int taps, int stride, int pad) {
+    conv_backward_weight_gemm<true, true>(x, dy, dw, workspace, chunk, batch, h, wd, c, o, taps, stride, pad,
+                                          DDPM_NORM_ARGS);
+}
+#undef DDPM_NORM_PARAMS
+#undef DDPM_NORM_ARGS

@@ -82,21 +82,52 @@ struct Im2col {
     int rows;  // batch * oh * ow
     int kdim;  // taps * taps * c
     static constexpr bool k_fast = true;
-    __device__ float operator()(int m, int k) const {
-        if (m >= rows || k >= kdim) return 0.0f;
+    // The offset of A(m, k) in x, or -1 in the padding (and outside the matrix); the image it is in.
+    __device__ __forceinline__ int64_t index(int m, int k, int& image) const {
+        if (m >= rows || k >= kdim) return -1;
         const int ox = m % g.ow, rest = m / g.ow;
-        const int oy = rest % g.oh, image = rest / g.oh;
+        const int oy = rest % g.oh;
+        image = rest / g.oh;
         const int ci = k % g.c, tap = k / g.c;
         const int kx = tap % g.taps, ky = tap / g.taps;
         const int iy = oy * g.stride + ky - g.pad, ix = ox * g.stride + kx - g.pad;
-        if (iy < 0 || iy >= g.h || ix < 0 || ix >= g.w) return 0.0f;
-        return x[((int64_t(image) * g.h + iy) * g.w + ix) * g.c + ci];
+        if (iy < 0 || iy >= g.h || ix < 0 || ix >= g.w) return -1;
+        return ((int64_t(image) * g.h + iy) * g.w + ix) * g.c + ci;
+    }
+    __device__ float operator()(int m, int k) const {
+        int image;
+        const int64_t i = index(m, k, image);
+        return i < 0 ? 0.0f : x[i];
     }
 };
 
-// The same matrix as the B operand of the weight gradient: B(r, k) = im2col(r, k), k contiguous.
-struct Im2colB {
+// The same gather of silu(group_norm(x)) (or of group_norm(x) without SiLU): the input of a ResNet
+// block's convolution, normalised as it is loaded and never stored. z = (x - mean) rstd gamma + beta with
+// the statistics of the element's (image, group), the same arithmetic as group_norm_forward_f32, so the
+// fused and the separate paths agree bit for bit; the padding stays 0 (it pads the normalised input).
+struct NormedIm2col {
     Im2col a;
+    const float* mean;   // [batch, groups]
+    const float* rstd;   // [batch, groups]
+    const float* gamma;  // [c]
+    const float* beta;   // [c]
+    int groups;
+    int silu;
+    static constexpr bool k_fast = true;
+    __device__ float operator()(int m, int k) const {
+        int image;
+        const int64_t i = a.index(m, k, image);
+        if (i < 0) return 0.0f;
+        const int ci = k % a.g.c, s = image * groups + ci / (a.g.c / groups);
+        const float z = (a.x[i] - mean[s]) * rstd[s] * gamma[ci] + beta[ci];
+        return silu ? z * sigmoid(z) : z;
+    }
+};
+
+// Either gather as the B operand of the weight gradient: B(r, k) = im2col(r, k), k contiguous.
+template <class Gather>
+struct Im2colB {
+    Gather a;
     static constexpr bool n_fast = true;
     __device__ float operator()(int r, int k) const { return a(r, k); }
 };

@@ -1,5 +1,7 @@
 // groupnorm.cu: group normalisation over NHWC activations, optionally fused with SiLU (version 1, fp32).
 //   group_norm_forward_f32     y = GN(x) gamma + beta (then SiLU); saves mean and 1/std per (image, group)
+//                              (y null: the statistics only, for a convolution that normalises its input
+//                              as it loads it: conv2d_*_normed_* in conv.cu)
 //   group_norm_backward_f32    dx (+)= the input gradient; per-image partial sums of dgamma and dbeta
 //   group_norm_params_finish_f32   dgamma, dbeta = the partial sums added over images, in order
 //
@@ -39,6 +41,7 @@ extern "C" __global__ void __launch_bounds__(256)
         mean_out[image * groups + g] = mean;
         rstd_out[image * groups + g] = rstd;
     }
+    if (y == nullptr) return;
     for (int e = threadIdx.x; e < count; e += blockDim.x) {
         const int64_t i = gn_index(base, e, cpg, c, g);
         const int ch = g * cpg + e % cpg;

@@ -12,8 +12,8 @@
 //!   (the peak from the specification where the backend cannot measure it).
 
 use crate::backend::{
-    AdamHyper, AttentionShape, Backend, ConvKind, ConvShape, GroupNormShape, Precision, Sequence,
-    Tensor,
+    AdamHyper, AttentionShape, Backend, ConvKind, ConvShape, GroupNormShape, NormedInput,
+    Precision, Sequence, Tensor,
 };
 use crate::error::Result;
 use crate::model::{UNet, UNetConfig};
@@ -274,23 +274,6 @@ pub fn kernels<B: Backend>(be: &mut B, batch: usize, ceilings: &Ceilings) -> Res
         alloc_filled(be, s.o, 0.0)?,
     );
     let flop = 2.0 * s.macs() as f64;
-    // Every precision this backend has, on the same shape: on CUDA, versions 1 (fp32 SIMT) and 2 (bf16
-    // WMMA) of the convolution ladder (dev/conv/README.md).
-    let own = be.precision();
-    for p in [Precision::Fp32, Precision::Bf16] {
-        if be.set_precision(p).is_err() {
-            continue;
-        }
-        let what = format!("conv 3x3 16x16 256->256 {}, batch {batch}", p.name());
-        let ms = time(be, iters, |be| be.conv2d_forward(s, x, w, b, y))?;
-        lines.push(tflop_line(format!("{what}: forward"), ms, flop, p));
-        let ms = time(be, iters, |be| be.conv2d_backward_data(s, dy, w, dx, false))?;
-        lines.push(tflop_line(format!("{what}: input grad"), ms, flop, p));
-        let ms = time(be, iters, |be| be.conv2d_backward_weight(s, x, dy, dw, db))?;
-        lines.push(tflop_line(format!("{what}: weight grad"), ms, flop, p));
-    }
-    be.set_precision(own)?;
-
     let g = GroupNormShape {
         n: batch,
         hw: 256,
@@ -303,6 +286,53 @@ pub fn kernels<B: Backend>(be: &mut B, batch: usize, ceilings: &Ceilings) -> Res
         alloc_filled(be, g.stats_len(), 0.0)?,
         alloc_filled(be, g.stats_len(), 0.0)?,
     );
+    let normed = NormedInput {
+        s: g,
+        x,
+        gamma,
+        beta,
+        mean,
+        rstd,
+        silu: true,
+        normed: dx,
+    };
+    // Every precision this backend has, on the same shape: on CUDA, versions 1 (fp32 SIMT) and 2 (bf16
+    // WMMA) of the convolution ladder (dev/conv/README.md). Then a ResNet block's group norm + SiLU and
+    // its convolution, one after the other and with the normalisation applied as the convolution loads
+    // its input (the same on a backend that does not fuse them).
+    let own = be.precision();
+    for p in [Precision::Fp32, Precision::Bf16] {
+        if be.set_precision(p).is_err() {
+            continue;
+        }
+        let what = format!("conv 3x3 16x16 256->256 {}, batch {batch}", p.name());
+        let ms = time(be, iters, |be| be.conv2d_forward(s, x, w, b, y))?;
+        lines.push(tflop_line(format!("{what}: forward"), ms, flop, p));
+        let ms = time(be, iters, |be| be.conv2d_backward_data(s, dy, w, dx, false))?;
+        lines.push(tflop_line(format!("{what}: input grad"), ms, flop, p));
+        let ms = time(be, iters, |be| be.conv2d_backward_weight(s, x, dy, dw, db))?;
+        lines.push(tflop_line(format!("{what}: weight grad"), ms, flop, p));
+        let ms = time(be, iters, |be| {
+            be.group_norm_forward(g, x, gamma, beta, dx, mean, rstd, true)?;
+            be.conv2d_forward(s, dx, w, b, y)
+        })?;
+        lines.push(tflop_line(
+            format!("{what}: group norm + SiLU, then forward"),
+            ms,
+            flop,
+            p,
+        ));
+        let ms = time(be, iters, |be| {
+            be.group_norm_conv2d_forward(s, normed, w, b, None, None, y)
+        })?;
+        lines.push(tflop_line(
+            format!("{what}: forward normalising its input"),
+            ms,
+            flop,
+            p,
+        ));
+    }
+    be.set_precision(own)?;
     let ms = time(be, iters, |be| {
         be.group_norm_forward(g, x, gamma, beta, y, mean, rstd, true)
     })?;

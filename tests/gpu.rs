@@ -18,8 +18,8 @@ mod common;
 use ddpm_cuda::backend::cpu::CpuBackend;
 use ddpm_cuda::backend::cuda::CudaBackend;
 use ddpm_cuda::backend::{
-    AdamHyper, AttentionShape, Backend, ConvKind, ConvShape, GroupNormShape, Precision, SamplerRow,
-    Stream, Tensor,
+    AdamHyper, AttentionShape, Backend, ConvKind, ConvShape, GroupNormShape, NormedInput,
+    Precision, SamplerRow, Stream, Tensor,
 };
 use ddpm_cuda::model::{UNet, UNetConfig};
 use ddpm_cuda::rng;
@@ -227,6 +227,86 @@ fn bf16_convolutions_are_exact_on_bf16_inputs_and_close_on_any() {
     p.bf16_inputs = false;
     for s in [conv_shapes()[0], conv_shapes()[4]] {
         conv_case(&mut p, s, TOL_BF16);
+    }
+}
+
+/// A convolution of `silu(group_norm(x))` (or of `group_norm(x)`), as a ResNet block runs it: on the
+/// device the normalisation is applied as the operand is loaded, forward and in the weight gradient; the
+/// CPU writes the normalised input and convolves it. The device must never write `normed` (it stays
+/// poisoned): the fusion is real, not a hidden copy.
+fn normed_conv_case(p: &mut Pair, s: ConvShape, groups: usize, silu: bool, tol: f64) {
+    let what = format!(
+        "{:?} n{} {}x{} {}->{} groups {groups} silu {silu}",
+        s.kind, s.n, s.h, s.w, s.c, s.o
+    );
+    let gn = GroupNormShape {
+        n: s.n,
+        hw: s.h * s.w,
+        c: s.c,
+        groups,
+        eps: 1e-6,
+    };
+    let input = NormedInput {
+        s: gn,
+        x: p.input(s.x_len(), 1.5, 0.3),
+        gamma: p.input(s.c, 0.5, 1.0),
+        beta: p.input(s.c, 0.3, 0.0),
+        mean: p.output(gn.stats_len()),
+        rstd: p.output(gn.stats_len()),
+        silu,
+        normed: p.output(s.x_len()),
+    };
+    let w = p.input(s.w_len(), 0.2, 0.0);
+    let b = p.input(s.o, 0.5, 0.0);
+    let (t, r) = (p.input(s.n * s.o, 0.5, 0.0), p.input(s.y_len(), 1.0, 0.0));
+    let y = p.output(s.y_len());
+    p.run(|be| be.group_norm_conv2d_forward(s, input, w, b, Some(t), Some(r), y));
+    p.check(&format!("normed conv forward {what}"), y, tol);
+    p.check(&format!("normed conv mean {what}"), input.mean, 1e-6);
+    p.check(&format!("normed conv rstd {what}"), input.rstd, 1e-5);
+    let normed = p.gpu.download(input.normed).unwrap();
+    assert!(
+        normed.iter().all(|v| v.is_nan()),
+        "the device wrote the normalised input: {what}"
+    );
+    let dy = p.input(s.y_len(), 1.0, 0.0);
+    let (dw, db) = (p.output(s.w_len()), p.output(s.o));
+    p.run(|be| be.conv2d_backward_weight_normed(s, input, dy, dw, db));
+    p.check(&format!("normed conv weight grad {what}"), dw, tol);
+    p.check(&format!("normed conv bias grad {what}"), db, tol);
+}
+
+fn normed_conv_shapes() -> Vec<(ConvShape, usize, bool)> {
+    let shape = |n, h, w, c, o, kind| ConvShape {
+        n,
+        h,
+        w,
+        c,
+        o,
+        kind,
+    };
+    vec![
+        (shape(3, 7, 5, 6, 7, ConvKind::K3S1), 3, true),
+        (shape(3, 5, 7, 9, 13, ConvKind::K1), 3, false),
+        (shape(2, 9, 6, 4, 11, ConvKind::K3S2), 2, true),
+        // The paper's widths: many tiles, split-K in the weight gradient.
+        (shape(4, 16, 16, 128, 256, ConvKind::K3S1), 32, true),
+    ]
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn normalising_convolutions_match_the_cpu() {
+    // fp32: the statistics differ by fp32 rounding (the CPU sums in fp64), then the same convolution.
+    let mut p = Pair::new();
+    for (s, groups, silu) in normed_conv_shapes() {
+        normed_conv_case(&mut p, s, groups, silu, TOL);
+    }
+    // bf16: the normalised operand is rounded to bf16 as it is staged (it is never a bf16 number, so
+    // there is no exact case): TOL_BF16.
+    let mut p = Pair::bf16();
+    for (s, groups, silu) in normed_conv_shapes() {
+        normed_conv_case(&mut p, s, groups, silu, TOL_BF16);
     }
 }
 

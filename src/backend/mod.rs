@@ -264,6 +264,24 @@ impl ConvShape {
     }
 }
 
+/// A convolution's input given as `GN(x) * gamma + beta` (then SiLU when `silu`): the normalisation
+/// of a ResNet block before its convolution. Backends that fuse the two (CUDA) normalise as the
+/// convolution loads its operand and never store the result; the others write it to `normed` and
+/// convolve that. The statistics land in `mean` and `rstd` as [`Backend::group_norm_forward`]'s, so
+/// [`Backend::group_norm_backward`] takes them as usual.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct NormedInput {
+    pub s: GroupNormShape,
+    pub x: Tensor,
+    pub gamma: Tensor,
+    pub beta: Tensor,
+    pub mean: Tensor,
+    pub rstd: Tensor,
+    pub silu: bool,
+    /// Where a backend that does not fuse writes the normalised input (left alone by one that does).
+    pub normed: Tensor,
+}
+
 /// Group norm over `[n, hw, c]` with `groups` groups of `c / groups` channels.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct GroupNormShape {
@@ -455,6 +473,37 @@ pub trait Backend {
             Some(r) => self.accumulate(r, y, true),
             None => Ok(()),
         }
+    }
+    /// [`Backend::group_norm_forward`] then [`Backend::conv2d_forward_fused`] on its output, the
+    /// normalisation fused into the convolution's operand load where the backend can (see
+    /// [`NormedInput`]).
+    #[allow(clippy::too_many_arguments)]
+    fn group_norm_conv2d_forward(
+        &mut self,
+        s: ConvShape,
+        input: NormedInput,
+        w: Tensor,
+        b: Tensor,
+        image_bias: Option<Tensor>,
+        residual: Option<Tensor>,
+        y: Tensor,
+    ) -> Result<()> {
+        let n = input;
+        self.group_norm_forward(n.s, n.x, n.gamma, n.beta, n.normed, n.mean, n.rstd, n.silu)?;
+        self.conv2d_forward_fused(s, n.normed, w, b, image_bias, residual, y)
+    }
+    /// [`Backend::conv2d_backward_weight`] of a convolution run by
+    /// [`Backend::group_norm_conv2d_forward`] (the same `input`, its statistics already computed): the
+    /// fusing backends normalise again as they load.
+    fn conv2d_backward_weight_normed(
+        &mut self,
+        s: ConvShape,
+        input: NormedInput,
+        dy: Tensor,
+        dw: Tensor,
+        db: Tensor,
+    ) -> Result<()> {
+        self.conv2d_backward_weight(s, input.normed, dy, dw, db)
     }
     fn conv2d_backward_data(
         &mut self,

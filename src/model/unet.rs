@@ -5,7 +5,7 @@
 use super::config::UNetConfig;
 use super::params::{legacy_name, Kind, NamedTensor, ParamSpec};
 use crate::backend::{
-    AttentionShape, Backend, ConvKind, ConvShape, GroupNormShape, Stream, Tensor,
+    AttentionShape, Backend, ConvKind, ConvShape, GroupNormShape, NormedInput, Stream, Tensor,
 };
 use crate::error::{Error, Result};
 use crate::rng;
@@ -154,6 +154,26 @@ impl Conv {
         )?;
         Ok(self.y)
     }
+    /// The forward of `conv(norm(x))`, the normalisation fused into the operand load where the backend
+    /// can (`Backend::group_norm_conv2d_forward`).
+    fn forward_normed<B: Backend>(
+        &self,
+        be: &mut B,
+        input: NormedInput,
+        image_bias: Option<Tensor>,
+        residual: Option<Tensor>,
+    ) -> Result<Tensor> {
+        be.group_norm_conv2d_forward(
+            self.s,
+            input,
+            self.w.value,
+            self.b.value,
+            image_bias,
+            residual,
+            self.y,
+        )?;
+        Ok(self.y)
+    }
     fn backward<B: Backend>(
         &self,
         be: &mut B,
@@ -164,6 +184,30 @@ impl Conv {
         want_dx: bool,
     ) -> Result<()> {
         be.conv2d_backward_weight(self.s, x, dy, self.w.grad, self.b.grad)?;
+        self.backward_data(be, net, tape, x, dy, want_dx)
+    }
+    /// The backward of [`Conv::forward_normed`]: the input gradient goes to the gradient of
+    /// `input.normed` (where the normalisation's backward takes it).
+    fn backward_normed<B: Backend>(
+        &self,
+        be: &mut B,
+        net: &Ctx,
+        tape: &mut Tape,
+        input: NormedInput,
+        dy: Tensor,
+    ) -> Result<()> {
+        be.conv2d_backward_weight_normed(self.s, input, dy, self.w.grad, self.b.grad)?;
+        self.backward_data(be, net, tape, input.normed, dy, true)
+    }
+    fn backward_data<B: Backend>(
+        &self,
+        be: &mut B,
+        net: &Ctx,
+        tape: &mut Tape,
+        x: Tensor,
+        dy: Tensor,
+        want_dx: bool,
+    ) -> Result<()> {
         if want_dx {
             let dx = net.grad(x);
             be.conv2d_backward_data(self.s, dy, self.w.value, dx, tape.accumulate(dx))?;
@@ -183,6 +227,19 @@ struct Norm {
 }
 
 impl Norm {
+    /// This normalisation of `x` as the input of a convolution that may apply it as it loads.
+    fn of(&self, x: Tensor) -> NormedInput {
+        NormedInput {
+            s: self.s,
+            x,
+            gamma: self.gamma.value,
+            beta: self.beta.value,
+            mean: self.mean,
+            rstd: self.rstd,
+            silu: self.silu,
+            normed: self.y,
+        }
+    }
     fn forward<B: Backend>(&self, be: &mut B, x: Tensor) -> Result<Tensor> {
         be.group_norm_forward(
             self.s,
@@ -398,22 +455,26 @@ impl ResBlock {
     ) -> Result<Tensor> {
         // The time-embedding add and the residual add happen in the convolutions' epilogues, so their
         // inputs come first: the projection of the embedding, and the shortcut.
+        // Each group norm (+ SiLU) is applied as its convolution loads its input where the backend fuses
+        // the two, except the second one when dropout sits between them.
         let t = self.temb.forward(be, temb_act)?;
-        let h = self.norm1.forward(be, x)?;
-        let h = self.conv1.forward_fused(be, h, Some(t), None)?;
-        let h = self.norm2.forward(be, h)?;
-        let h = match net.dropout {
-            Some((p, seed, stream)) if self.dropped != self.norm2.y => {
-                be.dropout_forward(h, self.dropped, p, seed, stream.offset(self.index as u64))?;
-                self.dropped
-            }
-            _ => h,
-        };
+        let h = self
+            .conv1
+            .forward_normed(be, self.norm1.of(x), Some(t), None)?;
         let skip = match &self.shortcut {
             Some(c) => c.forward(be, x)?,
             None => x,
         };
-        self.conv2.forward_fused(be, h, None, Some(skip))
+        match net.dropout {
+            Some((p, seed, stream)) if self.dropped != self.norm2.y => {
+                let h = self.norm2.forward(be, h)?;
+                be.dropout_forward(h, self.dropped, p, seed, stream.offset(self.index as u64))?;
+                self.conv2.forward_fused(be, self.dropped, None, Some(skip))
+            }
+            _ => self
+                .conv2
+                .forward_normed(be, self.norm2.of(h), None, Some(skip)),
+        }
     }
 
     fn backward<B: Backend>(
@@ -426,13 +487,9 @@ impl ResBlock {
     ) -> Result<()> {
         let dout = net.grad(self.out);
         let dropout_on = self.dropped != self.norm2.y && net.dropout.is_some();
-        let conv2_in = if dropout_on {
-            self.dropped
-        } else {
-            self.norm2.y
-        };
-        self.conv2.backward(be, net, tape, conv2_in, dout, true)?;
         if dropout_on {
+            self.conv2
+                .backward(be, net, tape, self.dropped, dout, true)?;
             let (p, seed, stream) = net.dropout.expect("checked above");
             let dx = net.grad(self.norm2.y);
             be.dropout_backward(
@@ -443,12 +500,16 @@ impl ResBlock {
                 stream.offset(self.index as u64),
                 tape.accumulate(dx),
             )?;
+        } else {
+            let input = self.norm2.of(self.conv1.y);
+            self.conv2.backward_normed(be, net, tape, input, dout)?;
         }
         self.norm2.backward(be, net, tape, self.conv1.y)?;
         let dh = net.grad(self.conv1.y);
         be.image_bias_backward(self.n, self.hw, self.conv1.s.o, dh, net.grad(self.temb.y))?;
         self.temb.backward(be, net, tape, temb_act, true)?;
-        self.conv1.backward(be, net, tape, self.norm1.y, dh, true)?;
+        self.conv1
+            .backward_normed(be, net, tape, self.norm1.of(x), dh)?;
         self.norm1.backward(be, net, tape, x)?;
         match &self.shortcut {
             Some(c) => c.backward(be, net, tape, x, dout, true),

@@ -3,7 +3,7 @@
 
 use super::elementwise::dims;
 use super::{launch, CudaBackend, WORKSPACE};
-use crate::backend::{ConvKind, ConvShape, Precision, Tensor};
+use crate::backend::{ConvKind, ConvShape, NormedInput, Precision, Tensor};
 use crate::error::{Error, Result};
 use cudarc::driver::LaunchConfig;
 
@@ -61,7 +61,47 @@ fn geometry(kind: ConvKind) -> [i32; 3] {
     ]
 }
 
+/// The launch arguments of an input normalised as it is loaded: (mean, rstd, gamma, beta, groups, silu).
+type NormArgs = (u64, u64, u64, u64, i32, i32);
+
 impl CudaBackend {
+    /// Adds the tensors of a normalised input to `ins` after checking that it is the convolution's
+    /// input (`x` of `s.x_len()` is checked with the other inputs).
+    fn normed_ins(s: &ConvShape, n: &NormedInput, ins: &mut Vec<super::Arg>) -> Result<()> {
+        crate::backend::checks::groups(&n.s)?;
+        if (n.s.n, n.s.hw, n.s.c) != (s.n, s.h * s.w, s.c) {
+            return Err(Error::shape(
+                "normalised convolution input",
+                format!(
+                    "[{}, {}, {}] (the convolution's input)",
+                    s.n,
+                    s.h * s.w,
+                    s.c
+                ),
+                format!("[{}, {}, {}]", n.s.n, n.s.hw, n.s.c),
+            ));
+        }
+        ins.extend([
+            ("gamma", n.gamma, n.s.c),
+            ("beta", n.beta, n.s.c),
+            ("mean", n.mean, n.s.stats_len()),
+            ("rstd", n.rstd, n.s.stats_len()),
+        ]);
+        Ok(())
+    }
+
+    fn norm_args(&self, n: &NormedInput) -> Result<NormArgs> {
+        let [groups] = dims([n.s.groups])?;
+        Ok((
+            self.ptr(n.mean),
+            self.ptr(n.rstd),
+            self.ptr(n.gamma),
+            self.ptr(n.beta),
+            groups,
+            n.silu as i32,
+        ))
+    }
+
     /// The tiling of the GEMM core the current precision runs on.
     pub(super) fn tile(&self) -> Tile {
         match self.precision {
@@ -71,12 +111,13 @@ impl CudaBackend {
     }
 
     /// `y = conv(x, w) + b`, plus the per-image bias `[n, o]` and the residual `[n, oh, ow, o]` when given,
-    /// all in the GEMM's epilogue.
+    /// all in the GEMM's epilogue; with `norm`, `x` is normalised (`norm.x` = `x`) as it is loaded.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn conv_forward(
         &mut self,
         s: ConvShape,
         x: Tensor,
+        norm: Option<NormedInput>,
         w: Tensor,
         b: Tensor,
         image_bias: Option<Tensor>,
@@ -94,6 +135,9 @@ impl CudaBackend {
         if let Some(r) = residual {
             ins.push(("residual", r, s.y_len()));
         }
+        if let Some(n) = &norm {
+            Self::normed_ins(&s, n, &mut ins)?;
+        }
         self.args("conv2d_forward", &ins, &[("y", y, s.y_len())])?;
         let (px, pw, pb, py) = (self.ptr(x), self.ptr(w), self.ptr(b), self.ptr(y));
         let pt = image_bias.map_or(0, |t| self.ptr(t));
@@ -102,6 +146,34 @@ impl CudaBackend {
         let cfg = gemm_cfg(self.tile(), s.n * oh * ow, s.o, 1);
         let [n, h, wd, c, o] = dims([s.n, s.h, s.w, s.c, s.o])?;
         let [taps, stride, pad] = geometry(s.kind);
+        if let Some(nrm) = &norm {
+            let (pm, prs, pg, pbt, groups, silu) = self.norm_args(nrm)?;
+            return launch!(
+                self,
+                self.pick("conv2d_forward_normed_f32", "conv2d_forward_normed_bf16"),
+                cfg,
+                px,
+                pm,
+                prs,
+                pg,
+                pbt,
+                groups,
+                silu,
+                pw,
+                pb,
+                pt,
+                pr,
+                py,
+                n,
+                h,
+                wd,
+                c,
+                o,
+                taps,
+                stride,
+                pad
+            );
+        }
         launch!(
             self,
             self.pick("conv2d_forward_f32", "conv2d_forward_bf16"),
@@ -160,18 +232,24 @@ impl CudaBackend {
         )
     }
 
-    /// `dw` by split-K GEMM into the workspace and a reduce; `db` as column sums of `dy`.
+    /// `dw` by split-K GEMM into the workspace and a reduce; `db` as column sums of `dy`. With `norm`, `x`
+    /// is normalised (`norm.x` = `x`) as it is loaded.
     pub(super) fn conv_backward_weight(
         &mut self,
         s: ConvShape,
         x: Tensor,
+        norm: Option<NormedInput>,
         dy: Tensor,
         dw: Tensor,
         db: Tensor,
     ) -> Result<()> {
+        let mut ins = vec![("x", x, s.x_len()), ("dy", dy, s.y_len())];
+        if let Some(n) = &norm {
+            Self::normed_ins(&s, n, &mut ins)?;
+        }
         self.args(
             "conv2d_backward_weight",
-            &[("x", x, s.x_len()), ("dy", dy, s.y_len())],
+            &ins,
             &[("dweight", dw, s.w_len()), ("dbias", db, s.o)],
         )?;
         let (px, pdy, pdw, ws) = (
@@ -186,24 +264,56 @@ impl CudaBackend {
         let cfg = gemm_cfg(self.tile(), s.o, s.k(), splits);
         let [n, h, wd, c, o, chunk_i] = dims([s.n, s.h, s.w, s.c, s.o, chunk])?;
         let [taps, stride, pad] = geometry(s.kind);
-        launch!(
-            self,
-            self.pick("conv2d_backward_weight_f32", "conv2d_backward_weight_bf16"),
-            cfg,
-            px,
-            pdy,
-            pdw,
-            ws,
-            chunk_i,
-            n,
-            h,
-            wd,
-            c,
-            o,
-            taps,
-            stride,
-            pad
-        )?;
+        match &norm {
+            Some(nrm) => {
+                let (pm, prs, pg, pbt, groups, silu) = self.norm_args(nrm)?;
+                launch!(
+                    self,
+                    self.pick(
+                        "conv2d_backward_weight_normed_f32",
+                        "conv2d_backward_weight_normed_bf16"
+                    ),
+                    cfg,
+                    px,
+                    pm,
+                    prs,
+                    pg,
+                    pbt,
+                    groups,
+                    silu,
+                    pdy,
+                    pdw,
+                    ws,
+                    chunk_i,
+                    n,
+                    h,
+                    wd,
+                    c,
+                    o,
+                    taps,
+                    stride,
+                    pad
+                )?
+            }
+            None => launch!(
+                self,
+                self.pick("conv2d_backward_weight_f32", "conv2d_backward_weight_bf16"),
+                cfg,
+                px,
+                pdy,
+                pdw,
+                ws,
+                chunk_i,
+                n,
+                h,
+                wd,
+                c,
+                o,
+                taps,
+                stride,
+                pad
+            )?,
+        }
         if splits > 1 {
             self.reduce_splits(splits, s.o, s.k(), pdw, 0, false)?;
         }

@@ -265,7 +265,7 @@ macro_rules! launch {
         let mut params: Vec<*mut std::ffi::c_void> = Vec::new();
         let mut sizes: Vec<usize> = Vec::new();
         $(
-            let arg = $arg;
+            let arg = $crate::backend::cuda::kernel_arg($arg);
             params.push(&arg as *const _ as *mut std::ffi::c_void);
             sizes.push(std::mem::size_of_val(&arg));
         )*
@@ -273,6 +273,22 @@ macro_rules! launch {
     }};
 }
 pub(crate) use launch;
+
+/// The types a kernel argument may have: the scalars of the kernels' signatures (device addresses are
+/// u64). Anything else given to [`launch!`] (a reference, a struct, a usize) fails to compile instead of
+/// reaching the kernel as bytes of the wrong size.
+pub trait KernelArg: Copy {}
+impl KernelArg for i32 {}
+impl KernelArg for u32 {}
+impl KernelArg for i64 {}
+impl KernelArg for u64 {}
+impl KernelArg for f32 {}
+impl KernelArg for f64 {}
+
+#[doc(hidden)]
+pub fn kernel_arg<T: KernelArg>(v: T) -> T {
+    v
+}
 
 impl super::Backend for CudaBackend {
     fn describe(&self) -> String {
@@ -340,7 +356,7 @@ impl super::Backend for CudaBackend {
         b: Tensor,
         y: Tensor,
     ) -> Result<()> {
-        self.conv_forward(s, x, w, b, None, None, y)
+        self.conv_forward(s, x, None, w, b, None, None, y)
     }
 
     fn conv2d_forward_fused(
@@ -353,7 +369,35 @@ impl super::Backend for CudaBackend {
         residual: Option<Tensor>,
         y: Tensor,
     ) -> Result<()> {
-        self.conv_forward(s, x, w, b, image_bias, residual, y)
+        self.conv_forward(s, x, None, w, b, image_bias, residual, y)
+    }
+
+    /// The statistics, then the convolution normalising its operand as it loads it: the normalised input
+    /// is never written (`input.normed` is left alone).
+    fn group_norm_conv2d_forward(
+        &mut self,
+        s: super::ConvShape,
+        input: super::NormedInput,
+        w: Tensor,
+        b: Tensor,
+        image_bias: Option<Tensor>,
+        residual: Option<Tensor>,
+        y: Tensor,
+    ) -> Result<()> {
+        let n = input;
+        self.norm_forward(n.s, n.x, n.gamma, n.beta, None, n.mean, n.rstd, n.silu)?;
+        self.conv_forward(s, n.x, Some(n), w, b, image_bias, residual, y)
+    }
+
+    fn conv2d_backward_weight_normed(
+        &mut self,
+        s: super::ConvShape,
+        input: super::NormedInput,
+        dy: Tensor,
+        dw: Tensor,
+        db: Tensor,
+    ) -> Result<()> {
+        self.conv_backward_weight(s, input.x, Some(input), dy, dw, db)
     }
 
     fn conv2d_backward_data(
@@ -375,7 +419,7 @@ impl super::Backend for CudaBackend {
         dw: Tensor,
         db: Tensor,
     ) -> Result<()> {
-        self.conv_backward_weight(s, x, dy, dw, db)
+        self.conv_backward_weight(s, x, None, dy, dw, db)
     }
 
     fn group_norm_forward(
@@ -389,7 +433,7 @@ impl super::Backend for CudaBackend {
         rstd: Tensor,
         silu: bool,
     ) -> Result<()> {
-        self.norm_forward(s, x, gamma, beta, y, mean, rstd, silu)
+        self.norm_forward(s, x, gamma, beta, Some(y), mean, rstd, silu)
     }
 
     fn group_norm_backward(

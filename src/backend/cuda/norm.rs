@@ -27,18 +27,24 @@ fn cfg(s: &GroupNormShape) -> LaunchConfig {
 }
 
 impl CudaBackend {
+    /// The normalised output to `y`, or with `y` `None` the statistics only (for a convolution that
+    /// normalises its input as it loads it).
     pub(super) fn norm_forward(
         &mut self,
         s: GroupNormShape,
         x: Tensor,
         gamma: Tensor,
         beta: Tensor,
-        y: Tensor,
+        y: Option<Tensor>,
         mean: Tensor,
         rstd: Tensor,
         silu: bool,
     ) -> Result<()> {
         check(&s)?;
+        let mut outs = vec![("mean", mean, s.stats_len()), ("rstd", rstd, s.stats_len())];
+        if let Some(y) = y {
+            outs.push(("y", y, s.len()));
+        }
         self.args(
             "group_norm_forward",
             &[
@@ -46,13 +52,10 @@ impl CudaBackend {
                 ("gamma", gamma, s.c),
                 ("beta", beta, s.c),
             ],
-            &[
-                ("y", y, s.len()),
-                ("mean", mean, s.stats_len()),
-                ("rstd", rstd, s.stats_len()),
-            ],
+            &outs,
         )?;
-        let (px, pg, pb, py) = (self.ptr(x), self.ptr(gamma), self.ptr(beta), self.ptr(y));
+        let (px, pg, pb) = (self.ptr(x), self.ptr(gamma), self.ptr(beta));
+        let py = y.map_or(0, |y| self.ptr(y));
         let (pm, pr) = (self.ptr(mean), self.ptr(rstd));
         let [hw, c, groups] = dims([s.hw, s.c, s.groups])?;
         let (eps, silu) = (s.eps, silu as i32);
