@@ -5,11 +5,13 @@
 //   conv2d_backward_data_{f32,bf16}    dx (+)= the input gradient
 //   conv2d_backward_weight_{f32,bf16}  dw = the weight gradient (split-K partials; see gemm.cuh)
 //   conv2d_forward_normed_{f32,bf16}, conv2d_backward_weight_normed_{f32,bf16}
-//                                      the same two with the input given as silu(group_norm(x)): the
-//                                      normalisation applied as the operand is loaded (NormedIm2col in
-//                                      gemm.cuh), from statistics group_norm_forward_f32 computed without
-//                                      writing its output. The normalised activation is never stored: one
-//                                      write and one read of it saved per ResNet block normalisation.
+//                                      the same two with the input given as silu(group_norm(x)), then
+//                                      dropout in training: applied as the operand is loaded (NormedIm2col
+//                                      in gemm.cuh), from statistics group_norm_forward_f32 computed
+//                                      without writing its output and the dropout mask regenerated. The
+//                                      normalised (and dropped-out) activation is never stored: one write
+//                                      and one read of it saved per ResNet block normalisation (two with
+//                                      dropout).
 // _f32 runs on the fp32 core of gemm.cuh (exact fp32, the path the tests hold to the CPU), _bf16 on the
 // tensor-core core of gemm_tc.cuh (operands rounded to bf16, fp32 sums). Tensors are fp32 either way.
 // The bias gradient is a column sum of dy (column_sums_* in gemm.cuh).
@@ -37,7 +39,8 @@ __device__ __forceinline__ ddpm::ConvGeom conv_geom(int h, int w, int c, int o, 
     return g;
 }
 
-// The statistics and affine parameters of a normalisation applied as the input is loaded.
+// The statistics and affine parameters of a normalisation applied as the input is loaded, and the
+// dropout after it (p = 0: none).
 struct NormArgs {
     const float* mean;
     const float* rstd;
@@ -45,6 +48,8 @@ struct NormArgs {
     const float* beta;
     int groups;
     int silu;
+    float p;
+    uint64_t seed, stream;
 };
 
 namespace {
@@ -60,7 +65,8 @@ template <>
 struct Gather<true> {
     using type = ddpm::NormedIm2col;
     __device__ static type make(const ddpm::Im2col& a, const NormArgs& n) {
-        return ddpm::NormedIm2col{a, n.mean, n.rstd, n.gamma, n.beta, n.groups, n.silu};
+        const float keep = n.p > 0.0f ? float(1.0 / (1.0 - double(n.p))) : 1.0f;
+        return ddpm::NormedIm2col{a, n.mean, n.rstd, n.gamma, n.beta, n.groups, n.silu, n.p, keep, n.seed, n.stream};
     }
 };
 
@@ -151,11 +157,14 @@ extern "C" __global__ void __launch_bounds__(256)
 }
 
 // The normalised-input twins: x is the block's input before group norm (+ SiLU); mean and rstd are
-// [batch, groups] from group_norm_forward_f32, gamma and beta [c].
+// [batch, groups] from group_norm_forward_f32, gamma and beta [c]; dropout p (0: none) with the mask of
+// (seed, stream_base + stream_per_step * *clock), as dropout_forward_f32 draws it.
 #define DDPM_NORM_PARAMS                                                                                   \
     const float *__restrict__ mean, const float *__restrict__ rstd, const float *__restrict__ gamma,       \
-        const float *__restrict__ beta, int groups, int silu
-#define DDPM_NORM_ARGS NormArgs{mean, rstd, gamma, beta, groups, silu}
+        const float *__restrict__ beta, int groups, int silu, float p, uint64_t seed, uint64_t stream_base, \
+        uint64_t stream_per_step, const uint64_t *__restrict__ clock
+#define DDPM_NORM_ARGS                                                                                     \
+    NormArgs { mean, rstd, gamma, beta, groups, silu, p, seed, stream_base + stream_per_step * *clock }
 
 extern "C" __global__ void __launch_bounds__(256)
     conv2d_forward_normed_f32(const float* __restrict__ x, DDPM_NORM_PARAMS, const float* __restrict__ w,

@@ -101,10 +101,12 @@ struct Im2col {
     }
 };
 
-// The same gather of silu(group_norm(x)) (or of group_norm(x) without SiLU): the input of a ResNet
-// block's convolution, normalised as it is loaded and never stored. z = (x - mean) rstd gamma + beta with
-// the statistics of the element's (image, group), the same arithmetic as group_norm_forward_f32, so the
-// fused and the separate paths agree bit for bit; the padding stays 0 (it pads the normalised input).
+// The same gather of silu(group_norm(x)) (or of group_norm(x) without SiLU), then inverted dropout when
+// p > 0: the input of a ResNet block's convolution, normalised as it is loaded and never stored.
+// z = (x - mean) rstd gamma + beta with the statistics of the element's (image, group), the same
+// arithmetic as group_norm_forward_f32, and the dropout mask of element i of the normalised tensor drawn
+// as dropout_forward_f32 draws it, so the fused and the separate paths agree bit for bit; the padding
+// stays 0 (it pads the normalised input).
 struct NormedIm2col {
     Im2col a;
     const float* mean;   // [batch, groups]
@@ -113,6 +115,9 @@ struct NormedIm2col {
     const float* beta;   // [c]
     int groups;
     int silu;
+    float p;             // dropout probability (0: none)
+    float keep;          // 1 / (1 - p), rounded from fp64
+    uint64_t seed, stream;
     static constexpr bool k_fast = true;
     __device__ float operator()(int m, int k) const {
         int image;
@@ -120,7 +125,8 @@ struct NormedIm2col {
         if (i < 0) return 0.0f;
         const int ci = k % a.g.c, s = image * groups + ci / (a.g.c / groups);
         const float z = (a.x[i] - mean[s]) * rstd[s] * gamma[ci] + beta[ci];
-        return silu ? z * sigmoid(z) : z;
+        const float v = silu ? z * sigmoid(z) : z;
+        return p > 0.0f ? v * (philox_uniform(seed, stream, uint64_t(i)) >= p ? keep : 0.0f) : v;
     }
 };
 

@@ -295,6 +295,7 @@ pub fn kernels<B: Backend>(be: &mut B, batch: usize, ceilings: &Ceilings) -> Res
         rstd,
         silu: true,
         normed: dx,
+        dropout: None,
     };
     // Every precision this backend has, on the same shape: on CUDA, versions 1 (fp32 SIMT) and 2 (bf16
     // WMMA) of the convolution ladder (dev/conv/README.md). Then a ResNet block's group norm + SiLU and

@@ -387,9 +387,11 @@ fn info(cfg: &UNetConfig, name: &str, batch: usize) -> Result<()> {
     let net = UNet::new(&mut be, cfg, 1).with_context(|| format!("building {name}"))?;
     let gflop = 2.0 * net.macs_per_image() as f64 / 1e9;
     let params = net.num_params();
-    let acts = net.activation_len();
+    // Every activation (and gradient) scales with the batch: the batch-1 net's times `batch`.
+    let (acts, grads) = (net.activation_len(), net.activation_grad_len());
     let gib = |elems: f64| elems * 4.0 / (1u64 << 30) as f64;
-    let (state, act_mem) = (5.0 * params as f64, 2.0 * (acts * batch) as f64);
+    let state = 5.0 * params as f64;
+    let (act_mem, grad_mem) = ((acts * batch) as f64, (grads * batch) as f64);
     println!(
         "model        {name} ({}x{}, channels {:?})",
         cfg.sample_size, cfg.sample_size, cfg.block_out_channels
@@ -402,10 +404,11 @@ fn info(cfg: &UNetConfig, name: &str, batch: usize) -> Result<()> {
     );
     println!(
         "memory       {:.2} GiB to train at batch {batch} (fp32: weights, gradients, Adam, EMA {:.2} GiB; \
-         activations and their gradients {:.2} GiB)",
-        gib(state + act_mem),
+         activations {:.2} GiB; their gradients {:.2} GiB)",
+        gib(state + act_mem + grad_mem),
         gib(state),
-        gib(act_mem)
+        gib(act_mem),
+        gib(grad_mem)
     );
     Ok(())
 }

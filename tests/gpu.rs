@@ -18,8 +18,8 @@ mod common;
 use ddpm_cuda::backend::cpu::CpuBackend;
 use ddpm_cuda::backend::cuda::CudaBackend;
 use ddpm_cuda::backend::{
-    AdamHyper, AttentionShape, Backend, ConvKind, ConvShape, GroupNormShape, NormedInput,
-    Precision, SamplerRow, Stream, Tensor,
+    AdamHyper, AttentionShape, Backend, ConvKind, ConvShape, DropoutAfter, GroupNormShape,
+    NormedInput, Precision, SamplerRow, Stream, Tensor,
 };
 use ddpm_cuda::model::{UNet, UNetConfig};
 use ddpm_cuda::rng;
@@ -230,13 +230,21 @@ fn bf16_convolutions_are_exact_on_bf16_inputs_and_close_on_any() {
     }
 }
 
-/// A convolution of `silu(group_norm(x))` (or of `group_norm(x)`), as a ResNet block runs it: on the
-/// device the normalisation is applied as the operand is loaded, forward and in the weight gradient; the
-/// CPU writes the normalised input and convolves it. The device must never write `normed` (it stays
-/// poisoned): the fusion is real, not a hidden copy.
-fn normed_conv_case(p: &mut Pair, s: ConvShape, groups: usize, silu: bool, tol: f64) {
+/// A convolution of `silu(group_norm(x))` (or of `group_norm(x)`), then dropout when `dropout`, as a
+/// ResNet block runs it: on the device the normalisation (and the dropout mask) is applied as the operand
+/// is loaded, forward and in the weight gradient; the CPU writes the normalised input and convolves it.
+/// The device must never write `normed` or `dropped` (they stay poisoned): the fusion is real, not a
+/// hidden copy.
+fn normed_conv_case(
+    p: &mut Pair,
+    s: ConvShape,
+    groups: usize,
+    silu: bool,
+    dropout: bool,
+    tol: f64,
+) {
     let what = format!(
-        "{:?} n{} {}x{} {}->{} groups {groups} silu {silu}",
+        "{:?} n{} {}x{} {}->{} groups {groups} silu {silu} dropout {dropout}",
         s.kind, s.n, s.h, s.w, s.c, s.o
     );
     let gn = GroupNormShape {
@@ -255,7 +263,15 @@ fn normed_conv_case(p: &mut Pair, s: ConvShape, groups: usize, silu: bool, tol: 
         rstd: p.output(gn.stats_len()),
         silu,
         normed: p.output(s.x_len()),
+        // The masks of block 3 at training step 17, drawn from the clock on the device.
+        dropout: dropout.then(|| DropoutAfter {
+            p: 0.3,
+            seed: 5,
+            stream: Stream::per_step(rng::Purpose::Dropout, 1 << 10, 3),
+            dropped: p.output(s.x_len()),
+        }),
     };
+    p.run(|be| be.clock_set(17));
     let w = p.input(s.w_len(), 0.2, 0.0);
     let b = p.input(s.o, 0.5, 0.0);
     let (t, r) = (p.input(s.n * s.o, 0.5, 0.0), p.input(s.y_len(), 1.0, 0.0));
@@ -264,11 +280,15 @@ fn normed_conv_case(p: &mut Pair, s: ConvShape, groups: usize, silu: bool, tol: 
     p.check(&format!("normed conv forward {what}"), y, tol);
     p.check(&format!("normed conv mean {what}"), input.mean, 1e-6);
     p.check(&format!("normed conv rstd {what}"), input.rstd, 1e-5);
-    let normed = p.gpu.download(input.normed).unwrap();
-    assert!(
-        normed.iter().all(|v| v.is_nan()),
-        "the device wrote the normalised input: {what}"
-    );
+    for t in [Some(input.normed), input.dropout.map(|d| d.dropped)]
+        .into_iter()
+        .flatten()
+    {
+        assert!(
+            p.gpu.download(t).unwrap().iter().all(|v| v.is_nan()),
+            "the device wrote the normalised input: {what}"
+        );
+    }
     let dy = p.input(s.y_len(), 1.0, 0.0);
     let (dw, db) = (p.output(s.w_len()), p.output(s.o));
     p.run(|be| be.conv2d_backward_weight_normed(s, input, dy, dw, db));
@@ -276,7 +296,7 @@ fn normed_conv_case(p: &mut Pair, s: ConvShape, groups: usize, silu: bool, tol: 
     p.check(&format!("normed conv bias grad {what}"), db, tol);
 }
 
-fn normed_conv_shapes() -> Vec<(ConvShape, usize, bool)> {
+fn normed_conv_shapes() -> Vec<(ConvShape, usize, bool, bool)> {
     let shape = |n, h, w, c, o, kind| ConvShape {
         n,
         h,
@@ -286,11 +306,12 @@ fn normed_conv_shapes() -> Vec<(ConvShape, usize, bool)> {
         kind,
     };
     vec![
-        (shape(3, 7, 5, 6, 7, ConvKind::K3S1), 3, true),
-        (shape(3, 5, 7, 9, 13, ConvKind::K1), 3, false),
-        (shape(2, 9, 6, 4, 11, ConvKind::K3S2), 2, true),
+        (shape(3, 7, 5, 6, 7, ConvKind::K3S1), 3, true, false),
+        (shape(3, 7, 5, 6, 7, ConvKind::K3S1), 3, true, true),
+        (shape(3, 5, 7, 9, 13, ConvKind::K1), 3, false, false),
+        (shape(2, 9, 6, 4, 11, ConvKind::K3S2), 2, true, true),
         // The paper's widths: many tiles, split-K in the weight gradient.
-        (shape(4, 16, 16, 128, 256, ConvKind::K3S1), 32, true),
+        (shape(4, 16, 16, 128, 256, ConvKind::K3S1), 32, true, true),
     ]
 }
 
@@ -299,14 +320,14 @@ fn normed_conv_shapes() -> Vec<(ConvShape, usize, bool)> {
 fn normalising_convolutions_match_the_cpu() {
     // fp32: the statistics differ by fp32 rounding (the CPU sums in fp64), then the same convolution.
     let mut p = Pair::new();
-    for (s, groups, silu) in normed_conv_shapes() {
-        normed_conv_case(&mut p, s, groups, silu, TOL);
+    for (s, groups, silu, dropout) in normed_conv_shapes() {
+        normed_conv_case(&mut p, s, groups, silu, dropout, TOL);
     }
     // bf16: the normalised operand is rounded to bf16 as it is staged (it is never a bf16 number, so
     // there is no exact case): TOL_BF16.
     let mut p = Pair::bf16();
-    for (s, groups, silu) in normed_conv_shapes() {
-        normed_conv_case(&mut p, s, groups, silu, TOL_BF16);
+    for (s, groups, silu, dropout) in normed_conv_shapes() {
+        normed_conv_case(&mut p, s, groups, silu, dropout, TOL_BF16);
     }
 }
 

@@ -264,11 +264,11 @@ impl ConvShape {
     }
 }
 
-/// A convolution's input given as `GN(x) * gamma + beta` (then SiLU when `silu`): the normalisation
-/// of a ResNet block before its convolution. Backends that fuse the two (CUDA) normalise as the
-/// convolution loads its operand and never store the result; the others write it to `normed` and
-/// convolve that. The statistics land in `mean` and `rstd` as [`Backend::group_norm_forward`]'s, so
-/// [`Backend::group_norm_backward`] takes them as usual.
+/// A convolution's input given as `GN(x) * gamma + beta` (then SiLU when `silu`, then dropout when
+/// `dropout`): the normalisation of a ResNet block before its convolution. Backends that fuse them (CUDA)
+/// normalise as the convolution loads its operand and never store the result; the others write it to
+/// `normed` (and `dropout.dropped`) and convolve that. The statistics land in `mean` and `rstd` as
+/// [`Backend::group_norm_forward`]'s, so [`Backend::group_norm_backward`] takes them as usual.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct NormedInput {
     pub s: GroupNormShape,
@@ -280,6 +280,26 @@ pub struct NormedInput {
     pub silu: bool,
     /// Where a backend that does not fuse writes the normalised input (left alone by one that does).
     pub normed: Tensor,
+    pub dropout: Option<DropoutAfter>,
+}
+
+/// Inverted dropout of a normalised input (training): `Backend::dropout_forward(normed, dropped, p,
+/// seed, stream)`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct DropoutAfter {
+    pub p: f32,
+    pub seed: u64,
+    pub stream: Stream,
+    /// Where a backend that does not fuse writes the dropped-out input.
+    pub dropped: Tensor,
+}
+
+impl NormedInput {
+    /// The tensor that stands for the convolution's input: `dropout.dropped`, else `normed` (what a
+    /// backend that does not fuse convolves, and whose gradient the convolution's input gradient is).
+    pub fn conv_input(&self) -> Tensor {
+        self.dropout.map_or(self.normed, |d| d.dropped)
+    }
 }
 
 /// Group norm over `[n, hw, c]` with `groups` groups of `c / groups` channels.
@@ -490,7 +510,10 @@ pub trait Backend {
     ) -> Result<()> {
         let n = input;
         self.group_norm_forward(n.s, n.x, n.gamma, n.beta, n.normed, n.mean, n.rstd, n.silu)?;
-        self.conv2d_forward_fused(s, n.normed, w, b, image_bias, residual, y)
+        if let Some(d) = n.dropout {
+            self.dropout_forward(n.normed, d.dropped, d.p, d.seed, d.stream)?;
+        }
+        self.conv2d_forward_fused(s, n.conv_input(), w, b, image_bias, residual, y)
     }
     /// [`Backend::conv2d_backward_weight`] of a convolution run by
     /// [`Backend::group_norm_conv2d_forward`] (the same `input`, its statistics already computed): the
@@ -503,7 +526,7 @@ pub trait Backend {
         dw: Tensor,
         db: Tensor,
     ) -> Result<()> {
-        self.conv2d_backward_weight(s, input.normed, dy, dw, db)
+        self.conv2d_backward_weight(s, input.conv_input(), dy, dw, db)
     }
     fn conv2d_backward_data(
         &mut self,

@@ -5,21 +5,35 @@
 use super::config::UNetConfig;
 use super::params::{legacy_name, Kind, NamedTensor, ParamSpec};
 use crate::backend::{
-    AttentionShape, Backend, ConvKind, ConvShape, GroupNormShape, NormedInput, Stream, Tensor,
+    AttentionShape, Backend, ConvKind, ConvShape, DropoutAfter, GroupNormShape, NormedInput,
+    Stream, Tensor,
 };
 use crate::error::{Error, Result};
 use crate::rng;
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
-/// Lays out parameters and activations. The model is built twice: once to count, once at the real
-/// offsets.
+/// Lays out parameters and activations, and the activations' gradients. The model is built twice: once
+/// to count, once at the real offsets.
+///
+/// An activation made inside a block (a ResNet or attention block: its normalisations, convolutions,
+/// projections) has a gradient that lives only while that block's backward runs, so those gradients
+/// share one scratch region, as large as the largest block's; the others (block outputs, the skips, the
+/// embeddings) each have their own.
 struct Builder {
     specs: Vec<ParamSpec>,
     params: usize,
     grads: usize,
     acts: usize,
     act_next: usize,
+    /// Where the gradients go: (own region, shared block scratch), when the net has gradients.
+    grad_bases: Option<(usize, usize)>,
+    grad_next: usize,
+    scratch_next: usize,
+    scratch_max: usize,
+    in_block: bool,
+    /// Activation offset -> gradient offset.
+    grad_of: HashMap<usize, usize>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -43,10 +57,40 @@ impl Builder {
             grad: Tensor::new(self.grads + offset, len),
         }
     }
+    /// An activation; inside a block, one whose gradient is the block's own.
     fn act(&mut self, len: usize) -> Tensor {
+        self.act_in(len, self.in_block)
+    }
+    /// An activation with a gradient of its own even inside a block (a block's output).
+    fn act_kept(&mut self, len: usize) -> Tensor {
+        self.act_in(len, false)
+    }
+    fn act_in(&mut self, len: usize, scratch: bool) -> Tensor {
         let t = Tensor::new(self.acts + self.act_next, len);
         self.act_next += len;
+        let (own, shared) = self.grad_bases.unwrap_or((0, 0));
+        let grad = if scratch {
+            let g = shared + self.scratch_next;
+            self.scratch_next += len;
+            self.scratch_max = self.scratch_max.max(self.scratch_next);
+            g
+        } else {
+            let g = own + self.grad_next;
+            self.grad_next += len;
+            g
+        };
+        if self.grad_bases.is_some() {
+            self.grad_of.insert(t.off, grad);
+        }
         t
+    }
+    /// Starts a block: its activations' gradients take the scratch region from its start.
+    fn begin_block(&mut self) {
+        self.in_block = true;
+        self.scratch_next = 0;
+    }
+    fn end_block(&mut self) {
+        self.in_block = false;
     }
     fn conv(&mut self, name: &str, s: ConvShape, init_scale: f64) -> Conv {
         let y = self.act(s.y_len());
@@ -118,8 +162,10 @@ struct Tape {
 }
 
 impl Tape {
-    fn accumulate(&mut self, grad: Tensor) -> bool {
-        !self.written.insert(grad.off)
+    /// Whether a write to the gradient of activation `x` adds (it was written before in this pass) or
+    /// overwrites. Keyed by the activation: gradients in the block scratch share offsets.
+    fn accumulate(&mut self, x: Tensor) -> bool {
+        !self.written.insert(x.off)
     }
 }
 
@@ -133,25 +179,6 @@ struct Conv {
 impl Conv {
     fn forward<B: Backend>(&self, be: &mut B, x: Tensor) -> Result<Tensor> {
         be.conv2d_forward(self.s, x, self.w.value, self.b.value, self.y)?;
-        Ok(self.y)
-    }
-    /// The forward with a per-image bias and a residual added in the convolution's epilogue.
-    fn forward_fused<B: Backend>(
-        &self,
-        be: &mut B,
-        x: Tensor,
-        image_bias: Option<Tensor>,
-        residual: Option<Tensor>,
-    ) -> Result<Tensor> {
-        be.conv2d_forward_fused(
-            self.s,
-            x,
-            self.w.value,
-            self.b.value,
-            image_bias,
-            residual,
-            self.y,
-        )?;
         Ok(self.y)
     }
     /// The forward of `conv(norm(x))`, the normalisation fused into the operand load where the backend
@@ -187,7 +214,7 @@ impl Conv {
         self.backward_data(be, net, tape, x, dy, want_dx)
     }
     /// The backward of [`Conv::forward_normed`]: the input gradient goes to the gradient of
-    /// `input.normed` (where the normalisation's backward takes it).
+    /// `input.conv_input()` (where the dropout's or the normalisation's backward takes it).
     fn backward_normed<B: Backend>(
         &self,
         be: &mut B,
@@ -197,7 +224,7 @@ impl Conv {
         dy: Tensor,
     ) -> Result<()> {
         be.conv2d_backward_weight_normed(self.s, input, dy, self.w.grad, self.b.grad)?;
-        self.backward_data(be, net, tape, input.normed, dy, true)
+        self.backward_data(be, net, tape, input.conv_input(), dy, true)
     }
     fn backward_data<B: Backend>(
         &self,
@@ -210,7 +237,7 @@ impl Conv {
     ) -> Result<()> {
         if want_dx {
             let dx = net.grad(x);
-            be.conv2d_backward_data(self.s, dy, self.w.value, dx, tape.accumulate(dx))?;
+            be.conv2d_backward_data(self.s, dy, self.w.value, dx, tape.accumulate(x))?;
         }
         Ok(())
     }
@@ -238,6 +265,7 @@ impl Norm {
             rstd: self.rstd,
             silu: self.silu,
             normed: self.y,
+            dropout: None,
         }
     }
     fn forward<B: Backend>(&self, be: &mut B, x: Tensor) -> Result<Tensor> {
@@ -261,7 +289,7 @@ impl Norm {
         x: Tensor,
     ) -> Result<()> {
         let dx = net.grad(x);
-        let acc = tape.accumulate(dx);
+        let acc = tape.accumulate(x);
         be.group_norm_backward(
             self.s,
             x,
@@ -324,7 +352,7 @@ impl Linear {
         want_dx: bool,
     ) -> Result<()> {
         let dx = want_dx.then(|| net.grad(x));
-        let acc = dx.is_some_and(|d| tape.accumulate(d));
+        let acc = dx.is_some() && tape.accumulate(x);
         be.linear_backward(
             self.m,
             self.k,
@@ -342,13 +370,22 @@ impl Linear {
 
 /// Addresses shared by all blocks: the gradient region's offset and the dropout draw of this step.
 struct Ctx {
-    grad_delta: usize,
+    /// Activation offset -> gradient offset (empty in an inference net, which has no gradients).
+    grads: HashMap<usize, usize>,
     dropout: Option<(f32, u64, Stream)>,
 }
 
 impl Ctx {
     fn grad(&self, t: Tensor) -> Tensor {
-        Tensor::new(t.off + self.grad_delta, t.len)
+        match self.grads.get(&t.off) {
+            Some(&g) => Tensor::new(g, t.len),
+            // An inference net: its gradient handles alias the activations, and `training: false` keeps
+            // the backward pass from running.
+            None => {
+                assert!(self.grads.is_empty(), "activation {t:?} has no gradient");
+                t
+            }
+        }
     }
 }
 
@@ -380,6 +417,7 @@ impl ResBlock {
         cin: usize,
         cout: usize,
     ) -> Self {
+        b.begin_block();
         let (g, eps) = (cfg.norm_num_groups, cfg.norm_eps as f32);
         let hw = h * h;
         let gn = |c| GroupNormShape {
@@ -412,7 +450,7 @@ impl ResBlock {
         );
         let norm2 = b.norm(&format!("{name}.norm2"), gn(cout), true);
         // conv2 writes the block's output: the residual is added in its epilogue.
-        let out = b.act(n * hw * cout);
+        let out = b.act_kept(n * hw * cout);
         let conv2 = b.conv_into(
             &format!("{name}.conv2"),
             conv(cout, cout, ConvKind::K3S1),
@@ -431,6 +469,7 @@ impl ResBlock {
         } else {
             norm2.y
         };
+        b.end_block();
         Self {
             index,
             n,
@@ -454,27 +493,32 @@ impl ResBlock {
         temb_act: Tensor,
     ) -> Result<Tensor> {
         // The time-embedding add and the residual add happen in the convolutions' epilogues, so their
-        // inputs come first: the projection of the embedding, and the shortcut.
-        // Each group norm (+ SiLU) is applied as its convolution loads its input where the backend fuses
-        // the two, except the second one when dropout sits between them.
+        // inputs come first: the projection of the embedding, and the shortcut. Each group norm + SiLU
+        // (and the dropout after the second) is applied as its convolution loads its input, where the
+        // backend fuses them.
         let t = self.temb.forward(be, temb_act)?;
-        let h = self
-            .conv1
+        self.conv1
             .forward_normed(be, self.norm1.of(x), Some(t), None)?;
         let skip = match &self.shortcut {
             Some(c) => c.forward(be, x)?,
             None => x,
         };
-        match net.dropout {
-            Some((p, seed, stream)) if self.dropped != self.norm2.y => {
-                let h = self.norm2.forward(be, h)?;
-                be.dropout_forward(h, self.dropped, p, seed, stream.offset(self.index as u64))?;
-                self.conv2.forward_fused(be, self.dropped, None, Some(skip))
-            }
-            _ => self
-                .conv2
-                .forward_normed(be, self.norm2.of(h), None, Some(skip)),
+        self.conv2
+            .forward_normed(be, self.conv2_input(net), None, Some(skip))
+    }
+
+    /// conv2's input: `dropout(silu(norm2(conv1.y)))`, the dropout only when it is on.
+    fn conv2_input(&self, net: &Ctx) -> NormedInput {
+        let mut input = self.norm2.of(self.conv1.y);
+        if let Some((p, seed, stream)) = net.dropout.filter(|_| self.dropped != self.norm2.y) {
+            input.dropout = Some(DropoutAfter {
+                p,
+                seed,
+                stream: stream.offset(self.index as u64),
+                dropped: self.dropped,
+            });
         }
+        input
     }
 
     fn backward<B: Backend>(
@@ -486,23 +530,18 @@ impl ResBlock {
         temb_act: Tensor,
     ) -> Result<()> {
         let dout = net.grad(self.out);
-        let dropout_on = self.dropped != self.norm2.y && net.dropout.is_some();
-        if dropout_on {
-            self.conv2
-                .backward(be, net, tape, self.dropped, dout, true)?;
-            let (p, seed, stream) = net.dropout.expect("checked above");
+        let input = self.conv2_input(net);
+        self.conv2.backward_normed(be, net, tape, input, dout)?;
+        if let Some(d) = input.dropout {
             let dx = net.grad(self.norm2.y);
             be.dropout_backward(
-                net.grad(self.dropped),
+                net.grad(d.dropped),
                 dx,
-                p,
-                seed,
-                stream.offset(self.index as u64),
-                tape.accumulate(dx),
+                d.p,
+                d.seed,
+                d.stream,
+                tape.accumulate(self.norm2.y),
             )?;
-        } else {
-            let input = self.norm2.of(self.conv1.y);
-            self.conv2.backward_normed(be, net, tape, input, dout)?;
         }
         self.norm2.backward(be, net, tape, self.conv1.y)?;
         let dh = net.grad(self.conv1.y);
@@ -515,7 +554,7 @@ impl ResBlock {
             Some(c) => c.backward(be, net, tape, x, dout, true),
             None => {
                 let dx = net.grad(x);
-                be.accumulate(dout, dx, tape.accumulate(dx))
+                be.accumulate(dout, dx, tape.accumulate(x))
             }
         }
     }
@@ -535,6 +574,7 @@ struct AttnBlock {
 
 impl AttnBlock {
     fn build(b: &mut Builder, cfg: &UNetConfig, name: &str, n: usize, h: usize, c: usize) -> Self {
+        b.begin_block();
         let l = h * h;
         let norm = b.norm(
             &format!("{name}.group_norm"),
@@ -584,8 +624,9 @@ impl AttnBlock {
         let attn = b.act(n * l * c);
         let lse = b.act(n * l);
         // The projection writes the block's output: the residual is added in its epilogue.
-        let out = b.act(n * l * c);
+        let out = b.act_kept(n * l * c);
         let proj = b.linear_into(&format!("{name}.to_out.0"), n * l, c, c, 0.0, out);
+        b.end_block();
         Self {
             norm,
             qkv,
@@ -625,7 +666,7 @@ impl AttnBlock {
         self.qkv.backward(be, net, tape, self.norm.y, true)?;
         self.norm.backward(be, net, tape, x)?;
         let dx = net.grad(x);
-        be.accumulate(dout, dx, tape.accumulate(dx))
+        be.accumulate(dout, dx, tape.accumulate(x))
     }
 }
 
@@ -668,6 +709,8 @@ pub struct UNet {
     pub input: Tensor,
     pub timesteps: Tensor,
     acts: Tensor,
+    /// Elements of the activations' gradients: (each its own, the blocks' shared scratch).
+    grad_lens: (usize, usize),
     ctx: Ctx,
     temb_sin: Tensor,
     temb1: Linear,
@@ -710,27 +753,28 @@ impl UNet {
             return Err(Error::Invalid("the batch size must be at least 1".into()));
         }
         Self::size_guard(config, batch)?;
-        let count = Self::build(config, batch, 0, 0, 0, 0);
+        let count = Self::build(config, batch, 0, 0, 0, None);
         let np = count.specs.last().map_or(0, |s| s.offset + s.len);
         let na = count.acts.len;
+        let (own, shared) = count.grad_lens;
         let params = be.alloc(np)?;
         if !training {
             let acts = be.alloc(na)?;
             // Gradient handles alias the parameters and activations; `training: false` guards them.
-            let mut net = Self::build(config, batch, params.off, params.off, acts.off, 0);
+            let mut net = Self::build(config, batch, params.off, params.off, acts.off, None);
             net.training = false;
             return Ok(net);
         }
         let grads = be.alloc(np)?;
         let acts = be.alloc(na)?;
-        let dacts = be.alloc(na)?;
+        let dacts = be.alloc(own + shared)?;
         Ok(Self::build(
             config,
             batch,
             params.off,
             grads.off,
             acts.off,
-            dacts.off - acts.off,
+            Some((dacts.off, dacts.off + own)),
         ))
     }
 
@@ -739,9 +783,14 @@ impl UNet {
     pub fn arena_len(config: &UNetConfig, batch: usize, training: bool) -> Result<(usize, usize)> {
         config.validate()?;
         Self::size_guard(config, batch)?;
-        let count = Self::build(config, batch.max(1), 0, 0, 0, 0);
+        let count = Self::build(config, batch.max(1), 0, 0, 0, None);
         let (np, na) = (count.params.len, count.acts.len);
-        let total = if training { 2 * (np + na) } else { np + na };
+        let (own, shared) = count.grad_lens;
+        let total = if training {
+            2 * np + na + own + shared
+        } else {
+            np + na
+        };
         Ok((total, np))
     }
 
@@ -780,7 +829,7 @@ impl UNet {
         params: usize,
         grads: usize,
         acts: usize,
-        grad_delta: usize,
+        grad_bases: Option<(usize, usize)>,
     ) -> Self {
         let mut b = Builder {
             specs: Vec::new(),
@@ -788,6 +837,12 @@ impl UNet {
             grads,
             acts,
             act_next: 0,
+            grad_bases,
+            grad_next: 0,
+            scratch_next: 0,
+            scratch_max: 0,
+            in_block: false,
+            grad_of: HashMap::new(),
         };
         let cfg = config;
         let chans = &cfg.block_out_channels;
@@ -953,8 +1008,9 @@ impl UNet {
             input,
             timesteps,
             acts: Tensor::new(acts, b.act_next),
+            grad_lens: (b.grad_next, b.scratch_max),
             ctx: Ctx {
-                grad_delta,
+                grads: b.grad_of,
                 dropout: None,
             },
             specs: b.specs,
@@ -982,9 +1038,15 @@ impl UNet {
         self.params.len
     }
 
-    /// Activation elements kept for the backward pass (and as many again for their gradients).
+    /// Activation elements kept for the backward pass.
     pub fn activation_len(&self) -> usize {
         self.acts.len
+    }
+
+    /// Elements of the activations' gradients in a net built for training: those with a place of their
+    /// own, plus the scratch the blocks share.
+    pub fn activation_grad_len(&self) -> usize {
+        self.grad_lens.0 + self.grad_lens.1
     }
 
     /// The network's output `[batch, size, size, out_channels]` after [`UNet::forward`].
@@ -1094,7 +1156,15 @@ impl UNet {
                     .backward(be, net, tp, upsampled, net.grad(r.conv.y), true)?;
                 let below = level.layers.last().expect("a level has layers").output();
                 let dx = net.grad(below);
-                be.upsample2x_backward(n, hh, ww, c, net.grad(upsampled), dx, tp.accumulate(dx))?;
+                be.upsample2x_backward(
+                    n,
+                    hh,
+                    ww,
+                    c,
+                    net.grad(upsampled),
+                    dx,
+                    tp.accumulate(below),
+                )?;
             }
             for (j, layer) in level.layers.iter().enumerate().rev() {
                 let (cat, skip, ca, cb) = layer.concat.expect("up layers concatenate");
@@ -1109,7 +1179,7 @@ impl UNet {
                     self.up_input(li)
                 };
                 let (dh, ds) = (net.grad(h), net.grad(skip));
-                let (acc_h, acc_s) = (tp.accumulate(dh), tp.accumulate(ds));
+                let (acc_h, acc_s) = (tp.accumulate(h), tp.accumulate(skip));
                 be.concat_backward(
                     cat.len / (ca + cb),
                     ca,
@@ -1148,7 +1218,7 @@ impl UNet {
             .backward(be, net, tp, self.input, net.grad(self.conv_in.y), false)?;
         // The time embedding's gradient is the sum over every ResBlock; if none wrote it the net has none.
         let dta = net.grad(self.temb_act);
-        if !tp.accumulate(dta) {
+        if !tp.accumulate(self.temb_act) {
             be.fill(dta, 0.0)?;
         }
         be.silu_backward(self.temb2.y, dta, net.grad(self.temb2.y), false)?;

@@ -61,8 +61,9 @@ fn geometry(kind: ConvKind) -> [i32; 3] {
     ]
 }
 
-/// The launch arguments of an input normalised as it is loaded: (mean, rstd, gamma, beta, groups, silu).
-type NormArgs = (u64, u64, u64, u64, i32, i32);
+/// The launch arguments of an input normalised as it is loaded: (mean, rstd, gamma, beta, groups, silu),
+/// then the dropout after it: (p, seed, stream base, stream per step, clock).
+type NormArgs = ((u64, u64, u64, u64, i32, i32), (f32, u64, u64, u64, u64));
 
 impl CudaBackend {
     /// Adds the tensors of a normalised input to `ins` after checking that it is the convolution's
@@ -92,13 +93,23 @@ impl CudaBackend {
 
     fn norm_args(&self, n: &NormedInput) -> Result<NormArgs> {
         let [groups] = dims([n.s.groups])?;
+        let dropout = match n.dropout {
+            Some(d) => {
+                crate::backend::checks::dropout(d.p)?;
+                (d.p, d.seed, d.stream.base, d.stream.per_step)
+            }
+            None => (0.0, 0, 0, 0),
+        };
         Ok((
-            self.ptr(n.mean),
-            self.ptr(n.rstd),
-            self.ptr(n.gamma),
-            self.ptr(n.beta),
-            groups,
-            n.silu as i32,
+            (
+                self.ptr(n.mean),
+                self.ptr(n.rstd),
+                self.ptr(n.gamma),
+                self.ptr(n.beta),
+                groups,
+                n.silu as i32,
+            ),
+            (dropout.0, dropout.1, dropout.2, dropout.3, self.clock_ptr()),
         ))
     }
 
@@ -147,7 +158,8 @@ impl CudaBackend {
         let [n, h, wd, c, o] = dims([s.n, s.h, s.w, s.c, s.o])?;
         let [taps, stride, pad] = geometry(s.kind);
         if let Some(nrm) = &norm {
-            let (pm, prs, pg, pbt, groups, silu) = self.norm_args(nrm)?;
+            let ((pm, prs, pg, pbt, groups, silu), (p, seed, base, per_step, clock)) =
+                self.norm_args(nrm)?;
             return launch!(
                 self,
                 self.pick("conv2d_forward_normed_f32", "conv2d_forward_normed_bf16"),
@@ -159,6 +171,11 @@ impl CudaBackend {
                 pbt,
                 groups,
                 silu,
+                p,
+                seed,
+                base,
+                per_step,
+                clock,
                 pw,
                 pb,
                 pt,
@@ -266,7 +283,8 @@ impl CudaBackend {
         let [taps, stride, pad] = geometry(s.kind);
         match &norm {
             Some(nrm) => {
-                let (pm, prs, pg, pbt, groups, silu) = self.norm_args(nrm)?;
+                let ((pm, prs, pg, pbt, groups, silu), (p, seed, base, per_step, clock)) =
+                    self.norm_args(nrm)?;
                 launch!(
                     self,
                     self.pick(
@@ -281,6 +299,11 @@ impl CudaBackend {
                     pbt,
                     groups,
                     silu,
+                    p,
+                    seed,
+                    base,
+                    per_step,
+                    clock,
                     pdy,
                     pdw,
                     ws,
