@@ -85,7 +85,22 @@ fn main() {
             out_dir.join("ptxas-report.txt").display()
         ));
     }
+    // Every kernel's name, so the backend can load them all before it records a graph (a kernel first
+    // loaded inside a stream capture fails on drivers before 12.3, with lazy module loading).
+    let mut names = Vec::new();
+    for entry in fs::read_dir(&kernel_dir)
+        .unwrap_or_else(|e| fail(&format!("reading {}: {e}", kernel_dir.display())))
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "cu" || x == "cuh"))
+    {
+        let text = fs::read_to_string(&entry)
+            .unwrap_or_else(|e| fail(&format!("reading {}: {e}", entry.display())));
+        names.extend(kernel_names(&text));
+    }
+    names.sort();
+    names.dedup();
     println!("cargo:rustc-cfg=ddpm_kernels");
+    println!("cargo:rustc-env=DDPM_KERNEL_NAMES={}", names.join(","));
     println!("cargo:rustc-env=DDPM_KERNELS_FATBIN={}", fatbin.display());
     println!("cargo:rustc-env=DDPM_KERNELS_ARCHS={archs}");
 }

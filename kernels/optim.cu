@@ -38,7 +38,9 @@ extern "C" __global__ void __launch_bounds__(256)
 //   p -= lr_t (m / bc1 / (sqrt(v / bc2) + eps) + wd p),
 // with lr_t = lr min(t / warmup, 1), 1 - b1, 1 - b2, bc1 = 1 - b1^t, bc2 = 1 - b2^t computed in fp64 and
 // rounded once, as AdamHyper::at does on the host (the betas come in fp64 for that; the moment updates
-// multiply by them rounded to f32).
+// multiply by them rounded to f32). CUDA's fp64 pow is within 2 ulp where the host's is within 1, so a
+// bias correction can differ from the host's in the last f32 bit at a rounding tie: rare, and within
+// every tolerance that compares the two.
 // Bytes: 28 per parameter (read p, g, m, v; write p, m, v).
 extern "C" __global__ void adam_step_f32(float* __restrict__ params, const float* __restrict__ grads,
                                          float* __restrict__ m, float* __restrict__ v,

@@ -233,8 +233,10 @@ fn drive<B: Backend>(
     let recorded = record && be.capture_begin(Sequence::Sampling)?;
     if recorded {
         let captured = step(be);
-        be.capture_end()?;
+        let end = be.capture_end();
+        // The step's own error first: a failed capture is usually its consequence.
         captured?;
+        end?;
     }
     for done in 1..=rows.len() {
         if crate::interrupt::requested() {

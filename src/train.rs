@@ -78,8 +78,10 @@ pub struct Trainer {
     pub step: u64,
     /// Record the step and replay it where the backend can (the default); false runs every op each step.
     pub record: bool,
-    /// The backend's id of this trainer's recording of its step, once made.
+    /// The backend's id of this trainer's recording of its step, once made, and the options it was made
+    /// with.
     recording: Option<u64>,
+    recorded_opts: Option<TrainOptions>,
 }
 
 impl Trainer {
@@ -116,6 +118,7 @@ impl Trainer {
             step: 0,
             record: true,
             recording: None,
+            recorded_opts: None,
         })
     }
 
@@ -136,9 +139,12 @@ impl Trainer {
         be.clock_set(self.step)?;
         if self.record && !self.recorded(be) && be.capture_begin(Sequence::Training)? {
             let ops = self.ops(be);
-            be.capture_end()?;
+            let end = be.capture_end();
+            // An op's own error first: a failed capture is usually its consequence.
             ops?;
+            end?;
             self.recording = be.recording_id(Sequence::Training);
+            self.recorded_opts = Some(self.opts.clone());
         }
         if self.record && self.recorded(be) {
             be.replay(Sequence::Training)?;
@@ -149,10 +155,13 @@ impl Trainer {
         Ok(self.now.slice(0, 1))
     }
 
-    /// Whether the backend's recording of the training step is this trainer's (another trainer on the
-    /// same backend may have replaced it, or memory moved and the backend forgot it).
+    /// Whether the backend's recording of the training step is this trainer's, made with the current
+    /// options (another trainer on the same backend may have replaced it, memory may have moved and the
+    /// backend forgotten it, or `opts` changed since: a recording keeps the values it was made with).
     fn recorded<B: Backend>(&self, be: &B) -> bool {
-        self.recording.is_some() && self.recording == be.recording_id(Sequence::Training)
+        self.recording.is_some()
+            && self.recording == be.recording_id(Sequence::Training)
+            && self.recorded_opts.as_ref() == Some(&self.opts)
     }
 
     /// The ops of one step, after the upload: the same at every step, the clock supplying what changes.

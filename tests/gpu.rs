@@ -856,8 +856,9 @@ fn ten_bf16_training_steps_track_the_fp32_losses() {
 
 /// The training step recorded once as a graph and replayed equals the same ops launched one by one, bit
 /// for bit: everything that changes from step to step (timesteps, noise, dropout masks, Adam's schedule,
-/// the log slot) comes from the clock on the device. Two trainers share one backend, stepping in turn,
-/// so each must replay its own recording (not the other's, which replaced it on the device).
+/// the log slot) comes from the clock on the device. One trainer alone on its device records at the
+/// first step and replays the same graph for the others; two more share one backend, stepping in turn,
+/// so each must notice the other's recording replaced its own (and record again, never replaying it).
 #[test]
 #[ignore = "needs a CUDA device"]
 fn a_recorded_training_step_replays_exactly_like_its_ops() {
@@ -889,8 +890,22 @@ fn a_recorded_training_step_replays_exactly_like_its_ops() {
         Trainer::new(&mut alone, &small_config(), Schedule::paper(), opts.clone()).unwrap();
     want.record = false;
     want.init(&mut alone).unwrap();
+    let mut own = device();
+    let mut solo =
+        Trainer::new(&mut own, &small_config(), Schedule::paper(), opts.clone()).unwrap();
+    solo.init(&mut own).unwrap();
     let steps = 6;
+    let mut first_recording = None;
     for s in 0..steps {
+        solo.step(&mut own, &data.batch(opts.seed, s, opts.batch, opts.flip))
+            .unwrap();
+        let id = own.recording_id(ddpm_cuda::backend::Sequence::Training);
+        assert!(id.is_some(), "the device recorded the training step");
+        assert_eq!(
+            *first_recording.get_or_insert(id),
+            id,
+            "step {s} recorded again instead of replaying"
+        );
         a.step(
             &mut shared,
             &data.batch(opts.seed, s, opts.batch, opts.flip),
@@ -904,16 +919,30 @@ fn a_recorded_training_step_replays_exactly_like_its_ops() {
         want.step(&mut alone, &data.batch(opts.seed, s, opts.batch, opts.flip))
             .unwrap();
     }
-    let recorded = shared.recording_id(ddpm_cuda::backend::Sequence::Training);
-    assert!(recorded.is_some(), "the device recorded the training step");
-    let log = a.read_log(&mut shared, 0).unwrap();
     let want_log = want.read_log(&mut alone, 0).unwrap();
-    eprintln!("recorded {log:?}\none by one {want_log:?}");
-    assert_eq!(log, want_log, "losses and gradient norms");
-    assert!(log.iter().all(|(l, n)| l.is_finite() && n.is_finite()));
-    assert!(
-        a.state(&mut shared, "synthetic").unwrap() == want.state(&mut alone, "synthetic").unwrap(),
-        "weights, EMA or Adam moments differ between the recorded and the launched step"
+    let want_state = want.state(&mut alone, "synthetic").unwrap();
+    assert!(want_log.iter().all(|(l, n)| l.is_finite() && n.is_finite()));
+    let log = a.read_log(&mut shared, 0).unwrap();
+    for (who, tr, be) in [("alone", &solo, &mut own), ("shared", &a, &mut shared)] {
+        let got = tr.read_log(be, 0).unwrap();
+        eprintln!("recorded ({who}) {got:?}\none by one {want_log:?}");
+        assert_eq!(got, want_log, "losses and gradient norms ({who})");
+        assert!(
+            tr.state(be, "synthetic").unwrap() == want_state,
+            "weights, EMA or Adam moments differ between the recorded and the launched step ({who})"
+        );
+    }
+    // New options make a new recording: the old one keeps the values it was made with.
+    let before = own.recording_id(ddpm_cuda::backend::Sequence::Training);
+    solo.opts.ema_decay = 0.5;
+    solo.step(
+        &mut own,
+        &data.batch(opts.seed, steps, opts.batch, opts.flip),
+    )
+    .unwrap();
+    assert_ne!(
+        own.recording_id(ddpm_cuda::backend::Sequence::Training),
+        before
     );
     // The other trainer really trained on its own seed (it did not replay a's step, nor a its).
     let b_log = b.read_log(&mut shared, 0).unwrap();

@@ -72,11 +72,13 @@ unsafe fn gpu_free(ptr: u64) {
 }
 
 impl Device {
-    /// Opens GPU 0 and loads `fatbin`; `dynamic_shared` kernels may use the device's maximum of dynamic
-    /// shared memory.
+    /// Opens GPU 0, loads `fatbin` and every kernel of `kernels` in it (all of them now: a kernel first
+    /// loaded while a graph is being recorded breaks the capture on drivers before 12.3, with lazy module
+    /// loading); `dynamic_shared` kernels may use the device's maximum of dynamic shared memory.
     pub fn gpu(
         fatbin: &[u8],
         archs: &str,
+        kernels: &[&'static str],
         dynamic_shared: &[&'static str],
     ) -> Result<(Self, Properties)> {
         // SAFETY: only tries to dlopen libcuda and reports whether it loaded.
@@ -120,6 +122,9 @@ impl Device {
             stream,
             ctx,
         };
+        for kernel in kernels {
+            gpu.function(kernel)?;
+        }
         for kernel in dynamic_shared {
             gpu.function(kernel)?
                 .set_attribute(

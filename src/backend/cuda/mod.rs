@@ -39,6 +39,18 @@ pub static FATBIN: Option<&[u8]> = Some(include_bytes!(env!("DDPM_KERNELS_FATBIN
 #[cfg(not(ddpm_kernels))]
 pub static FATBIN: Option<&[u8]> = None;
 
+/// The name of every kernel in [`FATBIN`] (empty without kernels).
+pub fn kernel_names() -> Vec<&'static str> {
+    #[cfg(ddpm_kernels)]
+    {
+        env!("DDPM_KERNEL_NAMES").split(',').collect()
+    }
+    #[cfg(not(ddpm_kernels))]
+    {
+        Vec::new()
+    }
+}
+
 /// The architectures the embedded kernels were built for.
 pub fn kernel_archs() -> Option<&'static str> {
     #[cfg(ddpm_kernels)]
@@ -65,10 +77,9 @@ const WORKSPACE: usize = 16 << 20;
 
 /// Fields are dropped in order: the device buffers go before the device they belong to.
 pub struct CudaBackend {
-    /// The sequence being recorded, the id of each recorded sequence (see `recording_id`), the last id.
+    /// The sequence being recorded, and the id of each recorded sequence (see `recording_id`).
     capturing: Option<Sequence>,
     recorded: [Option<u64>; Sequence::COUNT],
-    recordings: u64,
     /// Elements handed out by `alloc`, and the arena that holds them (once materialised).
     reserved: usize,
     arena: Option<DeviceBuffer>,
@@ -99,7 +110,7 @@ impl CudaBackend {
             ));
         };
         let archs = kernel_archs().unwrap_or("?");
-        let (dev, props) = Device::gpu(fatbin, archs, &attention::KERNELS)?;
+        let (dev, props) = Device::gpu(fatbin, archs, &kernel_names(), &attention::KERNELS)?;
         Ok(Self::on(dev, props))
     }
 
@@ -114,7 +125,6 @@ impl CudaBackend {
         Self {
             capturing: None,
             recorded: [None; Sequence::COUNT],
-            recordings: 0,
             reserved: 0,
             arena: None,
             workspace: None,
@@ -762,8 +772,11 @@ impl super::Backend for CudaBackend {
             .take()
             .ok_or_else(|| Error::Invalid("capture_end without capture_begin".into()))?;
         self.dev.capture_end()?;
-        self.recordings += 1;
-        self.recorded[seq as usize] = Some(self.recordings);
+        // Ids unique across backends too: a trainer moved to another backend never mistakes a stranger's
+        // recording for its own.
+        static RECORDINGS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        let id = RECORDINGS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.recorded[seq as usize] = Some(id);
         Ok(())
     }
 
@@ -875,6 +888,23 @@ impl super::Backend for CudaBackend {
         self.sync()?;
         let seconds = start.elapsed().as_secs_f64() / f64::from(runs);
         Ok(Some(flop / seconds / 1e12))
+    }
+}
+
+#[cfg(all(test, ddpm_kernels))]
+mod tests {
+    // Every kernel must be in the eager-load list: the ones the attention launcher names, and one defined
+    // in a header (gemm.cuh) rather than a .cu file.
+    #[test]
+    fn every_kernel_is_listed_for_loading_before_any_capture() {
+        let names = super::kernel_names();
+        for k in super::attention::KERNELS.iter().chain(&[
+            "gemm_reduce_f32",
+            "clock_advance",
+            "conv2d_forward_normed_bf16",
+        ]) {
+            assert!(names.contains(k), "{k} is not in {names:?}");
+        }
     }
 }
 
