@@ -107,7 +107,7 @@ grep -E "ceilings|images/s|TFLOP/s|GB/s|GiB" "$work/bench-fp32.txt" "$work/bench
 # Ours (each precision) against the best PyTorch configuration at each batch size.
 python3 - "$work/bench-fp32.txt" "$work/bench-bf16.txt" "$work/peer.txt" <<'PY' || true
 import re, sys
-ours, peer = {}, {}
+ours, peer, ours_mem, peer_mem = {}, {}, {}, {}
 for path, precision in ((sys.argv[1], "fp32"), (sys.argv[2], "bf16")):
     try:
         lines = open(path).readlines()
@@ -117,6 +117,9 @@ for path, precision in ((sys.argv[1], "fp32"), (sys.argv[2], "bf16")):
         m = re.match(r"(train|sampling) step, batch (\d+)(?: \(1000-step images/s\))?\s+[\d.]+ ms\s+([\d.]+) images/s", line)
         if m:
             ours[(m.group(1), int(m.group(2)), precision)] = float(m.group(3))
+        m = re.match(r"train memory, batch (\d+) \(tensors \+ scratch\)\s+-\s+([\d.]+) GiB", line)
+        if m:
+            ours_mem[(int(m.group(1)), precision)] = float(m.group(2))
 for line in open(sys.argv[3]):
     f = line.split()
     if len(f) == 7 and f[1].isdigit():
@@ -124,10 +127,18 @@ for line in open(sys.argv[3]):
         for kind, v in (("train", float(f[3])), ("sampling", float(f[5]))):
             if v > peer.get((kind, b), (0, ""))[0]:
                 peer[(kind, b)] = (v, f[0])
+        # The least training memory of any configuration.
+        if float(f[6]) < peer_mem.get(b, (float("inf"), ""))[0]:
+            peer_mem[b] = (float(f[6]), f[0])
 print(f"{'':<27}{'ours img/s':>12}{'best peer':>12}{'config':>9}{'ratio':>8}")
 for key in sorted(ours):
     if key[:2] in peer:
         v, cfg = peer[key[:2]]
         print(f"{key[0] + ' batch ' + str(key[1]) + ' ' + key[2]:<27}{ours[key]:>12.2f}{v:>12.2f}{cfg:>9}{ours[key] / v:>8.2f}")
+print(f"{'':<27}{'ours GiB':>12}{'least peer':>12}{'config':>9}{'ratio':>8}")
+for (b, precision), gib in sorted(ours_mem.items()):
+    if b in peer_mem:
+        v, cfg = peer_mem[b]
+        print(f"{'train memory batch ' + str(b) + ' ' + precision:<27}{gib:>12.2f}{v:>12.2f}{cfg:>9}{gib / v:>8.2f}")
 PY
 rm -rf "$work"
