@@ -1,7 +1,6 @@
 // diffusion.cu: the diffusion process itself, fused.
 //   noise_add_f32          q(x_t | x_0) for a training batch, drawing its own eps
 //   draw_timesteps_f32     the training batch's timesteps, uniform over [0, T)
-//   clock_advance          the training clock: +1
 //   log_at_clock_f32       a step's loss and gradient norm into the log ring, at the clock's slot
 //   sampler_step_f32       one reverse step x_t -> x_{t-1} (DDPM ancestral, respaced DDPM or DDIM),
 //                          coefficients read from a device table at a device-side step index
@@ -73,11 +72,6 @@ extern "C" __global__ void draw_timesteps_f32(float* __restrict__ timesteps, int
         const uint64_t bits = uint64_t(r.x) | (uint64_t(r.y) << 32);
         timesteps[i] = float(__umul64hi(bits, steps));
     }
-}
-
-// The training clock moves one step on. Launch: one thread, after everything of the step that reads it.
-extern "C" __global__ void clock_advance(uint64_t* clock) {
-    if (threadIdx.x == 0 && blockIdx.x == 0) *clock += 1;
 }
 
 // ring[(*clock % slots) * n + i] = src[i]: the host reads the ring a chunk of steps at a time.

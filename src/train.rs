@@ -80,8 +80,7 @@ pub struct Trainer {
     pub record: bool,
     /// The backend's id of this trainer's recording of its step, once made, and the options it was made
     /// with.
-    recording: Option<u64>,
-    recorded_opts: Option<TrainOptions>,
+    recording: Option<(u64, TrainOptions)>,
 }
 
 impl Trainer {
@@ -118,7 +117,6 @@ impl Trainer {
             step: 0,
             record: true,
             recording: None,
-            recorded_opts: None,
         })
     }
 
@@ -143,8 +141,9 @@ impl Trainer {
             // An op's own error first: a failed capture is usually its consequence.
             ops?;
             end?;
-            self.recording = be.recording_id(Sequence::Training);
-            self.recorded_opts = Some(self.opts.clone());
+            self.recording = be
+                .recording_id(Sequence::Training)
+                .map(|id| (id, self.opts.clone()));
         }
         if self.record && self.recorded(be) {
             be.replay(Sequence::Training)?;
@@ -159,9 +158,9 @@ impl Trainer {
     /// options (another trainer on the same backend may have replaced it, memory may have moved and the
     /// backend forgotten it, or `opts` changed since: a recording keeps the values it was made with).
     fn recorded<B: Backend>(&self, be: &B) -> bool {
-        self.recording.is_some()
-            && self.recording == be.recording_id(Sequence::Training)
-            && self.recorded_opts.as_ref() == Some(&self.opts)
+        self.recording.as_ref().is_some_and(|(id, opts)| {
+            Some(*id) == be.recording_id(Sequence::Training) && *opts == self.opts
+        })
     }
 
     /// The ops of one step, after the upload: the same at every step, the clock supplying what changes.
@@ -202,8 +201,7 @@ impl Trainer {
             self.adam_hyper(),
         )?;
         be.ema_update(self.ema, self.net.params, self.opts.ema_decay)?;
-        be.log_at_clock(self.now, self.log)?;
-        be.clock_advance()
+        be.log_at_clock(self.now, self.log)
     }
 
     /// Adam's hyper-parameters: the paper's betas and epsilon, the learning rate warmed up linearly.

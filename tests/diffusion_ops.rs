@@ -231,7 +231,7 @@ fn the_log_ring_takes_each_step_at_the_clocks_slot() {
     );
     let odd = be.alloc(5).unwrap();
     assert!(be.log_at_clock(now, odd).is_err());
-    be.clock_advance().unwrap();
+    be.clock_set(5).unwrap();
     be.upload(now, &[9.0, 9.0]).unwrap();
     be.log_at_clock(now, ring).unwrap();
     // Clock 5 of 3 slots: slot 2.

@@ -762,10 +762,9 @@ pub trait Backend {
     ) -> Result<()>;
 
     // --- the training clock: the step number that per-step streams and Adam's schedule read ------------
-    /// Sets the clock (not while recording).
+    /// Sets the clock, in order with the ops around it (not while recording: a recorded step reads the
+    /// clock when it is replayed, so the caller sets it before each replay).
     fn clock_set(&mut self, step: u64) -> Result<()>;
-    /// Adds one to the clock, in order with the ops around it (recordable).
-    fn clock_advance(&mut self) -> Result<()>;
     /// `ring[slot * src.len + i] = src[i]`, `slot = clock % (ring.len / src.len)`: a log of per-step
     /// values that the host reads a chunk at a time.
     fn log_at_clock(&mut self, src: Tensor, ring: Tensor) -> Result<()>;

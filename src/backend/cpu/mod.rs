@@ -657,11 +657,6 @@ impl<T: Real> Backend for CpuBackend<T> {
         Ok(())
     }
 
-    fn clock_advance(&mut self) -> Result<()> {
-        self.clock += 1;
-        Ok(())
-    }
-
     fn log_at_clock(&mut self, src: Tensor, ring: Tensor) -> Result<()> {
         let slots = checks::ring_slots(src.len, ring.len)?;
         let at = (self.clock % slots as u64) as usize * src.len;

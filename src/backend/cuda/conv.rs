@@ -2,7 +2,7 @@
 //! column sum (`kernels/gemm.cuh`).
 
 use super::elementwise::dims;
-use super::{launch, CudaBackend, WORKSPACE};
+use super::{launch, CudaBackend, KernelArgs, WORKSPACE};
 use crate::backend::{ConvKind, ConvShape, NormedInput, Precision, Tensor};
 use crate::error::{Error, Result};
 use cudarc::driver::LaunchConfig;
@@ -61,10 +61,6 @@ fn geometry(kind: ConvKind) -> [i32; 3] {
     ]
 }
 
-/// The launch arguments of an input normalised as it is loaded: (mean, rstd, gamma, beta, groups, silu),
-/// then the dropout after it: (p, seed, stream base, stream per step, clock).
-type NormArgs = ((u64, u64, u64, u64, i32, i32), (f32, u64, u64, u64, u64));
-
 impl CudaBackend {
     /// Adds the tensors of a normalised input to `ins` after checking that it is the convolution's
     /// input (`x` of `s.x_len()` is checked with the other inputs).
@@ -91,26 +87,33 @@ impl CudaBackend {
         Ok(())
     }
 
-    fn norm_args(&self, n: &NormedInput) -> Result<NormArgs> {
+    /// The kernel's first argument, `x`, then with `norm` the normalisation's (mean, rstd, gamma, beta,
+    /// groups, silu) and the dropout's after it (p, seed, stream base, stream per step, clock), as the
+    /// `_normed` kernels take them after `x`.
+    fn input_args(&self, x: Tensor, norm: Option<&NormedInput>) -> Result<KernelArgs> {
+        let mut a = KernelArgs::default();
+        a.push(self.ptr(x));
+        let Some(n) = norm else {
+            return Ok(a);
+        };
         let [groups] = dims([n.s.groups])?;
-        let dropout = match n.dropout {
+        for t in [n.mean, n.rstd, n.gamma, n.beta] {
+            a.push(self.ptr(t));
+        }
+        a.push(groups);
+        a.push(n.silu as i32);
+        let (p, seed, base, per_step) = match n.dropout {
             Some(d) => {
                 crate::backend::checks::dropout(d.p)?;
                 (d.p, d.seed, d.stream.base, d.stream.per_step)
             }
             None => (0.0, 0, 0, 0),
         };
-        Ok((
-            (
-                self.ptr(n.mean),
-                self.ptr(n.rstd),
-                self.ptr(n.gamma),
-                self.ptr(n.beta),
-                groups,
-                n.silu as i32,
-            ),
-            (dropout.0, dropout.1, dropout.2, dropout.3, self.clock_ptr()),
-        ))
+        a.push(p);
+        for v in [seed, base, per_step, self.clock_ptr()] {
+            a.push(v);
+        }
+        Ok(a)
     }
 
     /// The tiling of the GEMM core the current precision runs on.
@@ -150,66 +153,26 @@ impl CudaBackend {
             Self::normed_ins(&s, n, &mut ins)?;
         }
         self.args("conv2d_forward", &ins, &[("y", y, s.y_len())])?;
-        let (px, pw, pb, py) = (self.ptr(x), self.ptr(w), self.ptr(b), self.ptr(y));
+        let (pw, pb, py) = (self.ptr(w), self.ptr(b), self.ptr(y));
         let pt = image_bias.map_or(0, |t| self.ptr(t));
         let pr = residual.map_or(0, |r| self.ptr(r));
         let (oh, ow) = s.out_hw();
         let cfg = gemm_cfg(self.tile(), s.n * oh * ow, s.o, 1);
-        let [n, h, wd, c, o] = dims([s.n, s.h, s.w, s.c, s.o])?;
-        let [taps, stride, pad] = geometry(s.kind);
-        if let Some(nrm) = &norm {
-            let ((pm, prs, pg, pbt, groups, silu), (p, seed, base, per_step, clock)) =
-                self.norm_args(nrm)?;
-            return launch!(
-                self,
-                self.pick("conv2d_forward_normed_f32", "conv2d_forward_normed_bf16"),
-                cfg,
-                px,
-                pm,
-                prs,
-                pg,
-                pbt,
-                groups,
-                silu,
-                p,
-                seed,
-                base,
-                per_step,
-                clock,
-                pw,
-                pb,
-                pt,
-                pr,
-                py,
-                n,
-                h,
-                wd,
-                c,
-                o,
-                taps,
-                stride,
-                pad
-            );
+        let mut a = self.input_args(x, norm.as_ref())?;
+        for v in [pw, pb, pt, pr, py] {
+            a.push(v);
         }
-        launch!(
-            self,
-            self.pick("conv2d_forward_f32", "conv2d_forward_bf16"),
-            cfg,
-            px,
-            pw,
-            pb,
-            pt,
-            pr,
-            py,
-            n,
-            h,
-            wd,
-            c,
-            o,
-            taps,
-            stride,
-            pad
-        )
+        for v in dims([s.n, s.h, s.w, s.c, s.o])?
+            .into_iter()
+            .chain(geometry(s.kind))
+        {
+            a.push(v);
+        }
+        let name = match norm {
+            Some(_) => self.pick("conv2d_forward_normed_f32", "conv2d_forward_normed_bf16"),
+            None => self.pick("conv2d_forward_f32", "conv2d_forward_bf16"),
+        };
+        a.launch(&mut self.dev, name, cfg)
     }
 
     pub(super) fn conv_backward_data(
@@ -269,74 +232,30 @@ impl CudaBackend {
             &ins,
             &[("dweight", dw, s.w_len()), ("dbias", db, s.o)],
         )?;
-        let (px, pdy, pdw, ws) = (
-            self.ptr(x),
-            self.ptr(dy),
-            self.ptr(dw),
-            self.workspace_ptr(),
-        );
+        let (pdy, pdw, ws) = (self.ptr(dy), self.ptr(dw), self.workspace_ptr());
         let (oh, ow) = s.out_hw();
         let pixels = s.n * oh * ow;
         let (splits, chunk) = split_k(self.tile(), s.o, s.k(), pixels, self.props.sms);
         let cfg = gemm_cfg(self.tile(), s.o, s.k(), splits);
-        let [n, h, wd, c, o, chunk_i] = dims([s.n, s.h, s.w, s.c, s.o, chunk])?;
-        let [taps, stride, pad] = geometry(s.kind);
-        match &norm {
-            Some(nrm) => {
-                let ((pm, prs, pg, pbt, groups, silu), (p, seed, base, per_step, clock)) =
-                    self.norm_args(nrm)?;
-                launch!(
-                    self,
-                    self.pick(
-                        "conv2d_backward_weight_normed_f32",
-                        "conv2d_backward_weight_normed_bf16"
-                    ),
-                    cfg,
-                    px,
-                    pm,
-                    prs,
-                    pg,
-                    pbt,
-                    groups,
-                    silu,
-                    p,
-                    seed,
-                    base,
-                    per_step,
-                    clock,
-                    pdy,
-                    pdw,
-                    ws,
-                    chunk_i,
-                    n,
-                    h,
-                    wd,
-                    c,
-                    o,
-                    taps,
-                    stride,
-                    pad
-                )?
-            }
-            None => launch!(
-                self,
-                self.pick("conv2d_backward_weight_f32", "conv2d_backward_weight_bf16"),
-                cfg,
-                px,
-                pdy,
-                pdw,
-                ws,
-                chunk_i,
-                n,
-                h,
-                wd,
-                c,
-                o,
-                taps,
-                stride,
-                pad
-            )?,
+        let mut a = self.input_args(x, norm.as_ref())?;
+        for v in [pdy, pdw, ws] {
+            a.push(v);
         }
+        let [n, h, wd, c, o, chunk_i] = dims([s.n, s.h, s.w, s.c, s.o, chunk])?;
+        for v in [chunk_i, n, h, wd, c, o]
+            .into_iter()
+            .chain(geometry(s.kind))
+        {
+            a.push(v);
+        }
+        let name = match norm {
+            Some(_) => self.pick(
+                "conv2d_backward_weight_normed_f32",
+                "conv2d_backward_weight_normed_bf16",
+            ),
+            None => self.pick("conv2d_backward_weight_f32", "conv2d_backward_weight_bf16"),
+        };
+        a.launch(&mut self.dev, name, cfg)?;
         if splits > 1 {
             self.reduce_splits(splits, s.o, s.k(), pdw, 0, false)?;
         }

@@ -52,9 +52,8 @@ impl Drop for DeviceBuffer {
 
 /// A GPU through the CUDA driver: one context, one stream, the embedded module.
 pub(super) struct Gpu {
-    /// One recorded graph per [`Sequence`], and the one being recorded.
+    /// One recorded graph per [`Sequence`].
     graphs: [Option<CudaGraph>; Sequence::COUNT],
-    recording: Option<Sequence>,
     functions: HashMap<&'static str, CudaFunction>,
     module: Arc<CudaModule>,
     stream: Arc<CudaStream>,
@@ -116,7 +115,6 @@ impl Device {
             })?;
         let mut gpu = Gpu {
             graphs: Default::default(),
-            recording: None,
             functions: HashMap::new(),
             module,
             stream,
@@ -308,7 +306,6 @@ impl Device {
         match self {
             Self::Gpu(g) => {
                 g.graphs[seq as usize] = None;
-                g.recording = Some(seq);
                 g.stream
                     .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
                     .map_err(cuda("starting a graph capture"))
@@ -321,13 +318,10 @@ impl Device {
         }
     }
 
-    pub fn capture_end(&mut self) -> Result<()> {
+    /// Ends the capture `capture_begin(seq)` started, keeping it as `seq`.
+    pub fn capture_end(&mut self, seq: Sequence) -> Result<()> {
         match self {
             Self::Gpu(g) => {
-                let seq = g
-                    .recording
-                    .take()
-                    .ok_or_else(|| Error::Invalid("no graph capture to end".into()))?;
                 let graph = g
                     .stream
                     .end_capture(sys::CUgraphInstantiate_flags(0))
@@ -340,7 +334,7 @@ impl Device {
             }
             #[cfg(feature = "emu")]
             Self::Emu(e) => {
-                e.end();
+                e.end(seq);
                 Ok(())
             }
         }
@@ -429,17 +423,17 @@ mod emu {
 
     #[derive(Default)]
     pub struct Emu {
-        recording: Option<(Sequence, Vec<Recorded>)>,
+        recording: Option<Vec<Recorded>>,
         recorded: [Vec<Recorded>; Sequence::COUNT],
     }
 
     impl Emu {
         pub fn begin(&mut self, seq: Sequence) {
             self.recorded[seq as usize].clear();
-            self.recording = Some((seq, Vec::new()));
+            self.recording = Some(Vec::new());
         }
-        pub fn end(&mut self) {
-            if let Some((seq, launches)) = self.recording.take() {
+        pub fn end(&mut self, seq: Sequence) {
+            if let Some(launches) = self.recording.take() {
                 self.recorded[seq as usize] = launches;
             }
         }
@@ -455,7 +449,7 @@ mod emu {
             sizes: &[usize],
         ) -> Result<()> {
             let cname = CString::new(name).expect("kernel names have no NUL");
-            if let Some((_, rec)) = &mut self.recording {
+            if let Some(rec) = &mut self.recording {
                 let args = params
                     .iter()
                     .zip(sizes)

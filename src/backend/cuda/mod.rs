@@ -265,29 +265,26 @@ impl CudaBackend {
 }
 
 /// Launches kernel `$name` of the embedded module with `$cfg` and the arguments in the kernel's order
-/// (device addresses as u64, sizes as the kernel's integer types), and checks the launch.
+/// (device addresses as u64, sizes as the kernel's integer types), and checks the launch. A trailing
+/// `; list` appends a [`KernelArgs`] built beforehand (arguments that depend on the op's options).
 ///
 /// SAFETY (of the launch inside): every device address passed was checked against the arena by the
 /// caller (`args`, i.e. [`check_args`]), the argument list matches the kernel's signature, and the stream
 /// orders every access.
 macro_rules! launch {
     ($be:expr, $name:expr, $cfg:expr, $($arg:expr),* $(,)?) => {{
-        let mut params: Vec<*mut std::ffi::c_void> = Vec::new();
-        let mut sizes: Vec<usize> = Vec::new();
-        $(
-            let arg = $crate::backend::cuda::kernel_arg($arg);
-            params.push(&arg as *const _ as *mut std::ffi::c_void);
-            sizes.push(std::mem::size_of_val(&arg));
-        )*
-        unsafe { $be.dev.launch($name, $cfg, &mut params, &sizes) }
+        let (name, cfg) = ($name, $cfg);
+        let mut list = $crate::backend::cuda::KernelArgs::default();
+        $( list.push($arg); )*
+        list.launch(&mut $be.dev, name, cfg)
     }};
 }
 pub(crate) use launch;
 
 /// The types a kernel argument may have: the scalars of the kernels' signatures (device addresses are
-/// u64). Anything else given to [`launch!`] (a reference, a struct, a usize) fails to compile instead of
-/// reaching the kernel as bytes of the wrong size.
-pub trait KernelArg: Copy {}
+/// u64). Anything else (a reference, a struct, a usize) fails to compile instead of reaching the kernel
+/// as bytes of the wrong size.
+pub(crate) trait KernelArg: bytemuck::Pod {}
 impl KernelArg for i32 {}
 impl KernelArg for u32 {}
 impl KernelArg for i64 {}
@@ -295,9 +292,32 @@ impl KernelArg for u64 {}
 impl KernelArg for f32 {}
 impl KernelArg for f64 {}
 
-#[doc(hidden)]
-pub fn kernel_arg<T: KernelArg>(v: T) -> T {
-    v
+/// A kernel's arguments, in order: each value in an 8-byte slot (aligned for any of them), with its size.
+#[derive(Default)]
+pub(crate) struct KernelArgs {
+    slots: Vec<u64>,
+    sizes: Vec<usize>,
+}
+
+impl KernelArgs {
+    pub fn push<T: KernelArg>(&mut self, v: T) {
+        let mut slot = 0u64;
+        let bytes = bytemuck::bytes_of(&v);
+        bytemuck::bytes_of_mut(&mut slot)[..bytes.len()].copy_from_slice(bytes);
+        self.slots.push(slot);
+        self.sizes.push(bytes.len());
+    }
+
+    /// See [`launch!`] for what makes this sound.
+    fn launch(mut self, dev: &mut Device, name: &'static str, cfg: LaunchConfig) -> Result<()> {
+        let mut params: Vec<*mut std::ffi::c_void> = self
+            .slots
+            .iter_mut()
+            .map(|s| s as *mut u64 as *mut std::ffi::c_void)
+            .collect();
+        // SAFETY: as documented on `launch!`; each pointer is to a live slot holding the value's bytes.
+        unsafe { dev.launch(name, cfg, &mut params, &self.sizes) }
+    }
 }
 
 impl super::Backend for CudaBackend {
@@ -697,12 +717,6 @@ impl super::Backend for CudaBackend {
         unsafe { self.dev.htod(self.clock_ptr(), &step.to_le_bytes()) }
     }
 
-    fn clock_advance(&mut self) -> Result<()> {
-        self.materialise()?;
-        let clock = self.clock_ptr();
-        launch!(self, "clock_advance", LaunchConfig::for_num_elems(1), clock)
-    }
-
     fn log_at_clock(&mut self, src: Tensor, ring: Tensor) -> Result<()> {
         self.log_entry(src, ring)
     }
@@ -771,7 +785,7 @@ impl super::Backend for CudaBackend {
             .capturing
             .take()
             .ok_or_else(|| Error::Invalid("capture_end without capture_begin".into()))?;
-        self.dev.capture_end()?;
+        self.dev.capture_end(seq)?;
         // Ids unique across backends too: a trainer moved to another backend never mistakes a stranger's
         // recording for its own.
         static RECORDINGS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
@@ -900,7 +914,7 @@ mod tests {
         let names = super::kernel_names();
         for k in super::attention::KERNELS.iter().chain(&[
             "gemm_reduce_f32",
-            "clock_advance",
+            "draw_timesteps_f32",
             "conv2d_forward_normed_bf16",
         ]) {
             assert!(names.contains(k), "{k} is not in {names:?}");
