@@ -53,6 +53,11 @@ void syncthreads();
 void syncwarp();
 float shfl_xor(float v, int lane_mask);
 double shfl_xor(double v, int lane_mask);
+// The calling thread's lane in its warp, and a collective exchange over the warp: every lane gives
+// `bytes` (at most WARP_SHARE_BYTES) and receives all 32 lanes' in lane order, `bytes` apart, in `all`.
+constexpr unsigned WARP_SHARE_BYTES = 64;
+unsigned lane_id();
+void warp_allgather(const void* mine, unsigned bytes, void* all);
 float* dynamic_shared();
 }  // namespace emu
 

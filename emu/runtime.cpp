@@ -11,6 +11,7 @@
 // with no fibers at all.
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <memory>
 #include <mutex>
 #include <vector>
@@ -103,6 +104,7 @@ struct Block {
     Barrier all;
     std::vector<Barrier> warps;
     std::vector<double> slots;
+    std::vector<unsigned char> shared_slots;  // warp_allgather's, WARP_SHARE_BYTES per thread
     std::vector<float> shared;  // dynamic shared memory, from the first 128-byte boundary in it
     std::vector<Fiber> fibers;
     void* scheduler_sp = nullptr;
@@ -187,6 +189,25 @@ void syncthreads() { wait(current->all); }
 void syncwarp() { wait(current->warps[current->running->id / 32]); }
 float shfl_xor(float v, int m) { return exchange(v, m); }
 double shfl_xor(double v, int m) { return exchange(v, m); }
+unsigned lane_id() { return current->running->id % 32; }
+void warp_allgather(const void* mine, unsigned bytes, void* all) {
+    if (bytes > WARP_SHARE_BYTES) {
+        std::fprintf(stderr, "CUDA emulator: warp_allgather of %u bytes (at most %u)\n", bytes, WARP_SHARE_BYTES);
+        std::abort();
+    }
+    const unsigned t = current->running->id, warp = t / 32;
+    Barrier& b = current->warps[warp];
+    std::memcpy(&current->shared_slots[t * WARP_SHARE_BYTES], mine, bytes);
+    wait(b);
+    const std::size_t threads = current->shared_slots.size() / WARP_SHARE_BYTES;
+    for (unsigned lane = 0; lane < 32; ++lane) {
+        unsigned char* dst = static_cast<unsigned char*>(all) + lane * bytes;
+        const std::size_t from = warp * 32 + lane;  // lanes past the block's last thread give zeros
+        if (from < threads) std::memcpy(dst, &current->shared_slots[from * WARP_SHARE_BYTES], bytes);
+        else std::memset(dst, 0, bytes);
+    }
+    wait(b);
+}
 float* dynamic_shared() {
     // The device's dynamic shared memory starts aligned (WMMA needs 32 bytes); a vector's data need not.
     const auto at = reinterpret_cast<std::uintptr_t>(current->shared.data());
@@ -205,6 +226,7 @@ int launch(const Launcher& launcher, bool sequential, const unsigned grid[3], co
     state.launcher = &launcher;
     state.args = args;
     state.slots.assign(threads, 0.0);
+    state.shared_slots.assign(std::size_t(threads) * WARP_SHARE_BYTES, 0);
     current = &state;
     for (unsigned z = 0; z < grid[2]; ++z)
         for (unsigned y = 0; y < grid[1]; ++y)

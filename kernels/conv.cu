@@ -12,8 +12,11 @@
 //                                      normalised (and dropped-out) activation is never stored: one write
 //                                      and one read of it saved per ResNet block normalisation (two with
 //                                      dropout).
-// _f32 runs on the fp32 core of gemm.cuh (exact fp32, the path the tests hold to the CPU), _bf16 on the
-// tensor-core core of gemm_tc.cuh (operands rounded to bf16, fp32 sums). Tensors are fp32 either way.
+//   conv2d_forward_wmma                conv2d_forward_bf16 on version 2 of the ladder (WMMA, gemm_tc.cuh),
+//                                      kept so the bench times each rung side by side (dev/conv/)
+// _f32 runs on the fp32 core of gemm.cuh (version 1: exact fp32, the path the tests hold to the CPU), _bf16
+// on the mma.sync tensor-core core of gemm_mma.cuh (version 3: operands rounded to bf16, fp32 sums).
+// Tensors are fp32 either way.
 // The bias gradient is a column sum of dy (column_sums_* in gemm.cuh).
 //
 // Layouts: x [batch, h, w, c] and y [batch, oh, ow, o] NHWC; w [o, taps, taps, c] (ours: the PyTorch
@@ -28,7 +31,7 @@
 // FLOPs: 2 M N K each; the paper's 3x3 256->256 conv at 16x16, batch 128: 2 * 32768 * 256 * 2304 = 38.7 GFLOP.
 // Launch (all three): grid (ceil(M / T), ceil(N / T), splits), block 256, with tile T = 64 (_f32) or 128
 // (_bf16); splits = 1 except for the weight gradient, whose chunk is a multiple of 16 (_f32) or 32 (_bf16).
-#include "gemm_tc.cuh"
+#include "gemm_mma.cuh"
 
 __device__ __forceinline__ ddpm::ConvGeom conv_geom(int h, int w, int c, int o, int taps, int stride, int pad) {
     ddpm::ConvGeom g;
@@ -70,7 +73,7 @@ struct Gather<true> {
     }
 };
 
-template <bool TC, bool NORMED = false>
+template <ddpm::Core CORE, bool NORMED = false>
 __device__ __forceinline__ void conv_forward_gemm(const float* x, const float* w, const float* b,
                                                   const float* image_bias, const float* residual, float* y,
                                                   int batch, int h, int wd, int c, int o, int taps, int stride,
@@ -80,10 +83,10 @@ __device__ __forceinline__ void conv_forward_gemm(const float* x, const float* w
     const auto a = Gather<NORMED>::make(ddpm::Im2col{x, g, rows, kdim}, norm);
     const ddpm::ColsB bw{w, kdim, o};
     const ddpm::Epilogue e{y, o, b, 0, nullptr, image_bias, g.oh * g.ow, residual};
-    ddpm::gemm<TC>(a, bw, rows, o, kdim, kdim, e);
+    ddpm::gemm<CORE>(a, bw, rows, o, kdim, kdim, e);
 }
 
-template <bool TC>
+template <ddpm::Core CORE>
 __device__ __forceinline__ void conv_backward_data_gemm(const float* dy, const float* w, float* dx, int batch,
                                                         int h, int wd, int c, int o, int taps, int stride,
                                                         int pad, int accumulate) {
@@ -92,11 +95,11 @@ __device__ __forceinline__ void conv_backward_data_gemm(const float* dy, const f
     const ddpm::DyGather a{dy, g, rows, kdim};
     const ddpm::WeightT bw{w, g};
     const ddpm::Epilogue e{dx, c, nullptr, accumulate, nullptr};
-    ddpm::gemm<TC>(a, bw, rows, c, kdim, kdim, e);
+    ddpm::gemm<CORE>(a, bw, rows, c, kdim, kdim, e);
 }
 
 // Slice z of the reduction over pixels writes workspace[z, o, k]; gemm_reduce_f32 then writes dw.
-template <bool TC, bool NORMED = false>
+template <ddpm::Core CORE, bool NORMED = false>
 __device__ __forceinline__ void conv_backward_weight_gemm(const float* x, const float* dy, float* dw,
                                                           float* workspace, int chunk, int batch, int h, int wd,
                                                           int c, int o, int taps, int stride, int pad,
@@ -107,7 +110,7 @@ __device__ __forceinline__ void conv_backward_weight_gemm(const float* x, const 
     using G = Gather<NORMED>;
     const ddpm::Im2colB<typename G::type> bx{G::make(ddpm::Im2col{x, g, pixels, kdim}, norm)};
     const ddpm::Epilogue e{dw, kdim, nullptr, 0, workspace};
-    ddpm::gemm<TC>(a, bx, o, kdim, pixels, chunk, e);
+    ddpm::gemm<CORE>(a, bx, o, kdim, pixels, chunk, e);
 }
 }  // namespace
 
@@ -117,21 +120,21 @@ extern "C" __global__ void __launch_bounds__(256)
                        const float* __restrict__ image_bias, const float* __restrict__ residual,
                        float* __restrict__ y, int batch, int h, int wd, int c, int o, int taps, int stride,
                        int pad) {
-    conv_forward_gemm<false>(x, w, b, image_bias, residual, y, batch, h, wd, c, o, taps, stride, pad);
+    conv_forward_gemm<ddpm::Core::Simt>(x, w, b, image_bias, residual, y, batch, h, wd, c, o, taps, stride, pad);
 }
 
 extern "C" __global__ void __launch_bounds__(256)
     conv2d_backward_data_f32(const float* __restrict__ dy, const float* __restrict__ w, float* __restrict__ dx,
                              int batch, int h, int wd, int c, int o, int taps, int stride, int pad,
                              int accumulate) {
-    conv_backward_data_gemm<false>(dy, w, dx, batch, h, wd, c, o, taps, stride, pad, accumulate);
+    conv_backward_data_gemm<ddpm::Core::Simt>(dy, w, dx, batch, h, wd, c, o, taps, stride, pad, accumulate);
 }
 
 extern "C" __global__ void __launch_bounds__(256)
     conv2d_backward_weight_f32(const float* __restrict__ x, const float* __restrict__ dy, float* __restrict__ dw,
                                float* __restrict__ workspace, int chunk, int batch, int h, int wd, int c, int o,
                                int taps, int stride, int pad) {
-    conv_backward_weight_gemm<false>(x, dy, dw, workspace, chunk, batch, h, wd, c, o, taps, stride, pad);
+    conv_backward_weight_gemm<ddpm::Core::Simt>(x, dy, dw, workspace, chunk, batch, h, wd, c, o, taps, stride, pad);
 }
 
 extern "C" __global__ void __launch_bounds__(256)
@@ -139,21 +142,29 @@ extern "C" __global__ void __launch_bounds__(256)
                        const float* __restrict__ image_bias, const float* __restrict__ residual,
                        float* __restrict__ y, int batch, int h, int wd, int c, int o, int taps, int stride,
                        int pad) {
-    conv_forward_gemm<true>(x, w, b, image_bias, residual, y, batch, h, wd, c, o, taps, stride, pad);
+    conv_forward_gemm<ddpm::Core::Mma>(x, w, b, image_bias, residual, y, batch, h, wd, c, o, taps, stride, pad);
 }
 
 extern "C" __global__ void __launch_bounds__(256)
     conv2d_backward_data_bf16(const float* __restrict__ dy, const float* __restrict__ w, float* __restrict__ dx,
                              int batch, int h, int wd, int c, int o, int taps, int stride, int pad,
                              int accumulate) {
-    conv_backward_data_gemm<true>(dy, w, dx, batch, h, wd, c, o, taps, stride, pad, accumulate);
+    conv_backward_data_gemm<ddpm::Core::Mma>(dy, w, dx, batch, h, wd, c, o, taps, stride, pad, accumulate);
 }
 
 extern "C" __global__ void __launch_bounds__(256)
     conv2d_backward_weight_bf16(const float* __restrict__ x, const float* __restrict__ dy, float* __restrict__ dw,
                                float* __restrict__ workspace, int chunk, int batch, int h, int wd, int c, int o,
                                int taps, int stride, int pad) {
-    conv_backward_weight_gemm<true>(x, dy, dw, workspace, chunk, batch, h, wd, c, o, taps, stride, pad);
+    conv_backward_weight_gemm<ddpm::Core::Mma>(x, dy, dw, workspace, chunk, batch, h, wd, c, o, taps, stride, pad);
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+    conv2d_forward_wmma(const float* __restrict__ x, const float* __restrict__ w, const float* __restrict__ b,
+                        const float* __restrict__ image_bias, const float* __restrict__ residual,
+                        float* __restrict__ y, int batch, int h, int wd, int c, int o, int taps, int stride,
+                        int pad) {
+    conv_forward_gemm<ddpm::Core::Wmma>(x, w, b, image_bias, residual, y, batch, h, wd, c, o, taps, stride, pad);
 }
 
 // The normalised-input twins: x is the block's input before group norm (+ SiLU); mean and rstd are
@@ -171,7 +182,7 @@ extern "C" __global__ void __launch_bounds__(256)
                               const float* __restrict__ b, const float* __restrict__ image_bias,
                               const float* __restrict__ residual, float* __restrict__ y, int batch, int h, int wd,
                               int c, int o, int taps, int stride, int pad) {
-    conv_forward_gemm<false, true>(x, w, b, image_bias, residual, y, batch, h, wd, c, o, taps, stride, pad,
+    conv_forward_gemm<ddpm::Core::Simt, true>(x, w, b, image_bias, residual, y, batch, h, wd, c, o, taps, stride, pad,
                                    DDPM_NORM_ARGS);
 }
 
@@ -180,7 +191,7 @@ extern "C" __global__ void __launch_bounds__(256)
                                const float* __restrict__ b, const float* __restrict__ image_bias,
                                const float* __restrict__ residual, float* __restrict__ y, int batch, int h,
                                int wd, int c, int o, int taps, int stride, int pad) {
-    conv_forward_gemm<true, true>(x, w, b, image_bias, residual, y, batch, h, wd, c, o, taps, stride, pad,
+    conv_forward_gemm<ddpm::Core::Mma, true>(x, w, b, image_bias, residual, y, batch, h, wd, c, o, taps, stride, pad,
                                   DDPM_NORM_ARGS);
 }
 
@@ -189,7 +200,7 @@ extern "C" __global__ void __launch_bounds__(256)
                                       const float* __restrict__ dy, float* __restrict__ dw,
                                       float* __restrict__ workspace, int chunk, int batch, int h, int wd, int c,
                                       int o, int taps, int stride, int pad) {
-    conv_backward_weight_gemm<false, true>(x, dy, dw, workspace, chunk, batch, h, wd, c, o, taps, stride, pad,
+    conv_backward_weight_gemm<ddpm::Core::Simt, true>(x, dy, dw, workspace, chunk, batch, h, wd, c, o, taps, stride, pad,
                                            DDPM_NORM_ARGS);
 }
 
@@ -198,7 +209,7 @@ extern "C" __global__ void __launch_bounds__(256)
                                        const float* __restrict__ dy, float* __restrict__ dw,
                                        float* __restrict__ workspace, int chunk, int batch, int h, int wd, int c,
                                        int o, int taps, int stride, int pad) {
-    conv_backward_weight_gemm<true, true>(x, dy, dw, workspace, chunk, batch, h, wd, c, o, taps, stride, pad,
+    conv_backward_weight_gemm<ddpm::Core::Mma, true>(x, dy, dw, workspace, chunk, batch, h, wd, c, o, taps, stride, pad,
                                           DDPM_NORM_ARGS);
 }
 #undef DDPM_NORM_PARAMS

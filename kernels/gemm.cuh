@@ -29,6 +29,38 @@ constexpr int GEMM_BK = 16;
 constexpr int GEMM_THREADS = 256;
 
 // ---- loaders --------------------------------------------------------------------------------------
+//
+// Each loader also presents eight consecutive elements along its contiguous index at once, for the
+// vector loads of the tensor-core core (gemm_mma.cuh): load8(i, j, valid, v) sets v[t] to the element t
+// places after (i, j) along that index (k for a k_fast A, m for the others; n for an n_fast B, k for the
+// others), or 0 for t >= valid. The caller keeps both indices inside the operand (valid > 0, the other
+// index in range) and starts every run along k at a multiple of 8. Where the eight lie in one run of
+// memory aligned to 16 bytes, that is two 16-byte loads and one index computation instead of eight.
+
+// v = p[0, 8), 0 past `valid`: two 16-byte loads when all eight are valid and p is 16-byte aligned.
+__device__ __forceinline__ void load_run8(const float* p, int valid, float (&v)[8]) {
+    if (valid >= 8 && (reinterpret_cast<uintptr_t>(p) & 15) == 0) {
+        const float4 lo = *reinterpret_cast<const float4*>(p);
+        const float4 hi = *reinterpret_cast<const float4*>(p + 4);
+        v[0] = lo.x, v[1] = lo.y, v[2] = lo.z, v[3] = lo.w;
+        v[4] = hi.x, v[5] = hi.y, v[6] = hi.z, v[7] = hi.w;
+        return;
+    }
+#pragma unroll
+    for (int t = 0; t < 8; ++t) v[t] = t < valid ? p[t] : 0.0f;
+}
+
+__device__ __forceinline__ void zero8(float (&v)[8]) {
+#pragma unroll
+    for (int t = 0; t < 8; ++t) v[t] = 0.0f;
+}
+
+// The eight one at a time, for a loader whose run is not one run of memory: v[t] = at(t), 0 past valid.
+template <class At>
+__device__ __forceinline__ void gather8(const At& at, int valid, float (&v)[8]) {
+#pragma unroll
+    for (int t = 0; t < 8; ++t) v[t] = t < valid ? at(t) : 0.0f;
+}
 
 // A(m, k) = p[m * ld + k]: rows of length >= K, k contiguous.
 struct RowsA {
@@ -37,6 +69,7 @@ struct RowsA {
     int rows;
     static constexpr bool k_fast = true;
     __device__ float operator()(int m, int k) const { return m < rows ? p[int64_t(m) * ld + k] : 0.0f; }
+    __device__ void load8(int m, int k, int valid, float (&v)[8]) const { load_run8(p + int64_t(m) * ld + k, valid, v); }
 };
 
 // A(m, k) = p[k * ld + m]: the transpose of a row-major matrix, m contiguous.
@@ -46,6 +79,7 @@ struct ColsA {
     int rows;
     static constexpr bool k_fast = false;
     __device__ float operator()(int m, int k) const { return m < rows ? p[int64_t(k) * ld + m] : 0.0f; }
+    __device__ void load8(int m, int k, int valid, float (&v)[8]) const { load_run8(p + int64_t(k) * ld + m, valid, v); }
 };
 
 // B(k, n) = p[k * ld + n]: n contiguous.
@@ -55,6 +89,7 @@ struct RowsB {
     int cols;
     static constexpr bool n_fast = true;
     __device__ float operator()(int k, int n) const { return n < cols ? p[int64_t(k) * ld + n] : 0.0f; }
+    __device__ void load8(int k, int n, int valid, float (&v)[8]) const { load_run8(p + int64_t(k) * ld + n, valid, v); }
 };
 
 // B(k, n) = p[n * ld + k]: the transpose of a row-major matrix (a weight [out, in] used as [in, out]).
@@ -64,6 +99,7 @@ struct ColsB {
     int cols;
     static constexpr bool n_fast = false;
     __device__ float operator()(int k, int n) const { return n < cols ? p[int64_t(n) * ld + k] : 0.0f; }
+    __device__ void load8(int k, int n, int valid, float (&v)[8]) const { load_run8(p + int64_t(n) * ld + k, valid, v); }
 };
 
 // The geometry of a convolution: NHWC input [batch, h, w, c], output [batch, oh, ow, o], a taps x taps
@@ -99,6 +135,15 @@ struct Im2col {
         const int64_t i = index(m, k, image);
         return i < 0 ? 0.0f : x[i];
     }
+    // With c a multiple of 8, the eight k from a multiple of 8 are consecutive channels of one tap: one
+    // pixel (or its padding), one run of memory.
+    __device__ void load8(int m, int k, int valid, float (&v)[8]) const {
+        if (g.c % 8 != 0) return gather8([&](int t) { return (*this)(m, k + t); }, valid, v);
+        int image;
+        const int64_t i = index(m, k, image);
+        if (i < 0) return zero8(v);
+        load_run8(x + i, valid, v);
+    }
 };
 
 // The same gather of silu(group_norm(x)) (or of group_norm(x) without SiLU), then inverted dropout when
@@ -128,6 +173,23 @@ struct NormedIm2col {
         const float v = silu ? z * sigmoid(z) : z;
         return p > 0.0f ? v * (philox_uniform(seed, stream, uint64_t(i)) >= p ? keep : 0.0f) : v;
     }
+    // Eight consecutive channels of one pixel (c a multiple of 8) in two 16-byte loads, each then
+    // normalised as operator() does it.
+    __device__ void load8(int m, int k, int valid, float (&v)[8]) const {
+        if (a.g.c % 8 != 0) return gather8([&](int t) { return (*this)(m, k + t); }, valid, v);
+        int image;
+        const int64_t i = a.index(m, k, image);
+        if (i < 0) return zero8(v);
+        load_run8(a.x + i, valid, v);
+        const int c0 = k % a.g.c, per_group = a.g.c / groups;
+#pragma unroll
+        for (int t = 0; t < 8; ++t) {
+            const int ci = c0 + t, s = image * groups + ci / per_group;
+            const float z = (v[t] - mean[s]) * rstd[s] * gamma[ci] + beta[ci];
+            const float u = silu ? z * sigmoid(z) : z;
+            v[t] = p > 0.0f ? u * (philox_uniform(seed, stream, uint64_t(i + t)) >= p ? keep : 0.0f) : u;
+        }
+    }
 };
 
 // Either gather as the B operand of the weight gradient: B(r, k) = im2col(r, k), k contiguous.
@@ -136,6 +198,7 @@ struct Im2colB {
     Gather a;
     static constexpr bool n_fast = true;
     __device__ float operator()(int r, int k) const { return a(r, k); }
+    __device__ void load8(int r, int k, int valid, float (&v)[8]) const { a.load8(r, k, valid, v); }
 };
 
 // The input gradient's gather: A(m, k) with m = (image, iy, ix) an input pixel, k = (ky, kx, oc): the
@@ -147,17 +210,29 @@ struct DyGather {
     int rows;  // batch * h * w
     int kdim;  // taps * taps * o
     static constexpr bool k_fast = true;
-    __device__ float operator()(int m, int k) const {
-        if (m >= rows || k >= kdim) return 0.0f;
+    // The offset of A(m, k) in dy, or -1 where it is 0.
+    __device__ __forceinline__ int64_t index(int m, int k) const {
+        if (m >= rows || k >= kdim) return -1;
         const int ix = m % g.w, rest = m / g.w;
         const int iy = rest % g.h, image = rest / g.h;
         const int oc = k % g.o, tap = k / g.o;
         const int kx = tap % g.taps, ky = tap / g.taps;
         const int ny = iy + g.pad - ky, nx = ix + g.pad - kx;
-        if (ny < 0 || nx < 0 || ny % g.stride != 0 || nx % g.stride != 0) return 0.0f;
+        if (ny < 0 || nx < 0 || ny % g.stride != 0 || nx % g.stride != 0) return -1;
         const int oy = ny / g.stride, ox = nx / g.stride;
-        if (oy >= g.oh || ox >= g.ow) return 0.0f;
-        return dy[((int64_t(image) * g.oh + oy) * g.ow + ox) * g.o + oc];
+        if (oy >= g.oh || ox >= g.ow) return -1;
+        return ((int64_t(image) * g.oh + oy) * g.ow + ox) * g.o + oc;
+    }
+    __device__ float operator()(int m, int k) const {
+        const int64_t i = index(m, k);
+        return i < 0 ? 0.0f : dy[i];
+    }
+    // With o a multiple of 8, the eight k from a multiple of 8 are consecutive channels of one tap.
+    __device__ void load8(int m, int k, int valid, float (&v)[8]) const {
+        if (g.o % 8 != 0) return gather8([&](int t) { return (*this)(m, k + t); }, valid, v);
+        const int64_t i = index(m, k);
+        if (i < 0) return zero8(v);
+        load_run8(dy + i, valid, v);
     }
 };
 
@@ -166,11 +241,12 @@ struct WeightT {
     const float* w;
     ConvGeom g;
     static constexpr bool n_fast = true;
-    __device__ float operator()(int k, int ci) const {
-        if (ci >= g.c) return 0.0f;
+    __device__ __forceinline__ const float* at(int k, int ci) const {
         const int oc = k % g.o, tap = k / g.o;
-        return w[(int64_t(oc) * g.taps * g.taps + tap) * g.c + ci];
+        return w + (int64_t(oc) * g.taps * g.taps + tap) * g.c + ci;
     }
+    __device__ float operator()(int k, int ci) const { return ci < g.c ? *at(k, ci) : 0.0f; }
+    __device__ void load8(int k, int ci, int valid, float (&v)[8]) const { load_run8(at(k, ci), valid, v); }
 };
 
 // ---- the core -------------------------------------------------------------------------------------

@@ -2,9 +2,9 @@
 //
 //   C[m, n] = sum_k bf16(A(m, k)) bf16(B(k, n)), products exact, sums in fp32
 //
-// Same loaders, epilogue and launch contract as the fp32 core of gemm.cuh, so every convolution and linear
-// layer has a twin that runs on it (the *_bf16 kernels); `--precision bf16` picks those. Storage stays
-// fp32: each operand is rounded to bf16 (nearest even) as it is staged in shared memory, which is where
+// Same loaders, epilogue and launch contract as the fp32 core of gemm.cuh. Version 3 (gemm_mma.cuh) has
+// replaced it under the `_bf16` kernels; it stays in the build under conv2d_forward_wmma, so the bench
+// times each rung of the ladder on the same device in the same run. Storage stays fp32: each operand is rounded to bf16 (nearest even) as it is staged in shared memory, which is where
 // this version gets its speed (the multiply-adds on the tensor cores) and where it loses accuracy (8
 // significant bits per operand; see the tolerance derivation in tests/gpu.rs).
 //
@@ -20,10 +20,9 @@
 // WMMA keeps the fragment layout opaque: the epilogue stores each accumulator fragment to a per-warp
 // shared-memory patch and the warp's lanes apply the epilogue from there (8 elements each).
 //
-// What version 2 leaves on the table (the next rungs): scalar loader calls with their index arithmetic
-// per element instead of 16-byte vector loads; a single shared-memory stage instead of a cp.async
-// pipeline; WMMA's generic fragment loads instead of ldmatrix from a swizzled layout; and on sm_90,
-// warpgroup MMA (wgmma) fed by the tensor-memory accelerator.
+// What version 2 leaves on the table, and version 3 takes: scalar loader calls with their index
+// arithmetic per element instead of 16-byte vector loads; one shared-memory stage and two barriers per
+// slice; WMMA's opaque fragments, which send the epilogue through shared memory.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -141,16 +140,6 @@ __device__ __forceinline__ void gemm_run_tc(const LoadA& a, const LoadB& b, int 
             }
             __syncwarp();  // the patch is read before the next fragment overwrites it
         }
-}
-
-// The two cores behind one name, for the kernels that exist in both precisions.
-template <bool TensorCores, class LoadA, class LoadB>
-__device__ __forceinline__ void gemm(const LoadA& a, const LoadB& b, int rows, int cols, int kdim, int chunk,
-                                     const Epilogue& e) {
-    if constexpr (TensorCores)
-        gemm_run_tc(a, b, rows, cols, kdim, chunk, e);
-    else
-        gemm_run(a, b, rows, cols, kdim, chunk, e);
 }
 
 }  // namespace ddpm

@@ -6,7 +6,8 @@
 //! - Sampling: the time of one recorded step (forward + fused update) replayed; images/s for the full
 //!   1000-step sampler follow from it.
 //! - Kernels: a 3x3 convolution of the paper's widest 16x16 layer (forward, input and weight gradients)
-//!   in every precision the backend has (the convolution ladder: v1 fp32 SIMT, v2 bf16 tensor cores),
+//!   in every precision the backend has, and on every rung of the convolution ladder it keeps (v1 fp32
+//!   SIMT, v2 bf16 WMMA, v3 bf16 mma.sync: dev/conv/README.md),
 //!   group norm, attention, the optimizer, each as time, TFLOP/s or GB/s, and the ratio to the ceiling:
 //!   the device-to-device copy bandwidth and the arithmetic peak of the precision, both measured here
 //!   (the peak from the specification where the backend cannot measure it).
@@ -297,8 +298,8 @@ pub fn kernels<B: Backend>(be: &mut B, batch: usize, ceilings: &Ceilings) -> Res
         normed: dx,
         dropout: None,
     };
-    // Every precision this backend has, on the same shape: on CUDA, versions 1 (fp32 SIMT) and 2 (bf16
-    // WMMA) of the convolution ladder (dev/conv/README.md). Then a ResNet block's group norm + SiLU and
+    // Every precision this backend has, on the same shape: on CUDA, versions 1 (fp32 SIMT) and 3 (bf16
+    // mma.sync) of the convolution ladder (dev/conv/README.md), and version 2 (bf16 WMMA) after them. Then a ResNet block's group norm + SiLU and
     // its convolution, one after the other and with the normalisation applied as the convolution loads
     // its input (the same on a backend that does not fuse them).
     let own = be.precision();
@@ -334,6 +335,17 @@ pub fn kernels<B: Backend>(be: &mut B, batch: usize, ceilings: &Ceilings) -> Res
         ));
     }
     be.set_precision(own)?;
+    if be.conv2d_forward_wmma(s, x, w, b, y)? {
+        let ms = time(be, iters, |be| {
+            be.conv2d_forward_wmma(s, x, w, b, y).map(|_| ())
+        })?;
+        lines.push(tflop_line(
+            format!("conv 3x3 16x16 256->256 bf16 on WMMA (ladder v2), batch {batch}: forward"),
+            ms,
+            flop,
+            Precision::Bf16,
+        ));
+    }
     let ms = time(be, iters, |be| {
         be.group_norm_forward(g, x, gamma, beta, y, mean, rstd, true)
     })?;

@@ -186,6 +186,13 @@ fn conv_shapes() -> Vec<ConvShape> {
         shape(2, 9, 6, 3, 11, ConvKind::K3S2),
         shape(2, 8, 8, 6, 4, ConvKind::K3S2),
         shape(3, 5, 7, 9, 13, ConvKind::K1),
+        // Channels in multiples of 8, which the tensor-core core loads 8 at a time (the im2col gather of
+        // x with c % 8 == 0, the output gradient's with o % 8 == 0), with padding, strides and partial
+        // tiles around them; and 12, a multiple of 4 only, which it must load one by one.
+        shape(3, 7, 5, 16, 24, ConvKind::K3S1),
+        shape(2, 9, 7, 8, 40, ConvKind::K3S2),
+        shape(3, 5, 7, 24, 12, ConvKind::K1),
+        shape(2, 6, 5, 12, 16, ConvKind::K3S1),
         // Many tiles, long reductions (split-K), the paper's widths.
         shape(4, 16, 16, 128, 256, ConvKind::K3S1),
         shape(2, 32, 32, 3, 128, ConvKind::K3S1),
@@ -223,11 +230,32 @@ fn bf16_convolutions_are_exact_on_bf16_inputs_and_close_on_any() {
     p.bf16_inputs = true;
     for s in conv_shapes() {
         conv_case(&mut p, s, TOL_BF16_EXACT);
+        wmma_case(&mut p, s);
     }
     p.bf16_inputs = false;
-    for s in [conv_shapes()[0], conv_shapes()[4]] {
+    for s in [conv_shapes()[0], conv_shapes()[8]] {
         conv_case(&mut p, s, TOL_BF16);
     }
+}
+
+/// The forward convolution on version 2 of the ladder (WMMA), which the bench still times beside version 3
+/// (the bf16 kernels): held to the CPU's forward, exactly on bf16 inputs as version 3 is.
+fn wmma_case(p: &mut Pair, s: ConvShape) {
+    let what = format!("{:?} n{} {}x{} {}->{}", s.kind, s.n, s.h, s.w, s.c, s.o);
+    let x = p.input(s.x_len(), 1.0, 0.0);
+    let w = p.input(s.w_len(), 0.2, 0.0);
+    let b = p.input(s.o, 0.5, 0.0);
+    let y = p.output(s.y_len());
+    p.cpu.conv2d_forward(s, x, w, b, y).unwrap();
+    assert!(
+        p.gpu.conv2d_forward_wmma(s, x, w, b, y).unwrap(),
+        "the device has the WMMA core"
+    );
+    p.check(
+        &format!("conv forward, WMMA (v2) {what}"),
+        y,
+        TOL_BF16_EXACT,
+    );
 }
 
 /// A convolution of `silu(group_norm(x))` (or of `group_norm(x)`), then dropout when `dropout`, as a
@@ -374,8 +402,16 @@ fn group_norm_matches_the_cpu() {
 }
 
 /// Linear layers of awkward sizes, and the attention projections' shape (many rows).
-const LINEARS: [(usize, usize, usize); 4] =
-    [(37, 19, 23), (2, 128, 512), (4096, 64, 192), (1, 3, 1)];
+/// (45, 24, 40) has every dimension a multiple of 8, which the tensor-core core loads 8 at a time, in partial
+/// tiles; (130, 20, 136) rows of 20, 16-byte aligned but not a multiple of 8 long.
+const LINEARS: [(usize, usize, usize); 6] = [
+    (37, 19, 23),
+    (2, 128, 512),
+    (4096, 64, 192),
+    (1, 3, 1),
+    (45, 24, 40),
+    (130, 20, 136),
+];
 
 fn linear_case(p: &mut Pair, m: usize, k: usize, n: usize, tol: f64) {
     let what = format!("{m}x{k} -> {n}");

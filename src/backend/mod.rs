@@ -470,6 +470,20 @@ pub trait Backend {
         b: Tensor,
         y: Tensor,
     ) -> Result<()>;
+    /// [`Backend::conv2d_forward`] in bf16 on version 2 of the convolution ladder (WMMA; the bf16 kernels
+    /// run on version 3), which the backend keeps so the bench times every rung on one device in one run
+    /// (`dev/conv/README.md`). `Ok(false)`, computing nothing, where the backend has no such core.
+    fn conv2d_forward_wmma(
+        &mut self,
+        s: ConvShape,
+        x: Tensor,
+        w: Tensor,
+        b: Tensor,
+        y: Tensor,
+    ) -> Result<bool> {
+        let _ = (s, x, w, b, y);
+        Ok(false)
+    }
     /// `y = conv(x, w) + b (+ image_bias[image, o]) (+ residual)`: a convolution with the time-embedding add
     /// and the residual add of a ResNet block done in its epilogue, where the backend fuses them (CUDA);
     /// elsewhere the same three steps one after another, in the same order of additions.

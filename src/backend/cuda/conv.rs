@@ -15,9 +15,19 @@ pub(super) struct Tile {
     pub k: usize,
 }
 
-/// The fp32 core (`kernels/gemm.cuh`) and the bf16 tensor-core core (`kernels/gemm_tc.cuh`).
+/// The fp32 core (`kernels/gemm.cuh`) and the bf16 tensor-core cores (`kernels/gemm_tc.cuh`, WMMA, and
+/// `kernels/gemm_mma.cuh`, mma.sync, which share their tiling).
 pub(super) const TILE_F32: Tile = Tile { mn: 64, k: 16 };
 pub(super) const TILE_BF16: Tile = Tile { mn: 128, k: 32 };
+
+/// The GEMM core a forward convolution runs on: the current precision's (version 1 of the convolution
+/// ladder for fp32, version 3 for bf16), or version 2 (bf16 WMMA), which only the bench still launches
+/// (`dev/conv/README.md`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Core {
+    Precision,
+    Wmma,
+}
 
 /// A GEMM launch over an M x N output: grid (M / tile, N / tile, splits), the long side on x.
 pub(super) fn gemm_cfg(tile: Tile, rows: usize, cols: usize, splits: usize) -> LaunchConfig {
@@ -129,6 +139,7 @@ impl CudaBackend {
     #[allow(clippy::too_many_arguments)]
     pub(super) fn conv_forward(
         &mut self,
+        core: Core,
         s: ConvShape,
         x: Tensor,
         norm: Option<NormedInput>,
@@ -156,8 +167,24 @@ impl CudaBackend {
         let (pw, pb, py) = (self.ptr(w), self.ptr(b), self.ptr(y));
         let pt = image_bias.map_or(0, |t| self.ptr(t));
         let pr = residual.map_or(0, |r| self.ptr(r));
+        let (name, tile) = match (core, &norm) {
+            (Core::Wmma, None) => ("conv2d_forward_wmma", TILE_BF16),
+            (Core::Wmma, Some(_)) => {
+                return Err(Error::Invalid(
+                    "the WMMA convolution (version 2) does not normalise its input".into(),
+                ))
+            }
+            (Core::Precision, Some(_)) => (
+                self.pick("conv2d_forward_normed_f32", "conv2d_forward_normed_bf16"),
+                self.tile(),
+            ),
+            (Core::Precision, None) => (
+                self.pick("conv2d_forward_f32", "conv2d_forward_bf16"),
+                self.tile(),
+            ),
+        };
         let (oh, ow) = s.out_hw();
-        let cfg = gemm_cfg(self.tile(), s.n * oh * ow, s.o, 1);
+        let cfg = gemm_cfg(tile, s.n * oh * ow, s.o, 1);
         let mut a = self.input_args(x, norm.as_ref())?;
         for v in [pw, pb, pt, pr, py] {
             a.push(v);
@@ -168,10 +195,6 @@ impl CudaBackend {
         {
             a.push(v);
         }
-        let name = match norm {
-            Some(_) => self.pick("conv2d_forward_normed_f32", "conv2d_forward_normed_bf16"),
-            None => self.pick("conv2d_forward_f32", "conv2d_forward_bf16"),
-        };
         a.launch(&mut self.dev, name, cfg)
     }
 

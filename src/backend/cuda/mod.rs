@@ -386,7 +386,22 @@ impl super::Backend for CudaBackend {
         b: Tensor,
         y: Tensor,
     ) -> Result<()> {
-        self.conv_forward(s, x, None, w, b, None, None, y)
+        self.conv_forward(conv::Core::Precision, s, x, None, w, b, None, None, y)
+    }
+
+    fn conv2d_forward_wmma(
+        &mut self,
+        s: super::ConvShape,
+        x: Tensor,
+        w: Tensor,
+        b: Tensor,
+        y: Tensor,
+    ) -> Result<bool> {
+        if !self.supports_bf16() {
+            return Ok(false);
+        }
+        self.conv_forward(conv::Core::Wmma, s, x, None, w, b, None, None, y)?;
+        Ok(true)
     }
 
     fn conv2d_forward_fused(
@@ -399,7 +414,17 @@ impl super::Backend for CudaBackend {
         residual: Option<Tensor>,
         y: Tensor,
     ) -> Result<()> {
-        self.conv_forward(s, x, None, w, b, image_bias, residual, y)
+        self.conv_forward(
+            conv::Core::Precision,
+            s,
+            x,
+            None,
+            w,
+            b,
+            image_bias,
+            residual,
+            y,
+        )
     }
 
     /// The statistics, then the convolution normalising its operand as it loads it: the normalised input
@@ -416,7 +441,17 @@ impl super::Backend for CudaBackend {
     ) -> Result<()> {
         let n = input;
         self.norm_forward(n.s, n.x, n.gamma, n.beta, None, n.mean, n.rstd, n.silu)?;
-        self.conv_forward(s, n.x, Some(n), w, b, image_bias, residual, y)
+        self.conv_forward(
+            conv::Core::Precision,
+            s,
+            n.x,
+            Some(n),
+            w,
+            b,
+            image_bias,
+            residual,
+            y,
+        )
     }
 
     fn conv2d_backward_weight_normed(

@@ -1,0 +1,232 @@
+// gemm_mma.cuh: version 3 of the convolution ladder (dev/conv/): the bf16 tensor-core GEMM core behind
+// every `_bf16` convolution and linear layer.
+//
+//   C[m, n] = sum_k bf16(A(m, k)) bf16(B(k, n)), products exact, sums in fp32
+//
+// The same loaders, epilogue, tiles and launch contract as version 2 (gemm_tc.cuh: 128 x 128 x 32 tiles,
+// 256 threads, split-K through the workspace), so the launchers do not change. What it does differently:
+//
+// - Vector loads. Each thread fetches its share of a slice as runs of 8 consecutive elements along the
+//   operand's contiguous index (the loaders' load8, gemm.cuh): two 16-byte loads and one im2col index
+//   computation per 8 elements, where version 2 called the loader, with its divisions, for each element.
+//   The 8 are rounded to bf16 in registers and stored with one 16-byte store.
+// - Shared-memory layouts that follow the operand. A slice keeps its contiguous index contiguous in
+//   shared memory: A as [m][k] when k is contiguous (the im2col gather) and [k][m] when m is (the output
+//   gradient in the weight gradient); B as [n][k] or [k][n] the same way. mma.sync wants A by rows and B by
+//   columns, both k-contiguous; ldmatrix delivers the [m][k] and [n][k] slices as they are and the others
+//   transposed (.trans), so no layout needs a transposing store. Rows are padded by 8 elements (16 bytes):
+//   the 8 row addresses of one ldmatrix phase then fall in 8 different 16-byte bank groups (rows of 80 or
+//   272 bytes), so the fragment loads have no bank conflicts.
+// - Explicit fragments: ldmatrix.x4 and mma.sync m16n8k16 (mma_sync.cuh). A warp's 64 x 32 patch of C is
+//   4 x 4 tiles of 16 x 8, 64 fp32 accumulators per lane in registers; the epilogue reads them where they
+//   are (lane 4 g + t holds rows g and g + 8, columns 2t and 2t + 1 of each tile), with no pass through
+//   shared memory.
+// - Two shared-memory stages. While the tensor cores work on slice s, the thread's loads of slice s + 1
+//   are in flight into registers, and they are stored into the other stage after the math: one barrier
+//   per slice instead of two.
+//
+// Per slice and warp: 2 x 4 ldmatrix.x4 for A, 2 x 2 for B, 2 x 16 mma.sync (32 x 4096 multiply-adds).
+// Shared memory: 2 stages x (A + B) <= 2 x 2 x 10 KiB = 40 KiB, static.
+//
+// What it leaves on the table (the next rungs): storage is fp32, so every operand element crosses the
+// memory bus in 4 bytes and is converted by the threads; with bf16 activations the slices could go
+// straight to shared memory with cp.async in 3-4 stages. And on sm_90, wgmma fed by TMA.
+#pragma once
+
+#include "gemm_tc.cuh"
+#include "mma_sync.cuh"
+
+namespace ddpm {
+
+constexpr int MMA_BM = 128;
+constexpr int MMA_BN = 128;
+constexpr int MMA_BK = 32;
+constexpr int MMA_THREADS = 256;
+static_assert(MMA_BM == MMA_BN, "one slice shape serves both operands");
+
+// One stage of one operand's 128 x 32 slice in shared memory, as bf16. KRows: rows are k (32 of them,
+// the 128 m or n contiguous), else rows are m or n (128 of them, the 32 k contiguous). Padded by 8.
+template <bool KRows>
+struct MmaSlice {
+    static constexpr int rows = KRows ? MMA_BK : MMA_BM;
+    static constexpr int ld = (KRows ? MMA_BM : MMA_BK) + 8;
+    static constexpr int size = rows * ld;
+    // The thread's run i of 8 elements (i < 2): (row, column of its first element) in the slice.
+    __device__ static void run(int tid, int i, int& row, int& col) {
+        const int v = tid + i * MMA_THREADS;
+        constexpr int runs_per_row = (KRows ? MMA_BM : MMA_BK) / 8;
+        row = v / runs_per_row;
+        col = 8 * (v % runs_per_row);
+    }
+};
+static_assert(MMA_BM * MMA_BK / 8 == 2 * MMA_THREADS, "each thread stages two runs of each operand");
+
+// Whether operand A (Use = 0) or B (Use = 1) is staged with k on the rows: A as [k][m] when m is its
+// contiguous index, B as [k][n] when n is.
+template <int Use, class Load>
+__device__ constexpr bool mma_k_rows() {
+    if constexpr (Use == 0)
+        return !Load::k_fast;
+    else
+        return Load::n_fast;
+}
+
+// Operand A (Use = 0) or B (Use = 1) of the core: its layout in shared memory, and the thread's two runs
+// of the next slice.
+template <int Use, class Load>
+struct MmaOperand {
+    static constexpr bool k_rows = mma_k_rows<Use, Load>();
+    using Slice = MmaSlice<k_rows>;
+    float v[2][8];
+
+    // Fetches the thread's runs of the slice at (outer0, k0): outer is m for A, n for B, in range below
+    // `outer_end`; k in range below `k_end`. Elements outside either are 0.
+    __device__ __forceinline__ void fetch(const Load& load, int tid, int outer0, int outer_end, int k0, int k_end) {
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+            int row, col;
+            Slice::run(tid, i, row, col);
+            const int outer = outer0 + (k_rows ? col : row), k = k0 + (k_rows ? row : col);
+            const int valid = k_rows ? min(8, outer_end - outer) : min(8, k_end - k);
+            const bool inside = k_rows ? k < k_end : outer < outer_end;
+            if (!inside || valid <= 0) {
+                zero8(v[i]);
+            } else if constexpr (Use == 0) {
+                load.load8(outer, k, valid, v[i]);
+            } else {
+                load.load8(k, outer, valid, v[i]);
+            }
+        }
+    }
+
+    // Rounds the fetched runs to bf16 and stores them into a stage: one 16-byte store per run.
+    __device__ __forceinline__ void store(__nv_bfloat16* stage, int tid) const {
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+            int row, col;
+            Slice::run(tid, i, row, col);
+            const uint4 packed = make_uint4(pack_bf16x2(v[i][0], v[i][1]), pack_bf16x2(v[i][2], v[i][3]),
+                                            pack_bf16x2(v[i][4], v[i][5]), pack_bf16x2(v[i][6], v[i][7]));
+            *reinterpret_cast<uint4*>(stage + row * Slice::ld + col) = packed;
+        }
+    }
+};
+
+// The A fragments of a warp's m16 tile at row `m` and k step `ks` of a stage: lane l addresses row l % 8
+// of matrix q = l / 8, the matrices being (rows 0-7, k 0-7), (rows 8-15, k 0-7), (rows 0-7, k 8-15),
+// (rows 8-15, k 8-15), which is the order of mma's a[0..3].
+template <bool KRows>
+__device__ __forceinline__ void mma_load_a(uint32_t (&a)[4], const __nv_bfloat16* stage, int m, int ks, int lane) {
+    constexpr int ld = MmaSlice<KRows>::ld;
+    const int q = lane / 8, r = lane % 8;
+    if constexpr (KRows)  // [k][m]: matrix q's rows are k = ks + 8 (q / 2) + r, from column m + 8 (q % 2)
+        ldmatrix_x4_trans(a, stage + (ks + 8 * (q / 2) + r) * ld + m + 8 * (q % 2));
+    else  // [m][k]: row m + 8 (q % 2) + r, from column ks + 8 (q / 2)
+        ldmatrix_x4(a, stage + (m + 8 * (q % 2) + r) * ld + ks + 8 * (q / 2));
+}
+
+// The B fragments of two n8 tiles at column `n` and k step `ks`: b[0..1] of the tile at n, then b[0..1] of
+// the tile at n + 8; lane l addresses row l % 8 of matrix q = l / 8, the matrices being (n 0-7, k 0-7),
+// (n 0-7, k 8-15), (n 8-15, k 0-7), (n 8-15, k 8-15).
+template <bool KRows>
+__device__ __forceinline__ void mma_load_b(uint32_t (&b)[4], const __nv_bfloat16* stage, int n, int ks, int lane) {
+    constexpr int ld = MmaSlice<KRows>::ld;
+    const int q = lane / 8, r = lane % 8;
+    if constexpr (KRows)  // [k][n]: rows k = ks + 8 (q % 2) + r, from column n + 8 (q / 2)
+        ldmatrix_x4_trans(b, stage + (ks + 8 * (q % 2) + r) * ld + n + 8 * (q / 2));
+    else  // [n][k]: row n + 8 (q / 2) + r, from column ks + 8 (q % 2)
+        ldmatrix_x4(b, stage + (n + 8 * (q / 2) + r) * ld + ks + 8 * (q % 2));
+}
+
+// One launch: grid (ceil(rows / 128), ceil(cols / 128), splits), block 256; slice z of a split launch
+// covers k in [z * chunk, (z + 1) * chunk), chunk a multiple of 32, and writes raw partial sums to the
+// workspace (gemm_reduce_f32 adds them).
+template <class LoadA, class LoadB>
+__device__ __forceinline__ void gemm_run_mma(const LoadA& a, const LoadB& b, int rows, int cols, int kdim, int chunk,
+                                             const Epilogue& e) {
+    using OpA = MmaOperand<0, LoadA>;
+    using OpB = MmaOperand<1, LoadB>;
+    __shared__ __align__(16) __nv_bfloat16 As[2][OpA::Slice::size];
+    __shared__ __align__(16) __nv_bfloat16 Bs[2][OpB::Slice::size];
+
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+    const int wm = 64 * (warp / 4), wn = 32 * (warp % 4);  // the warp's 64 x 32 patch of the tile
+    const int m0 = blockIdx.x * MMA_BM, n0 = blockIdx.y * MMA_BN;
+    const int k_begin = blockIdx.z * chunk, k_end = min(kdim, k_begin + chunk);
+
+    float acc[4][4][4];  // [m16 tile][n8 tile][element]
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+#pragma unroll
+            for (int t = 0; t < 4; ++t) acc[i][j][t] = 0.0f;
+
+    OpA opa;
+    OpB opb;
+    if (k_begin < k_end) {
+        opa.fetch(a, tid, m0, rows, k_begin, k_end);
+        opb.fetch(b, tid, n0, cols, k_begin, k_end);
+        opa.store(As[0], tid);
+        opb.store(Bs[0], tid);
+    }
+    __syncthreads();
+    int stage = 0;
+    for (int k0 = k_begin; k0 < k_end; k0 += MMA_BK) {
+        const bool more = k0 + MMA_BK < k_end;
+        if (more) {  // in flight while the tensor cores work on this slice
+            opa.fetch(a, tid, m0, rows, k0 + MMA_BK, k_end);
+            opb.fetch(b, tid, n0, cols, k0 + MMA_BK, k_end);
+        }
+#pragma unroll
+        for (int ks = 0; ks < MMA_BK; ks += 16) {
+            uint32_t fa[4][4], fb[2][4];
+#pragma unroll
+            for (int i = 0; i < 4; ++i) mma_load_a<OpA::k_rows>(fa[i], As[stage], wm + 16 * i, ks, lane);
+#pragma unroll
+            for (int j = 0; j < 2; ++j) mma_load_b<OpB::k_rows>(fb[j], Bs[stage], wn + 16 * j, ks, lane);
+#pragma unroll
+            for (int i = 0; i < 4; ++i)
+#pragma unroll
+                for (int j = 0; j < 4; ++j) {
+                    const uint32_t bj[2] = {fb[j / 2][2 * (j % 2)], fb[j / 2][2 * (j % 2) + 1]};
+                    mma_bf16_16816(acc[i][j], fa[i], bj);
+                }
+        }
+        if (more) {  // the other stage was last read before the previous barrier
+            opa.store(As[stage ^ 1], tid);
+            opb.store(Bs[stage ^ 1], tid);
+        }
+        __syncthreads();
+        stage ^= 1;
+    }
+
+    const int g = lane / 4, t = lane % 4;
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+#pragma unroll
+            for (int x = 0; x < 4; ++x) {
+                const int m = m0 + wm + 16 * i + g + 8 * (x / 2), n = n0 + wn + 8 * j + 2 * t + x % 2;
+                if (m < rows && n < cols) e.store(rows, cols, m, n, acc[i][j][x]);
+            }
+}
+
+// The rungs of the ladder behind one name, for the kernels that exist on several: the fp32 SIMT core
+// (v1) of the `_f32` kernels, the WMMA core (v2) kept for the bench's ladder, the mma.sync core (v3) of
+// the `_bf16` kernels.
+enum class Core { Simt, Wmma, Mma };
+
+template <Core C, class LoadA, class LoadB>
+__device__ __forceinline__ void gemm(const LoadA& a, const LoadB& b, int rows, int cols, int kdim, int chunk,
+                                     const Epilogue& e) {
+    if constexpr (C == Core::Mma)
+        gemm_run_mma(a, b, rows, cols, kdim, chunk, e);
+    else if constexpr (C == Core::Wmma)
+        gemm_run_tc(a, b, rows, cols, kdim, chunk, e);
+    else
+        gemm_run(a, b, rows, cols, kdim, chunk, e);
+}
+
+}  // namespace ddpm
