@@ -387,11 +387,17 @@ fn info(cfg: &UNetConfig, name: &str, batch: usize) -> Result<()> {
     let net = UNet::new(&mut be, cfg, 1).with_context(|| format!("building {name}"))?;
     let gflop = 2.0 * net.macs_per_image() as f64 / 1e9;
     let params = net.num_params();
-    // Every activation (and gradient) scales with the batch: the batch-1 net's times `batch`.
-    let (acts, grads) = (net.activation_len(), net.activation_grad_len());
     let gib = |elems: f64| elems * 4.0 / (1u64 << 30) as f64;
     let state = 5.0 * params as f64;
-    let (act_mem, grad_mem) = ((acts * batch) as f64, (grads * batch) as f64);
+    // Every activation (and gradient) scales with the batch: the batch-1 net's times `batch`. The CUDA
+    // backend applies each group norm as its convolution loads its input, so it stores no normalised
+    // input; the CPU stores them.
+    let lens = |fused| -> Result<(f64, f64)> {
+        let (acts, grads) = UNet::activation_lens(cfg, 1, fused)?;
+        Ok(((acts * batch) as f64, (grads * batch) as f64))
+    };
+    let (act_mem, grad_mem) = lens(true)?;
+    let (cpu_act, cpu_grad) = lens(false)?;
     println!(
         "model        {name} ({}x{}, channels {:?})",
         cfg.sample_size, cfg.sample_size, cfg.block_out_channels
@@ -403,12 +409,14 @@ fn info(cfg: &UNetConfig, name: &str, batch: usize) -> Result<()> {
         3.0 * gflop
     );
     println!(
-        "memory       {:.2} GiB to train at batch {batch} (fp32: weights, gradients, Adam, EMA {:.2} GiB; \
-         activations {:.2} GiB; their gradients {:.2} GiB)",
+        "memory       {:.2} GiB to train at batch {batch} on CUDA (fp32: weights, gradients, Adam, EMA {:.2} GiB; \
+         activations {:.2} GiB; their gradients {:.2} GiB); {:.2} GiB on the CPU, which also stores the \
+         normalised inputs",
         gib(state + act_mem + grad_mem),
         gib(state),
         gib(act_mem),
-        gib(grad_mem)
+        gib(grad_mem),
+        gib(state + cpu_act + cpu_grad)
     );
     Ok(())
 }
@@ -535,8 +543,9 @@ impl Job for SampleArgs {
         let rows = sample::table(&schedule, self.sampler, steps, variance, self.eta)?;
         let clip = m.scheduler.clip_sample && !self.no_clip;
         let batch = self.batch.min(n);
+        let fused = be.fuses_normalisation();
         crate::backend::check_fits(be, "sampling", batch, |b| {
-            UNet::arena_len(&m.config, b, false).map(|(len, _)| len)
+            UNet::arena_len(&m.config, b, false, fused).map(|(len, _)| len)
         })?;
         let mut net = UNet::new_inference(be, &m.config, batch)?;
         be.upload(net.params, &m.flat_weights(&net)?)?;

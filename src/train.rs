@@ -272,15 +272,16 @@ impl Trainer {
 
 /// The elements a training run reserves at `batch`: the U-Net with its gradients and activations, the
 /// EMA and Adam's moments, the batch and noise buffers, the log rings, the schedule tables, and the
-/// sampler for the grids (`grid` images).
+/// sampler for the grids (`grid` images); `fused` as [`crate::backend::Backend::fuses_normalisation`].
 pub fn arena_len(
     config: &UNetConfig,
     batch: usize,
     grid: usize,
     timesteps: usize,
+    fused: bool,
 ) -> Result<usize> {
-    let (net, params) = UNet::arena_len(config, batch, true)?;
-    let (grid_net, _) = UNet::arena_len(config, grid, false)?;
+    let (net, params) = UNet::arena_len(config, batch, true, fused)?;
+    let (grid_net, _) = UNet::arena_len(config, grid, false, fused)?;
     let input = batch * config.sample_size * config.sample_size * config.in_channels;
     Ok(net + 3 * params + 2 * input + 2 + 2 * LOSS_CHUNK as usize + 2 * timesteps + grid_net)
 }
@@ -319,8 +320,9 @@ pub fn train<B: Backend>(
     }
     let scheduler = SchedulerConfig::default();
     let timesteps = scheduler.num_train_timesteps;
+    let fused = be.fuses_normalisation();
     crate::backend::check_fits(be, "training", opts.batch, |b| {
-        arena_len(&run.config, b, run.grid, timesteps)
+        arena_len(&run.config, b, run.grid, timesteps, fused)
     })?;
     let data = Dataset::open(&run.data, run.config.sample_size, opts.seed)?;
     eprintln!("data: {}", data.description);

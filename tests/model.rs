@@ -117,3 +117,59 @@ fn state_dict_round_trip_and_errors() {
         .to_string()
         .contains("stray"));
 }
+
+/// On a backend that applies every group norm as the convolution after it loads its input
+/// (`Backend::fuses_normalisation`: CUDA), the U-Net gives the normalised inputs no memory, nor the
+/// dropped-out inputs of the ResNet blocks' second convolutions: the activations shrink by exactly
+/// their sizes, counted here from the normalisations' parameters (each `c` channels at its level's side)
+/// and the config, and their gradients stay (the convolutions' input gradients write them).
+#[test]
+fn a_fusing_backend_stores_no_normalised_input() {
+    let batch = 2;
+    for preset in ["tiny", "ddpm-cifar10"] {
+        let cfg = UNetConfig::preset(preset).unwrap();
+        let mut be = CpuBackend::<f32>::new();
+        let net = UNet::new(&mut be, &cfg, 1).unwrap();
+        let levels = cfg.block_out_channels.len();
+        // The side of the feature maps a parameter's block works on.
+        let side = |name: &str| {
+            let level = |prefix: &str| {
+                name.strip_prefix(prefix)
+                    .and_then(|rest| rest.split('.').next())
+                    .map(|i| i.parse::<usize>().unwrap())
+            };
+            let down = if let Some(i) = level("down_blocks.") {
+                i
+            } else if let Some(i) = level("up_blocks.") {
+                levels - 1 - i
+            } else if name.starts_with("mid_block.") {
+                levels - 1
+            } else {
+                0
+            };
+            cfg.sample_size >> down
+        };
+        let mut normalised = 0;
+        for s in net.specs() {
+            let is_norm = [".norm1.weight", ".norm2.weight", ".group_norm.weight"]
+                .iter()
+                .any(|end| s.name.ends_with(end))
+                || s.name == "conv_norm_out.weight";
+            if !is_norm {
+                continue;
+            }
+            let copies = if s.name.ends_with(".norm2.weight") && cfg.dropout > 0.0 {
+                2 // the normalised input and the dropout's output
+            } else {
+                1
+            };
+            normalised += copies * batch * side(&s.name).pow(2) * s.len;
+        }
+        let (stored, stored_grads) = UNet::activation_lens(&cfg, batch, false).unwrap();
+        let (fused, fused_grads) = UNet::activation_lens(&cfg, batch, true).unwrap();
+        assert_eq!(stored - fused, normalised, "{preset}");
+        assert_eq!(stored_grads, fused_grads, "{preset}");
+        // The CPU stores them: its net is the unfused layout.
+        assert_eq!(net.activation_len() * batch, stored, "{preset}");
+    }
+}

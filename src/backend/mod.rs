@@ -508,6 +508,13 @@ pub trait Backend {
             None => Ok(()),
         }
     }
+    /// Whether [`Backend::group_norm_conv2d_forward`] and [`Backend::conv2d_backward_weight_normed`]
+    /// apply the normalisation (and dropout) as the convolution loads its input, never touching
+    /// `NormedInput::normed` or `DropoutAfter::dropped`: then the U-Net gives those no memory (only their
+    /// gradients, which the convolution's input gradient writes).
+    fn fuses_normalisation(&self) -> bool {
+        false
+    }
     /// [`Backend::group_norm_forward`] then [`Backend::conv2d_forward_fused`] on its output, the
     /// normalisation fused into the convolution's operand load where the backend can (see
     /// [`NormedInput`]).

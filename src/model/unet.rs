@@ -20,6 +20,11 @@ use std::path::Path;
 /// projections) has a gradient that lives only while that block's backward runs, so those gradients
 /// share one scratch region, as large as the largest block's; the others (block outputs, the skips, the
 /// embeddings) each have their own.
+///
+/// Every group norm's output (and the dropout after one) is the input of one convolution. A backend that
+/// applies the normalisation as that convolution loads its input ([`Backend::fuses_normalisation`])
+/// never writes or reads it, so for such a backend it is *unstored*: a handle far outside the arena, with
+/// a gradient (which the convolution's backward does write) but no memory of its own.
 struct Builder {
     specs: Vec<ParamSpec>,
     params: usize,
@@ -34,7 +39,15 @@ struct Builder {
     in_block: bool,
     /// Activation offset -> gradient offset.
     grad_of: HashMap<usize, usize>,
+    /// Whether normalised inputs are unstored (the backend fuses the normalisations), and the next
+    /// unstored handle.
+    fused: bool,
+    unstored_next: usize,
 }
+
+/// Where unstored activations' handles start: past any arena (`UNet::size_guard` keeps arenas under
+/// 2^50 elements), so an op handed one by mistake refuses it as outside the backend's memory.
+const UNSTORED: usize = 1 << 60;
 
 #[derive(Clone, Copy, Debug)]
 struct Param {
@@ -68,21 +81,36 @@ impl Builder {
     fn act_in(&mut self, len: usize, scratch: bool) -> Tensor {
         let t = Tensor::new(self.acts + self.act_next, len);
         self.act_next += len;
+        self.grad_for(t, scratch);
+        t
+    }
+    /// A normalised input: unstored when the backend fuses normalisations into the convolutions, else
+    /// an activation like any other. Its gradient is placed as any activation's.
+    fn act_normalised(&mut self, len: usize) -> Tensor {
+        if !self.fused {
+            return self.act(len);
+        }
+        let t = Tensor::new(UNSTORED + self.unstored_next, len);
+        self.unstored_next += len;
+        self.grad_for(t, self.in_block);
+        t
+    }
+    /// Places the gradient of activation `t`: in the block scratch or in a place of its own.
+    fn grad_for(&mut self, t: Tensor, scratch: bool) {
         let (own, shared) = self.grad_bases.unwrap_or((0, 0));
         let grad = if scratch {
             let g = shared + self.scratch_next;
-            self.scratch_next += len;
+            self.scratch_next += t.len;
             self.scratch_max = self.scratch_max.max(self.scratch_next);
             g
         } else {
             let g = own + self.grad_next;
-            self.grad_next += len;
+            self.grad_next += t.len;
             g
         };
         if self.grad_bases.is_some() {
             self.grad_of.insert(t.off, grad);
         }
-        t
     }
     /// Starts a block: its activations' gradients take the scratch region from its start.
     fn begin_block(&mut self) {
@@ -117,7 +145,7 @@ impl Builder {
             gamma,
             beta,
             silu,
-            y: self.act(s.len()),
+            y: self.act_normalised(s.len()),
             mean: self.act(s.stats_len()),
             rstd: self.act(s.stats_len()),
         }
@@ -267,19 +295,6 @@ impl Norm {
             normed: self.y,
             dropout: None,
         }
-    }
-    fn forward<B: Backend>(&self, be: &mut B, x: Tensor) -> Result<Tensor> {
-        be.group_norm_forward(
-            self.s,
-            x,
-            self.gamma.value,
-            self.beta.value,
-            self.y,
-            self.mean,
-            self.rstd,
-            self.silu,
-        )?;
-        Ok(self.y)
     }
     fn backward<B: Backend>(
         &self,
@@ -465,7 +480,7 @@ impl ResBlock {
             )
         });
         let dropped = if cfg.dropout > 0.0 {
-            b.act(n * hw * cout)
+            b.act_normalised(n * hw * cout)
         } else {
             norm2.y
         };
@@ -563,8 +578,9 @@ impl ResBlock {
 /// Diffusers' `Attention` with one head: `x + to_out(softmax(q k^T / sqrt(C)) v)`, q, k, v from `GN(x)`.
 struct AttnBlock {
     norm: Norm,
-    /// to_q, to_k and to_v side by side: one `[3C, C]` projection.
-    qkv: Linear,
+    /// to_q, to_k and to_v side by side: one `[3C, C]` projection, run as the 1x1 convolution it is
+    /// (weights `[3C, 1, 1, C]`, the same memory), so the group norm is applied as it loads its input.
+    qkv: Conv,
     shape: AttentionShape,
     attn: Tensor,
     lse: Tensor,
@@ -613,10 +629,15 @@ impl AttnBlock {
             value: Tensor::new(p.value.off, len),
             grad: Tensor::new(p.grad.off, len),
         };
-        let qkv = Linear {
-            m: n * l,
-            k: c,
-            n: 3 * c,
+        let qkv = Conv {
+            s: ConvShape {
+                n,
+                h,
+                w: h,
+                c,
+                o: 3 * c,
+                kind: ConvKind::K1,
+            },
             w: widen(wq, 3 * c * c),
             b: widen(bq, 3 * c),
             y: b.act(n * l * 3 * c),
@@ -639,8 +660,7 @@ impl AttnBlock {
     }
 
     fn forward<B: Backend>(&self, be: &mut B, x: Tensor) -> Result<Tensor> {
-        let h = self.norm.forward(be, x)?;
-        let qkv = self.qkv.forward(be, h)?;
+        let qkv = self.qkv.forward_normed(be, self.norm.of(x), None, None)?;
         be.attention_forward(self.shape, qkv, self.attn, self.lse)?;
         self.proj.forward_fused(be, self.attn, x)
     }
@@ -663,7 +683,8 @@ impl AttnBlock {
             net.grad(self.attn),
             net.grad(self.qkv.y),
         )?;
-        self.qkv.backward(be, net, tape, self.norm.y, true)?;
+        self.qkv
+            .backward_normed(be, net, tape, self.norm.of(x), net.grad(self.qkv.y))?;
         self.norm.backward(be, net, tape, x)?;
         let dx = net.grad(x);
         be.accumulate(dout, dx, tape.accumulate(x))
@@ -753,7 +774,8 @@ impl UNet {
             return Err(Error::Invalid("the batch size must be at least 1".into()));
         }
         Self::size_guard(config, batch)?;
-        let count = Self::build(config, batch, 0, 0, 0, None);
+        let fused = be.fuses_normalisation();
+        let count = Self::build(config, batch, fused, 0, 0, 0, None);
         let np = count.specs.last().map_or(0, |s| s.offset + s.len);
         let na = count.acts.len;
         let (own, shared) = count.grad_lens;
@@ -761,7 +783,7 @@ impl UNet {
         if !training {
             let acts = be.alloc(na)?;
             // Gradient handles alias the parameters and activations; `training: false` guards them.
-            let mut net = Self::build(config, batch, params.off, params.off, acts.off, None);
+            let mut net = Self::build(config, batch, fused, params.off, params.off, acts.off, None);
             net.training = false;
             return Ok(net);
         }
@@ -771,6 +793,7 @@ impl UNet {
         Ok(Self::build(
             config,
             batch,
+            fused,
             params.off,
             grads.off,
             acts.off,
@@ -778,12 +801,18 @@ impl UNet {
         ))
     }
 
-    /// The elements [`UNet::new`] (training) or [`UNet::new_inference`] reserves for `config` at `batch`,
-    /// and the parameter count, computed without allocating.
-    pub fn arena_len(config: &UNetConfig, batch: usize, training: bool) -> Result<(usize, usize)> {
+    /// The elements [`UNet::new`] (training) or [`UNet::new_inference`] reserves for `config` at `batch`
+    /// on a backend that fuses the normalisations into the convolutions or not
+    /// ([`Backend::fuses_normalisation`]), and the parameter count, computed without allocating.
+    pub fn arena_len(
+        config: &UNetConfig,
+        batch: usize,
+        training: bool,
+        fused: bool,
+    ) -> Result<(usize, usize)> {
         config.validate()?;
         Self::size_guard(config, batch)?;
-        let count = Self::build(config, batch.max(1), 0, 0, 0, None);
+        let count = Self::build(config, batch.max(1), fused, 0, 0, 0, None);
         let (np, na) = (count.params.len, count.acts.len);
         let (own, shared) = count.grad_lens;
         let total = if training {
@@ -792,6 +821,19 @@ impl UNet {
             np + na
         };
         Ok((total, np))
+    }
+
+    /// The elements of a training net's activations and of their gradients (each its own, plus the
+    /// blocks' shared scratch) for `config` at `batch`, on a backend that fuses the normalisations or not.
+    pub fn activation_lens(
+        config: &UNetConfig,
+        batch: usize,
+        fused: bool,
+    ) -> Result<(usize, usize)> {
+        config.validate()?;
+        Self::size_guard(config, batch)?;
+        let count = Self::build(config, batch.max(1), fused, 0, 0, 0, Some((0, 0)));
+        Ok((count.acts.len, count.grad_lens.0 + count.grad_lens.1))
     }
 
     /// Refuses a batch whose arena could not exist: a generous bound on the elements (every layer of
@@ -826,6 +868,7 @@ impl UNet {
     fn build(
         config: &UNetConfig,
         n: usize,
+        fused: bool,
         params: usize,
         grads: usize,
         acts: usize,
@@ -843,6 +886,8 @@ impl UNet {
             scratch_max: 0,
             in_block: false,
             grad_of: HashMap::new(),
+            fused,
+            unstored_next: 0,
         };
         let cfg = config;
         let chans = &cfg.block_out_channels;
@@ -1122,8 +1167,8 @@ impl UNet {
                 h = r.conv.forward(be, upsampled)?;
             }
         }
-        let h = self.norm_out.forward(be, h)?;
-        self.conv_out.forward(be, h)
+        self.conv_out
+            .forward_normed(be, self.norm_out.of(h), None, None)
     }
 
     /// Backward pass after [`UNet::forward`] (same dropout setting), from the gradient in
@@ -1138,16 +1183,11 @@ impl UNet {
         let net = &self.ctx;
         let tp = &mut tape;
         let ta = self.temb_act;
-        self.conv_out.backward(
-            be,
-            net,
-            tp,
-            self.norm_out.y,
-            net.grad(self.conv_out.y),
-            true,
-        )?;
         // The input of the final norm is the output of the last up level.
         let mut h = self.up_output();
+        let dy = net.grad(self.conv_out.y);
+        self.conv_out
+            .backward_normed(be, net, tp, self.norm_out.of(h), dy)?;
         self.norm_out.backward(be, net, tp, h)?;
         for (li, level) in self.up.iter().enumerate().rev() {
             if let Some(r) = &level.resample {
@@ -1349,7 +1389,7 @@ impl UNet {
         };
         let attn = |a: &AttnBlock| {
             let s = a.shape;
-            a.qkv.m * a.qkv.k * a.qkv.n + a.proj.m * a.proj.k * a.proj.n + 2 * s.n * s.l * s.l * s.c
+            a.qkv.s.macs() + a.proj.m * a.proj.k * a.proj.n + 2 * s.n * s.l * s.l * s.c
         };
         for lvl in self.down.iter().chain(&self.up) {
             total += convs(lvl);

@@ -427,6 +427,10 @@ impl super::Backend for CudaBackend {
         )
     }
 
+    fn fuses_normalisation(&self) -> bool {
+        true
+    }
+
     /// The statistics, then the convolution normalising its operand as it loads it: the normalised input
     /// is never written (`input.normed` is left alone).
     fn group_norm_conv2d_forward(
