@@ -297,8 +297,8 @@ fn build_emulator() {
 }
 
 /// Whether kernel `name`'s body (from its name to the brace that closes it) synchronises threads, directly
-/// or through the project's helpers that do (block and warp reductions, the GEMM cores and the `*_gemm<..>`
-/// bodies that run them).
+/// or through the project's helpers that do (block and warp reductions, the warp-collective tensor-core
+/// instructions, the GEMM cores and the `*_gemm<..>` bodies that run them).
 fn synchronises(text: &str, name: &str) -> bool {
     let Some(start) = text.find(&format!("void {name}(")) else {
         return true;
@@ -334,6 +334,9 @@ fn synchronises(text: &str, name: &str) -> bool {
         "_gemm<",
         "gemm_run",
         "gemm_tile",
+        "ldmatrix",
+        "mma_",
+        "wgmma",
     ]
     .iter()
     .any(|s| body.contains(s))

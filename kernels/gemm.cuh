@@ -184,6 +184,7 @@ struct NormedIm2col {
         const int c0 = k % a.g.c, per_group = a.g.c / groups;
 #pragma unroll
         for (int t = 0; t < 8; ++t) {
+            if (t >= valid) break;  // load_run8 left it 0: the padding of a short run is not normalised
             const int ci = c0 + t, s = image * groups + ci / per_group;
             const float z = (v[t] - mean[s]) * rstd[s] * gamma[ci] + beta[ci];
             const float u = silu ? z * sigmoid(z) : z;
