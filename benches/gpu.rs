@@ -1,5 +1,5 @@
 //! CUDA backend benchmarks (criterion), on a GPU machine: every kernel family at the paper's dominant shapes
-//! in each precision, and the U-Net's forward and training step. Without a device it says so and measures
+//! in each precision (the convolutions also on each rung of the ladder, dev/conv/README.md), and the U-Net's forward and training step. Without a device it says so and measures
 //! nothing.
 //!
 //!     cargo bench --bench gpu                     # here, with a GPU
@@ -13,7 +13,8 @@
 use criterion::{criterion_group, criterion_main, BenchmarkGroup, Criterion, Throughput};
 use ddpm_cuda::backend::cuda::CudaBackend;
 use ddpm_cuda::backend::{
-    AdamHyper, AttentionShape, Backend, ConvKind, ConvShape, GroupNormShape, Precision, Tensor,
+    AdamHyper, AttentionShape, Backend, ConvKind, ConvShape, GroupNormShape, Precision, Rung,
+    Tensor,
 };
 use ddpm_cuda::model::{UNet, UNetConfig};
 use std::time::{Duration, Instant};
@@ -97,9 +98,23 @@ fn convolutions(c: &mut Criterion) {
             filled(&mut be, s.w_len(), 0.0),
             filled(&mut be, s.o, 0.0),
         );
-        for p in precisions(&be) {
+        // Each precision on its own core, then bf16 on the ladder's other rungs the device has.
+        let mut runs: Vec<(Precision, Option<Rung>)> =
+            precisions(&be).into_iter().map(|p| (p, None)).collect();
+        if be.supports_bf16() {
+            runs.extend(Rung::ALL.map(|r| (Precision::Bf16, Some(r))));
+        }
+        for (p, rung) in runs {
             be.set_precision(p).unwrap();
-            let mut g = c.benchmark_group(format!("conv3x3_{hw}x{hw}x{ch}_b128_{}", p.name()));
+            if !be.set_rung(rung).unwrap() {
+                continue;
+            }
+            let core = rung.map_or("", |r| match r {
+                Rung::Wmma => "_wmma",
+                Rung::Wgmma => "_wgmma",
+            });
+            let mut g =
+                c.benchmark_group(format!("conv3x3_{hw}x{hw}x{ch}_b128_{}{core}", p.name()));
             configure(&mut g);
             g.throughput(Throughput::Elements(2 * s.macs() as u64));
             bench(&mut g, &mut be, "forward", |be| {
@@ -113,6 +128,7 @@ fn convolutions(c: &mut Criterion) {
             });
             g.finish();
         }
+        be.set_rung(None).unwrap();
     }
 }
 

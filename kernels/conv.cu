@@ -12,8 +12,11 @@
 //                                      normalised (and dropped-out) activation is never stored: one write
 //                                      and one read of it saved per ResNet block normalisation (two with
 //                                      dropout).
-//   conv2d_forward_wmma                conv2d_forward_bf16 on version 2 of the ladder (WMMA, gemm_tc.cuh),
-//                                      kept so the bench times each rung side by side (dev/conv/)
+//   conv2d_{forward,backward_data,backward_weight}_{wmma,wgmma}
+//                                      the three _bf16 convolutions on version 2 of the ladder (WMMA,
+//                                      gemm_tc.cuh), kept so the bench times each rung side by side
+//                                      (dev/conv/), and on version 4 (wgmma, gemm_wgmma.cuh; sm_90a only),
+//                                      timed and tested beside version 3 until a GPU run promotes it
 // _f32 runs on the fp32 core of gemm.cuh (version 1: exact fp32, the path the tests hold to the CPU), _bf16
 // on the mma.sync tensor-core core of gemm_mma.cuh (version 3: operands rounded to bf16, fp32 sums).
 // Tensors are fp32 either way.
@@ -31,7 +34,7 @@
 // FLOPs: 2 M N K each; the paper's 3x3 256->256 conv at 16x16, batch 128: 2 * 32768 * 256 * 2304 = 38.7 GFLOP.
 // Launch (all three): grid (ceil(M / T), ceil(N / T), splits), block 256, with tile T = 64 (_f32) or 128
 // (_bf16); splits = 1 except for the weight gradient, whose chunk is a multiple of 16 (_f32) or 32 (_bf16).
-#include "gemm_mma.cuh"
+#include "gemm_cores.cuh"
 
 __device__ __forceinline__ ddpm::ConvGeom conv_geom(int h, int w, int c, int o, int taps, int stride, int pad) {
     ddpm::ConvGeom g;
@@ -159,13 +162,55 @@ extern "C" __global__ void __launch_bounds__(256)
     conv_backward_weight_gemm<ddpm::Core::Mma>(x, dy, dw, workspace, chunk, batch, h, wd, c, o, taps, stride, pad);
 }
 
+// The rungs of the ladder the bf16 kernels do not run on, each with the three convolutions, the same
+// arguments as the _bf16 ones: version 2 (WMMA) and version 4 (wgmma, sm_90a only: elsewhere its kernels
+// are never launched).
 extern "C" __global__ void __launch_bounds__(256)
     conv2d_forward_wmma(const float* __restrict__ x, const float* __restrict__ w, const float* __restrict__ b,
-                        const float* __restrict__ image_bias, const float* __restrict__ residual,
-                        float* __restrict__ y, int batch, int h, int wd, int c, int o, int taps, int stride,
-                        int pad) {
+                       const float* __restrict__ image_bias, const float* __restrict__ residual,
+                       float* __restrict__ y, int batch, int h, int wd, int c, int o, int taps, int stride,
+                       int pad) {
     conv_forward_gemm<ddpm::Core::Wmma>(x, w, b, image_bias, residual, y, batch, h, wd, c, o, taps, stride, pad);
 }
+
+extern "C" __global__ void __launch_bounds__(256)
+    conv2d_backward_data_wmma(const float* __restrict__ dy, const float* __restrict__ w, float* __restrict__ dx,
+                             int batch, int h, int wd, int c, int o, int taps, int stride, int pad,
+                             int accumulate) {
+    conv_backward_data_gemm<ddpm::Core::Wmma>(dy, w, dx, batch, h, wd, c, o, taps, stride, pad, accumulate);
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+    conv2d_backward_weight_wmma(const float* __restrict__ x, const float* __restrict__ dy, float* __restrict__ dw,
+                               float* __restrict__ workspace, int chunk, int batch, int h, int wd, int c, int o,
+                               int taps, int stride, int pad) {
+    conv_backward_weight_gemm<ddpm::Core::Wmma>(x, dy, dw, workspace, chunk, batch, h, wd, c, o, taps, stride,
+                                                 pad);
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+    conv2d_forward_wgmma(const float* __restrict__ x, const float* __restrict__ w, const float* __restrict__ b,
+                       const float* __restrict__ image_bias, const float* __restrict__ residual,
+                       float* __restrict__ y, int batch, int h, int wd, int c, int o, int taps, int stride,
+                       int pad) {
+    conv_forward_gemm<ddpm::Core::Wgmma>(x, w, b, image_bias, residual, y, batch, h, wd, c, o, taps, stride, pad);
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+    conv2d_backward_data_wgmma(const float* __restrict__ dy, const float* __restrict__ w, float* __restrict__ dx,
+                             int batch, int h, int wd, int c, int o, int taps, int stride, int pad,
+                             int accumulate) {
+    conv_backward_data_gemm<ddpm::Core::Wgmma>(dy, w, dx, batch, h, wd, c, o, taps, stride, pad, accumulate);
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+    conv2d_backward_weight_wgmma(const float* __restrict__ x, const float* __restrict__ dy, float* __restrict__ dw,
+                               float* __restrict__ workspace, int chunk, int batch, int h, int wd, int c, int o,
+                               int taps, int stride, int pad) {
+    conv_backward_weight_gemm<ddpm::Core::Wgmma>(x, dy, dw, workspace, chunk, batch, h, wd, c, o, taps, stride,
+                                                 pad);
+}
+
 
 // The normalised-input twins: x is the block's input before group norm (+ SiLU); mean and rstd are
 // [batch, groups] from group_norm_forward_f32, gamma and beta [c]; dropout p (0: none) with the mask of

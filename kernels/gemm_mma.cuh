@@ -25,7 +25,7 @@
 //   are in flight into registers, and they are stored into the other stage after the math: one barrier
 //   per slice instead of two.
 //
-// Per slice and warp: 2 x 4 ldmatrix.x4 for A, 2 x 2 for B, 2 x 16 mma.sync (32 x 4096 multiply-adds).
+// Per slice and warp: 2 x 4 ldmatrix.x4 for A, 2 x 2 for B, 2 x 16 mma.sync (32 x 2048 multiply-adds).
 // Shared memory: 2 stages x (A + B) <= 2 x 2 x 10 KiB = 40 KiB, static.
 //
 // What it leaves on the table (the next rungs): storage is fp32, so every operand element crosses the
@@ -44,19 +44,22 @@ constexpr int MMA_BK = 32;
 constexpr int MMA_THREADS = 256;
 static_assert(MMA_BM == MMA_BN, "one slice shape serves both operands");
 
-// One stage of one operand's 128 x 32 slice in shared memory, as bf16. KRows: rows are k (32 of them,
-// the 128 m or n contiguous), else rows are m or n (128 of them, the 32 k contiguous). Padded by 8.
+// One stage of one operand's 128 x 32 slice in shared memory, as bf16: element (outer, k), outer being m
+// for A and n for B. KRows: rows are k (32 of them, the 128 m or n contiguous), else rows are m or n (128
+// of them, the 32 k contiguous). Padded by 8.
 template <bool KRows>
 struct MmaSlice {
     static constexpr int rows = KRows ? MMA_BK : MMA_BM;
     static constexpr int ld = (KRows ? MMA_BM : MMA_BK) + 8;
     static constexpr int size = rows * ld;
-    // The thread's run i of 8 elements (i < 2): (row, column of its first element) in the slice.
-    __device__ static void run(int tid, int i, int& row, int& col) {
+    __device__ static int offset(int outer, int k) { return KRows ? k * ld + outer : outer * ld + k; }
+    // The thread's run i of 8 elements (i < 2) along the contiguous index: (outer, k) of its first.
+    __device__ static void run(int tid, int i, int& outer, int& k) {
         const int v = tid + i * MMA_THREADS;
         constexpr int runs_per_row = (KRows ? MMA_BM : MMA_BK) / 8;
-        row = v / runs_per_row;
-        col = 8 * (v % runs_per_row);
+        const int row = v / runs_per_row, col = 8 * (v % runs_per_row);
+        outer = KRows ? col : row;
+        k = KRows ? row : col;
     }
 };
 static_assert(MMA_BM * MMA_BK / 8 == 2 * MMA_THREADS, "each thread stages two runs of each operand");
@@ -64,19 +67,19 @@ static_assert(MMA_BM * MMA_BK / 8 == 2 * MMA_THREADS, "each thread stages two ru
 // Whether operand A (Use = 0) or B (Use = 1) is staged with k on the rows: A as [k][m] when m is its
 // contiguous index, B as [k][n] when n is.
 template <int Use, class Load>
-__device__ constexpr bool mma_k_rows() {
+__host__ __device__ constexpr bool mma_k_rows() {
     if constexpr (Use == 0)
         return !Load::k_fast;
     else
         return Load::n_fast;
 }
 
-// Operand A (Use = 0) or B (Use = 1) of the core: its layout in shared memory, and the thread's two runs
-// of the next slice.
-template <int Use, class Load>
+// Operand A (Use = 0) or B (Use = 1) of a tensor-core core staged through registers: the thread's two
+// runs of the next slice, and where they go in a stage laid out by Slice (MmaSlice here; the wgmma core
+// has its own).
+template <int Use, class Load, class Slice = MmaSlice<mma_k_rows<Use, Load>()>>
 struct MmaOperand {
     static constexpr bool k_rows = mma_k_rows<Use, Load>();
-    using Slice = MmaSlice<k_rows>;
     float v[2][8];
 
     // Fetches the thread's runs of the slice at (outer0, k0): outer is m for A, n for B, in range below
@@ -84,9 +87,9 @@ struct MmaOperand {
     __device__ __forceinline__ void fetch(const Load& load, int tid, int outer0, int outer_end, int k0, int k_end) {
 #pragma unroll
         for (int i = 0; i < 2; ++i) {
-            int row, col;
-            Slice::run(tid, i, row, col);
-            const int outer = outer0 + (k_rows ? col : row), k = k0 + (k_rows ? row : col);
+            int dm, dk;
+            Slice::run(tid, i, dm, dk);
+            const int outer = outer0 + dm, k = k0 + dk;
             const int valid = k_rows ? min(8, outer_end - outer) : min(8, k_end - k);
             const bool inside = k_rows ? k < k_end : outer < outer_end;
             if (!inside || valid <= 0) {
@@ -103,11 +106,11 @@ struct MmaOperand {
     __device__ __forceinline__ void store(__nv_bfloat16* stage, int tid) const {
 #pragma unroll
         for (int i = 0; i < 2; ++i) {
-            int row, col;
-            Slice::run(tid, i, row, col);
+            int dm, dk;
+            Slice::run(tid, i, dm, dk);
             const uint4 packed = make_uint4(pack_bf16x2(v[i][0], v[i][1]), pack_bf16x2(v[i][2], v[i][3]),
                                             pack_bf16x2(v[i][4], v[i][5]), pack_bf16x2(v[i][6], v[i][7]));
-            *reinterpret_cast<uint4*>(stage + row * Slice::ld + col) = packed;
+            *reinterpret_cast<uint4*>(stage + Slice::offset(dm, dk)) = packed;
         }
     }
 };
@@ -146,8 +149,8 @@ __device__ __forceinline__ void gemm_run_mma(const LoadA& a, const LoadB& b, int
                                              const Epilogue& e) {
     using OpA = MmaOperand<0, LoadA>;
     using OpB = MmaOperand<1, LoadB>;
-    __shared__ __align__(16) __nv_bfloat16 As[2][OpA::Slice::size];
-    __shared__ __align__(16) __nv_bfloat16 Bs[2][OpB::Slice::size];
+    __shared__ __align__(16) __nv_bfloat16 As[2][MmaSlice<OpA::k_rows>::size];
+    __shared__ __align__(16) __nv_bfloat16 Bs[2][MmaSlice<OpB::k_rows>::size];
 
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
     const int wm = 64 * (warp / 4), wn = 32 * (warp % 4);  // the warp's 64 x 32 patch of the tile
@@ -211,22 +214,6 @@ __device__ __forceinline__ void gemm_run_mma(const LoadA& a, const LoadB& b, int
                 const int m = m0 + wm + 16 * i + g + 8 * (x / 2), n = n0 + wn + 8 * j + 2 * t + x % 2;
                 if (m < rows && n < cols) e.store(rows, cols, m, n, acc[i][j][x]);
             }
-}
-
-// The rungs of the ladder behind one name, for the kernels that exist on several: the fp32 SIMT core
-// (v1) of the `_f32` kernels, the WMMA core (v2) kept for the bench's ladder, the mma.sync core (v3) of
-// the `_bf16` kernels.
-enum class Core { Simt, Wmma, Mma };
-
-template <Core C, class LoadA, class LoadB>
-__device__ __forceinline__ void gemm(const LoadA& a, const LoadB& b, int rows, int cols, int kdim, int chunk,
-                                     const Epilogue& e) {
-    if constexpr (C == Core::Mma)
-        gemm_run_mma(a, b, rows, cols, kdim, chunk, e);
-    else if constexpr (C == Core::Wmma)
-        gemm_run_tc(a, b, rows, cols, kdim, chunk, e);
-    else
-        gemm_run(a, b, rows, cols, kdim, chunk, e);
 }
 
 }  // namespace ddpm

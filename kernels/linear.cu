@@ -8,7 +8,7 @@
 // The bias gradient is a column sum of dy (column_sums_* in gemm.cuh).
 // FLOPs: 2 m n k each. Launch: grid (ceil(M / T), ceil(N / T), splits), block 256, T = 64 (_f32) or 128
 // (_bf16).
-#include "gemm_mma.cuh"
+#include "gemm_cores.cuh"
 
 namespace {
 template <ddpm::Core CORE>

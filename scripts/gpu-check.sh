@@ -6,7 +6,8 @@
 #   2. compute-sanitizer (memcheck, racecheck) over a short training run and a short sampling run;
 #   3. ddpm-cuda train and sample on the paper's network (ddpm-cifar10);
 #   4. ddpm-cuda bench in fp32 and in bf16 (training and sampling throughput at batch 128 and 256; the
-#      dominant kernels, with the convolution in both precisions: the ladder of dev/conv/README.md);
+#      dominant kernels, with the convolution in both precisions and on every rung of the ladder of
+#      dev/conv/README.md, wgmma (v4) against mma.sync (v3) on sm_90a);
 #   5. the criterion benches (benches/gpu.rs), and benches/peer_pytorch.py, the same network in PyTorch
 #      (fp32, bf16 autocast, torch.compile);
 # then a short table, with our images/s over the best PyTorch configuration's. The full log goes to stdout

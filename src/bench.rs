@@ -7,14 +7,14 @@
 //!   1000-step sampler follow from it.
 //! - Kernels: a 3x3 convolution of the paper's widest 16x16 layer (forward, input and weight gradients)
 //!   in every precision the backend has, and on every rung of the convolution ladder it keeps (v1 fp32
-//!   SIMT, v2 bf16 WMMA, v3 bf16 mma.sync: dev/conv/README.md),
+//!   SIMT, v2 bf16 WMMA, v3 bf16 mma.sync, v4 bf16 wgmma on sm_90a: dev/conv/README.md),
 //!   group norm, attention, the optimizer, each as time, TFLOP/s or GB/s, and the ratio to the ceiling:
 //!   the device-to-device copy bandwidth and the arithmetic peak of the precision, both measured here
 //!   (the peak from the specification where the backend cannot measure it).
 
 use crate::backend::{
     AdamHyper, AttentionShape, Backend, ConvKind, ConvShape, GroupNormShape, NormedInput,
-    Precision, Sequence, Tensor,
+    Precision, Rung, Sequence, Tensor,
 };
 use crate::error::Result;
 use crate::model::{UNet, UNetConfig};
@@ -299,8 +299,9 @@ pub fn kernels<B: Backend>(be: &mut B, batch: usize, ceilings: &Ceilings) -> Res
         dropout: None,
     };
     // Every precision this backend has, on the same shape: on CUDA, versions 1 (fp32 SIMT) and 3 (bf16
-    // mma.sync) of the convolution ladder (dev/conv/README.md), and version 2 (bf16 WMMA) after them. Then a ResNet block's group norm + SiLU and
-    // its convolution, one after the other and with the normalisation applied as the convolution loads
+    // mma.sync) of the convolution ladder (dev/conv/README.md), and after them the rungs the bf16 kernels
+    // do not use (v2 WMMA; v4 wgmma on sm_90a). Then a ResNet block's group norm + SiLU
+    // and its convolution, one after the other and with the normalisation applied as the convolution loads
     // its input (the same on a backend that does not fuse them).
     let own = be.precision();
     for p in [Precision::Fp32, Precision::Bf16] {
@@ -335,16 +336,39 @@ pub fn kernels<B: Backend>(be: &mut B, batch: usize, ceilings: &Ceilings) -> Res
         ));
     }
     be.set_precision(own)?;
-    if be.conv2d_forward_wmma(s, x, w, b, y)? {
-        let ms = time(be, iters, |be| {
-            be.conv2d_forward_wmma(s, x, w, b, y).map(|_| ())
-        })?;
-        lines.push(tflop_line(
-            format!("conv 3x3 16x16 256->256 bf16 on WMMA (ladder v2), batch {batch}: forward"),
-            ms,
-            flop,
-            Precision::Bf16,
-        ));
+    if be.set_precision(Precision::Bf16).is_ok() {
+        for rung in Rung::ALL {
+            if !be.set_rung(Some(rung))? {
+                continue;
+            }
+            let what = format!(
+                "conv 3x3 16x16 256->256 bf16 on {}, batch {batch}",
+                rung.name()
+            );
+            let ms = time(be, iters, |be| be.conv2d_forward(s, x, w, b, y))?;
+            lines.push(tflop_line(
+                format!("{what}: forward"),
+                ms,
+                flop,
+                Precision::Bf16,
+            ));
+            let ms = time(be, iters, |be| be.conv2d_backward_data(s, dy, w, dx, false))?;
+            lines.push(tflop_line(
+                format!("{what}: input grad"),
+                ms,
+                flop,
+                Precision::Bf16,
+            ));
+            let ms = time(be, iters, |be| be.conv2d_backward_weight(s, x, dy, dw, db))?;
+            lines.push(tflop_line(
+                format!("{what}: weight grad"),
+                ms,
+                flop,
+                Precision::Bf16,
+            ));
+        }
+        be.set_rung(None)?;
+        be.set_precision(own)?;
     }
     let ms = time(be, iters, |be| {
         be.group_norm_forward(g, x, gamma, beta, y, mean, rstd, true)

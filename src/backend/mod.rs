@@ -443,6 +443,26 @@ impl Precision {
     }
 }
 
+/// A rung of the convolution ladder (`dev/conv/README.md`) that the bf16 kernels do not run on (they run
+/// on version 3, mma.sync), kept so the bench can time it beside them: version 2 (WMMA), which version 3
+/// replaced, and version 4 (wgmma, sm_90a only), until a GPU run shows it correct and faster.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rung {
+    Wmma,
+    Wgmma,
+}
+
+impl Rung {
+    pub const ALL: [Rung; 2] = [Rung::Wmma, Rung::Wgmma];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Wmma => "WMMA (ladder v2)",
+            Self::Wgmma => "wgmma (ladder v4)",
+        }
+    }
+}
+
 /// The op set. Every method checks its arguments and returns an error rather than panicking.
 pub trait Backend {
     /// A short description for logs ("cpu (2 threads)", "cuda: NVIDIA H100 ...").
@@ -470,20 +490,6 @@ pub trait Backend {
         b: Tensor,
         y: Tensor,
     ) -> Result<()>;
-    /// [`Backend::conv2d_forward`] in bf16 on version 2 of the convolution ladder (WMMA; the bf16 kernels
-    /// run on version 3), which the backend keeps so the bench times every rung on one device in one run
-    /// (`dev/conv/README.md`). `Ok(false)`, computing nothing, where the backend has no such core.
-    fn conv2d_forward_wmma(
-        &mut self,
-        s: ConvShape,
-        x: Tensor,
-        w: Tensor,
-        b: Tensor,
-        y: Tensor,
-    ) -> Result<bool> {
-        let _ = (s, x, w, b, y);
-        Ok(false)
-    }
     /// `y = conv(x, w) + b (+ image_bias[image, o]) (+ residual)`: a convolution with the time-embedding add
     /// and the residual add of a ResNet block done in its epilogue, where the backend fuses them (CUDA);
     /// elsewhere the same three steps one after another, in the same order of additions.
@@ -883,6 +889,13 @@ pub trait Backend {
                 p.name()
             ))),
         }
+    }
+    /// Runs the bf16 convolutions (forward, input and weight gradients; not those that normalise their
+    /// input, nor the linear layers) on `rung` from now on, or on the bf16 kernels' own core with `None`:
+    /// for the bench and the tests of the ladder's other rungs. Returns whether the backend and device
+    /// have that rung (`false`: nothing changed). fp32 convolutions are not affected.
+    fn set_rung(&mut self, rung: Option<Rung>) -> Result<bool> {
+        Ok(rung.is_none())
     }
     /// The arithmetic peak of `p`'s GEMMs from the device's specification, in TFLOP/s, where the backend
     /// knows it.

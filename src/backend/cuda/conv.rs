@@ -3,7 +3,7 @@
 
 use super::elementwise::dims;
 use super::{launch, CudaBackend, KernelArgs, WORKSPACE};
-use crate::backend::{ConvKind, ConvShape, NormedInput, Precision, Tensor};
+use crate::backend::{ConvKind, ConvShape, NormedInput, Precision, Rung, Tensor};
 use crate::error::{Error, Result};
 use cudarc::driver::LaunchConfig;
 
@@ -20,14 +20,46 @@ pub(super) struct Tile {
 pub(super) const TILE_F32: Tile = Tile { mn: 64, k: 16 };
 pub(super) const TILE_BF16: Tile = Tile { mn: 128, k: 32 };
 
-/// The GEMM core a forward convolution runs on: the current precision's (version 1 of the convolution
-/// ladder for fp32, version 3 for bf16), or version 2 (bf16 WMMA), which only the bench still launches
-/// (`dev/conv/README.md`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) enum Core {
-    Precision,
-    Wmma,
+/// One convolution's kernels: fp32 (version 1 of the convolution ladder), bf16 (version 3), and bf16 on
+/// the rungs only the bench and the tests launch (`Backend::set_rung`): version 2 (WMMA) and version 4
+/// (wgmma, sm_90a), which have no convolution that normalises its input.
+struct Kernels {
+    f32: &'static str,
+    bf16: &'static str,
+    wmma: Option<&'static str>,
+    wgmma: Option<&'static str>,
 }
+
+const FORWARD: Kernels = Kernels {
+    f32: "conv2d_forward_f32",
+    bf16: "conv2d_forward_bf16",
+    wmma: Some("conv2d_forward_wmma"),
+    wgmma: Some("conv2d_forward_wgmma"),
+};
+const FORWARD_NORMED: Kernels = Kernels {
+    f32: "conv2d_forward_normed_f32",
+    bf16: "conv2d_forward_normed_bf16",
+    wmma: None,
+    wgmma: None,
+};
+const BACKWARD_DATA: Kernels = Kernels {
+    f32: "conv2d_backward_data_f32",
+    bf16: "conv2d_backward_data_bf16",
+    wmma: Some("conv2d_backward_data_wmma"),
+    wgmma: Some("conv2d_backward_data_wgmma"),
+};
+const BACKWARD_WEIGHT: Kernels = Kernels {
+    f32: "conv2d_backward_weight_f32",
+    bf16: "conv2d_backward_weight_bf16",
+    wmma: Some("conv2d_backward_weight_wmma"),
+    wgmma: Some("conv2d_backward_weight_wgmma"),
+};
+const BACKWARD_WEIGHT_NORMED: Kernels = Kernels {
+    f32: "conv2d_backward_weight_normed_f32",
+    bf16: "conv2d_backward_weight_normed_bf16",
+    wmma: None,
+    wgmma: None,
+};
 
 /// A GEMM launch over an M x N output: grid (M / tile, N / tile, splits), the long side on x.
 pub(super) fn gemm_cfg(tile: Tile, rows: usize, cols: usize, splits: usize) -> LaunchConfig {
@@ -126,6 +158,22 @@ impl CudaBackend {
         Ok(a)
     }
 
+    /// The kernel of a convolution in the current precision, on the current rung in bf16.
+    fn conv_kernel(&self, k: &Kernels) -> Result<&'static str> {
+        let rung = match (self.precision, self.rung) {
+            (Precision::Fp32, _) => return Ok(k.f32),
+            (Precision::Bf16, None) => return Ok(k.bf16),
+            (Precision::Bf16, Some(r)) => r,
+        };
+        let kernel = match rung {
+            Rung::Wmma => k.wmma,
+            Rung::Wgmma => k.wgmma,
+        };
+        kernel.ok_or_else(|| {
+            Error::Invalid(format!("{} has no kernel {} (bf16)", rung.name(), k.f32))
+        })
+    }
+
     /// The tiling of the GEMM core the current precision runs on.
     pub(super) fn tile(&self) -> Tile {
         match self.precision {
@@ -139,7 +187,6 @@ impl CudaBackend {
     #[allow(clippy::too_many_arguments)]
     pub(super) fn conv_forward(
         &mut self,
-        core: Core,
         s: ConvShape,
         x: Tensor,
         norm: Option<NormedInput>,
@@ -167,24 +214,12 @@ impl CudaBackend {
         let (pw, pb, py) = (self.ptr(w), self.ptr(b), self.ptr(y));
         let pt = image_bias.map_or(0, |t| self.ptr(t));
         let pr = residual.map_or(0, |r| self.ptr(r));
-        let (name, tile) = match (core, &norm) {
-            (Core::Wmma, None) => ("conv2d_forward_wmma", TILE_BF16),
-            (Core::Wmma, Some(_)) => {
-                return Err(Error::Invalid(
-                    "the WMMA convolution (version 2) does not normalise its input".into(),
-                ))
-            }
-            (Core::Precision, Some(_)) => (
-                self.pick("conv2d_forward_normed_f32", "conv2d_forward_normed_bf16"),
-                self.tile(),
-            ),
-            (Core::Precision, None) => (
-                self.pick("conv2d_forward_f32", "conv2d_forward_bf16"),
-                self.tile(),
-            ),
-        };
+        let name = self.conv_kernel(match norm {
+            Some(_) => &FORWARD_NORMED,
+            None => &FORWARD,
+        })?;
         let (oh, ow) = s.out_hw();
-        let cfg = gemm_cfg(tile, s.n * oh * ow, s.o, 1);
+        let cfg = gemm_cfg(self.tile(), s.n * oh * ow, s.o, 1);
         let mut a = self.input_args(x, norm.as_ref())?;
         for v in [pw, pb, pt, pr, py] {
             a.push(v);
@@ -218,7 +253,7 @@ impl CudaBackend {
         let acc = acc as i32;
         launch!(
             self,
-            self.pick("conv2d_backward_data_f32", "conv2d_backward_data_bf16"),
+            self.conv_kernel(&BACKWARD_DATA)?,
             cfg,
             pdy,
             pw,
@@ -271,13 +306,10 @@ impl CudaBackend {
         {
             a.push(v);
         }
-        let name = match norm {
-            Some(_) => self.pick(
-                "conv2d_backward_weight_normed_f32",
-                "conv2d_backward_weight_normed_bf16",
-            ),
-            None => self.pick("conv2d_backward_weight_f32", "conv2d_backward_weight_bf16"),
-        };
+        let name = self.conv_kernel(match norm {
+            Some(_) => &BACKWARD_WEIGHT_NORMED,
+            None => &BACKWARD_WEIGHT,
+        })?;
         a.launch(&mut self.dev, name, cfg)?;
         if splits > 1 {
             self.reduce_splits(splits, s.o, s.k(), pdw, 0, false)?;

@@ -32,6 +32,9 @@ pub(super) struct Properties {
     /// Compute capability major version and the SM clock (kHz), for the arithmetic peak (0: unknown).
     pub major: i32,
     pub clock_khz: i32,
+    /// Whether the sm_90a kernels (wgmma) run here: compute capability 9.0 and kernels built for
+    /// sm_90a (elsewhere their bodies are empty).
+    pub sm90a: bool,
 }
 
 /// Device memory, freed on drop.
@@ -137,6 +140,7 @@ impl Device {
             max_shared,
             major,
             clock_khz,
+            sm90a: (major, minor) == (9, 0) && archs.split(',').any(|a| a.trim() == "sm_90a"),
         };
         Ok((Self::Gpu(gpu), props))
     }
@@ -150,6 +154,7 @@ impl Device {
             max_shared: 227 << 10,
             major: 9,
             clock_khz: 0,
+            sm90a: true, // the emulator runs every kernel as written
         };
         (Self::Emu(emu::Emu::default()), props)
     }

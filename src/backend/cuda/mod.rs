@@ -94,6 +94,8 @@ pub struct CudaBackend {
     clock: Option<DeviceBuffer>,
     /// Which GEMM core the convolutions and linear layers run on.
     precision: Precision,
+    /// The ladder rung the bf16 convolutions run on instead of their own (`Backend::set_rung`).
+    rung: Option<super::Rung>,
     dev: Device,
     props: Properties,
 }
@@ -134,6 +136,7 @@ impl CudaBackend {
             step: None,
             clock: None,
             precision: Precision::Fp32,
+            rung: None,
             dev,
             props,
         }
@@ -386,22 +389,7 @@ impl super::Backend for CudaBackend {
         b: Tensor,
         y: Tensor,
     ) -> Result<()> {
-        self.conv_forward(conv::Core::Precision, s, x, None, w, b, None, None, y)
-    }
-
-    fn conv2d_forward_wmma(
-        &mut self,
-        s: super::ConvShape,
-        x: Tensor,
-        w: Tensor,
-        b: Tensor,
-        y: Tensor,
-    ) -> Result<bool> {
-        if !self.supports_bf16() {
-            return Ok(false);
-        }
-        self.conv_forward(conv::Core::Wmma, s, x, None, w, b, None, None, y)?;
-        Ok(true)
+        self.conv_forward(s, x, None, w, b, None, None, y)
     }
 
     fn conv2d_forward_fused(
@@ -414,17 +402,7 @@ impl super::Backend for CudaBackend {
         residual: Option<Tensor>,
         y: Tensor,
     ) -> Result<()> {
-        self.conv_forward(
-            conv::Core::Precision,
-            s,
-            x,
-            None,
-            w,
-            b,
-            image_bias,
-            residual,
-            y,
-        )
+        self.conv_forward(s, x, None, w, b, image_bias, residual, y)
     }
 
     fn fuses_normalisation(&self) -> bool {
@@ -445,17 +423,7 @@ impl super::Backend for CudaBackend {
     ) -> Result<()> {
         let n = input;
         self.norm_forward(n.s, n.x, n.gamma, n.beta, None, n.mean, n.rstd, n.silu)?;
-        self.conv_forward(
-            conv::Core::Precision,
-            s,
-            n.x,
-            Some(n),
-            w,
-            b,
-            image_bias,
-            residual,
-            y,
-        )
+        self.conv_forward(s, n.x, Some(n), w, b, image_bias, residual, y)
     }
 
     fn conv2d_backward_weight_normed(
@@ -894,6 +862,25 @@ impl super::Backend for CudaBackend {
         }
         self.precision = p;
         Ok(())
+    }
+
+    /// WMMA needs bf16 tensor cores (sm_80 and newer); wgmma a Hopper (sm_90a) and kernels built for it.
+    fn set_rung(&mut self, rung: Option<super::Rung>) -> Result<bool> {
+        let runs = match rung {
+            None => true,
+            Some(super::Rung::Wmma) => self.supports_bf16(),
+            Some(super::Rung::Wgmma) => self.props.sm90a,
+        };
+        if !runs {
+            return Ok(false);
+        }
+        if rung != self.rung {
+            // Recorded sequences launch the kernels of the rung they were recorded on.
+            self.not_recording("changing the convolutions' core")?;
+            self.forget_recordings();
+        }
+        self.rung = rung;
+        Ok(true)
     }
 
     /// SMs x FLOPs per SM per clock x the SM clock. fp32: 128 lanes x 2 (a fused multiply-add) on sm_90,

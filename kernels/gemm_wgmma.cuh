@@ -1,0 +1,139 @@
+// gemm_wgmma.cuh: version 4 of the convolution ladder (dev/conv/): the bf16 GEMM core on Hopper's
+// warpgroup MMA (sm_90a only).
+//
+//   C[m, n] = sum_k bf16(A(m, k)) bf16(B(k, n)), products exact, sums in fp32
+//
+// The loaders, the epilogue, the 128 x 128 x 32 tiles of 256 threads and the register path of version 3
+// (gemm_mma.cuh: runs of 8 fetched a slice ahead, rounded to bf16 in registers, one 16-byte store each)
+// stay; what changes is the multiply. Version 3's warps each issue 32 mma.sync per slice, every one fed
+// by ldmatrix through the registers; here each of the two warpgroups (128 threads) issues 2 wgmma
+// m64n128k16 per slice, which read A (its 64 rows) and B (all 128 columns) straight from shared memory
+// through descriptors and run asynchronously: the next slice's stores overlap the multiply.
+//
+// Shared memory holds each slice in wgmma's no-swizzle layout: 8 x 8 "core matrices" of 128 contiguous
+// bytes (wgmma.cuh). An operand whose contiguous index is k (the im2col gather, a weight read along k) is
+// staged K-major, its core matrices along k 128 bytes apart (LBO) and its 8-row groups 512 bytes apart
+// (SBO); one whose contiguous index is m or n is staged MN-major and read transposed (imm-trans 1), its
+// 8-column groups 128 bytes apart (SBO) and its 8-k groups 2048 bytes apart (LBO). Either way a thread's
+// run of 8 is one 16-byte row of one core matrix, and the threads are assigned runs so that 8 consecutive
+// threads fill the 8 rows of one core matrix: stores without bank conflicts.
+//
+// Per slice: wgmma on this stage, commit; fetch the next slice into registers; wait until only this
+// slice's wgmma is in flight (the previous one, which read the other stage, is done) and barrier; store
+// into the other stage, fence the async proxy, barrier. 64 fp32 accumulators per thread (thread
+// 32 w + 4 g + t of warpgroup h holds rows 64 h + 16 w + g and + 8, columns 8 j + 2 t and + 1).
+// Shared memory: 2 stages x 2 operands x 8 KiB = 32 KiB, static.
+//
+// What it leaves on the table: the register path (fp32 storage, converted by the threads) where TMA
+// could copy bf16 activations into shared memory; the 128-byte swizzle the tensor-memory accelerator
+// would write; and more stages. That is the next rung, after bf16 activation storage.
+#pragma once
+
+#include "gemm_mma.cuh"
+#include "wgmma.cuh"
+
+namespace ddpm {
+
+// One stage of one operand's 128 x 32 slice (element (outer, k), outer being m for A and n for B) in
+// wgmma's no-swizzle layout. MnMajor: the operand's contiguous index is outer.
+template <bool MnMajor>
+struct WgmmaSlice {
+    static constexpr int size = MMA_BM * MMA_BK;
+    // Byte steps between core matrices: along k (LBO) and along outer (SBO).
+    static constexpr int lbo = MnMajor ? 2048 : 128;
+    static constexpr int sbo = MnMajor ? 128 : 512;
+    __device__ static int offset(int outer, int k) {
+        const int in_core = MnMajor ? outer % 8 + 8 * (k % 8) : 8 * (outer % 8) + k % 8;
+        return in_core + (lbo / 2) * (k / 8) + (sbo / 2) * (outer / 8);
+    }
+    // The thread's run i (i < 2) along the contiguous index, (outer, k) of its first element: consecutive
+    // threads take consecutive rows of a core matrix (k for MN-major, outer for K-major).
+    __device__ static void run(int tid, int i, int& outer, int& k) {
+        const int v = tid + i * MMA_THREADS;
+        if (MnMajor) {
+            k = v % MMA_BK;
+            outer = 8 * (v / MMA_BK);
+        } else {
+            outer = v % MMA_BM;
+            k = 8 * (v / MMA_BM);
+        }
+    }
+    // The descriptor of the 16 k from `ks` of `rows` outer from `outer`.
+    __device__ static uint64_t desc(const __nv_bfloat16* stage, int outer, int ks) {
+        return smem_desc(stage + offset(outer, ks), lbo, sbo);
+    }
+};
+
+// One launch: grid (ceil(rows / 128), ceil(cols / 128), splits), block 256; slice z of a split launch
+// covers k in [z * chunk, (z + 1) * chunk), chunk a multiple of 32, and writes raw partial sums to the
+// workspace (gemm_reduce_f32 adds them).
+template <class LoadA, class LoadB>
+__device__ __forceinline__ void gemm_run_wgmma(const LoadA& a, const LoadB& b, int rows, int cols, int kdim,
+                                               int chunk, const Epilogue& e) {
+    constexpr bool mn_a = mma_k_rows<0, LoadA>(), mn_b = mma_k_rows<1, LoadB>();
+    using SliceA = WgmmaSlice<mn_a>;
+    using SliceB = WgmmaSlice<mn_b>;
+    __shared__ __align__(128) __nv_bfloat16 As[2][SliceA::size];
+    __shared__ __align__(128) __nv_bfloat16 Bs[2][SliceB::size];
+
+    const int tid = threadIdx.x, group = tid / 128;  // the warpgroup's 64 rows: 64 group..
+    const int m0 = blockIdx.x * MMA_BM, n0 = blockIdx.y * MMA_BN;
+    const int k_begin = blockIdx.z * chunk, k_end = min(kdim, k_begin + chunk);
+
+    // Where accumulator element i of this thread goes.
+    const int w = (tid / 32) % 4, g = (tid % 32) / 4, t = tid % 4;
+    auto store_tile = [&](auto value) {
+#pragma unroll
+        for (int j = 0; j < 16; ++j)
+#pragma unroll
+            for (int x = 0; x < 4; ++x) {
+                const int m = m0 + 64 * group + 16 * w + g + 8 * (x / 2), n = n0 + 8 * j + 2 * t + x % 2;
+                if (m < rows && n < cols) e.store(rows, cols, m, n, value(4 * j + x));
+            }
+    };
+    if (k_begin >= k_end) {  // no k at all (split_k never launches one): the sums are 0
+        store_tile([](int) { return 0.0f; });
+        return;
+    }
+
+    // Written first by a wgmma that does not accumulate: no other instruction may define them while
+    // wgmma is in flight (ptxas serialises the wgmma if one does, C7515).
+    float acc[64];
+
+    MmaOperand<0, LoadA, SliceA> opa;
+    MmaOperand<1, LoadB, SliceB> opb;
+    opa.fetch(a, tid, m0, rows, k_begin, k_end);
+    opb.fetch(b, tid, n0, cols, k_begin, k_end);
+    opa.store(As[0], tid);
+    opb.store(Bs[0], tid);
+    fence_proxy_async();
+    __syncthreads();
+    int stage = 0;
+    for (int k0 = k_begin; k0 < k_end; k0 += MMA_BK) {
+        const bool more = k0 + MMA_BK < k_end;
+        wgmma_fence();
+#pragma unroll
+        for (int ks = 0; ks < MMA_BK; ks += 16)
+            wgmma_m64n128k16<mn_a, mn_b>(acc, SliceA::desc(As[stage], 64 * group, ks),
+                                         SliceB::desc(Bs[stage], 0, ks), k0 > k_begin || ks > 0);
+        wgmma_commit();
+        if (more) {  // in flight while the tensor cores work on this slice
+            opa.fetch(a, tid, m0, rows, k0 + MMA_BK, k_end);
+            opb.fetch(b, tid, n0, cols, k0 + MMA_BK, k_end);
+        }
+        wgmma_wait<1>();  // the previous slice's wgmma, which read the other stage, is done...
+        __syncthreads();  // ...in both warpgroups
+        if (more) {
+            opa.store(As[stage ^ 1], tid);
+            opb.store(Bs[stage ^ 1], tid);
+            fence_proxy_async();
+        }
+        __syncthreads();
+        stage ^= 1;
+    }
+    wgmma_wait<0>();
+    fence_operands(acc);
+    store_tile([&](int i) { return acc[i]; });
+}
+
+}  // namespace ddpm

@@ -1,0 +1,102 @@
+// wgmma.cuh: the Hopper warpgroup MMA (sm_90a) of version 4 of the convolution ladder (gemm_wgmma.cuh),
+// as small functions over PTX, with the shared-memory matrix descriptor it reads its operands through.
+//
+//   smem_desc(start, lbo, sbo)      a descriptor of a bf16 operand in shared memory, no swizzle: bits 0-13
+//                                   the start address, 16-29 the leading and 32-45 the stride byte
+//                                   offsets, each (x & 0x3FFFF) >> 4; swizzle mode (bits 62-63) and base
+//                                   offset (49-51) 0. Which offset is which depends on the operand's
+//                                   major-ness, in units of 8 x 8 "core matrices" of 128 contiguous bytes:
+//                                     K-major  (element (mn, k) at 8 (mn % 8) + k % 8 in its core): LBO =
+//                                              the step from k 0-7 to k 8-15, SBO = from mn 0-7 to 8-15
+//                                     MN-major (element (mn, k) at mn % 8 + 8 (k % 8), transposed with
+//                                              imm-trans 1): SBO = the step from mn 0-7 to 8-15, LBO = from
+//                                              k 0-7 to 8-15
+//   wgmma_m64n128k16<TA, TB>(d, a, b, acc)  wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16: d = A B
+//                                   (+ d when acc) over the 128 threads of a warpgroup, A 64 x 16 and B 16 x 128 from shared
+//                                   memory (TA, TB: 1 for MN-major). Thread 32 w + 4 g + t of the group
+//                                   holds d[4 j + x] = D(16 w + g + 8 (x / 2), 8 j + 2 t + x % 2)
+//   wgmma_fence, wgmma_commit, wgmma_wait<N>   wgmma.fence (before the first wgmma that touches the
+//                                   accumulators), commit_group, wait_group N (at most N groups left in
+//                                   flight: only then may their shared memory be overwritten or their
+//                                   accumulators read)
+//   fence_proxy_async              fence.proxy.async.shared::cta: makes the thread's ordinary stores to
+//                                   shared memory visible to the wgmma that read it (before the barrier)
+//   fence_operands(d)              keeps the compiler from moving reads of d above a wait
+//
+// From the PTX ISA ("Asynchronous Warpgroup Level Matrix Multiply-Accumulate", "Matrix Descriptor
+// Format", "Shared Memory Matrix Layout"). The CPU emulator (emu/wgmma_emu.h) implements the same
+// functions from the same layouts, decoding the same descriptor fields, and runs a wgmma when it is waited
+// for, not when it is issued, so a kernel that overwrites an operand too early reads wrong data there too.
+#pragma once
+
+#include <cstdint>
+
+namespace ddpm {
+
+// The descriptor from its fields; `start` is the encoded start address.
+__device__ __forceinline__ uint64_t smem_desc_fields(uint32_t start, uint32_t lbo_bytes, uint32_t sbo_bytes) {
+    return uint64_t(start & 0x3FFFu) | uint64_t((lbo_bytes & 0x3FFFFu) >> 4) << 16 |
+           uint64_t((sbo_bytes & 0x3FFFFu) >> 4) << 32;
+}
+
+}  // namespace ddpm
+
+#if defined(__CUDACC__)
+
+namespace ddpm {
+
+__device__ __forceinline__ uint64_t smem_desc(const void* start, uint32_t lbo_bytes, uint32_t sbo_bytes) {
+    const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(start));
+    return smem_desc_fields((addr & 0x3FFFFu) >> 4, lbo_bytes, sbo_bytes);
+}
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+    asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+
+template <int TA, int TB>
+__device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], uint64_t a, uint64_t b, int accumulate) {
+    asm volatile(
+        "{\n"
+        ".reg .pred p;\n"
+        "setp.ne.b32 p, %68, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
+        "%64, %65, p, 1, 1, %66, %67;\n"
+        "}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+          "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+          "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+          "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+          "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+        : "l"(a), "l"(b), "n"(TA), "n"(TB), "r"(accumulate));  // scale-d: D = A B + (accumulate ? D : 0)
+}
+#else
+// Only sm_90a has wgmma; the launchers run the kernels that use it only there.
+__device__ __forceinline__ void wgmma_fence() { __trap(); }
+__device__ __forceinline__ void wgmma_commit() {}
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {}
+__device__ __forceinline__ void fence_proxy_async() {}
+template <int TA, int TB>
+__device__ __forceinline__ void wgmma_m64n128k16(float (&)[64], uint64_t, uint64_t, int) {}
+#endif
+
+__device__ __forceinline__ void fence_operands(float (&d)[64]) {
+#pragma unroll
+    for (int i = 0; i < 64; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+
+}  // namespace ddpm
+
+#else
+#include "wgmma_emu.h"
+#endif
