@@ -69,7 +69,9 @@ struct RowsA {
     int rows;
     static constexpr bool k_fast = true;
     __device__ float operator()(int m, int k) const { return m < rows ? p[int64_t(m) * ld + k] : 0.0f; }
-    __device__ void load8(int m, int k, int valid, float (&v)[8]) const { load_run8(p + int64_t(m) * ld + k, valid, v); }
+    __device__ void load8(int m, int k, int valid, float (&v)[8]) const {
+        load_run8(p + int64_t(m) * ld + k, valid, v);
+    }
 };
 
 // A(m, k) = p[k * ld + m]: the transpose of a row-major matrix, m contiguous.
@@ -79,7 +81,9 @@ struct ColsA {
     int rows;
     static constexpr bool k_fast = false;
     __device__ float operator()(int m, int k) const { return m < rows ? p[int64_t(k) * ld + m] : 0.0f; }
-    __device__ void load8(int m, int k, int valid, float (&v)[8]) const { load_run8(p + int64_t(k) * ld + m, valid, v); }
+    __device__ void load8(int m, int k, int valid, float (&v)[8]) const {
+        load_run8(p + int64_t(k) * ld + m, valid, v);
+    }
 };
 
 // B(k, n) = p[k * ld + n]: n contiguous.
@@ -89,7 +93,9 @@ struct RowsB {
     int cols;
     static constexpr bool n_fast = true;
     __device__ float operator()(int k, int n) const { return n < cols ? p[int64_t(k) * ld + n] : 0.0f; }
-    __device__ void load8(int k, int n, int valid, float (&v)[8]) const { load_run8(p + int64_t(k) * ld + n, valid, v); }
+    __device__ void load8(int k, int n, int valid, float (&v)[8]) const {
+        load_run8(p + int64_t(k) * ld + n, valid, v);
+    }
 };
 
 // B(k, n) = p[n * ld + k]: the transpose of a row-major matrix (a weight [out, in] used as [in, out]).
@@ -99,7 +105,9 @@ struct ColsB {
     int cols;
     static constexpr bool n_fast = false;
     __device__ float operator()(int k, int n) const { return n < cols ? p[int64_t(n) * ld + k] : 0.0f; }
-    __device__ void load8(int k, int n, int valid, float (&v)[8]) const { load_run8(p + int64_t(n) * ld + k, valid, v); }
+    __device__ void load8(int k, int n, int valid, float (&v)[8]) const {
+        load_run8(p + int64_t(n) * ld + k, valid, v);
+    }
 };
 
 // The geometry of a convolution: NHWC input [batch, h, w, c], output [batch, oh, ow, o], a taps x taps
@@ -247,7 +255,9 @@ struct WeightT {
         return w + (int64_t(oc) * g.taps * g.taps + tap) * g.c + ci;
     }
     __device__ float operator()(int k, int ci) const { return ci < g.c ? *at(k, ci) : 0.0f; }
-    __device__ void load8(int k, int ci, int valid, float (&v)[8]) const { load_run8(at(k, ci), valid, v); }
+    __device__ void load8(int k, int ci, int valid, float (&v)[8]) const {
+        load_run8(at(k, ci), valid, v);
+    }
 };
 
 // ---- the core -------------------------------------------------------------------------------------

@@ -3,10 +3,11 @@
 //   C[m, n] = sum_k bf16(A(m, k)) bf16(B(k, n)), products exact, sums in fp32
 //
 // Same loaders, epilogue and launch contract as the fp32 core of gemm.cuh. Version 3 (gemm_mma.cuh) has
-// replaced it under the `_bf16` kernels; it stays in the build under conv2d_forward_wmma, so the bench
-// times each rung of the ladder on the same device in the same run. Storage stays fp32: each operand is rounded to bf16 (nearest even) as it is staged in shared memory, which is where
-// this version gets its speed (the multiply-adds on the tensor cores) and where it loses accuracy (8
-// significant bits per operand; see the tolerance derivation in tests/gpu.rs).
+// replaced it under the `_bf16` kernels; it stays in the build under the conv2d_*_wmma kernels, so the
+// bench times each rung of the ladder on the same device in the same run. Storage stays fp32: each
+// operand is rounded to bf16 (nearest even) as it is staged in shared memory, which is where this version
+// gets its speed (the multiply-adds on the tensor cores) and where it loses accuracy (8 significant bits
+// per operand; see the tolerance derivation in tests/gpu.rs).
 //
 // Tiling: a block of 256 threads = 8 warps computes a 128 x 128 tile of C, stepping through K 32 at a
 // time. Each step stages a 128 x 32 slice of A and a 32 x 128 slice of B in shared memory as bf16 (16

@@ -11,9 +11,10 @@
 //                                     MN-major (element (mn, k) at mn % 8 + 8 (k % 8), transposed with
 //                                              imm-trans 1): SBO = the step from mn 0-7 to 8-15, LBO = from
 //                                              k 0-7 to 8-15
-//   wgmma_m64n128k16<TA, TB>(d, a, b, acc)  wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16: d = A B
-//                                   (+ d when acc) over the 128 threads of a warpgroup, A 64 x 16 and B 16 x 128 from shared
-//                                   memory (TA, TB: 1 for MN-major). Thread 32 w + 4 g + t of the group
+//   wgmma_m64n128k16<TA, TB>(d, a, b, acc)
+//                                   wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16: d = A B (+ d when
+//                                   acc) over the 128 threads of a warpgroup, A 64 x 16 and B 16 x 128 from
+//                                   shared memory (TA, TB: 1 for MN-major). Thread 32 w + 4 g + t of the group
 //                                   holds d[4 j + x] = D(16 w + g + 8 (x / 2), 8 j + 2 t + x % 2)
 //   wgmma_fence, wgmma_commit, wgmma_wait<N>   wgmma.fence (before the first wgmma that touches the
 //                                   accumulators), commit_group, wait_group N (at most N groups left in
@@ -66,7 +67,10 @@ __device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], uint64_t a, uin
         ".reg .pred p;\n"
         "setp.ne.b32 p, %68, 0;\n"
         "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
-        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
         "%64, %65, p, 1, 1, %66, %67;\n"
         "}\n"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
