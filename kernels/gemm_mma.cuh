@@ -53,13 +53,19 @@ struct MmaSlice {
     static constexpr int ld = (KRows ? MMA_BM : MMA_BK) + 8;
     static constexpr int size = rows * ld;
     __device__ static int offset(int outer, int k) { return KRows ? k * ld + outer : outer * ld + k; }
-    // The thread's run i of 8 elements (i < 2) along the contiguous index: (outer, k) of its first.
+    // The thread's run i of 8 elements (i < 2) along the contiguous index: (outer, k) of its first. Each
+    // 8 consecutive threads store 8 distinct 16-byte bank groups: with k on the rows, 8 neighbouring runs
+    // of one row (272-byte rows); else one run in each of 8 consecutive rows (80-byte rows: 16-byte
+    // groups 5 r mod 8, all different), where 4 runs of one row would put two stores in one group.
     __device__ static void run(int tid, int i, int& outer, int& k) {
         const int v = tid + i * MMA_THREADS;
-        constexpr int runs_per_row = (KRows ? MMA_BM : MMA_BK) / 8;
-        const int row = v / runs_per_row, col = 8 * (v % runs_per_row);
-        outer = KRows ? col : row;
-        k = KRows ? row : col;
+        if (KRows) {
+            k = v / (MMA_BM / 8);
+            outer = 8 * (v % (MMA_BM / 8));
+        } else {
+            outer = v % MMA_BM;
+            k = 8 * (v / MMA_BM);
+        }
     }
 };
 static_assert(MMA_BM * MMA_BK / 8 == 2 * MMA_THREADS, "each thread stages two runs of each operand");
