@@ -304,17 +304,22 @@ pub fn kernels<B: Backend>(be: &mut B, batch: usize, ceilings: &Ceilings) -> Res
     // and its convolution, one after the other and with the normalisation applied as the convolution loads
     // its input (the same on a backend that does not fuse them).
     let own = be.precision();
-    for p in [Precision::Fp32, Precision::Bf16] {
-        if be.set_precision(p).is_err() {
+    let runs = [None, Some(Rung::Wmma), Some(Rung::Wgmma)].map(|r| (Precision::Bf16, r));
+    for (p, rung) in [(Precision::Fp32, None)].into_iter().chain(runs) {
+        if be.set_precision(p).is_err() || !be.set_rung(rung)? {
             continue;
         }
-        let what = format!("conv 3x3 16x16 256->256 {}, batch {batch}", p.name());
+        let core = rung.map_or(String::new(), |r| format!(" on {}", r.name()));
+        let what = format!("conv 3x3 16x16 256->256 {}{core}, batch {batch}", p.name());
         let ms = time(be, iters, |be| be.conv2d_forward(s, x, w, b, y))?;
         lines.push(tflop_line(format!("{what}: forward"), ms, flop, p));
         let ms = time(be, iters, |be| be.conv2d_backward_data(s, dy, w, dx, false))?;
         lines.push(tflop_line(format!("{what}: input grad"), ms, flop, p));
         let ms = time(be, iters, |be| be.conv2d_backward_weight(s, x, dy, dw, db))?;
         lines.push(tflop_line(format!("{what}: weight grad"), ms, flop, p));
+        if rung.is_some() {
+            continue; // the other rungs have no convolution that normalises its input
+        }
         let ms = time(be, iters, |be| {
             be.group_norm_forward(g, x, gamma, beta, dx, mean, rstd, true)?;
             be.conv2d_forward(s, dx, w, b, y)
@@ -335,41 +340,8 @@ pub fn kernels<B: Backend>(be: &mut B, batch: usize, ceilings: &Ceilings) -> Res
             p,
         ));
     }
+    be.set_rung(None)?;
     be.set_precision(own)?;
-    if be.set_precision(Precision::Bf16).is_ok() {
-        for rung in Rung::ALL {
-            if !be.set_rung(Some(rung))? {
-                continue;
-            }
-            let what = format!(
-                "conv 3x3 16x16 256->256 bf16 on {}, batch {batch}",
-                rung.name()
-            );
-            let ms = time(be, iters, |be| be.conv2d_forward(s, x, w, b, y))?;
-            lines.push(tflop_line(
-                format!("{what}: forward"),
-                ms,
-                flop,
-                Precision::Bf16,
-            ));
-            let ms = time(be, iters, |be| be.conv2d_backward_data(s, dy, w, dx, false))?;
-            lines.push(tflop_line(
-                format!("{what}: input grad"),
-                ms,
-                flop,
-                Precision::Bf16,
-            ));
-            let ms = time(be, iters, |be| be.conv2d_backward_weight(s, x, dy, dw, db))?;
-            lines.push(tflop_line(
-                format!("{what}: weight grad"),
-                ms,
-                flop,
-                Precision::Bf16,
-            ));
-        }
-        be.set_rung(None)?;
-        be.set_precision(own)?;
-    }
     let ms = time(be, iters, |be| {
         be.group_norm_forward(g, x, gamma, beta, y, mean, rstd, true)
     })?;
