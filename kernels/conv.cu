@@ -19,7 +19,10 @@
 //                                      timed and tested beside version 3 until a GPU run promotes it
 // _f32 runs on the fp32 core of gemm.cuh (version 1: exact fp32, the path the tests hold to the CPU), _bf16
 // on the mma.sync tensor-core core of gemm_mma.cuh (version 3: operands rounded to bf16, fp32 sums).
-// Tensors are fp32 either way.
+// Activations and gradients are fp32 either way; the weights are fp32 for _f32 and, for every bf16
+// kernel (_bf16, _wmma, _wgmma), their bf16 copy: the backend keeps one beside the fp32 weights, refreshed
+// when they change (Adam writes it as it updates them), so a weight is rounded once per update, not by
+// every tile that reads it, and crosses the memory bus in 2 bytes.
 // The bias gradient is a column sum of dy (column_sums_* in gemm.cuh).
 //
 // Layouts: x [batch, h, w, c] and y [batch, oh, ow, o] NHWC; w [o, taps, taps, c] (ours: the PyTorch
@@ -77,26 +80,27 @@ struct Gather<true> {
 };
 
 template <ddpm::Core CORE, bool NORMED = false>
-__device__ __forceinline__ void conv_forward_gemm(const float* x, const float* w, const float* b,
+__device__ __forceinline__ void conv_forward_gemm(const float* x, const ddpm::Weight<CORE>* w, const float* b,
                                                   const float* image_bias, const float* residual, float* y,
                                                   int batch, int h, int wd, int c, int o, int taps, int stride,
                                                   int pad, NormArgs norm = NormArgs{}) {
     const ddpm::ConvGeom g = conv_geom(h, wd, c, o, taps, stride, pad);
     const int rows = batch * g.oh * g.ow, kdim = taps * taps * c;
     const auto a = Gather<NORMED>::make(ddpm::Im2col{x, g, rows, kdim}, norm);
-    const ddpm::ColsB bw{w, kdim, o};
+    const ddpm::ColsB<ddpm::Weight<CORE>> bw{w, kdim, o};
     const ddpm::Epilogue e{y, o, b, 0, nullptr, image_bias, g.oh * g.ow, residual};
     ddpm::gemm<CORE>(a, bw, rows, o, kdim, kdim, e);
 }
 
 template <ddpm::Core CORE>
-__device__ __forceinline__ void conv_backward_data_gemm(const float* dy, const float* w, float* dx, int batch,
+__device__ __forceinline__ void conv_backward_data_gemm(const float* dy, const ddpm::Weight<CORE>* w, float* dx,
+                                                        int batch,
                                                         int h, int wd, int c, int o, int taps, int stride,
                                                         int pad, int accumulate) {
     const ddpm::ConvGeom g = conv_geom(h, wd, c, o, taps, stride, pad);
     const int rows = batch * h * wd, kdim = taps * taps * o;
     const ddpm::DyGather a{dy, g, rows, kdim};
-    const ddpm::WeightT bw{w, g};
+    const ddpm::WeightT<ddpm::Weight<CORE>> bw{w, g};
     const ddpm::Epilogue e{dx, c, nullptr, accumulate, nullptr};
     ddpm::gemm<CORE>(a, bw, rows, c, kdim, kdim, e);
 }
@@ -141,7 +145,7 @@ extern "C" __global__ void __launch_bounds__(256)
 }
 
 extern "C" __global__ void __launch_bounds__(256)
-    conv2d_forward_bf16(const float* __restrict__ x, const float* __restrict__ w, const float* __restrict__ b,
+    conv2d_forward_bf16(const float* __restrict__ x, const __nv_bfloat16* __restrict__ w, const float* __restrict__ b,
                        const float* __restrict__ image_bias, const float* __restrict__ residual,
                        float* __restrict__ y, int batch, int h, int wd, int c, int o, int taps, int stride,
                        int pad) {
@@ -149,7 +153,7 @@ extern "C" __global__ void __launch_bounds__(256)
 }
 
 extern "C" __global__ void __launch_bounds__(256)
-    conv2d_backward_data_bf16(const float* __restrict__ dy, const float* __restrict__ w, float* __restrict__ dx,
+    conv2d_backward_data_bf16(const float* __restrict__ dy, const __nv_bfloat16* __restrict__ w, float* __restrict__ dx,
                              int batch, int h, int wd, int c, int o, int taps, int stride, int pad,
                              int accumulate) {
     conv_backward_data_gemm<ddpm::Core::Mma>(dy, w, dx, batch, h, wd, c, o, taps, stride, pad, accumulate);
@@ -166,7 +170,7 @@ extern "C" __global__ void __launch_bounds__(256)
 // arguments as the _bf16 ones: version 2 (WMMA) and version 4 (wgmma, sm_90a only: elsewhere its kernels
 // are never launched).
 extern "C" __global__ void __launch_bounds__(256)
-    conv2d_forward_wmma(const float* __restrict__ x, const float* __restrict__ w, const float* __restrict__ b,
+    conv2d_forward_wmma(const float* __restrict__ x, const __nv_bfloat16* __restrict__ w, const float* __restrict__ b,
                        const float* __restrict__ image_bias, const float* __restrict__ residual,
                        float* __restrict__ y, int batch, int h, int wd, int c, int o, int taps, int stride,
                        int pad) {
@@ -174,7 +178,7 @@ extern "C" __global__ void __launch_bounds__(256)
 }
 
 extern "C" __global__ void __launch_bounds__(256)
-    conv2d_backward_data_wmma(const float* __restrict__ dy, const float* __restrict__ w, float* __restrict__ dx,
+    conv2d_backward_data_wmma(const float* __restrict__ dy, const __nv_bfloat16* __restrict__ w, float* __restrict__ dx,
                              int batch, int h, int wd, int c, int o, int taps, int stride, int pad,
                              int accumulate) {
     conv_backward_data_gemm<ddpm::Core::Wmma>(dy, w, dx, batch, h, wd, c, o, taps, stride, pad, accumulate);
@@ -189,7 +193,7 @@ extern "C" __global__ void __launch_bounds__(256)
 }
 
 extern "C" __global__ void __launch_bounds__(256)
-    conv2d_forward_wgmma(const float* __restrict__ x, const float* __restrict__ w, const float* __restrict__ b,
+    conv2d_forward_wgmma(const float* __restrict__ x, const __nv_bfloat16* __restrict__ w, const float* __restrict__ b,
                        const float* __restrict__ image_bias, const float* __restrict__ residual,
                        float* __restrict__ y, int batch, int h, int wd, int c, int o, int taps, int stride,
                        int pad) {
@@ -197,7 +201,7 @@ extern "C" __global__ void __launch_bounds__(256)
 }
 
 extern "C" __global__ void __launch_bounds__(256)
-    conv2d_backward_data_wgmma(const float* __restrict__ dy, const float* __restrict__ w, float* __restrict__ dx,
+    conv2d_backward_data_wgmma(const float* __restrict__ dy, const __nv_bfloat16* __restrict__ w, float* __restrict__ dx,
                              int batch, int h, int wd, int c, int o, int taps, int stride, int pad,
                              int accumulate) {
     conv_backward_data_gemm<ddpm::Core::Wgmma>(dy, w, dx, batch, h, wd, c, o, taps, stride, pad, accumulate);
@@ -232,7 +236,7 @@ extern "C" __global__ void __launch_bounds__(256)
 }
 
 extern "C" __global__ void __launch_bounds__(256)
-    conv2d_forward_normed_bf16(const float* __restrict__ x, DDPM_NORM_PARAMS, const float* __restrict__ w,
+    conv2d_forward_normed_bf16(const float* __restrict__ x, DDPM_NORM_PARAMS, const __nv_bfloat16* __restrict__ w,
                                const float* __restrict__ b, const float* __restrict__ image_bias,
                                const float* __restrict__ residual, float* __restrict__ y, int batch, int h,
                                int wd, int c, int o, int taps, int stride, int pad) {

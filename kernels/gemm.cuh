@@ -19,6 +19,8 @@
 // in a fixed order. No atomics, so results are bitwise reproducible.
 #pragma once
 
+#include <cuda_bf16.h>
+
 #include "common.cuh"
 
 namespace ddpm {
@@ -36,6 +38,8 @@ constexpr int GEMM_THREADS = 256;
 // others), or 0 for t >= valid. The caller keeps both indices inside the operand (valid > 0, the other
 // index in range) and starts every run along k at a multiple of 8. Where the eight lie in one run of
 // memory aligned to 16 bytes, that is two 16-byte loads and one index computation instead of eight.
+// A loader over bf16 storage (the weights' bf16 copy, `packed`) delivers its eight as bf16 in one uint4
+// instead: one 16-byte load, nothing to convert.
 
 // v = p[0, 8), 0 past `valid`: two 16-byte loads when all eight are valid and p is 16-byte aligned.
 __device__ __forceinline__ void load_run8(const float* p, int valid, float (&v)[8]) {
@@ -53,6 +57,44 @@ __device__ __forceinline__ void load_run8(const float* p, int valid, float (&v)[
 __device__ __forceinline__ void zero8(float (&v)[8]) {
 #pragma unroll
     for (int t = 0; t < 8; ++t) v[t] = 0.0f;
+}
+
+// The same from bf16 storage (the weights' bf16 copy), kept as bf16: v holds the eight as the tensor cores
+// take them, element t in bits [16 (t % 2), 16 (t % 2) + 16) of word t / 2, 0 past `valid`. One 16-byte
+// load when all eight are valid and p is 16-byte aligned.
+__device__ __forceinline__ void load_run8(const __nv_bfloat16* p, int valid, uint4& v) {
+    if (valid >= 8 && (reinterpret_cast<uintptr_t>(p) & 15) == 0) {
+        v = *reinterpret_cast<const uint4*>(p);
+        return;
+    }
+    uint32_t w[4] = {0, 0, 0, 0};
+    const uint16_t* bits = reinterpret_cast<const uint16_t*>(p);
+#pragma unroll
+    for (int t = 0; t < 8; ++t)
+        if (t < valid) w[t / 2] |= uint32_t(bits[t]) << (16 * (t % 2));
+    v = make_uint4(w[0], w[1], w[2], w[3]);
+}
+
+__device__ __forceinline__ float to_f32(float v) { return v; }
+__device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+// Whether a loader's runs come from bf16 storage (load8 fills a uint4 of bf16 pairs, not 8 floats).
+// Loaders over an element type T declare `packed`; the others are fp32.
+template <class T>
+struct Storage {
+    static constexpr bool packed = false;
+};
+template <>
+struct Storage<__nv_bfloat16> {
+    static constexpr bool packed = true;
+};
+template <class L>
+__host__ __device__ constexpr auto packed_runs(int) -> decltype(L::packed) {
+    return L::packed;
+}
+template <class L>
+__host__ __device__ constexpr bool packed_runs(long) {
+    return false;
 }
 
 // The eight one at a time, for a loader whose run is not one run of memory: v[t] = at(t), 0 past valid.
@@ -86,26 +128,32 @@ struct ColsA {
     }
 };
 
-// B(k, n) = p[k * ld + n]: n contiguous.
+// B(k, n) = p[k * ld + n]: n contiguous. T is float, or bf16 for a weight read from its bf16 copy.
+template <class T>
 struct RowsB {
-    const float* p;
+    const T* p;
     int64_t ld;
     int cols;
     static constexpr bool n_fast = true;
-    __device__ float operator()(int k, int n) const { return n < cols ? p[int64_t(k) * ld + n] : 0.0f; }
-    __device__ void load8(int k, int n, int valid, float (&v)[8]) const {
+    static constexpr bool packed = Storage<T>::packed;
+    __device__ float operator()(int k, int n) const { return n < cols ? to_f32(p[int64_t(k) * ld + n]) : 0.0f; }
+    template <class Run>
+    __device__ void load8(int k, int n, int valid, Run& v) const {
         load_run8(p + int64_t(k) * ld + n, valid, v);
     }
 };
 
 // B(k, n) = p[n * ld + k]: the transpose of a row-major matrix (a weight [out, in] used as [in, out]).
+template <class T>
 struct ColsB {
-    const float* p;
+    const T* p;
     int64_t ld;
     int cols;
     static constexpr bool n_fast = false;
-    __device__ float operator()(int k, int n) const { return n < cols ? p[int64_t(n) * ld + k] : 0.0f; }
-    __device__ void load8(int k, int n, int valid, float (&v)[8]) const {
+    static constexpr bool packed = Storage<T>::packed;
+    __device__ float operator()(int k, int n) const { return n < cols ? to_f32(p[int64_t(n) * ld + k]) : 0.0f; }
+    template <class Run>
+    __device__ void load8(int k, int n, int valid, Run& v) const {
         load_run8(p + int64_t(n) * ld + k, valid, v);
     }
 };
@@ -245,17 +293,21 @@ struct DyGather {
     }
 };
 
-// The weight [o, ky, kx, c] as the B operand of the input gradient: B(k = (ky, kx, oc), ci).
+// The weight [o, ky, kx, c] as the B operand of the input gradient: B(k = (ky, kx, oc), ci); fp32 or its
+// bf16 copy, as RowsB.
+template <class T>
 struct WeightT {
-    const float* w;
+    const T* w;
     ConvGeom g;
     static constexpr bool n_fast = true;
-    __device__ __forceinline__ const float* at(int k, int ci) const {
+    static constexpr bool packed = Storage<T>::packed;
+    __device__ __forceinline__ const T* at(int k, int ci) const {
         const int oc = k % g.o, tap = k / g.o;
         return w + (int64_t(oc) * g.taps * g.taps + tap) * g.c + ci;
     }
-    __device__ float operator()(int k, int ci) const { return ci < g.c ? *at(k, ci) : 0.0f; }
-    __device__ void load8(int k, int ci, int valid, float (&v)[8]) const {
+    __device__ float operator()(int k, int ci) const { return ci < g.c ? to_f32(*at(k, ci)) : 0.0f; }
+    template <class Run>
+    __device__ void load8(int k, int ci, int valid, Run& v) const {
         load_run8(at(k, ci), valid, v);
     }
 };

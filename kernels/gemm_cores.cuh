@@ -10,6 +10,19 @@ namespace ddpm {
 
 enum class Core { Simt, Wmma, Mma, Wgmma };
 
+// What a core's kernels read the weights from: the fp32 weights for the fp32 core, their bf16 copy (kept
+// beside them by the backend, rounded once per update instead of once per tile) for the tensor cores.
+template <Core C>
+struct WeightOf {
+    using type = __nv_bfloat16;
+};
+template <>
+struct WeightOf<Core::Simt> {
+    using type = float;
+};
+template <Core C>
+using Weight = typename WeightOf<C>::type;
+
 template <Core C, class LoadA, class LoadB>
 __device__ __forceinline__ void gemm(const LoadA& a, const LoadB& b, int rows, int cols, int kdim, int chunk,
                                      const Epilogue& e) {

@@ -28,9 +28,13 @@
 // Per slice and warp: 2 x 4 ldmatrix.x4 for A, 2 x 2 for B, 2 x 16 mma.sync (32 x 2048 multiply-adds).
 // Shared memory: 2 stages x (A + B) <= 2 x 2 x 10 KiB = 40 KiB, static.
 //
-// What it leaves on the table (the next rungs): storage is fp32, so every operand element crosses the
-// memory bus in 4 bytes and is converted by the threads; with bf16 activations the slices could go
-// straight to shared memory with cp.async in 3-4 stages. And on sm_90, wgmma fed by TMA.
+// A weight operand comes from the weights' bf16 copy (loaders over bf16, `packed`): its runs are one
+// 16-byte load each and go to shared memory unconverted.
+//
+// What it leaves on the table (the next rungs): activations are stored in fp32, so every activation
+// operand element crosses the memory bus in 4 bytes and is converted by the threads; with bf16
+// activations the slices could go straight to shared memory with cp.async in 3-4 stages. And on sm_90,
+// wgmma fed by TMA.
 #pragma once
 
 #include "gemm_tc.cuh"
@@ -83,10 +87,14 @@ __host__ __device__ constexpr bool mma_k_rows() {
 // Operand A (Use = 0) or B (Use = 1) of a tensor-core core staged through registers: the thread's two
 // runs of the next slice, and where they go in a stage laid out by Slice (MmaSlice here; the wgmma core
 // has its own).
+// A loader over bf16 storage (`packed`, gemm.cuh: the weights' bf16 copy) fills `raw` with its runs as
+// they are stored, which go to shared memory unconverted; the others fill `v` with floats.
 template <int Use, class Load, class Slice = MmaSlice<mma_k_rows<Use, Load>()>>
 struct MmaOperand {
     static constexpr bool k_rows = mma_k_rows<Use, Load>();
+    static constexpr bool packed = packed_runs<Load>(0);
     float v[2][8];
+    uint4 raw[2];
 
     // Fetches the thread's runs of the slice at (outer0, k0): outer is m for A, n for B, in range below
     // `outer_end`; k in range below `k_end`. Elements outside either are 0.
@@ -98,25 +106,38 @@ struct MmaOperand {
             const int outer = outer0 + dm, k = k0 + dk;
             const int valid = k_rows ? min(8, outer_end - outer) : min(8, k_end - k);
             const bool inside = k_rows ? k < k_end : outer < outer_end;
-            if (!inside || valid <= 0) {
-                zero8(v[i]);
-            } else if constexpr (Use == 0) {
-                load.load8(outer, k, valid, v[i]);
+            if constexpr (packed) {
+                if (!inside || valid <= 0)
+                    raw[i] = make_uint4(0, 0, 0, 0);
+                else if constexpr (Use == 0)
+                    load.load8(outer, k, valid, raw[i]);
+                else
+                    load.load8(k, outer, valid, raw[i]);
             } else {
-                load.load8(k, outer, valid, v[i]);
+                if (!inside || valid <= 0)
+                    zero8(v[i]);
+                else if constexpr (Use == 0)
+                    load.load8(outer, k, valid, v[i]);
+                else
+                    load.load8(k, outer, valid, v[i]);
             }
         }
     }
 
-    // Rounds the fetched runs to bf16 and stores them into a stage: one 16-byte store per run.
+    // Stores the fetched runs into a stage, rounded to bf16 unless they are bf16 already: one 16-byte
+    // store per run.
     __device__ __forceinline__ void store(__nv_bfloat16* stage, int tid) const {
 #pragma unroll
         for (int i = 0; i < 2; ++i) {
             int dm, dk;
             Slice::run(tid, i, dm, dk);
-            const uint4 packed = make_uint4(pack_bf16x2(v[i][0], v[i][1]), pack_bf16x2(v[i][2], v[i][3]),
-                                            pack_bf16x2(v[i][4], v[i][5]), pack_bf16x2(v[i][6], v[i][7]));
-            *reinterpret_cast<uint4*>(stage + Slice::offset(dm, dk)) = packed;
+            uint4 run;
+            if constexpr (packed)
+                run = raw[i];
+            else
+                run = make_uint4(pack_bf16x2(v[i][0], v[i][1]), pack_bf16x2(v[i][2], v[i][3]),
+                                 pack_bf16x2(v[i][4], v[i][5]), pack_bf16x2(v[i][6], v[i][7]));
+            *reinterpret_cast<uint4*>(stage + Slice::offset(dm, dk)) = run;
         }
     }
 };

@@ -4,7 +4,8 @@
 //   linear_backward_data_{f32,bf16}    dx[m, k] (+)= dy[m, n] w[n, k]
 //   linear_backward_weight_{f32,bf16}  dw[n, k] = dy[m, n]^T x[m, k]  (split-K partials; gemm_reduce_f32
 //                                      adds them)
-// _f32 on the fp32 core (gemm.cuh), _bf16 on the mma.sync tensor-core core (gemm_mma.cuh), as in conv.cu.
+// _f32 on the fp32 core (gemm.cuh), _bf16 on the mma.sync tensor-core core (gemm_mma.cuh) reading the
+// weight's bf16 copy, as in conv.cu.
 // The bias gradient is a column sum of dy (column_sums_* in gemm.cuh).
 // FLOPs: 2 m n k each. Launch: grid (ceil(M / T), ceil(N / T), splits), block 256, T = 64 (_f32) or 128
 // (_bf16).
@@ -12,19 +13,20 @@
 
 namespace {
 template <ddpm::Core CORE>
-__device__ __forceinline__ void linear_forward_gemm(const float* x, const float* w, const float* b,
+__device__ __forceinline__ void linear_forward_gemm(const float* x, const ddpm::Weight<CORE>* w, const float* b,
                                                     const float* residual, float* y, int m, int k, int n) {
     const ddpm::RowsA a{x, k, m};
-    const ddpm::ColsB bw{w, k, n};
+    const ddpm::ColsB<ddpm::Weight<CORE>> bw{w, k, n};
     const ddpm::Epilogue e{y, n, b, 0, nullptr, nullptr, 1, residual};
     ddpm::gemm<CORE>(a, bw, m, n, k, k, e);
 }
 
 template <ddpm::Core CORE>
-__device__ __forceinline__ void linear_backward_data_gemm(const float* dy, const float* w, float* dx, int m, int k,
+__device__ __forceinline__ void linear_backward_data_gemm(const float* dy, const ddpm::Weight<CORE>* w, float* dx,
+                                                          int m, int k,
                                                           int n, int accumulate) {
     const ddpm::RowsA a{dy, n, m};
-    const ddpm::RowsB bw{w, k, k};
+    const ddpm::RowsB<ddpm::Weight<CORE>> bw{w, k, k};
     const ddpm::Epilogue e{dx, k, nullptr, accumulate, nullptr};
     ddpm::gemm<CORE>(a, bw, m, k, n, n, e);
 }
@@ -33,7 +35,7 @@ template <ddpm::Core CORE>
 __device__ __forceinline__ void linear_backward_weight_gemm(const float* x, const float* dy, float* dw,
                                                             float* workspace, int chunk, int m, int k, int n) {
     const ddpm::ColsA a{dy, n, n};
-    const ddpm::RowsB bx{x, k, k};
+    const ddpm::RowsB<float> bx{x, k, k};
     const ddpm::Epilogue e{dw, k, nullptr, 0, workspace};
     ddpm::gemm<CORE>(a, bx, n, k, m, chunk, e);
 }
@@ -58,13 +60,14 @@ extern "C" __global__ void __launch_bounds__(256)
 }
 
 extern "C" __global__ void __launch_bounds__(256)
-    linear_forward_bf16(const float* __restrict__ x, const float* __restrict__ w, const float* __restrict__ b,
+    linear_forward_bf16(const float* __restrict__ x, const __nv_bfloat16* __restrict__ w, const float* __restrict__ b,
                        const float* __restrict__ residual, float* __restrict__ y, int m, int k, int n) {
     linear_forward_gemm<ddpm::Core::Mma>(x, w, b, residual, y, m, k, n);
 }
 
 extern "C" __global__ void __launch_bounds__(256)
-    linear_backward_data_bf16(const float* __restrict__ dy, const float* __restrict__ w, float* __restrict__ dx,
+    linear_backward_data_bf16(const float* __restrict__ dy, const __nv_bfloat16* __restrict__ w,
+                              float* __restrict__ dx,
                              int m, int k, int n, int accumulate) {
     linear_backward_data_gemm<ddpm::Core::Mma>(dy, w, dx, m, k, n, accumulate);
 }

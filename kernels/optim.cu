@@ -2,8 +2,11 @@
 //   sum_squares_partial_f32, finish_sum_f64   the global gradient norm, in two deterministic stages
 //   adam_step_f32                             Adam(W), clipping at a global norm, skipping non-finite steps
 //   ema_update_f32                            ema = decay ema + (1 - decay) params
-// Bytes: the norm reads 4 per parameter; Adam reads 16 and writes 12; the EMA reads 8 and writes 4. For the
-// paper's 35.7 M parameters that is 1.1 GB per step: ~0.4 ms at 3 TB/s.
+//   round_to_bf16_f32                         the bf16 copy of weights written by anything but Adam
+// Bytes: the norm reads 4 per parameter; Adam reads 16 and writes 12 (14 with the bf16 copy); the EMA
+// reads 8 and writes 4. For the paper's 35.7 M parameters that is 1.2 GB per step: ~0.4 ms at 3 TB/s.
+#include <cuda_bf16.h>
+
 #include "common.cuh"
 
 // partial[block] = sum of x^2 over the block's grid-stride share, in fp64 (the same for any n: the grid
@@ -41,9 +44,13 @@ extern "C" __global__ void __launch_bounds__(256)
 // multiply by them rounded to f32). CUDA's fp64 pow is within 2 ulp where the host's is within 1, so a
 // bias correction can differ from the host's in the last f32 bit at a rounding tie: rare, and within
 // every tolerance that compares the two.
-// Bytes: 28 per parameter (read p, g, m, v; write p, m, v).
-extern "C" __global__ void adam_step_f32(float* __restrict__ params, const float* __restrict__ grads,
-                                         float* __restrict__ m, float* __restrict__ v,
+// When `copy` is not null it is the parameters' bf16 copy (what the bf16 GEMMs read), and each updated
+// parameter is written there too, rounded to nearest even: the copy is never stale and costs no pass of
+// its own. A skipped step leaves it as it is, like the parameters.
+// Bytes: 28 per parameter (read p, g, m, v; write p, m, v), 30 with the copy.
+extern "C" __global__ void adam_step_f32(float* __restrict__ params, __nv_bfloat16* __restrict__ copy,
+                                         const float* __restrict__ grads, float* __restrict__ m,
+                                         float* __restrict__ v,
                                          const float* __restrict__ norm, int64_t n,
                                          const uint64_t* __restrict__ clock, float lr, double warmup,
                                          double beta1_d, double beta2_d, float eps, float weight_decay,
@@ -64,7 +71,9 @@ extern "C" __global__ void adam_step_f32(float* __restrict__ params, const float
         m[i] = mi;
         v[i] = vi;
         const float mhat = mi / bias_correction1, vhat = vi / bias_correction2;
-        params[i] -= lr_t * (mhat / (sqrtf(vhat) + eps) + weight_decay * params[i]);
+        const float p = params[i] - lr_t * (mhat / (sqrtf(vhat) + eps) + weight_decay * params[i]);
+        params[i] = p;
+        if (copy) copy[i] = __float2bfloat16_rn(p);
     }
 }
 
@@ -72,4 +81,10 @@ extern "C" __global__ void ema_update_f32(float* __restrict__ ema, const float* 
                                           float decay) {
     for (int64_t i = ddpm::global_thread(); i < n; i += ddpm::grid_threads())
         ema[i] = decay * ema[i] + (1.0f - decay) * params[i];
+}
+
+// y[i] = bf16(x[i]), to nearest even: the bf16 copy of weights that something other than Adam wrote (a
+// load, an upload, a copy of the EMA into a sampler's network). Bytes: 6 per element.
+extern "C" __global__ void round_to_bf16_f32(const float* __restrict__ x, __nv_bfloat16* __restrict__ y, int64_t n) {
+    for (int64_t i = ddpm::global_thread(); i < n; i += ddpm::grid_threads()) y[i] = __float2bfloat16_rn(x[i]);
 }

@@ -265,6 +265,8 @@ pub fn kernels<B: Backend>(be: &mut B, batch: usize, ceilings: &Ceilings) -> Res
         alloc_filled(be, s.w_len(), 0.01)?,
         alloc_filled(be, s.o, 0.0)?,
     );
+    // Declared as the U-Net declares its weights: the bf16 rows then read the bf16 copy as in the model.
+    be.keep_weight_copy(w)?;
     let (y, dy) = (
         alloc_filled(be, s.y_len(), 0.0)?,
         alloc_filled(be, s.y_len(), 0.1)?,

@@ -2,7 +2,7 @@
 
 use crate::backend::cpu::CpuBackend;
 use crate::backend::cuda::CudaBackend;
-use crate::backend::{Backend, Precision};
+use crate::backend::{Backend, Layout, Precision};
 use crate::bench;
 use crate::checkpoint::{self, SchedulerConfig};
 use crate::data::Dataset;
@@ -389,6 +389,8 @@ fn info(cfg: &UNetConfig, name: &str, batch: usize) -> Result<()> {
     let params = net.num_params();
     let gib = |elems: f64| elems * 4.0 / (1u64 << 30) as f64;
     let state = 5.0 * params as f64;
+    // The CUDA backend also keeps a bf16 copy of the weights for its tensor cores.
+    let copy = crate::backend::weight_copy_len(params) as f64;
     // Every activation (and gradient) scales with the batch: the batch-1 net's times `batch`. The CUDA
     // backend applies each group norm as its convolution loads its input, so it stores no normalised
     // input; the CPU stores them.
@@ -410,10 +412,11 @@ fn info(cfg: &UNetConfig, name: &str, batch: usize) -> Result<()> {
     );
     println!(
         "memory       {:.2} GiB to train at batch {batch} on CUDA (fp32: weights, gradients, Adam, EMA {:.2} GiB; \
-         activations {:.2} GiB; their gradients {:.2} GiB); {:.2} GiB on the CPU, which also stores the \
-         normalised inputs",
-        gib(state + act_mem + grad_mem),
+         the weights' bf16 copy {:.2} GiB; activations {:.2} GiB; their gradients {:.2} GiB); {:.2} GiB on \
+         the CPU, which also stores the normalised inputs",
+        gib(state + copy + act_mem + grad_mem),
         gib(state),
+        gib(copy),
         gib(act_mem),
         gib(grad_mem),
         gib(state + cpu_act + cpu_grad)
@@ -543,9 +546,9 @@ impl Job for SampleArgs {
         let rows = sample::table(&schedule, self.sampler, steps, variance, self.eta)?;
         let clip = m.scheduler.clip_sample && !self.no_clip;
         let batch = self.batch.min(n);
-        let fused = be.fuses_normalisation();
+        let layout = Layout::of(be);
         crate::backend::check_fits(be, "sampling", batch, |b| {
-            UNet::arena_len(&m.config, b, false, fused).map(|(len, _)| len)
+            UNet::arena_len(&m.config, b, false, layout).map(|(len, _)| len)
         })?;
         let mut net = UNet::new_inference(be, &m.config, batch)?;
         be.upload(net.params, &m.flat_weights(&net)?)?;

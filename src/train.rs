@@ -8,7 +8,7 @@
 //! The loss of every step lands in a small ring on the backend and is read back a chunk at a time, so a
 //! device run does not synchronise with the host every step.
 
-use crate::backend::{AdamHyper, Backend, Sequence, Stream, Tensor};
+use crate::backend::{AdamHyper, Backend, Layout, Sequence, Stream, Tensor};
 use crate::checkpoint::{self, SchedulerConfig, TrainState};
 use crate::data::Dataset;
 use crate::error::{Error, Result};
@@ -272,16 +272,16 @@ impl Trainer {
 
 /// The elements a training run reserves at `batch`: the U-Net with its gradients and activations, the
 /// EMA and Adam's moments, the batch and noise buffers, the log rings, the schedule tables, and the
-/// sampler for the grids (`grid` images); `fused` as [`crate::backend::Backend::fuses_normalisation`].
+/// sampler for the grids (`grid` images), on a backend of `layout`.
 pub fn arena_len(
     config: &UNetConfig,
     batch: usize,
     grid: usize,
     timesteps: usize,
-    fused: bool,
+    layout: Layout,
 ) -> Result<usize> {
-    let (net, params) = UNet::arena_len(config, batch, true, fused)?;
-    let (grid_net, _) = UNet::arena_len(config, grid, false, fused)?;
+    let (net, params) = UNet::arena_len(config, batch, true, layout)?;
+    let (grid_net, _) = UNet::arena_len(config, grid, false, layout)?;
     let input = batch * config.sample_size * config.sample_size * config.in_channels;
     Ok(net + 3 * params + 2 * input + 2 + 2 * LOSS_CHUNK as usize + 2 * timesteps + grid_net)
 }
@@ -320,9 +320,9 @@ pub fn train<B: Backend>(
     }
     let scheduler = SchedulerConfig::default();
     let timesteps = scheduler.num_train_timesteps;
-    let fused = be.fuses_normalisation();
+    let layout = Layout::of(be);
     crate::backend::check_fits(be, "training", opts.batch, |b| {
-        arena_len(&run.config, b, run.grid, timesteps, fused)
+        arena_len(&run.config, b, run.grid, timesteps, layout)
     })?;
     let data = Dataset::open(&run.data, run.config.sample_size, opts.seed)?;
     eprintln!("data: {}", data.description);

@@ -5,6 +5,7 @@
 //! from Philox with fixed seeds, so a failure is reproducible from the case number it prints; the count
 //! bounds the time (a few seconds in all). Then the headers that claim absurd sizes, one by one.
 
+use ddpm_cuda::backend::Layout;
 use ddpm_cuda::checkpoint::{self, SchedulerConfig};
 use ddpm_cuda::data::Dataset;
 use ddpm_cuda::model::params::{parse_safetensors, write_safetensors_bytes};
@@ -146,7 +147,7 @@ fn configs_never_panic() {
         if let Ok(c) = UNetConfig::from_json(&String::from_utf8_lossy(b), Path::new("config.json"))
         {
             // Whatever parses must place without overflow or an absurd allocation.
-            let _ = UNet::arena_len(&c, 1, true, false);
+            let _ = UNet::arena_len(&c, 1, true, Layout::default());
         }
     });
     let sched = serde_json::to_string_pretty(&SchedulerConfig::default().to_json()).unwrap();
@@ -229,7 +230,7 @@ fn absurd_sizes_in_headers_are_refused() {
     c["block_out_channels"] = serde_json::json!([8, 1u64 << 33]);
     assert!(UNetConfig::from_json(&c.to_string(), p).is_err());
     // A batch whose arena could not exist.
-    assert!(UNet::arena_len(&micro(), 1 << 50, true, false).is_err());
+    assert!(UNet::arena_len(&micro(), 1 << 50, true, Layout::default()).is_err());
     // num_train_timesteps of 10^12 (the tables would be built on the host).
     let s = r#"{"num_train_timesteps": 1000000000000}"#;
     assert!(SchedulerConfig::from_json(s, p).is_err());

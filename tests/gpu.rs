@@ -18,7 +18,7 @@ mod common;
 use ddpm_cuda::backend::cpu::CpuBackend;
 use ddpm_cuda::backend::cuda::CudaBackend;
 use ddpm_cuda::backend::{
-    AdamHyper, AttentionShape, Backend, ConvKind, ConvShape, DropoutAfter, GroupNormShape,
+    AdamHyper, AttentionShape, Backend, ConvKind, ConvShape, DropoutAfter, GroupNormShape, Layout,
     NormedInput, Precision, Rung, SamplerRow, Stream, Tensor,
 };
 use ddpm_cuda::model::{UNet, UNetConfig};
@@ -901,6 +901,79 @@ fn ten_bf16_training_steps_track_the_fp32_losses() {
     losses_track(&cpu, &ten_losses(&mut gpu, &opts), 2e-3);
 }
 
+/// Asserts that the bf16 copy of `t` on the device is the bf16 rounding (to nearest even) of `t`'s fp32
+/// values, bit for bit.
+fn copy_is_rounding(be: &mut CudaBackend, t: Tensor, what: &str) {
+    let want: Vec<f32> = be
+        .download(t)
+        .unwrap()
+        .iter()
+        .map(|&x| half::bf16::from_f32(x).to_f32())
+        .collect();
+    let got = be
+        .weight_copy(t)
+        .unwrap()
+        .unwrap_or_else(|| panic!("{what}: no bf16 copy of the declared weights"));
+    let wrong = want
+        .iter()
+        .zip(&got)
+        .filter(|(a, b)| a.to_bits() != b.to_bits())
+        .count();
+    if let Some(i) = (0..want.len()).find(|&i| want[i].to_bits() != got[i].to_bits()) {
+        eprintln!("{what}: element {i}: copy {} for {}", got[i], want[i]);
+    }
+    eprintln!("{what:<48} {wrong} of {} elements differ", want.len());
+    assert_eq!(wrong, 0, "{what}: the bf16 copy is stale");
+}
+
+/// The bf16 copy of the declared weights, which every bf16 convolution and linear layer reads, equals the
+/// bf16 rounding of the fp32 weights after anything writes them: the initialisation, training steps
+/// recorded and replayed (Adam writes the copy itself), a copy of the EMA into a sampler's network, an
+/// upload, a fill. And the U-Net's GEMMs never round a weight of their own (every weight they read is
+/// declared).
+#[test]
+#[ignore = "needs a CUDA device"]
+fn the_weights_bf16_copy_follows_every_write() {
+    let mut be = device_in(Precision::Bf16);
+    let opts = ten_steps_options();
+    let data = ddpm_cuda::data::synthetic(8, 64, 3);
+    let mut tr = Trainer::new(&mut be, &small_config(), Schedule::paper(), opts.clone()).unwrap();
+    let grid = UNet::new_inference(&mut be, &small_config(), 2).unwrap();
+    tr.init(&mut be).unwrap();
+    let first = be.download(tr.net.params).unwrap();
+    copy_is_rounding(&mut be, tr.net.params, "initialised");
+    for s in 0..3 {
+        tr.step(&mut be, &data.batch(opts.seed, s, opts.batch, opts.flip))
+            .unwrap();
+        copy_is_rounding(&mut be, tr.net.params, &format!("after step {s}"));
+    }
+    assert!(
+        be.recording_id(ddpm_cuda::backend::Sequence::Training)
+            .is_some(),
+        "the steps were recorded and replayed"
+    );
+    assert_ne!(
+        be.download(tr.net.params).unwrap(),
+        first,
+        "the steps changed the weights"
+    );
+    be.copy(tr.ema, grid.params).unwrap();
+    copy_is_rounding(&mut be, grid.params, "the EMA copied into a sampler's net");
+    let part = tr.net.params.slice(1000, 3000);
+    let values: Vec<f32> = (0..part.len).map(|i| rng::normal(5, 1, i as u64)).collect();
+    be.upload(part, &values).unwrap();
+    copy_is_rounding(&mut be, tr.net.params, "after an upload into part of it");
+    be.fill(grid.params.slice(17, 100), 0.3).unwrap();
+    copy_is_rounding(&mut be, grid.params, "after a fill of part of it");
+    // Activations are no weights: they have no copy.
+    assert_eq!(be.weight_copy(grid.input).unwrap(), None);
+    assert_eq!(
+        be.loose_weight_roundings(),
+        0,
+        "a GEMM of the U-Net read a weight outside the declared weights"
+    );
+}
+
 /// The training step recorded once as a graph and replayed equals the same ops launched one by one, bit
 /// for bit: everything that changes from step to step (timesteps, noise, dropout masks, Adam's schedule,
 /// the log slot) comes from the clock on the device. One trainer alone on its device records at the
@@ -1143,7 +1216,7 @@ fn a_batch_that_does_not_fit_the_device_is_refused_up_front() {
     let mut be = device();
     let config = UNetConfig::preset("ddpm-cifar10").unwrap();
     let e = ddpm_cuda::backend::check_fits(&be, "training", 8192, |b| {
-        ddpm_cuda::train::arena_len(&config, b, 36, 1000, true)
+        ddpm_cuda::train::arena_len(&config, b, 36, 1000, Layout::of(&be))
     })
     .unwrap_err()
     .to_string();

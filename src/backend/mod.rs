@@ -93,6 +93,38 @@ pub fn check_args(
     Ok(())
 }
 
+/// The elements [`Backend::keep_weight_copy`] reserves for `len` weights on a backend that keeps copies:
+/// two bf16 values per element, and up to 3 more elements to start the copy on a 16-byte boundary.
+pub fn weight_copy_len(len: usize) -> usize {
+    len.div_ceil(2) + 3
+}
+
+/// What a backend stores for a network besides the fp32 tensors every backend has, so memory can be
+/// counted before anything is allocated.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Layout {
+    /// No normalised inputs ([`Backend::fuses_normalisation`]).
+    pub fused: bool,
+    /// A bf16 copy of the weights ([`Backend::keeps_weight_copies`]).
+    pub weight_copies: bool,
+}
+
+impl Layout {
+    /// The layout of `be`.
+    pub fn of<B: Backend + ?Sized>(be: &B) -> Self {
+        Self {
+            fused: be.fuses_normalisation(),
+            weight_copies: be.keeps_weight_copies(),
+        }
+    }
+
+    /// The CUDA backend's layout.
+    pub const CUDA: Layout = Layout {
+        fused: true,
+        weight_copies: true,
+    };
+}
+
 /// Fails, before anything is allocated, when `need(batch)` elements do not fit in what `be` has left,
 /// naming the memory needed, the memory available, and the largest batch that fits (`need` is affine in
 /// the batch: a fixed part and a part per image).
@@ -519,6 +551,19 @@ pub trait Backend {
     /// `NormedInput::normed` or `DropoutAfter::dropped`: then the U-Net gives those no memory (only their
     /// gradients, which the convolution's input gradient writes).
     fn fuses_normalisation(&self) -> bool {
+        false
+    }
+    /// Declares `weights` (a region of parameters placed by `alloc`, which the GEMM-shaped ops read as
+    /// their `w`) so the backend may keep a copy of it in the arithmetic its GEMMs read. The CUDA backend
+    /// keeps a bf16 copy, reserving [`weight_copy_len`] elements like `alloc` does (call it before the
+    /// first op, never while recording), and keeps it equal to the region's bf16 rounding whatever writes
+    /// the region. The default keeps none.
+    fn keep_weight_copy(&mut self, weights: Tensor) -> Result<()> {
+        let _ = weights;
+        Ok(())
+    }
+    /// Whether [`Backend::keep_weight_copy`] reserves memory.
+    fn keeps_weight_copies(&self) -> bool {
         false
     }
     /// [`Backend::group_norm_forward`] then [`Backend::conv2d_forward_fused`] on its output, the

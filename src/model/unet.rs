@@ -5,8 +5,8 @@
 use super::config::UNetConfig;
 use super::params::{legacy_name, Kind, NamedTensor, ParamSpec};
 use crate::backend::{
-    AttentionShape, Backend, ConvKind, ConvShape, DropoutAfter, GroupNormShape, NormedInput,
-    Stream, Tensor,
+    weight_copy_len, AttentionShape, Backend, ConvKind, ConvShape, DropoutAfter, GroupNormShape,
+    Layout, NormedInput, Stream, Tensor,
 };
 use crate::error::{Error, Result};
 use crate::rng;
@@ -780,6 +780,7 @@ impl UNet {
         let na = count.acts.len;
         let (own, shared) = count.grad_lens;
         let params = be.alloc(np)?;
+        be.keep_weight_copy(params)?;
         if !training {
             let acts = be.alloc(na)?;
             // Gradient handles alias the parameters and activations; `training: false` guards them.
@@ -802,25 +803,29 @@ impl UNet {
     }
 
     /// The elements [`UNet::new`] (training) or [`UNet::new_inference`] reserves for `config` at `batch`
-    /// on a backend that fuses the normalisations into the convolutions or not
-    /// ([`Backend::fuses_normalisation`]), and the parameter count, computed without allocating.
+    /// on a backend of `layout` (whether it fuses the normalisations into the convolutions, whether it
+    /// keeps a bf16 copy of the weights), and the parameter count, computed without allocating.
     pub fn arena_len(
         config: &UNetConfig,
         batch: usize,
         training: bool,
-        fused: bool,
+        layout: Layout,
     ) -> Result<(usize, usize)> {
         config.validate()?;
         Self::size_guard(config, batch)?;
-        let count = Self::build(config, batch.max(1), fused, 0, 0, 0, None);
+        let count = Self::build(config, batch.max(1), layout.fused, 0, 0, 0, None);
         let (np, na) = (count.params.len, count.acts.len);
         let (own, shared) = count.grad_lens;
+        let copy = match layout.weight_copies {
+            true => weight_copy_len(np),
+            false => 0,
+        };
         let total = if training {
             2 * np + na + own + shared
         } else {
             np + na
         };
-        Ok((total, np))
+        Ok((total + copy, np))
     }
 
     /// The elements of a training net's activations and of their gradients (each its own, plus the

@@ -211,7 +211,7 @@ impl CudaBackend {
             Self::normed_ins(&s, n, &mut ins)?;
         }
         self.args("conv2d_forward", &ins, &[("y", y, s.y_len())])?;
-        let (pw, pb, py) = (self.ptr(w), self.ptr(b), self.ptr(y));
+        let (pw, pb, py) = (self.weight_ptr(w)?, self.ptr(b), self.ptr(y));
         let pt = image_bias.map_or(0, |t| self.ptr(t));
         let pr = residual.map_or(0, |r| self.ptr(r));
         let name = self.conv_kernel(match norm {
@@ -246,7 +246,7 @@ impl CudaBackend {
             &[("dy", dy, s.y_len()), ("weight", w, s.w_len())],
             &[("dx", dx, s.x_len())],
         )?;
-        let (pdy, pw, pdx) = (self.ptr(dy), self.ptr(w), self.ptr(dx));
+        let (pdy, pw, pdx) = (self.ptr(dy), self.weight_ptr(w)?, self.ptr(dx));
         let cfg = gemm_cfg(self.tile(), s.n * s.h * s.w, s.c, 1);
         let [n, h, wd, c, o] = dims([s.n, s.h, s.w, s.c, s.o])?;
         let [taps, stride, pad] = geometry(s.kind);

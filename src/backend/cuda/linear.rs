@@ -25,7 +25,7 @@ impl CudaBackend {
             ins.push(("residual", r, m * n));
         }
         self.args("linear_forward", &ins, &[("y", y, m * n)])?;
-        let (px, pw, pb, py) = (self.ptr(x), self.ptr(w), self.ptr(b), self.ptr(y));
+        let (px, pw, pb, py) = (self.ptr(x), self.weight_ptr(w)?, self.ptr(b), self.ptr(y));
         let pr = residual.map_or(0, |r| self.ptr(r));
         let cfg = gemm_cfg(self.tile(), m, n, 1);
         let [mi, ki, ni] = dims([m, k, n])?;
@@ -59,7 +59,7 @@ impl CudaBackend {
         }
         let [mi, ki, ni] = dims([m, k, n])?;
         if let Some(dx) = dx {
-            let (pdy, pw, pdx, acc) = (self.ptr(dy), self.ptr(w), self.ptr(dx), acc as i32);
+            let (pdy, pw, pdx, acc) = (self.ptr(dy), self.weight_ptr(w)?, self.ptr(dx), acc as i32);
             launch!(
                 self,
                 self.pick("linear_backward_data_f32", "linear_backward_data_bf16"),

@@ -27,6 +27,7 @@ mod elementwise;
 mod linear;
 mod norm;
 mod optim;
+mod weights;
 
 use self::device::{gib, Device, DeviceBuffer, Properties};
 use super::{check_args, AdamHyper, Arg, Precision, Sequence, Stream, Tensor};
@@ -96,6 +97,11 @@ pub struct CudaBackend {
     precision: Precision,
     /// The ladder rung the bf16 convolutions run on instead of their own (`Backend::set_rung`).
     rung: Option<super::Rung>,
+    /// The bf16 copies of the declared weights, the ranges of them written since they were last rounded
+    /// (by copy index), and the weights outside them rounded so far (`weights.rs`).
+    copies: Vec<weights::WeightCopy>,
+    stale: Vec<(usize, Tensor)>,
+    loose_roundings: u64,
     dev: Device,
     props: Properties,
 }
@@ -137,6 +143,9 @@ impl CudaBackend {
             clock: None,
             precision: Precision::Fp32,
             rung: None,
+            copies: Vec::new(),
+            stale: Vec::new(),
+            loose_roundings: 0,
             dev,
             props,
         }
@@ -220,10 +229,14 @@ impl CudaBackend {
         Ok(())
     }
 
-    /// Checks an op's arguments ([`check_args`]) and makes the arena ready.
+    /// Checks an op's arguments ([`check_args`]), makes the arena ready, brings the weights' bf16 copies
+    /// up to date with what earlier ops wrote, and notes what this one will write (`weights.rs`).
     fn args(&mut self, op: &'static str, ins: &[Arg], outs: &[Arg]) -> Result<()> {
         check_args(op, self.reserved, "cuda", ins, outs)?;
-        self.materialise()
+        self.materialise()?;
+        self.refresh_copies()?;
+        self.mark_written(outs);
+        Ok(())
     }
 
     /// The device address of a checked tensor.
@@ -406,6 +419,14 @@ impl super::Backend for CudaBackend {
     }
 
     fn fuses_normalisation(&self) -> bool {
+        true
+    }
+
+    fn keep_weight_copy(&mut self, weights: Tensor) -> Result<()> {
+        self.declare_weights(weights)
+    }
+
+    fn keeps_weight_copies(&self) -> bool {
         true
     }
 
@@ -781,6 +802,8 @@ impl super::Backend for CudaBackend {
         // Everything a recorded op touches must exist before recording starts.
         self.not_recording("starting a recording")?;
         self.materialise()?;
+        // What was written before is rounded now, not in every replay.
+        self.refresh_copies()?;
         self.recorded[seq as usize] = None;
         self.dev.capture_begin(seq)?;
         self.capturing = Some(seq);
@@ -792,7 +815,10 @@ impl super::Backend for CudaBackend {
             .capturing
             .take()
             .ok_or_else(|| Error::Invalid("capture_end without capture_begin".into()))?;
+        // The roundings the last recorded op's writes need belong to the recording.
+        let refreshed = self.refresh_copies();
         self.dev.capture_end(seq)?;
+        refreshed?;
         // Ids unique across backends too: a trainer moved to another backend never mistakes a stranger's
         // recording for its own.
         static RECORDINGS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
@@ -807,10 +833,12 @@ impl super::Backend for CudaBackend {
 
     fn replay(&mut self, seq: Sequence) -> Result<()> {
         self.not_recording("replaying a recording")?;
+        self.refresh_copies()?;
         self.dev.replay(seq)
     }
 
     fn synchronize(&mut self) -> Result<()> {
+        self.refresh_copies()?;
         self.sync()
     }
 

@@ -37,6 +37,8 @@ impl CudaBackend {
                 ("adam_v", v, len),
             ],
         )?;
+        // Adam writes the parameters' bf16 copy itself when they are declared weights.
+        let copy = self.copy_written_by_adam(params);
         let (pp, pg, pm, pv, pn) = (
             self.ptr(params),
             self.ptr(grads),
@@ -53,6 +55,7 @@ impl CudaBackend {
             "adam_step_f32",
             cfg,
             pp,
+            copy,
             pg,
             pm,
             pv,
