@@ -402,6 +402,8 @@ pub fn kernels<B: Backend>(be: &mut B, batch: usize, ceilings: &Ceilings) -> Res
         alloc_filled(be, n, 0.0)?,
         alloc_filled(be, 1, 0.5)?,
     );
+    // Declared weights, as in training: a backend that keeps a bf16 copy has Adam write it too.
+    be.keep_weight_copy(p)?;
     let ms = time(be, iters, |be| be.global_norm(gr, nrm))?;
     lines.push(gbs_line(
         "gradient norm, 35.7 M parameters".into(),
@@ -418,10 +420,12 @@ pub fn kernels<B: Backend>(be: &mut B, batch: usize, ceilings: &Ceilings) -> Res
         max_grad_norm: 1.0,
     };
     let ms = time(be, iters, |be| be.adam_step(p, gr, m, v, nrm, hp))?;
+    // Read p, g, m, v; write p, m, v; and the bf16 copy where there is one.
+    let copy = if be.keeps_weight_copies() { 2.0 } else { 0.0 };
     lines.push(gbs_line(
         "Adam, 35.7 M parameters".into(),
         ms,
-        28.0 * n as f64,
+        (28.0 + copy) * n as f64,
     ));
     let ms = time(be, iters, |be| be.ema_update(m, p, 0.999))?;
     lines.push(gbs_line(

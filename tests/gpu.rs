@@ -929,8 +929,8 @@ fn copy_is_rounding(be: &mut CudaBackend, t: Tensor, what: &str) {
 /// The bf16 copy of the declared weights, which every bf16 convolution and linear layer reads, equals the
 /// bf16 rounding of the fp32 weights after anything writes them: the initialisation, training steps
 /// recorded and replayed (Adam writes the copy itself), a copy of the EMA into a sampler's network, an
-/// upload, a fill. And the U-Net's GEMMs never round a weight of their own (every weight they read is
-/// declared).
+/// upload, a fill, a recorded copy replayed. And the U-Net's GEMMs never round a weight of their own
+/// (every weight they read is declared).
 #[test]
 #[ignore = "needs a CUDA device"]
 fn the_weights_bf16_copy_follows_every_write() {
@@ -965,6 +965,29 @@ fn the_weights_bf16_copy_follows_every_write() {
     copy_is_rounding(&mut be, tr.net.params, "after an upload into part of it");
     be.fill(grid.params.slice(17, 100), 0.3).unwrap();
     copy_is_rounding(&mut be, grid.params, "after a fill of part of it");
+    // A recorded write into the weights other than Adam's: the recording rounds the copy itself, so a
+    // replay after its source changed leaves the copy right.
+    let src = be.alloc(grid.params.len).unwrap();
+    let draws = |stream| -> Vec<f32> {
+        (0..src.len)
+            .map(|i| rng::normal(6, stream, i as u64))
+            .collect()
+    };
+    be.upload(src, &draws(1)).unwrap();
+    let seq = ddpm_cuda::backend::Sequence::Sampling;
+    assert!(be.capture_begin(seq).unwrap());
+    be.copy(src, grid.params).unwrap();
+    be.capture_end().unwrap();
+    be.upload(src, &draws(2)).unwrap();
+    be.replay(seq).unwrap();
+    assert_eq!(be.download(grid.params).unwrap(), draws(2));
+    copy_is_rounding(&mut be, grid.params, "after a replayed copy into it");
+    // One copy per weight: a declaration overlapping declared weights is refused.
+    let e = be
+        .keep_weight_copy(tr.net.params.slice(5, 10))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("overlap"), "{e}");
     // Activations are no weights: they have no copy.
     assert_eq!(be.weight_copy(grid.input).unwrap(), None);
     assert_eq!(

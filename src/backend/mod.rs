@@ -117,12 +117,6 @@ impl Layout {
             weight_copies: be.keeps_weight_copies(),
         }
     }
-
-    /// The CUDA backend's layout.
-    pub const CUDA: Layout = Layout {
-        fused: true,
-        weight_copies: true,
-    };
 }
 
 /// Fails, before anything is allocated, when `need(batch)` elements do not fit in what `be` has left,

@@ -211,13 +211,13 @@ impl CudaBackend {
             Self::normed_ins(&s, n, &mut ins)?;
         }
         self.args("conv2d_forward", &ins, &[("y", y, s.y_len())])?;
-        let (pw, pb, py) = (self.weight_ptr(w)?, self.ptr(b), self.ptr(y));
-        let pt = image_bias.map_or(0, |t| self.ptr(t));
-        let pr = residual.map_or(0, |r| self.ptr(r));
         let name = self.conv_kernel(match norm {
             Some(_) => &FORWARD_NORMED,
             None => &FORWARD,
         })?;
+        let (pw, pb, py) = (self.weight_ptr(w)?, self.ptr(b), self.ptr(y));
+        let pt = image_bias.map_or(0, |t| self.ptr(t));
+        let pr = residual.map_or(0, |r| self.ptr(r));
         let (oh, ow) = s.out_hw();
         let cfg = gemm_cfg(self.tile(), s.n * oh * ow, s.o, 1);
         let mut a = self.input_args(x, norm.as_ref())?;
@@ -246,28 +246,13 @@ impl CudaBackend {
             &[("dy", dy, s.y_len()), ("weight", w, s.w_len())],
             &[("dx", dx, s.x_len())],
         )?;
+        let name = self.conv_kernel(&BACKWARD_DATA)?;
         let (pdy, pw, pdx) = (self.ptr(dy), self.weight_ptr(w)?, self.ptr(dx));
         let cfg = gemm_cfg(self.tile(), s.n * s.h * s.w, s.c, 1);
         let [n, h, wd, c, o] = dims([s.n, s.h, s.w, s.c, s.o])?;
         let [taps, stride, pad] = geometry(s.kind);
         let acc = acc as i32;
-        launch!(
-            self,
-            self.conv_kernel(&BACKWARD_DATA)?,
-            cfg,
-            pdy,
-            pw,
-            pdx,
-            n,
-            h,
-            wd,
-            c,
-            o,
-            taps,
-            stride,
-            pad,
-            acc
-        )
+        launch!(self, name, cfg, pdy, pw, pdx, n, h, wd, c, o, taps, stride, pad, acc)
     }
 
     /// `dw` by split-K GEMM into the workspace and a reduce; `db` as column sums of `dy`. With `norm`, `x`

@@ -227,15 +227,17 @@ impl Device {
         }
     }
 
+    /// Copies `bytes` from `src` to `dst` on the device (recorded, when recording, as a graph records it).
+    ///
     /// # Safety
     /// Both ranges must be live device memory of `bytes`, not overlapping.
-    pub unsafe fn dtod(&self, dst: u64, src: u64, bytes: usize) -> Result<()> {
+    pub unsafe fn dtod(&mut self, dst: u64, src: u64, bytes: usize) -> Result<()> {
         match self {
             Self::Gpu(g) => result::memcpy_dtod_async(dst, src, bytes, g.stream.cu_stream())
                 .map_err(cuda("copying on the device")),
             #[cfg(feature = "emu")]
-            Self::Emu(_) => {
-                std::ptr::copy_nonoverlapping(src as *const u8, dst as *mut u8, bytes);
+            Self::Emu(e) => {
+                e.copy(dst, src, bytes);
                 Ok(())
             }
         }
@@ -419,11 +421,19 @@ mod emu {
         Ok(DeviceBuffer { ptr, bytes, free })
     }
 
-    /// A launch kept for replay, its arguments copied by value.
-    struct Recorded {
-        name: CString,
-        cfg: LaunchConfig,
-        args: Vec<Vec<u8>>,
+    /// What a recording keeps for replay: a launch, its arguments copied by value, or a copy between
+    /// device addresses.
+    enum Recorded {
+        Launch {
+            name: CString,
+            cfg: LaunchConfig,
+            args: Vec<Vec<u8>>,
+        },
+        Copy {
+            dst: u64,
+            src: u64,
+            bytes: usize,
+        },
     }
 
     #[derive(Default)]
@@ -446,6 +456,17 @@ mod emu {
             self.recorded = Default::default();
         }
 
+        /// A device-to-device copy: done now, or recorded.
+        ///
+        /// # Safety
+        /// As `Device::dtod`.
+        pub unsafe fn copy(&mut self, dst: u64, src: u64, bytes: usize) {
+            match &mut self.recording {
+                Some(rec) => rec.push(Recorded::Copy { dst, src, bytes }),
+                None => std::ptr::copy_nonoverlapping(src as *const u8, dst as *mut u8, bytes),
+            }
+        }
+
         pub unsafe fn launch(
             &mut self,
             name: &'static str,
@@ -460,7 +481,7 @@ mod emu {
                     .zip(sizes)
                     .map(|(&p, &n)| std::slice::from_raw_parts(p as *const u8, n).to_vec())
                     .collect();
-                rec.push(Recorded {
+                rec.push(Recorded::Launch {
                     name: cname,
                     cfg,
                     args,
@@ -472,13 +493,20 @@ mod emu {
 
         pub fn replay(&mut self, seq: Sequence) -> Result<()> {
             for r in &mut self.recorded[seq as usize] {
-                let mut params: Vec<*mut c_void> = r
-                    .args
-                    .iter_mut()
-                    .map(|a| a.as_mut_ptr() as *mut c_void)
-                    .collect();
-                // SAFETY: the recorded arguments are the bytes of the original launch's values.
-                unsafe { run(&r.name, r.cfg, &mut params)? };
+                match r {
+                    Recorded::Launch { name, cfg, args } => {
+                        let mut params: Vec<*mut c_void> = args
+                            .iter_mut()
+                            .map(|a| a.as_mut_ptr() as *mut c_void)
+                            .collect();
+                        // SAFETY: the recorded arguments are the bytes of the original launch's values.
+                        unsafe { run(name, *cfg, &mut params)? };
+                    }
+                    // SAFETY: recorded from a checked copy; memory moving forgets recordings.
+                    Recorded::Copy { dst, src, bytes } => unsafe {
+                        std::ptr::copy_nonoverlapping(*src as *const u8, *dst as *mut u8, *bytes)
+                    },
+                }
             }
             Ok(())
         }

@@ -1,10 +1,12 @@
 //! The bf16 copy of the weights that the bf16 GEMMs read ([`Backend::keep_weight_copy`]).
 //!
 //! The U-Net declares its parameter region; the backend reserves a copy of it in the arena, bf16 element
-//! `i` of the copy being element `i` of the region, the copy starting on a 16-byte boundary (so a weight
-//! whose fp32 elements are 16-byte aligned has its bf16 runs of 8 aligned too). Every bf16 convolution and
-//! linear layer (all rungs) reads its weight there: a weight crosses the memory bus in 2 bytes and is
-//! rounded once per update instead of by every tile that reads it.
+//! `i` of the copy being element `i` of the region, the copy starting on a 16-byte boundary: a run of 8
+//! weights is one aligned 16-byte load where it starts a multiple of 8 elements into the region (every
+//! run of every weight of the paper's network, whose parameter lengths are multiples of 8; elsewhere the
+//! kernels read the run element by element). Every bf16 convolution and linear layer (all rungs) reads
+//! its weight there: a weight crosses the memory bus in 2 bytes and is rounded once per update instead of
+//! by every tile that reads it.
 //!
 //! The copy is kept equal to the bf16 rounding of the region, whatever writes it:
 //! - Adam writes it as it updates the parameters (`adam_step_f32`'s `copy`), so a training step needs no
@@ -51,6 +53,17 @@ impl CudaBackend {
         if weights.len == 0 || self.copies.iter().any(|c| c.region == weights) {
             return Ok(());
         }
+        // One copy per weight: Adam writes the copy of the region holding its parameters, and a second
+        // copy of the same weights would go stale.
+        if let Some(c) = self.copies.iter().find(|c| c.region.overlaps(weights)) {
+            return Err(Error::Invalid(format!(
+                "weights at {}..{} overlap weights declared before at {}..{}",
+                weights.off,
+                weights.end(),
+                c.region.off,
+                c.region.end()
+            )));
+        }
         let space = self.alloc(weight_copy_len(weights.len))?;
         self.copies.push(WeightCopy {
             region: weights,
@@ -73,14 +86,20 @@ impl CudaBackend {
         }
     }
 
-    /// Rounds every stale range into its copy (queued, or recorded when recording).
+    /// Rounds every stale range into its copy (queued, or recorded when recording). The arena is made
+    /// ready first: a copy may have been declared since the last op.
     pub(super) fn refresh_copies(&mut self) -> Result<()> {
         if self.stale.is_empty() {
             return Ok(());
         }
-        for (i, range) in std::mem::take(&mut self.stale) {
+        self.materialise()?;
+        let stale = std::mem::take(&mut self.stale);
+        for (n, &(i, range)) in stale.iter().enumerate() {
             let dst = self.copy_address(self.copies[i], range);
-            self.round_to_bf16(self.ptr(range), dst, range.len)?;
+            if let Err(e) = self.round_to_bf16(self.ptr(range), dst, range.len) {
+                self.stale.extend_from_slice(&stale[n..]);
+                return Err(e);
+            }
         }
         Ok(())
     }
