@@ -39,7 +39,8 @@ constexpr int GEMM_THREADS = 256;
 // index in range) and starts every run along k at a multiple of 8. Where the eight lie in one run of
 // memory aligned to 16 bytes, that is two 16-byte loads and one index computation instead of eight.
 // A loader over bf16 storage (the weights' bf16 copy, `packed`) delivers its eight as bf16 in one uint4
-// instead: one 16-byte load, nothing to convert.
+// instead: one 16-byte load, nothing to convert; and it says where they are (`at(i, j)`, the address of
+// element (i, j)), so a core can copy them to shared memory without the registers (cp.async).
 
 // v = p[0, 8), 0 past `valid`: two 16-byte loads when all eight are valid and p is 16-byte aligned.
 __device__ __forceinline__ void load_run8(const float* p, int valid, float (&v)[8]) {
@@ -136,10 +137,11 @@ struct RowsB {
     int cols;
     static constexpr bool n_fast = true;
     static constexpr bool packed = Storage<T>::packed;
-    __device__ float operator()(int k, int n) const { return n < cols ? to_f32(p[int64_t(k) * ld + n]) : 0.0f; }
+    __device__ __forceinline__ const T* at(int k, int n) const { return p + int64_t(k) * ld + n; }
+    __device__ float operator()(int k, int n) const { return n < cols ? to_f32(*at(k, n)) : 0.0f; }
     template <class Run>
     __device__ void load8(int k, int n, int valid, Run& v) const {
-        load_run8(p + int64_t(k) * ld + n, valid, v);
+        load_run8(at(k, n), valid, v);
     }
 };
 
@@ -151,10 +153,11 @@ struct ColsB {
     int cols;
     static constexpr bool n_fast = false;
     static constexpr bool packed = Storage<T>::packed;
-    __device__ float operator()(int k, int n) const { return n < cols ? to_f32(p[int64_t(n) * ld + k]) : 0.0f; }
+    __device__ __forceinline__ const T* at(int k, int n) const { return p + int64_t(n) * ld + k; }
+    __device__ float operator()(int k, int n) const { return n < cols ? to_f32(*at(k, n)) : 0.0f; }
     template <class Run>
     __device__ void load8(int k, int n, int valid, Run& v) const {
-        load_run8(p + int64_t(n) * ld + k, valid, v);
+        load_run8(at(k, n), valid, v);
     }
 };
 

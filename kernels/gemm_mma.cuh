@@ -23,13 +23,15 @@
 //   shared memory.
 // - Two shared-memory stages. While the tensor cores work on slice s, the thread's loads of slice s + 1
 //   are in flight into registers, and they are stored into the other stage after the math: one barrier
-//   per slice instead of two.
+//   per slice instead of two. An operand read from bf16 storage (a weight's bf16 copy) skips the
+//   registers: its runs are copied into the other stage by cp.async (cp_async.cuh), queued before the
+//   math and waited for before the barrier.
 //
 // Per slice and warp: 2 x 4 ldmatrix.x4 for A, 2 x 2 for B, 2 x 16 mma.sync (32 x 2048 multiply-adds).
 // Shared memory: 2 stages x (A + B) <= 2 x 2 x 10 KiB = 40 KiB, static.
 //
-// A weight operand comes from the weights' bf16 copy (loaders over bf16, `packed`): its runs are one
-// 16-byte load each and go to shared memory unconverted.
+// A weight operand comes from the weights' bf16 copy (loaders over bf16, `packed`): its runs go to shared
+// memory unconverted, by cp.async.
 //
 // What it leaves on the table (the next rungs): activations are stored in fp32, so every activation
 // operand element crosses the memory bus in 4 bytes and is converted by the threads; with bf16
@@ -37,6 +39,7 @@
 // wgmma fed by TMA.
 #pragma once
 
+#include "cp_async.cuh"
 #include "gemm_tc.cuh"
 #include "mma_sync.cuh"
 
@@ -124,6 +127,35 @@ struct MmaOperand {
         }
     }
 
+    // A packed operand's runs of the slice at (outer0, k0) straight into `stage` (free: its last reads
+    // were before the caller's last barrier): cp.async for each run of 8 valid elements aligned to 16
+    // bytes, the others through the registers now. cp_async_wait_all and a barrier make them visible.
+    __device__ __forceinline__ void fetch_async(const Load& load, __nv_bfloat16* stage, int tid, int outer0,
+                                                int outer_end, int k0, int k_end) {
+        static_assert(packed, "only bf16 storage is copied as it is");
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+            int dm, dk;
+            Slice::run(tid, i, dm, dk);
+            const int outer = outer0 + dm, k = k0 + dk;
+            const int valid = k_rows ? min(8, outer_end - outer) : min(8, k_end - k);
+            const bool inside = k_rows ? k < k_end : outer < outer_end;
+            uint4* dst = reinterpret_cast<uint4*>(stage + Slice::offset(dm, dk));
+            if (!inside || valid <= 0) {
+                *dst = make_uint4(0, 0, 0, 0);
+                continue;
+            }
+            const auto* src = Use == 0 ? load.at(outer, k) : load.at(k, outer);
+            if (valid == 8 && (reinterpret_cast<uintptr_t>(src) & 15) == 0) {
+                cp_async16(dst, src);
+            } else {
+                uint4 run;
+                load_run8(src, valid, run);
+                *dst = run;
+            }
+        }
+    }
+
     // Stores the fetched runs into a stage, rounded to bf16 unless they are bf16 already: one 16-byte
     // store per run.
     __device__ __forceinline__ void store(__nv_bfloat16* stage, int tid) const {
@@ -192,22 +224,35 @@ __device__ __forceinline__ void gemm_run_mma(const LoadA& a, const LoadB& b, int
 #pragma unroll
             for (int t = 0; t < 4; ++t) acc[i][j][t] = 0.0f;
 
+    // An operand in bf16 storage (a weight's bf16 copy) is copied to shared memory by cp.async, in
+    // flight during the math (its partial or unaligned runs, at the edges, are stored before it); the
+    // other goes through the registers (fetched before the math, converted and stored after it).
     OpA opa;
     OpB opb;
+    const auto fetch = [&](int k0, int stage) {
+        if constexpr (OpA::packed)
+            opa.fetch_async(a, As[stage], tid, m0, rows, k0, k_end);
+        else
+            opa.fetch(a, tid, m0, rows, k0, k_end);
+        if constexpr (OpB::packed)
+            opb.fetch_async(b, Bs[stage], tid, n0, cols, k0, k_end);
+        else
+            opb.fetch(b, tid, n0, cols, k0, k_end);
+    };
+    const auto store = [&](int stage) {
+        if constexpr (!OpA::packed) opa.store(As[stage], tid);
+        if constexpr (!OpB::packed) opb.store(Bs[stage], tid);
+        if constexpr (OpA::packed || OpB::packed) cp_async_wait_all();
+    };
     if (k_begin < k_end) {
-        opa.fetch(a, tid, m0, rows, k_begin, k_end);
-        opb.fetch(b, tid, n0, cols, k_begin, k_end);
-        opa.store(As[0], tid);
-        opb.store(Bs[0], tid);
+        fetch(k_begin, 0);
+        store(0);
     }
     __syncthreads();
     int stage = 0;
     for (int k0 = k_begin; k0 < k_end; k0 += MMA_BK) {
         const bool more = k0 + MMA_BK < k_end;
-        if (more) {  // in flight while the tensor cores work on this slice
-            opa.fetch(a, tid, m0, rows, k0 + MMA_BK, k_end);
-            opb.fetch(b, tid, n0, cols, k0 + MMA_BK, k_end);
-        }
+        if (more) fetch(k0 + MMA_BK, stage ^ 1);  // in flight while the tensor cores work on this slice
 #pragma unroll
         for (int ks = 0; ks < MMA_BK; ks += 16) {
             uint32_t fa[4][4], fb[2][4];
@@ -223,10 +268,7 @@ __device__ __forceinline__ void gemm_run_mma(const LoadA& a, const LoadB& b, int
                     mma_bf16_16816(acc[i][j], fa[i], bj);
                 }
         }
-        if (more) {  // the other stage was last read before the previous barrier
-            opa.store(As[stage ^ 1], tid);
-            opb.store(Bs[stage ^ 1], tid);
-        }
+        if (more) store(stage ^ 1);  // the other stage was last read before the previous barrier
         __syncthreads();
         stage ^= 1;
     }
