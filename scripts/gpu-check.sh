@@ -1,109 +1,149 @@
 #!/usr/bin/env bash
-# The whole GPU check in one run, on a GPU machine, from the binaries scripts/gpu-prepare.sh put in
-# gpu-carry/:
-#   1. the GPU tests (every kernel against the CPU backend, the U-Net and its gradients, training steps,
-#      the device samplers);
-#   2. compute-sanitizer (memcheck, racecheck) over a short training run and a short sampling run;
-#   3. ddpm-cuda train and sample on the paper's network (ddpm-cifar10);
-#   4. ddpm-cuda bench in fp32 and in bf16 (training and sampling throughput at batch 128 and 256; the
-#      dominant kernels, with the convolution in both precisions and on every rung of the ladder of
-#      dev/conv/README.md, wgmma (v4) against mma.sync (v3) on sm_90a);
-#   5. the criterion benches (benches/gpu.rs), and benches/peer_pytorch.py, the same network in PyTorch
-#      (fp32, bf16 autocast, torch.compile);
-# then a short table, with our images/s over the best PyTorch configuration's. The full log goes to stdout
-# and to $OUT/gpu-check-<date>-<part>.log when $OUT is set (the device tool brings $OUT back); commit it
-# under benches/results/.
+# The GPU check, on a GPU machine, from the binaries scripts/gpu-prepare.sh put in gpu-carry/. Stages:
+#   tests       the GPU tests (every kernel against the CPU backend, the U-Net and its gradients, training
+#               steps, the device samplers, the weights' bf16 copy);
+#   memcheck    compute-sanitizer memcheck over a short bf16 training run;
+#   sanitizers  memcheck and racecheck over short training and sampling runs, fp32 and bf16;
+#   cifar       ddpm-cuda train and sample on the paper's network (ddpm-cifar10), bf16;
+#   bench-*     ddpm-cuda bench in bf16 / fp32 (training and sampling throughput at batch 128 and 256; the
+#               dominant kernels, the convolution in both precisions and on every rung of the ladder of
+#               dev/conv/README.md: wgmma (v4) against mma.sync (v3) on sm_90a);
+#   peer-eager  benches/peer_pytorch.py, the same network in PyTorch, fp32 and bf16 autocast (eager);
+#   criterion   the criterion benches (benches/gpu.rs);
+#   peer-all    the peer with torch.compile too (its autotuning takes minutes).
+# then a short table, with our images/s over the best PyTorch configuration's.
 #
-#   scripts/gpu-check.sh [all|verify|perf]
-# verify is 1-3, perf is 4-5 (torch.compile's autotuning takes minutes): each fits one 10-minute call.
+#   scripts/gpu-check.sh [quick|verify|perf|all]
+#
+# quick (the default) is sized for one call of a session with 15 minutes of device time: tests,
+# bench-bf16, peer-eager, bench-fp32, memcheck, in that order of value. verify is tests, sanitizers,
+# cifar; perf is bench-bf16, peer-all, bench-fp32, criterion; all is everything. Each stage runs under a
+# timeout and the whole under a deadline (DEADLINE seconds, default 540; all: none), so the summary
+# always prints and the log always comes back: a stage that would start with too little time left is
+# skipped and says so, and the later stages are the ones that give way. Exit status 1 when a stage
+# failed or timed out.
+# The full log goes to stdout and to $OUT/gpu-check-<date>-<part>.log when $OUT is set (the device tool
+# brings $OUT back); commit it under benches/results/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-part=${1:-all}
-case $part in all|verify|perf) ;; *) echo "usage: $0 [all|verify|perf]" >&2; exit 2;; esac
-run_verify() { [ "$part" != perf ]; }
-run_perf() { [ "$part" != verify ]; }
+part=${1:-quick}
+case $part in
+  quick) stages="tests bench-bf16 peer-eager bench-fp32 memcheck"; default_deadline=540 ;;
+  verify) stages="tests sanitizers cifar"; default_deadline=540 ;;
+  perf) stages="bench-bf16 peer-all bench-fp32 criterion"; default_deadline=540 ;;
+  all) stages="tests sanitizers cifar bench-bf16 bench-fp32 criterion peer-all"; default_deadline=100000 ;;
+  *) echo "usage: $0 [quick|verify|perf|all]" >&2; exit 2 ;;
+esac
+deadline=$(( $(date +%s) + ${DEADLINE:-$default_deadline} ))
 carry=${GPU_CARRY:-gpu-carry}
 bin=$carry/ddpm-cuda
 log=${OUT:-/tmp}/gpu-check-$(date -u +%Y-%m-%d)-$part.log
 work=$(mktemp -d)
 exec > >(tee "$log") 2>&1
+tee_pid=$!
 
 declare -a summary
-record() { summary+=("$(printf '%-48s %s' "$1" "$2")"); }
-stage() { echo; echo "=== $1 ($(date -u +%H:%M:%S))"; }
+failed=0
+record() {
+  summary+=("$(printf '%-48s %s' "$1" "$2")")
+  case $2 in FAIL*|TIMEOUT*) failed=1 ;; esac
+}
+stage() { echo; echo "=== $1 ($(date -u +%H:%M:%S), $(( deadline - $(date +%s) )) s left)"; }
+# timed LABEL SECONDS COMMAND...: runs COMMAND for at most SECONDS, or what is left before the deadline
+# less 20 s for the summary; records PASS, FAIL, TIMEOUT or SKIPPED.
+timed() {
+  local label=$1 want_s=$2; shift 2
+  local left=$(( deadline - $(date +%s) - 20 ))
+  local limit=$(( want_s < left ? want_s : left ))
+  if (( limit < 15 )); then record "$label" "SKIPPED (no time left)"; return 1; fi
+  timeout -k 10 "$limit" "$@"
+  local rc=$?
+  case $rc in
+    0) record "$label" PASS ;;
+    124|137) record "$label" "TIMEOUT (${limit} s) or killed" ;;
+    *) record "$label" "FAIL (exit $rc)" ;;
+  esac
+  return $rc
+}
 
 stage "machine"
 date -u
 echo "commit: $(tr '\n' ' ' < "$carry/COMMIT")"
+echo "stages: $stages"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv || true
 command -v compute-sanitizer || echo "compute-sanitizer not on PATH"
 
-if run_verify; then
-stage "GPU tests"
-if "$carry/gpu-tests" --ignored --test-threads=1 --nocapture 2>&1; then
-  record "GPU tests" PASS
-else
-  record "GPU tests" FAIL
-fi
-
-sanitize() {  # tool, label, command...
-  local tool=$1 label=$2; shift 2
+sanitize() {  # tool, label, seconds, command...
+  local tool=$1 label=$2 secs=$3; shift 3
   if ! command -v compute-sanitizer >/dev/null; then record "sanitizer $tool: $label" "SKIPPED (no compute-sanitizer)"; return; fi
-  if compute-sanitizer --tool "$tool" --error-exitcode 1 --print-limit 20 "$@" 2>&1 | tail -n 40; then
-    record "sanitizer $tool: $label" PASS
-  else
-    record "sanitizer $tool: $label" FAIL
-  fi
+  timed "sanitizer $tool: $label" "$secs" \
+    bash -c 'set -o pipefail; compute-sanitizer --tool "$0" --error-exitcode 1 --print-limit 20 "$@" 2>&1 | tail -n 60' "$tool" "$@"
 }
-stage "compute-sanitizer"
-for precision in fp32 bf16; do
-  short_train=("$bin" train --preset tiny --steps 2 --batch 4 --grid 2 --every 2 --out "$work/san-$precision" --device cuda --precision $precision)
-  short_sample=("$bin" sample --model "$work/san-$precision" --sampler ddim --steps 4 -n 3 --batch 3 --out "$work/san.png" --device cuda --precision $precision)
-  sanitize memcheck "train tiny, 2 steps, $precision" "${short_train[@]}"
-  rm -rf "$work/san-$precision"
-  sanitize racecheck "train tiny, 2 steps, $precision" "${short_train[@]}"
-  sanitize memcheck "sample tiny, DDIM 4 steps, $precision" "${short_sample[@]}"
-  sanitize racecheck "sample tiny, DDIM 4 steps, $precision" "${short_sample[@]}"
+short_train() {  # precision, dir: sets the array `train_cmd`
+  train_cmd=("$bin" train --preset tiny --steps 2 --batch 4 --grid 2 --every 2 --out "$2" --device cuda --precision "$1")
+}
+
+for s in $stages; do
+  case $s in
+  tests)
+    stage "GPU tests"
+    timed "GPU tests" 240 "$carry/gpu-tests" --ignored --test-threads=1 --nocapture
+    ;;
+  memcheck)
+    stage "compute-sanitizer memcheck, bf16 training"
+    short_train bf16 "$work/san-bf16"
+    sanitize memcheck "train tiny, 2 steps, bf16" 90 "${train_cmd[@]}"
+    ;;
+  sanitizers)
+    stage "compute-sanitizer"
+    for precision in fp32 bf16; do
+      short_sample=("$bin" sample --model "$work/san-$precision" --sampler ddim --steps 4 -n 3 --batch 3 --out "$work/san.png" --device cuda --precision $precision)
+      short_train $precision "$work/san-$precision"
+      sanitize memcheck "train tiny, 2 steps, $precision" 90 "${train_cmd[@]}"
+      sanitize memcheck "sample tiny, DDIM 4 steps, $precision" 60 "${short_sample[@]}"
+      rm -rf "$work/san-$precision"
+      sanitize racecheck "train tiny, 2 steps, $precision" 120 "${train_cmd[@]}"
+      sanitize racecheck "sample tiny, DDIM 4 steps, $precision" 60 "${short_sample[@]}"
+    done
+    ;;
+  cifar)
+    stage "ddpm-cifar10 on the device (bf16)"
+    if timed "train ddpm-cifar10, 20 steps" 150 "$bin" train --preset ddpm-cifar10 --steps 20 --batch 128 --grid 16 --every 20 \
+         --out "$work/cifar" --device cuda --precision bf16; then
+      cp "$work/cifar/loss.csv" "${OUT:-/tmp}/cifar-loss.csv" 2>/dev/null || true
+      timed "sample ddpm-cifar10, DDIM 50 steps" 60 "$bin" sample --model "$work/cifar" --sampler ddim --steps 50 -n 16 \
+        --out "$work/cifar.png" --device cuda --precision bf16
+    else
+      record "sample ddpm-cifar10, DDIM 50 steps" "SKIPPED (no trained model)"
+    fi
+    ;;
+  bench-bf16|bench-fp32)
+    precision=${s#bench-}
+    stage "benchmark, $precision"
+    timed "bench $precision" 120 bash -c 'set -o pipefail; "$0" bench --device cuda --precision "$1" | tee "$2"' "$bin" "$precision" "$work/bench-$precision.txt"
+    ;;
+  criterion)
+    stage "criterion benches (benches/gpu.rs: each kernel family and the U-Net, both precisions)"
+    timed "criterion benches" 300 bash -c 'set -o pipefail; "$0" --bench 2>&1 | grep -Ev "^(Benchmarking|Found|  [0-9]+ \(|Gnuplot)"' "$carry/gpu-bench"
+    ;;
+  peer-eager|peer-all)
+    configs=fp32,bf16
+    [ "$s" = peer-all ] && configs=fp32,bf16,compile
+    stage "PyTorch peer (same network: $configs)"
+    timed "peer benchmark ($configs)" 240 bash -c 'set -o pipefail; python3 -u benches/peer_pytorch.py --batch 128,256 --steps 10 --configs "$0" | tee -a "$1"' "$configs" "$work/peer.txt"
+    ;;
+  esac
 done
 
-stage "ddpm-cifar10 on the device (bf16)"
-if "$bin" train --preset ddpm-cifar10 --steps 20 --batch 128 --grid 16 --every 20 --out "$work/cifar" --device cuda --precision bf16 \
-   && "$bin" sample --model "$work/cifar" --sampler ddim --steps 50 -n 16 --out "$work/cifar.png" --device cuda --precision bf16; then
-  record "train + sample ddpm-cifar10" PASS
-  cp "$work/cifar/loss.csv" "${OUT:-/tmp}/cifar-loss.csv" 2>/dev/null || true
-else
-  record "train + sample ddpm-cifar10" FAIL
-fi
-fi
-
-if run_perf; then
-stage "benchmark"
-for precision in fp32 bf16; do
-  if "$bin" bench --device cuda --precision $precision | tee "$work/bench-$precision.txt"; then
-    record "bench $precision" PASS
-  else
-    record "bench $precision" FAIL
-  fi
-done
-
-stage "criterion benches (benches/gpu.rs: each kernel family and the U-Net, both precisions)"
-if "$carry/gpu-bench" --bench 2>&1 | grep -Ev "^(Benchmarking|Found|  [0-9]+ \(|Gnuplot)" ; then
-  record "criterion benches" PASS
-else
-  record "criterion benches" FAIL
-fi
-
-stage "PyTorch peer (same network, fp32 / bf16 / compiled)"
-if python3 benches/peer_pytorch.py --batch 128,256 --steps 10 | tee "$work/peer.txt"; then
-  record "peer benchmark" PASS
-else
-  record "peer benchmark" FAIL
-fi
-fi
-
+finish() {
+  rm -rf "$work"
+  exec >&- 2>&-
+  wait "$tee_pid" 2>/dev/null
+  exit "$failed"
+}
 stage "summary"
 printf '%s\n' "${summary[@]}"
-run_perf || { rm -rf "$work"; exit 0; }
+[ -e "$work/bench-bf16.txt" ] || [ -e "$work/bench-fp32.txt" ] || finish
 grep -E "ceilings|images/s|TFLOP/s|GB/s|GiB" "$work/bench-fp32.txt" "$work/bench-bf16.txt" 2>/dev/null || true
 # Ours (each precision) against the best PyTorch configuration at each batch size.
 python3 - "$work/bench-fp32.txt" "$work/bench-bf16.txt" "$work/peer.txt" <<'PY' || true
@@ -121,7 +161,12 @@ for path, precision in ((sys.argv[1], "fp32"), (sys.argv[2], "bf16")):
         m = re.match(r"train memory, batch (\d+) \(tensors \+ scratch\)\s+-\s+([\d.]+) GiB", line)
         if m:
             ours_mem[(int(m.group(1)), precision)] = float(m.group(2))
-for line in open(sys.argv[3]):
+try:
+    peer_lines = open(sys.argv[3]).readlines()
+except OSError:
+    peer_lines = []
+    print("no PyTorch peer figures in this run")
+for line in peer_lines:
     f = line.split()
     if len(f) == 7 and f[1].isdigit():
         b = int(f[1])
@@ -142,4 +187,4 @@ for (b, precision), gib in sorted(ours_mem.items()):
         v, cfg = peer_mem[b]
         print(f"{'train memory batch ' + str(b) + ' ' + precision:<27}{gib:>12.2f}{v:>12.2f}{cfg:>9}{gib / v:>8.2f}")
 PY
-rm -rf "$work"
+finish
