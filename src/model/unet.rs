@@ -18,8 +18,21 @@ use std::path::Path;
 ///
 /// An activation made inside a block (a ResNet or attention block: its normalisations, convolutions,
 /// projections) has a gradient that lives only while that block's backward runs, so those gradients
-/// share one scratch region, as large as the largest block's; the others (block outputs, the skips, the
-/// embeddings) each have their own.
+/// share one scratch region, as large as the largest block's.
+///
+/// The up path is built in *units*: each layer (its concatenation, ResNet block and attention block)
+/// and each upsampler (the upsampled tensor and its convolution). A unit's gradients outside its blocks
+/// (its concatenation, its blocks' outputs, its upsampled tensor) live only from the backward of the unit
+/// after it, which writes the gradient of this unit's output (its only consumer: the next layer's
+/// concatenation, the upsampler, or the final normalisation), to the end of this unit's backward; the
+/// backward runs the units in reverse. So units alternate between two regions, each as large as the
+/// largest unit of its parity: unit k's gradients are dead before unit k - 2, which shares its region,
+/// writes any. That takes the up path's gradients (the largest, at the highest resolution) from the sum
+/// of all units to two units' worth.
+///
+/// The others (the down path's outputs, which the up path reads as skips and whose gradients live from
+/// there to the down path's backward; the middle blocks; the embeddings; the output convolution) each
+/// have their own.
 ///
 /// Every group norm's output (and the dropout after one) is the input of one convolution. A backend that
 /// applies the normalisation as that convolution loads its input ([`Backend::fuses_normalisation`])
@@ -31,11 +44,18 @@ struct Builder {
     grads: usize,
     acts: usize,
     act_next: usize,
-    /// Where the gradients go: (own region, shared block scratch), when the net has gradients.
-    grad_bases: Option<(usize, usize)>,
+    /// Where the gradients start, when the net has gradients, and the sizes of their regions (from a
+    /// counting build; zeros in one).
+    grad_base: Option<usize>,
+    sizes: GradLens,
     grad_next: usize,
     scratch_next: usize,
     scratch_max: usize,
+    /// The up path's unit being built (see above): its count, and its gradients' next offset and the
+    /// largest unit of each parity.
+    up_unit: Option<usize>,
+    up_next: usize,
+    up_max: [usize; 2],
     in_block: bool,
     /// Activation offset -> gradient offset.
     grad_of: HashMap<usize, usize>,
@@ -43,6 +63,22 @@ struct Builder {
     /// unstored handle.
     fused: bool,
     unstored_next: usize,
+}
+
+/// The elements of the activations' gradients, by region (see [`Builder`]): those with a place of
+/// their own, the two regions the up path's units alternate between, and the blocks' shared scratch; laid
+/// out in that order.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct GradLens {
+    own: usize,
+    up: [usize; 2],
+    scratch: usize,
+}
+
+impl GradLens {
+    fn total(&self) -> usize {
+        self.own + self.up[0] + self.up[1] + self.scratch
+    }
 }
 
 /// Where unstored activations' handles start: past any arena (`UNet::size_guard` keeps arenas under
@@ -95,22 +131,35 @@ impl Builder {
         self.grad_for(t, self.in_block);
         t
     }
-    /// Places the gradient of activation `t`: in the block scratch or in a place of its own.
+    /// Places the gradient of activation `t`: in the block scratch, in the region of the up path's
+    /// current unit, or in a place of its own.
     fn grad_for(&mut self, t: Tensor, scratch: bool) {
-        let (own, shared) = self.grad_bases.unwrap_or((0, 0));
+        let base = self.grad_base.unwrap_or(0);
+        let s = self.sizes;
         let grad = if scratch {
-            let g = shared + self.scratch_next;
+            let g = base + s.own + s.up[0] + s.up[1] + self.scratch_next;
             self.scratch_next += t.len;
             self.scratch_max = self.scratch_max.max(self.scratch_next);
             g
+        } else if let Some(unit) = self.up_unit {
+            let parity = unit % 2;
+            let g = base + s.own + parity * s.up[0] + self.up_next;
+            self.up_next += t.len;
+            self.up_max[parity] = self.up_max[parity].max(self.up_next);
+            g
         } else {
-            let g = own + self.grad_next;
+            let g = base + self.grad_next;
             self.grad_next += t.len;
             g
         };
-        if self.grad_bases.is_some() {
+        if self.grad_base.is_some() {
             self.grad_of.insert(t.off, grad);
         }
+    }
+    /// Starts the next unit of the up path (see [`Builder`]).
+    fn next_up_unit(&mut self) {
+        self.up_unit = Some(self.up_unit.map_or(0, |u| u + 1));
+        self.up_next = 0;
     }
     /// Starts a block: its activations' gradients take the scratch region from its start.
     fn begin_block(&mut self) {
@@ -730,8 +779,8 @@ pub struct UNet {
     pub input: Tensor,
     pub timesteps: Tensor,
     acts: Tensor,
-    /// Elements of the activations' gradients: (each its own, the blocks' shared scratch).
-    grad_lens: (usize, usize),
+    /// Elements of the activations' gradients, by region.
+    grad_lens: GradLens,
     ctx: Ctx,
     temb_sin: Tensor,
     temb1: Linear,
@@ -778,7 +827,7 @@ impl UNet {
         let count = Self::build(config, batch, fused, 0, 0, 0, None);
         let np = count.specs.last().map_or(0, |s| s.offset + s.len);
         let na = count.acts.len;
-        let (own, shared) = count.grad_lens;
+        let grad_lens = count.grad_lens;
         let params = be.alloc(np)?;
         be.keep_weight_copy(params)?;
         if !training {
@@ -790,7 +839,7 @@ impl UNet {
         }
         let grads = be.alloc(np)?;
         let acts = be.alloc(na)?;
-        let dacts = be.alloc(own + shared)?;
+        let dacts = be.alloc(grad_lens.total())?;
         Ok(Self::build(
             config,
             batch,
@@ -798,7 +847,7 @@ impl UNet {
             params.off,
             grads.off,
             acts.off,
-            Some((dacts.off, dacts.off + own)),
+            Some((dacts.off, grad_lens)),
         ))
     }
 
@@ -815,21 +864,21 @@ impl UNet {
         Self::size_guard(config, batch)?;
         let count = Self::build(config, batch.max(1), layout.fused, 0, 0, 0, None);
         let (np, na) = (count.params.len, count.acts.len);
-        let (own, shared) = count.grad_lens;
+        let grads = count.grad_lens.total();
         let copy = match layout.weight_copies {
             true => weight_copy_len(np),
             false => 0,
         };
         let total = if training {
-            2 * np + na + own + shared
+            2 * np + na + grads
         } else {
             np + na
         };
         Ok((total + copy, np))
     }
 
-    /// The elements of a training net's activations and of their gradients (each its own, plus the
-    /// blocks' shared scratch) for `config` at `batch`, on a backend that fuses the normalisations or not.
+    /// The elements of a training net's activations and of their gradients (all their regions: see
+    /// [`Builder`]) for `config` at `batch`, on a backend that fuses the normalisations or not.
     pub fn activation_lens(
         config: &UNetConfig,
         batch: usize,
@@ -837,8 +886,8 @@ impl UNet {
     ) -> Result<(usize, usize)> {
         config.validate()?;
         Self::size_guard(config, batch)?;
-        let count = Self::build(config, batch.max(1), fused, 0, 0, 0, Some((0, 0)));
-        Ok((count.acts.len, count.grad_lens.0 + count.grad_lens.1))
+        let count = Self::build(config, batch.max(1), fused, 0, 0, 0, None);
+        Ok((count.acts.len, count.grad_lens.total()))
     }
 
     /// Refuses a batch whose arena could not exist: a generous bound on the elements (every layer of
@@ -877,7 +926,7 @@ impl UNet {
         params: usize,
         grads: usize,
         acts: usize,
-        grad_bases: Option<(usize, usize)>,
+        grad_bases: Option<(usize, GradLens)>,
     ) -> Self {
         let mut b = Builder {
             specs: Vec::new(),
@@ -885,10 +934,14 @@ impl UNet {
             grads,
             acts,
             act_next: 0,
-            grad_bases,
+            grad_base: grad_bases.map(|(base, _)| base),
+            sizes: grad_bases.map_or(GradLens::default(), |(_, sizes)| sizes),
             grad_next: 0,
             scratch_next: 0,
             scratch_max: 0,
+            up_unit: None,
+            up_next: 0,
+            up_max: [0, 0],
             in_block: false,
             grad_of: HashMap::new(),
             fused,
@@ -983,6 +1036,7 @@ impl UNet {
             let out = chans[levels - 1 - i];
             let mut layers = Vec::new();
             for j in 0..=cfg.layers_per_block {
+                b.next_up_unit();
                 let (skip, cs) = skips.pop().expect("one skip per up layer");
                 let cat = b.act(n * h * h * (c + cs));
                 let name = format!("up_blocks.{i}.resnets.{j}");
@@ -1002,6 +1056,7 @@ impl UNet {
                 layers.push(Layer { concat, res, attn });
             }
             let resample = (i + 1 < levels).then(|| {
+                b.next_up_unit();
                 let upsampled = b.act(n * 4 * h * h * c);
                 let conv = b.conv(
                     &format!("up_blocks.{i}.upsamplers.0.conv"),
@@ -1025,6 +1080,7 @@ impl UNet {
             }
             up.push(Level { layers, resample });
         }
+        b.up_unit = None;
         let norm_out = b.norm(
             "conv_norm_out",
             GroupNormShape {
@@ -1058,7 +1114,11 @@ impl UNet {
             input,
             timesteps,
             acts: Tensor::new(acts, b.act_next),
-            grad_lens: (b.grad_next, b.scratch_max),
+            grad_lens: GradLens {
+                own: b.grad_next,
+                up: b.up_max,
+                scratch: b.scratch_max,
+            },
             ctx: Ctx {
                 grads: b.grad_of,
                 dropout: None,
@@ -1094,9 +1154,9 @@ impl UNet {
     }
 
     /// Elements of the activations' gradients in a net built for training: those with a place of their
-    /// own, plus the scratch the blocks share.
+    /// own, the two regions of the up path's units, and the scratch the blocks share.
     pub fn activation_grad_len(&self) -> usize {
-        self.grad_lens.0 + self.grad_lens.1
+        self.grad_lens.total()
     }
 
     /// The network's output `[batch, size, size, out_channels]` after [`UNet::forward`].
