@@ -59,6 +59,7 @@ __device__ __forceinline__ void zero8(float (&v)[8]) {
 #pragma unroll
     for (int t = 0; t < 8; ++t) v[t] = 0.0f;
 }
+__device__ __forceinline__ void zero8(uint4& v) { v = make_uint4(0, 0, 0, 0); }
 
 // The same from bf16 storage (the weights' bf16 copy), kept as bf16: v holds the eight as the tensor cores
 // take them, element t in bits [16 (t % 2), 16 (t % 2) + 16) of word t / 2, 0 past `valid`. One 16-byte

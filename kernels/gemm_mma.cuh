@@ -99,31 +99,39 @@ struct MmaOperand {
     float v[2][8];
     uint4 raw[2];
 
-    // Fetches the thread's runs of the slice at (outer0, k0): outer is m for A, n for B, in range below
-    // `outer_end`; k in range below `k_end`. Elements outside either are 0.
+    // Where the thread's run i of the slice at (outer0, k0) lies: its place in the stage (dm, dk), its
+    // indices in the operand (outer is m for A, n for B, in range below `outer_end`; k below `k_end`),
+    // and how many of its 8 elements are inside the operand (0: none, the run is all zeros).
+    struct Run {
+        int dm, dk, outer, k, valid;
+    };
+    __device__ __forceinline__ static Run locate(int tid, int i, int outer0, int outer_end, int k0, int k_end) {
+        Run r;
+        Slice::run(tid, i, r.dm, r.dk);
+        r.outer = outer0 + r.dm, r.k = k0 + r.dk;
+        const bool inside = k_rows ? r.k < k_end : r.outer < outer_end;
+        r.valid = inside ? max(0, k_rows ? min(8, outer_end - r.outer) : min(8, k_end - r.k)) : 0;
+        return r;
+    }
+
+    // Fetches the thread's runs of the slice at (outer0, k0) into registers (`raw` for a packed
+    // operand, else `v`). Elements outside the operand are 0.
     __device__ __forceinline__ void fetch(const Load& load, int tid, int outer0, int outer_end, int k0, int k_end) {
 #pragma unroll
         for (int i = 0; i < 2; ++i) {
-            int dm, dk;
-            Slice::run(tid, i, dm, dk);
-            const int outer = outer0 + dm, k = k0 + dk;
-            const int valid = k_rows ? min(8, outer_end - outer) : min(8, k_end - k);
-            const bool inside = k_rows ? k < k_end : outer < outer_end;
-            if constexpr (packed) {
-                if (!inside || valid <= 0)
-                    raw[i] = make_uint4(0, 0, 0, 0);
+            const Run r = locate(tid, i, outer0, outer_end, k0, k_end);
+            const auto get = [&](auto& dst) {
+                if (r.valid == 0)
+                    zero8(dst);
                 else if constexpr (Use == 0)
-                    load.load8(outer, k, valid, raw[i]);
+                    load.load8(r.outer, r.k, r.valid, dst);
                 else
-                    load.load8(k, outer, valid, raw[i]);
-            } else {
-                if (!inside || valid <= 0)
-                    zero8(v[i]);
-                else if constexpr (Use == 0)
-                    load.load8(outer, k, valid, v[i]);
-                else
-                    load.load8(k, outer, valid, v[i]);
-            }
+                    load.load8(r.k, r.outer, r.valid, dst);
+            };
+            if constexpr (packed)
+                get(raw[i]);
+            else
+                get(v[i]);
         }
     }
 
@@ -135,22 +143,18 @@ struct MmaOperand {
         static_assert(packed, "only bf16 storage is copied as it is");
 #pragma unroll
         for (int i = 0; i < 2; ++i) {
-            int dm, dk;
-            Slice::run(tid, i, dm, dk);
-            const int outer = outer0 + dm, k = k0 + dk;
-            const int valid = k_rows ? min(8, outer_end - outer) : min(8, k_end - k);
-            const bool inside = k_rows ? k < k_end : outer < outer_end;
-            uint4* dst = reinterpret_cast<uint4*>(stage + Slice::offset(dm, dk));
-            if (!inside || valid <= 0) {
+            const Run r = locate(tid, i, outer0, outer_end, k0, k_end);
+            uint4* dst = reinterpret_cast<uint4*>(stage + Slice::offset(r.dm, r.dk));
+            if (r.valid == 0) {
                 *dst = make_uint4(0, 0, 0, 0);
                 continue;
             }
-            const auto* src = Use == 0 ? load.at(outer, k) : load.at(k, outer);
-            if (valid == 8 && (reinterpret_cast<uintptr_t>(src) & 15) == 0) {
+            const auto* src = Use == 0 ? load.at(r.outer, r.k) : load.at(r.k, r.outer);
+            if (r.valid == 8 && (reinterpret_cast<uintptr_t>(src) & 15) == 0) {
                 cp_async16(dst, src);
             } else {
                 uint4 run;
-                load_run8(src, valid, run);
+                load_run8(src, r.valid, run);
                 *dst = run;
             }
         }
