@@ -23,6 +23,7 @@
 #define __launch_bounds__(...)
 #define __align__(n) __attribute__((aligned(n)))
 #define __shared__ static
+#define __grid_constant__
 
 struct dim3 {
     unsigned x = 1, y = 1, z = 1;
@@ -59,6 +60,10 @@ constexpr unsigned WARP_SHARE_BYTES = 64;
 unsigned lane_id();
 void warp_allgather(const void* mine, unsigned bytes, void* all);
 float* dynamic_shared();
+// A thread that polls for something another thread or an asynchronous copy must do first lets the other
+// threads run (spin), and whatever completes counts as progress for the deadlock check (progressed).
+void spin();
+void progressed();
 }  // namespace emu
 
 #define threadIdx (emu::thread_idx)

@@ -18,6 +18,7 @@
 
 #include "cuda_emu.h"
 #include "runtime.h"
+#include "tma_emu.h"
 
 #if !defined(__x86_64__)
 #error "the CUDA emulator's fibers are written for x86-64"
@@ -208,6 +209,14 @@ void warp_allgather(const void* mine, unsigned bytes, void* all) {
     }
     wait(b);
 }
+void spin() {
+    if (!current || !current->running) {
+        std::fprintf(stderr, "CUDA emulator: a thread polls in a kernel that build.rs ran without fibers\n");
+        std::abort();
+    }
+    yield();
+}
+void progressed() { ++progress; }
 float* dynamic_shared() {
     // The device's dynamic shared memory starts aligned (WMMA needs 32 bytes); a vector's data need not.
     const auto at = reinterpret_cast<std::uintptr_t>(current->shared.data());
@@ -264,6 +273,10 @@ extern "C" void emu_fiber_main(emu::Fiber* f) {
 }
 
 extern "C" {
+int ddpm_emu_tensor_map_2d(uint64_t* map, uint64_t base, uint64_t width, uint64_t height, uint64_t pitch,
+                           unsigned box_width, unsigned box_height) {
+    return ddpm::emu_tma::encode_2d(map, base, width, height, pitch, box_width, box_height);
+}
 void* ddpm_emu_malloc(size_t bytes) { return std::aligned_alloc(256, (bytes + 255) / 256 * 256); }
 void ddpm_emu_free(void* p) { std::free(p); }
 }

@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "cuda_emu.h"
+#include "tma_emu.h"
 
 namespace ddpm {
 namespace emu_wgmma {
@@ -100,8 +101,23 @@ inline void wgmma_fence() {}
 inline void fence_proxy_async() {}
 inline void fence_operands(float (&)[64]) {}
 
+namespace emu_wgmma {
+// The bytes an operand of `rows` x 16 covers (its last element is its farthest: every term of the
+// address grows with mn and k); no TMA copy may still be landing there for this thread.
+inline void check_operand(uint64_t desc, bool mn_major, int rows) {
+    const auto* start = static_cast<const unsigned char*>(starts().at(desc & 0x3FFF));
+    const uint64_t lbo = ((desc >> 16) & 0x3FFF) << 4, sbo = ((desc >> 32) & 0x3FFF) << 4;
+    const int mn = rows - 1, k = 15;
+    const uint64_t in_core = mn_major ? mn % 8 + 8 * (k % 8) : 8 * (mn % 8) + k % 8;
+    const uint64_t last = 2 * in_core + lbo * (k / 8) + sbo * (mn / 8);
+    emu_tma::check_read(start, start + last + 2);
+}
+}  // namespace emu_wgmma
+
 template <int TA, int TB>
 inline void wgmma_m64n128k16(float (&d)[64], uint64_t a, uint64_t b, int accumulate) {
+    emu_wgmma::check_operand(a, TA, 64);
+    emu_wgmma::check_operand(b, TB, 128);
     emu_wgmma::state().open.push_back({d, a, b, TA, TB, accumulate});
 }
 

@@ -17,6 +17,8 @@
 //                                      gemm_tc.cuh), kept so the bench times each rung side by side
 //                                      (dev/conv/), and on version 4 (wgmma, gemm_wgmma.cuh; sm_90a only),
 //                                      timed and tested beside version 3 until a GPU run promotes it
+//   conv2d_forward_tma                 the forward convolution on version 5 (version 4 with the weights
+//                                      copied by the tensor-memory accelerator; sm_90a only)
 // _f32 runs on the fp32 core of gemm.cuh (version 1: exact fp32, the path the tests hold to the CPU), _bf16
 // on the mma.sync tensor-core core of gemm_mma.cuh (version 3: operands rounded to bf16, fp32 sums).
 // Activations and gradients are fp32 either way; the weights are fp32 for _f32 and, for every bf16
@@ -198,6 +200,22 @@ extern "C" __global__ void __launch_bounds__(256)
                        float* __restrict__ y, int batch, int h, int wd, int c, int o, int taps, int stride,
                        int pad) {
     conv_forward_gemm<ddpm::Core::Wgmma>(x, w, b, image_bias, residual, y, batch, h, wd, c, o, taps, stride, pad);
+}
+
+// Version 5 (sm_90a only): the forward convolution on version 4 with the weight operand copied by the
+// tensor-memory accelerator (gemm_wgmma.cuh). `wmap` describes the weights' bf16 copy as the [o, taps *
+// taps * c] matrix it is, in boxes of 8 x 128; taps * taps * c must be a multiple of 8 (the launcher runs
+// version 4 otherwise). The other arguments are conv2d_forward_bf16's.
+extern "C" __global__ void __launch_bounds__(256)
+    conv2d_forward_tma(const float* __restrict__ x, const __grid_constant__ ddpm::TensorMap wmap,
+                       const float* __restrict__ b, const float* __restrict__ image_bias,
+                       const float* __restrict__ residual, float* __restrict__ y, int batch, int h, int wd, int c,
+                       int o, int taps, int stride, int pad) {
+    const ddpm::ConvGeom g = conv_geom(h, wd, c, o, taps, stride, pad);
+    const int rows = batch * g.oh * g.ow, kdim = taps * taps * c;
+    const ddpm::Im2col a{x, g, rows, kdim};
+    const ddpm::Epilogue e{y, o, b, 0, nullptr, image_bias, g.oh * g.ow, residual};
+    ddpm::gemm_run_wgmma_tma(a, wmap, rows, o, kdim, kdim, e);
 }
 
 extern "C" __global__ void __launch_bounds__(256)

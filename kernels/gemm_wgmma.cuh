@@ -24,12 +24,14 @@
 // 32 w + 4 g + t of warpgroup h holds rows 64 h + 16 w + g and + 8, columns 8 j + 2 t and + 1).
 // Shared memory: 2 stages x 2 operands x 8 KiB = 32 KiB, static.
 //
-// What it leaves on the table: the register path (fp32 storage, converted by the threads) where TMA
-// could copy bf16 activations into shared memory; the 128-byte swizzle the tensor-memory accelerator
-// would write; and more stages. That is the next rung, after bf16 activation storage.
+// What it leaves on the table: the register path for the weights, which are bf16 in memory and could be
+// copied by the tensor-memory accelerator (version 5, gemm_run_wgmma_tma below, for the forward); the
+// register path for the activations (fp32 storage, converted by the threads), which TMA could copy once
+// they are stored in bf16; the 128-byte swizzle; and more stages.
 #pragma once
 
 #include "gemm_mma.cuh"
+#include "tma.cuh"
 #include "wgmma.cuh"
 
 namespace ddpm {
@@ -64,6 +66,22 @@ struct WgmmaSlice {
     }
 };
 
+// The epilogue of a 128 x 128 tile held as wgmma accumulators: `value(i)` is this thread's element i,
+// which goes to row 64 h + 16 w + g (+ 8) and column 8 j + 2 t (+ 1) of the tile (thread 32 w + 4 g + t
+// of warpgroup h).
+template <class Value>
+__device__ __forceinline__ void wgmma_store_tile(const Epilogue& e, int rows, int cols, int m0, int n0, int tid,
+                                                 Value value) {
+    const int group = tid / 128, w = (tid / 32) % 4, g = (tid % 32) / 4, t = tid % 4;
+#pragma unroll
+    for (int j = 0; j < 16; ++j)
+#pragma unroll
+        for (int x = 0; x < 4; ++x) {
+            const int m = m0 + 64 * group + 16 * w + g + 8 * (x / 2), n = n0 + 8 * j + 2 * t + x % 2;
+            if (m < rows && n < cols) e.store(rows, cols, m, n, value(4 * j + x));
+        }
+}
+
 // One launch: grid (ceil(rows / 128), ceil(cols / 128), splits), block 256; slice z of a split launch
 // covers k in [z * chunk, (z + 1) * chunk), chunk a multiple of 32, and writes raw partial sums to the
 // workspace (gemm_reduce_f32 adds them).
@@ -80,17 +98,7 @@ __device__ __forceinline__ void gemm_run_wgmma(const LoadA& a, const LoadB& b, i
     const int m0 = blockIdx.x * MMA_BM, n0 = blockIdx.y * MMA_BN;
     const int k_begin = blockIdx.z * chunk, k_end = min(kdim, k_begin + chunk);
 
-    // Where accumulator element i of this thread goes.
-    const int w = (tid / 32) % 4, g = (tid % 32) / 4, t = tid % 4;
-    auto store_tile = [&](auto value) {
-#pragma unroll
-        for (int j = 0; j < 16; ++j)
-#pragma unroll
-            for (int x = 0; x < 4; ++x) {
-                const int m = m0 + 64 * group + 16 * w + g + 8 * (x / 2), n = n0 + 8 * j + 2 * t + x % 2;
-                if (m < rows && n < cols) e.store(rows, cols, m, n, value(4 * j + x));
-            }
-    };
+    auto store_tile = [&](auto value) { wgmma_store_tile(e, rows, cols, m0, n0, tid, value); };
     if (k_begin >= k_end) {  // no k at all (split_k never launches one): the sums are 0
         store_tile([](int) { return 0.0f; });
         return;
@@ -134,6 +142,110 @@ __device__ __forceinline__ void gemm_run_wgmma(const LoadA& a, const LoadB& b, i
     wgmma_wait<0>();
     fence_operands(acc);
     store_tile([&](int i) { return acc[i]; });
+}
+
+// Version 5: version 4 with the weight operand copied by the tensor-memory accelerator. B(k, n) =
+// W[n, k] for a bf16 weight matrix W [cols, kdim] (the convolution's [o, taps, taps, c], a linear layer's
+// [out, in]), kdim a multiple of 8 and W 16-byte aligned, described by a tensor map with 8 x 128 boxes
+// (8 k of 128 rows n: one k/8 column of core matrices). Four copies per slice land it in wgmma's K-major
+// no-swizzle layout with no thread touching it: element (n, k) at byte 16 n + 2 (k % 8) + 2048 (k / 8)
+// of the stage, so LBO (k 0-7 to 8-15) = 2048 and SBO (n 0-7 to 8-15) = 128 bytes. Rows
+// past `cols` and k past kdim arrive as zeros.
+//
+// Three stages of B, each with a barrier that completes when its 8 KiB have landed. Thread 0 queues
+// slice i + 2 as soon as the barrier after wait_group shows slice i - 1's wgmma done (which read the
+// stage slice i + 2 goes to), so each copy has a whole slice of math to land in. The activation operand
+// keeps version 4's register path (the normalisation is applied as it is loaded): two stages, stored
+// after the same barrier. Shared memory: 2 x 8 KiB (A) + 3 x 8 KiB (B) + 3 barriers, static.
+struct TmaSliceB {
+    static constexpr int size = MMA_BN * MMA_BK;
+    static constexpr int bytes = size * 2;
+    static constexpr int box_rows = MMA_BN;  // n per copy
+    static constexpr int box_k = 8;          // k per copy: 16 bytes, one core-matrix row
+    static constexpr int lbo = MMA_BN * 16, sbo = 128;
+    __device__ static uint64_t desc(const __nv_bfloat16* stage, int ks) {
+        return smem_desc(stage + (ks / 8) * (lbo / 2), lbo, sbo);
+    }
+};
+static_assert(TmaSliceB::bytes == (MMA_BK / TmaSliceB::box_k) * TmaSliceB::box_rows * TmaSliceB::box_k * 2,
+              "a slice is its four copies");
+
+template <class LoadA>
+__device__ __forceinline__ void gemm_run_wgmma_tma(const LoadA& a, const TensorMap& wmap, int rows, int cols,
+                                                   int kdim, int chunk, const Epilogue& e) {
+#if defined(__CUDA_ARCH__) && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    __trap();  // only sm_90a has TMA and wgmma together; the launchers never run this elsewhere
+#else
+    constexpr bool mn_a = mma_k_rows<0, LoadA>();
+    using SliceA = WgmmaSlice<mn_a>;
+    constexpr int STAGES_B = 3;
+    __shared__ __align__(128) __nv_bfloat16 As[2][SliceA::size];
+    __shared__ __align__(128) __nv_bfloat16 Bs[STAGES_B][TmaSliceB::size];
+    __shared__ __align__(8) uint64_t landed[STAGES_B];
+
+    const int tid = threadIdx.x, group = tid / 128;
+    const int m0 = blockIdx.x * MMA_BM, n0 = blockIdx.y * MMA_BN;
+    const int k_begin = blockIdx.z * chunk, k_end = min(kdim, k_begin + chunk);
+
+    auto store_tile = [&](auto value) { wgmma_store_tile(e, rows, cols, m0, n0, tid, value); };
+    if (k_begin >= k_end) {
+        store_tile([](int) { return 0.0f; });
+        return;
+    }
+    const int slices = (k_end - k_begin + MMA_BK - 1) / MMA_BK;
+
+    // Thread 0 only: slice i of B into its stage, announced to the stage's barrier.
+    auto queue_b = [&](int i) {
+        const int s = i % STAGES_B, k0 = k_begin + i * MMA_BK;
+        mbar_arrive_expect_tx(&landed[s], TmaSliceB::bytes);
+#pragma unroll
+        for (int c = 0; c < MMA_BK / TmaSliceB::box_k; ++c)
+            tma_load_2d(Bs[s] + c * TmaSliceB::box_rows * TmaSliceB::box_k, &wmap, &landed[s],
+                        k0 + c * TmaSliceB::box_k, n0);
+    };
+    if (tid == 0) {
+#pragma unroll
+        for (int s = 0; s < STAGES_B; ++s) mbar_init(&landed[s], 1);
+        fence_mbar_init();
+    }
+    __syncthreads();
+    if (tid == 0) {
+        queue_b(0);
+        if (slices > 1) queue_b(1);
+    }
+
+    float acc[64];
+    MmaOperand<0, LoadA, SliceA> opa;
+    opa.fetch(a, tid, m0, rows, k_begin, k_end);
+    opa.store(As[0], tid);
+    fence_proxy_async();
+    __syncthreads();
+    int stage = 0;
+    for (int i = 0; i < slices; ++i) {
+        const int k0 = k_begin + i * MMA_BK;
+        const bool more = i + 1 < slices;
+        mbar_wait(&landed[i % STAGES_B], (i / STAGES_B) & 1);
+        wgmma_fence();
+#pragma unroll
+        for (int ks = 0; ks < MMA_BK; ks += 16)
+            wgmma_m64n128k16<mn_a, 0>(acc, SliceA::desc(As[stage], 64 * group, ks),
+                                      TmaSliceB::desc(Bs[i % STAGES_B], ks), i > 0 || ks > 0);
+        wgmma_commit();
+        if (more) opa.fetch(a, tid, m0, rows, k0 + MMA_BK, k_end);
+        wgmma_wait<1>();  // slice i - 1's wgmma, which read A's other stage and B's stage (i + 2) % 3...
+        __syncthreads();  // ...is done in both warpgroups
+        if (tid == 0 && i + 2 < slices) queue_b(i + 2);
+        if (more) {
+            opa.store(As[stage ^ 1], tid);
+            fence_proxy_async();
+        }
+        __syncthreads();
+        stage ^= 1;
+    }
+    wgmma_wait<0>();
+    fence_operands(acc);
+    store_tile([&](int i) { return acc[i]; });
+#endif
 }
 
 }  // namespace ddpm

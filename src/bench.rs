@@ -306,7 +306,10 @@ pub fn kernels<B: Backend>(be: &mut B, batch: usize, ceilings: &Ceilings) -> Res
     // and its convolution, one after the other and with the normalisation applied as the convolution loads
     // its input (the same on a backend that does not fuse them).
     let own = be.precision();
-    let runs = [None, Some(Rung::Wmma), Some(Rung::Wgmma)].map(|r| (Precision::Bf16, r));
+    let runs = [None]
+        .into_iter()
+        .chain(Rung::ALL.map(Some))
+        .map(|r| (Precision::Bf16, r));
     for (p, rung) in [(Precision::Fp32, None)].into_iter().chain(runs) {
         if be.set_precision(p).is_err() || !be.set_rung(rung)? {
             continue;
@@ -315,6 +318,9 @@ pub fn kernels<B: Backend>(be: &mut B, batch: usize, ceilings: &Ceilings) -> Res
         let what = format!("conv 3x3 16x16 256->256 {}{core}, batch {batch}", p.name());
         let ms = time(be, iters, |be| be.conv2d_forward(s, x, w, b, y))?;
         lines.push(tflop_line(format!("{what}: forward"), ms, flop, p));
+        if rung == Some(Rung::WgmmaTma) {
+            continue; // v5 changes the forward only: its gradients are v4's rows
+        }
         let ms = time(be, iters, |be| be.conv2d_backward_data(s, dy, w, dx, false))?;
         lines.push(tflop_line(format!("{what}: input grad"), ms, flop, p));
         let ms = time(be, iters, |be| be.conv2d_backward_weight(s, x, dy, dw, db))?;

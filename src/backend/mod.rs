@@ -471,21 +471,31 @@ impl Precision {
 
 /// A rung of the convolution ladder (`dev/conv/README.md`) that the bf16 kernels do not run on (they run
 /// on version 3, mma.sync), kept so the bench can time it beside them: version 2 (WMMA), which version 3
-/// replaced, and version 4 (wgmma, sm_90a only), until a GPU run shows it correct and faster.
+/// replaced; version 4 (wgmma, sm_90a only) and version 5 (wgmma with the weights copied by the
+/// tensor-memory accelerator, sm_90a only), until a GPU run shows them correct and faster.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Rung {
     Wmma,
     Wgmma,
+    /// Version 5 changes the forward convolution only (where the reduction is a multiple of 8 long, as
+    /// its tensor map needs); the gradients, and any other forward, run on version 4.
+    WgmmaTma,
 }
 
 impl Rung {
-    pub const ALL: [Rung; 2] = [Rung::Wmma, Rung::Wgmma];
+    pub const ALL: [Rung; 3] = [Rung::Wmma, Rung::Wgmma, Rung::WgmmaTma];
 
     pub fn name(self) -> &'static str {
         match self {
             Self::Wmma => "WMMA (ladder v2)",
             Self::Wgmma => "wgmma (ladder v4)",
+            Self::WgmmaTma => "wgmma + TMA (ladder v5)",
         }
+    }
+
+    /// The rungs that only a Hopper (sm_90a) has.
+    pub fn needs_sm90a(self) -> bool {
+        matches!(self, Self::Wgmma | Self::WgmmaTma)
     }
 }
 

@@ -1,6 +1,7 @@
 //! Launchers of `kernels/conv.cu`: the three convolutions as implicit GEMMs, plus the bias gradient as a
 //! column sum (`kernels/gemm.cuh`).
 
+use super::device::TensorMap;
 use super::elementwise::dims;
 use super::{launch, CudaBackend, KernelArgs, WORKSPACE};
 use crate::backend::{ConvKind, ConvShape, NormedInput, Precision, Rung, Tensor};
@@ -60,6 +61,10 @@ const BACKWARD_WEIGHT_NORMED: Kernels = Kernels {
     wmma: None,
     wgmma: None,
 };
+
+/// The box version 5 copies the weights in: 8 elements of the reduction (16 bytes) of 128 output
+/// channels, one column of wgmma's 8 x 8 core matrices (`TmaSliceB` in `kernels/gemm_wgmma.cuh`).
+const TMA_WEIGHT_BOX: [u32; 2] = [8, 128];
 
 /// A GEMM launch over an M x N output: grid (M / tile, N / tile, splits), the long side on x.
 pub(super) fn gemm_cfg(tile: Tile, rows: usize, cols: usize, splits: usize) -> LaunchConfig {
@@ -167,11 +172,33 @@ impl CudaBackend {
         };
         let kernel = match rung {
             Rung::Wmma => k.wmma,
-            Rung::Wgmma => k.wgmma,
+            // Version 5's own kernel is chosen by `conv_forward`, where its tensor map can be made.
+            Rung::Wgmma | Rung::WgmmaTma => k.wgmma,
         };
         kernel.ok_or_else(|| {
             Error::Invalid(format!("{} has no kernel {} (bf16)", rung.name(), k.f32))
         })
+    }
+
+    /// How many forward convolutions ran on version 5 of the ladder with their weights copied by the
+    /// tensor-memory accelerator (the rest of that rung's convolutions run on version 4).
+    pub fn tma_launches(&self) -> u64 {
+        self.tma_launches
+    }
+
+    /// On version 5 of the ladder, the tensor map of a plain forward convolution's bf16 weights at `pw`;
+    /// `None` where the convolution runs on version 4 instead: on any other rung, for a normalised input
+    /// (version 5 has no such kernel), or where the map cannot describe the weights (a reduction
+    /// `taps^2 c` not a multiple of 8, or a copy not 16-byte aligned). A map the driver refuses anyway
+    /// is an error, not a quiet fallback: the bench's v5 row must be v5.
+    fn tma_weights(&mut self, s: ConvShape, normed: bool, pw: u64) -> Result<Option<TensorMap>> {
+        let k = s.k() as u64;
+        if self.rung != Some(Rung::WgmmaTma) || normed || k % 8 != 0 || pw % 16 != 0 {
+            return Ok(None);
+        }
+        self.dev
+            .tensor_map_bf16(pw, [k, s.o as u64], 2 * k, TMA_WEIGHT_BOX)
+            .map(Some)
     }
 
     /// The tiling of the GEMM core the current precision runs on.
@@ -221,7 +248,17 @@ impl CudaBackend {
         let (oh, ow) = s.out_hw();
         let cfg = gemm_cfg(self.tile(), s.n * oh * ow, s.o, 1);
         let mut a = self.input_args(x, norm.as_ref())?;
-        for v in [pw, pb, pt, pr, py] {
+        let map = self.tma_weights(s, norm.is_some(), pw)?;
+        let name = if map.is_some() {
+            "conv2d_forward_tma"
+        } else {
+            name
+        };
+        match &map {
+            Some(m) => a.push_tensor_map(m),
+            None => a.push(pw),
+        }
+        for v in [pb, pt, pr, py] {
             a.push(v);
         }
         for v in dims([s.n, s.h, s.w, s.c, s.o])?
@@ -230,7 +267,9 @@ impl CudaBackend {
         {
             a.push(v);
         }
-        a.launch(&mut self.dev, name, cfg)
+        a.launch(&mut self.dev, name, cfg)?;
+        self.tma_launches += map.is_some() as u64;
+        Ok(())
     }
 
     pub(super) fn conv_backward_data(

@@ -37,6 +37,12 @@ pub(super) struct Properties {
     pub sm90a: bool,
 }
 
+/// A tensor map of the tensor-memory accelerator (`kernels/tma.cuh`): 128 bytes the kernel reads from its
+/// parameter, opaque on a GPU (the driver writes them), the emulator's own encoding on the emulator.
+#[derive(Clone, Copy, Debug)]
+#[repr(C, align(64))]
+pub(super) struct TensorMap(pub [u64; 16]);
+
 /// Device memory, freed on drop.
 pub(super) struct DeviceBuffer {
     pub ptr: u64,
@@ -289,6 +295,60 @@ impl Device {
         }
     }
 
+    /// The tensor map of a row-major bf16 matrix at `base`: `height` rows of `width` elements, `pitch`
+    /// bytes apart, copied in boxes of `box_width` x `box_height` elements with zeros where a box leaves
+    /// the matrix. An error where the driver refuses it (`base` or `pitch` not a multiple of 16 bytes, a
+    /// box side over 256, a box row not a multiple of 16 bytes).
+    pub fn tensor_map_bf16(
+        &self,
+        base: u64,
+        [width, height]: [u64; 2],
+        pitch: u64,
+        [box_width, box_height]: [u32; 2],
+    ) -> Result<TensorMap> {
+        let refused = |why: String| {
+            Error::Cuda(format!(
+                "encoding the tensor map of a {height} x {width} bf16 matrix ({pitch}-byte rows at \
+                 {base:#x}, boxes of {box_height} x {box_width}): {why}"
+            ))
+        };
+        match self {
+            Self::Gpu(_) => {
+                let (dims, strides) = ([width, height], [pitch]);
+                let (boxes, steps) = ([box_width, box_height], [1u32, 1]);
+                let mut map = std::mem::MaybeUninit::<sys::CUtensorMap>::uninit();
+                // SAFETY: every pointer is to a live local of the length the rank (2) implies; the map
+                // is 64-byte aligned (CUtensorMap's type); the driver writes all of it or fails.
+                unsafe {
+                    sys::cuTensorMapEncodeTiled(
+                        map.as_mut_ptr(),
+                        sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+                        2,
+                        base as *mut c_void,
+                        dims.as_ptr(),
+                        strides.as_ptr(),
+                        boxes.as_ptr(),
+                        steps.as_ptr(),
+                        sys::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+                        sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_NONE,
+                        sys::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
+                        sys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+                    )
+                    .result()
+                    .map_err(|e| refused(e.to_string()))?;
+                    Ok(TensorMap(map.assume_init().opaque))
+                }
+            }
+            #[cfg(feature = "emu")]
+            Self::Emu(_) => {
+                emu::tensor_map_bf16(base, [width, height], pitch, [box_width, box_height])
+                    .ok_or_else(|| {
+                        refused("the emulator's checks (those of the driver) fail".into())
+                    })
+            }
+        }
+    }
+
     pub fn synchronize(&self) -> Result<()> {
         match self {
             Self::Gpu(g) => g
@@ -403,7 +463,39 @@ mod emu {
             args: *mut *mut c_void,
         ) -> i32;
         fn ddpm_emu_malloc(bytes: usize) -> *mut c_void;
+        fn ddpm_emu_tensor_map_2d(
+            map: *mut u64,
+            base: u64,
+            width: u64,
+            height: u64,
+            pitch: u64,
+            box_width: u32,
+            box_height: u32,
+        ) -> i32;
         fn ddpm_emu_free(ptr: *mut c_void);
+    }
+
+    /// The emulator's encoding of a tensor map (`emu/tma_emu.h`); None where the driver would refuse it.
+    pub fn tensor_map_bf16(
+        base: u64,
+        [width, height]: [u64; 2],
+        pitch: u64,
+        [box_width, box_height]: [u32; 2],
+    ) -> Option<super::TensorMap> {
+        let mut map = super::TensorMap([0; 16]);
+        // SAFETY: the emulator writes the 16 words of `map` and reads nothing else.
+        let r = unsafe {
+            ddpm_emu_tensor_map_2d(
+                map.0.as_mut_ptr(),
+                base,
+                width,
+                height,
+                pitch,
+                box_width,
+                box_height,
+            )
+        };
+        (r == 0).then_some(map)
     }
 
     unsafe fn free(ptr: u64) {

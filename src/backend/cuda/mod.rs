@@ -102,6 +102,8 @@ pub struct CudaBackend {
     copies: Vec<weights::WeightCopy>,
     stale: Vec<(usize, Tensor)>,
     loose_roundings: u64,
+    /// Forward convolutions launched on ladder version 5 with a tensor map (`conv.rs`).
+    tma_launches: u64,
     dev: Device,
     props: Properties,
 }
@@ -146,6 +148,7 @@ impl CudaBackend {
             copies: Vec::new(),
             stale: Vec::new(),
             loose_roundings: 0,
+            tma_launches: 0,
             dev,
             props,
         }
@@ -308,10 +311,12 @@ impl KernelArg for u64 {}
 impl KernelArg for f32 {}
 impl KernelArg for f64 {}
 
-/// A kernel's arguments, in order: each value in an 8-byte slot (aligned for any of them), with its size.
+/// A kernel's arguments, in order: each scalar in an 8-byte slot (aligned for any of them), a tensor map
+/// in 16 consecutive slots, with the index of its first slot and its size.
 #[derive(Default)]
 pub(crate) struct KernelArgs {
     slots: Vec<u64>,
+    starts: Vec<usize>,
     sizes: Vec<usize>,
 }
 
@@ -320,16 +325,27 @@ impl KernelArgs {
         let mut slot = 0u64;
         let bytes = bytemuck::bytes_of(&v);
         bytemuck::bytes_of_mut(&mut slot)[..bytes.len()].copy_from_slice(bytes);
+        self.starts.push(self.slots.len());
         self.slots.push(slot);
         self.sizes.push(bytes.len());
     }
 
+    /// A `const __grid_constant__ TensorMap` parameter (the driver copies its 128 bytes into the
+    /// kernel's 64-byte aligned parameter; where the host copy sits does not matter).
+    fn push_tensor_map(&mut self, map: &device::TensorMap) {
+        self.starts.push(self.slots.len());
+        self.slots.extend_from_slice(&map.0);
+        self.sizes.push(std::mem::size_of_val(&map.0));
+    }
+
     /// See [`launch!`] for what makes this sound.
     fn launch(mut self, dev: &mut Device, name: &'static str, cfg: LaunchConfig) -> Result<()> {
+        let base = self.slots.as_mut_ptr();
         let mut params: Vec<*mut std::ffi::c_void> = self
-            .slots
-            .iter_mut()
-            .map(|s| s as *mut u64 as *mut std::ffi::c_void)
+            .starts
+            .iter()
+            // SAFETY: every start indexes `slots`, which is not touched again before the launch.
+            .map(|&i| unsafe { base.add(i) } as *mut std::ffi::c_void)
             .collect();
         // SAFETY: as documented on `launch!`; each pointer is to a live slot holding the value's bytes.
         unsafe { dev.launch(name, cfg, &mut params, &self.sizes) }
@@ -892,12 +908,13 @@ impl super::Backend for CudaBackend {
         Ok(())
     }
 
-    /// WMMA needs bf16 tensor cores (sm_80 and newer); wgmma a Hopper (sm_90a) and kernels built for it.
+    /// WMMA needs bf16 tensor cores (sm_80 and newer); wgmma and TMA a Hopper (sm_90a) and kernels built
+    /// for it.
     fn set_rung(&mut self, rung: Option<super::Rung>) -> Result<bool> {
         let runs = match rung {
             None => true,
-            Some(super::Rung::Wmma) => self.supports_bf16(),
-            Some(super::Rung::Wgmma) => self.props.sm90a,
+            Some(r) if r.needs_sm90a() => self.props.sm90a,
+            Some(_) => self.supports_bf16(),
         };
         if !runs {
             return Ok(false);
