@@ -1,11 +1,11 @@
 // tma_emu.h: the CPU emulator's tensor-memory accelerator and shared-memory barriers (kernels/tma.cuh says
 // what each function does).
 //
-// - The tensor map is the emulator's own encoding of what the driver's holds for a 2-D matrix (address,
-//   extents, row pitch, box), written by encode_2d (ddpm_emu_tensor_map_2d, which the Rust side calls
-//   where the device would call cuTensorMapEncodeTiled) after the driver's checks: a 16-byte aligned
-//   address, a pitch that is a multiple of 16 bytes and holds a row, box sides of 1 to 256 elements and
-//   box rows a multiple of 16 bytes.
+// - The tensor map is the emulator's own encoding of what the driver's holds for a bf16 tensor of rank 1
+//   to 5 (address, extents, byte strides, box), written by encode (ddpm_emu_tensor_map, which the Rust
+//   side calls where the device would call cuTensorMapEncodeTiled) after the driver's checks: a 16-byte
+//   aligned address, strides that are multiples of 16 bytes, box sides of 1 to 256 elements and box rows
+//   a multiple of 16 bytes.
 // - A copy reads its source when it is queued and fills its destination with NaN (all bits set); it lands
 //   when a thread next waits on its barrier. So a kernel that reads a stage before waiting for the copy
 //   into it, or queues a copy into a stage a wgmma still reads, gets NaN there too. A destination not
@@ -37,24 +37,32 @@ namespace emu_tma {
 constexpr uint64_t MAGIC = 0x544d41325f656d75ull;  // "TMA2_emu"
 constexpr uint64_t ELEMENT_BYTES = 2;              // bf16, the only element type the kernels copy
 
-enum Field { KEY, BASE, WIDTH, HEIGHT, PITCH, BOX_WIDTH, BOX_HEIGHT };
+constexpr unsigned MAX_RANK = 5;
 
-// 0, or 1 when the driver would refuse these parameters.
-inline int encode_2d(uint64_t* map, uint64_t base, uint64_t width, uint64_t height, uint64_t pitch,
-                     unsigned box_width, unsigned box_height) {
-    const bool ok = base % 16 == 0 && width >= 1 && height >= 1 && width <= (1ull << 32) &&
-                    height <= (1ull << 32) && pitch % 16 == 0 && pitch < (1ull << 40) &&
-                    pitch >= width * ELEMENT_BYTES && box_width >= 1 && box_width <= 256 && box_height >= 1 &&
-                    box_height <= 256 && box_width * ELEMENT_BYTES % 16 == 0;
+// The words of the emulator's map: key, address, rank, extents (innermost first), the byte strides of
+// dimensions 1 and up, and the box's sides, 16 bits each.
+enum Field { KEY, BASE, RANK, DIMS, STRIDES = DIMS + MAX_RANK, BOX = STRIDES + MAX_RANK - 1 };
+static_assert(BOX + 2 <= 16, "the fields fit the map's 16 words");
+
+inline unsigned box_side(const uint64_t* m, unsigned d) { return unsigned(m[BOX + d / 4] >> (16 * (d % 4))) & 0xFFFF; }
+
+// 0, or 1 when the driver would refuse these parameters (bf16 elements, no interleave, no swizzle).
+inline int encode(uint64_t* map, uint64_t base, unsigned rank, const uint64_t* dims, const uint64_t* strides,
+                  const unsigned* box) {
+    bool ok = rank >= 1 && rank <= MAX_RANK && base % 16 == 0 && box[0] * ELEMENT_BYTES % 16 == 0;
+    for (unsigned d = 0; ok && d < rank; ++d)
+        ok = dims[d] >= 1 && dims[d] <= (1ull << 32) && box[d] >= 1 && box[d] <= 256 &&
+             (d == 0 || (strides[d - 1] % 16 == 0 && strides[d - 1] < (1ull << 40)));
     if (!ok) return 1;
     std::memset(map, 0, 16 * sizeof(uint64_t));
     map[KEY] = MAGIC;
     map[BASE] = base;
-    map[WIDTH] = width;
-    map[HEIGHT] = height;
-    map[PITCH] = pitch;
-    map[BOX_WIDTH] = box_width;
-    map[BOX_HEIGHT] = box_height;
+    map[RANK] = rank;
+    for (unsigned d = 0; d < rank; ++d) {
+        map[DIMS + d] = dims[d];
+        if (d > 0) map[STRIDES + d - 1] = strides[d - 1];
+        map[BOX + d / 4] |= uint64_t(box[d]) << (16 * (d % 4));
+    }
     return 0;
 }
 
@@ -97,7 +105,7 @@ inline std::map<const uint64_t*, Barrier>& barriers() {
     std::abort();
 }
 
-inline Barrier& at(const uint64_t* bar) {
+inline Barrier& at_barrier(const uint64_t* bar) {
     auto it = barriers().find(bar);
     if (it == barriers().end() || it->second.arrivals == 0) fail("an mbarrier used before mbar_init");
     return it->second;
@@ -126,7 +134,7 @@ inline void check_read(const void* lo, const void* hi) {
     const auto l = reinterpret_cast<uintptr_t>(lo), h = reinterpret_cast<uintptr_t>(hi);
     for (const Region& r : regions()) {
         if (r.hi <= l || h <= r.lo) continue;
-        if (at(r.bar).seen[thread_id()] < r.phase)
+        if (at_barrier(r.bar).seen[thread_id()] < r.phase)
             fail("a wgmma reads shared memory that a TMA copy writes before its thread waited for the copy");
     }
 }
@@ -147,7 +155,7 @@ inline void mbar_init(uint64_t* bar, unsigned arrivals) {
 inline void fence_mbar_init() {}
 
 inline void mbar_arrive_expect_tx(uint64_t* bar, unsigned bytes) {
-    emu_tma::Barrier& b = emu_tma::at(bar);
+    emu_tma::Barrier& b = emu_tma::at_barrier(bar);
     b.tx += bytes;
     --b.pending;  // pending > 0 here: it is reset to the arrivals whenever it reaches 0
     emu_tma::complete_if_done(b);
@@ -155,7 +163,7 @@ inline void mbar_arrive_expect_tx(uint64_t* bar, unsigned bytes) {
 
 inline void mbar_wait(uint64_t* bar, unsigned parity) {
     for (;;) {
-        emu_tma::Barrier& b = emu_tma::at(bar);
+        emu_tma::Barrier& b = emu_tma::at_barrier(bar);
         emu_tma::land(b);
         if ((b.phase & 1) != (parity & 1)) {
             b.seen[emu_tma::thread_id()] = b.phase;
@@ -165,31 +173,49 @@ inline void mbar_wait(uint64_t* bar, unsigned parity) {
     }
 }
 
-inline void tma_load_2d(void* dst, const TensorMap* map, uint64_t* bar, int x, int y) {
-    using namespace emu_tma;
+namespace emu_tma {
+// Queues the copy of the box at `at` (one coordinate per dimension, innermost first) into `dst`, box
+// row after box row, zeros outside the tensor.
+inline void load(void* dst, const TensorMap* map, uint64_t* bar, unsigned rank, const int* at) {
     const uint64_t* m = map->opaque;
-    if (m[KEY] != MAGIC) fail("a tensor map ddpm_emu_tensor_map_2d did not encode");
+    if (m[KEY] != MAGIC) fail("a tensor map ddpm_emu_tensor_map did not encode");
+    if (m[RANK] != rank) fail("a TMA copy of another rank than its tensor map's");
     if (reinterpret_cast<uintptr_t>(dst) % 128) fail("a TMA copy into shared memory not 128-byte aligned");
+    uint64_t elements = 1;
+    for (unsigned d = 0; d < rank; ++d) elements *= box_side(m, d);
     Copy c;
     c.dst = dst;
-    const uint64_t row_bytes = m[BOX_WIDTH] * ELEMENT_BYTES;
-    c.bytes.assign(row_bytes * m[BOX_HEIGHT], 0);
+    c.bytes.assign(elements * ELEMENT_BYTES, 0);
     const auto* base = reinterpret_cast<const unsigned char*>(m[BASE]);
-    for (uint64_t r = 0; r < m[BOX_HEIGHT]; ++r)
-        for (uint64_t i = 0; i < m[BOX_WIDTH]; ++i) {
-            const long long gx = x + static_cast<long long>(i), gy = y + static_cast<long long>(r);
-            if (gx < 0 || gy < 0 || gx >= static_cast<long long>(m[WIDTH]) ||
-                gy >= static_cast<long long>(m[HEIGHT]))
-                continue;  // outside the matrix: zeros
-            std::memcpy(&c.bytes[r * row_bytes + i * ELEMENT_BYTES], base + gy * m[PITCH] + gx * ELEMENT_BYTES,
-                        ELEMENT_BYTES);
+    for (uint64_t e = 0; e < elements; ++e) {
+        uint64_t rest = e, offset = 0;
+        bool inside = true;
+        for (unsigned d = 0; d < rank; ++d) {
+            const uint64_t side = box_side(m, d), i = rest % side;
+            rest /= side;
+            const long long g = at[d] + static_cast<long long>(i);
+            inside = inside && g >= 0 && g < static_cast<long long>(m[DIMS + d]);
+            offset += uint64_t(g) * (d == 0 ? ELEMENT_BYTES : m[STRIDES + d - 1]);
         }
+        if (inside) std::memcpy(&c.bytes[e * ELEMENT_BYTES], base + offset, ELEMENT_BYTES);
+    }
     std::memset(dst, 0xff, c.bytes.size());
-    Barrier& b = at(bar);
+    Barrier& b = at_barrier(bar);
     const auto lo = reinterpret_cast<uintptr_t>(dst), hi = lo + c.bytes.size();
     std::erase_if(regions(), [&](const Region& r) { return r.lo < hi && lo < r.hi; });
     regions().push_back({lo, hi, bar, b.phase + 1});
     b.copies.push_back(std::move(c));
+}
+}  // namespace emu_tma
+
+inline void tma_load_2d(void* dst, const TensorMap* map, uint64_t* bar, int x, int y) {
+    const int at[2] = {x, y};
+    emu_tma::load(dst, map, bar, 2, at);
+}
+
+inline void tma_load_4d(void* dst, const TensorMap* map, uint64_t* bar, int x, int y, int z, int w) {
+    const int at[4] = {x, y, z, w};
+    emu_tma::load(dst, map, bar, 4, at);
 }
 
 }  // namespace ddpm

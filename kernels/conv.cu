@@ -17,8 +17,9 @@
 //                                      gemm_tc.cuh), kept so the bench times each rung side by side
 //                                      (dev/conv/), and on version 4 (wgmma, gemm_wgmma.cuh; sm_90a only),
 //                                      timed and tested beside version 3 until a GPU run promotes it
-//   conv2d_forward_tma                 the forward convolution on version 5 (version 4 with the weights
-//                                      copied by the tensor-memory accelerator; sm_90a only)
+//   conv2d_{forward,backward_data}_tma the forward convolution and the input gradient on version 5
+//                                      (version 4 with the weights copied by the tensor-memory
+//                                      accelerator; sm_90a only)
 // _f32 runs on the fp32 core of gemm.cuh (version 1: exact fp32, the path the tests hold to the CPU), _bf16
 // on the mma.sync tensor-core core of gemm_mma.cuh (version 3: operands rounded to bf16, fp32 sums).
 // Activations and gradients are fp32 either way; the weights are fp32 for _f32 and, for every bf16
@@ -215,7 +216,21 @@ extern "C" __global__ void __launch_bounds__(256)
     const int rows = batch * g.oh * g.ow, kdim = taps * taps * c;
     const ddpm::Im2col a{x, g, rows, kdim};
     const ddpm::Epilogue e{y, o, b, 0, nullptr, image_bias, g.oh * g.ow, residual};
-    ddpm::gemm_run_wgmma_tma(a, wmap, rows, o, kdim, kdim, e);
+    ddpm::gemm_run_wgmma_tma(a, ddpm::TmaWeightRows{}, wmap, rows, o, kdim, kdim, e);
+}
+
+// Version 5's input gradient: conv2d_backward_data_bf16 with the weights copied by TMA. `wmap` views the
+// bf16 weight copy [o, taps^2, c] as the 4-D tensor TmaWeightTaps describes (gemm_wgmma.cuh); c and o
+// must be multiples of 8 (the launcher runs version 4 otherwise).
+extern "C" __global__ void __launch_bounds__(256)
+    conv2d_backward_data_tma(const float* __restrict__ dy, const __grid_constant__ ddpm::TensorMap wmap,
+                             float* __restrict__ dx, int batch, int h, int wd, int c, int o, int taps, int stride,
+                             int pad, int accumulate) {
+    const ddpm::ConvGeom g = conv_geom(h, wd, c, o, taps, stride, pad);
+    const int rows = batch * h * wd, kdim = taps * taps * o;
+    const ddpm::DyGather a{dy, g, rows, kdim};
+    const ddpm::Epilogue e{dx, c, nullptr, accumulate, nullptr};
+    ddpm::gemm_run_wgmma_tma(a, ddpm::TmaWeightTaps{o}, wmap, rows, c, kdim, kdim, e);
 }
 
 extern "C" __global__ void __launch_bounds__(256)

@@ -144,13 +144,20 @@ __device__ __forceinline__ void gemm_run_wgmma(const LoadA& a, const LoadB& b, i
     store_tile([&](int i) { return acc[i]; });
 }
 
-// Version 5: version 4 with the weight operand copied by the tensor-memory accelerator. B(k, n) =
-// W[n, k] for a bf16 weight matrix W [cols, kdim] (the convolution's [o, taps, taps, c], a linear layer's
-// [out, in]), kdim a multiple of 8 and W 16-byte aligned, described by a tensor map with 8 x 128 boxes
-// (8 k of 128 rows n: one k/8 column of core matrices). Four copies per slice land it in wgmma's K-major
-// no-swizzle layout with no thread touching it: element (n, k) at byte 16 n + 2 (k % 8) + 2048 (k / 8)
-// of the stage, so LBO (k 0-7 to 8-15) = 2048 and SBO (n 0-7 to 8-15) = 128 bytes. Rows
-// past `cols` and k past kdim arrive as zeros.
+// Version 5: version 4 with the weight operand B copied by the tensor-memory accelerator, a tensor map
+// of the weights' bf16 copy describing it. Each slice of B (32 k x 128 n) arrives as four copies of
+// 8 k x 128 n, 2 KiB each, that land densely in one of wgmma's no-swizzle layouts with no thread
+// touching them: core matrices (8 x 16 bytes) 128 bytes apart along n (SBO) and 2048 bytes apart along k
+// (LBO). Where B leaves the weights (n past the columns, k past the reduction) the copies bring zeros.
+// The weights come in two orientations (TmaB below):
+//   TmaWeightRows  B(k, n) = W[n, k] for W [cols, kdim] (the forward convolution's [o, taps, taps, c], a
+//                  linear layer's [out, in]): K-major, each copy a 2-D box of 8 k x 128 rows n, element
+//                  (n, k) at byte 16 n + 2 (k % 8) + 2048 (k / 8) of the stage
+//   TmaWeightTaps  B(k = tap o + oc, n = ci) = W[oc, tap, ci] for W [o, taps^2, c] (the input gradient):
+//                  MN-major, read transposed; the map views W as [taps^2][c / 8][o][8] (extents innermost
+//                  first: 8, o, c / 8, taps^2; byte strides 2 taps^2 c, 16, 2 c) and each copy is the box
+//                  8 x 8 oc x 16 x 1 tap, element (n, k) at byte 2 (n % 8) + 16 (k % 8) + 128 (n / 8) +
+//                  2048 (k / 8); c and o multiples of 8, so 8 k never straddle two taps
 //
 // Three stages of B, each with a barrier that completes when its 8 KiB have landed. Thread 0 queues
 // slice i + 2 as soon as the barrier after wait_group shows slice i - 1's wgmma done (which read the
@@ -160,19 +167,36 @@ __device__ __forceinline__ void gemm_run_wgmma(const LoadA& a, const LoadB& b, i
 struct TmaSliceB {
     static constexpr int size = MMA_BN * MMA_BK;
     static constexpr int bytes = size * 2;
-    static constexpr int box_rows = MMA_BN;  // n per copy
-    static constexpr int box_k = 8;          // k per copy: 16 bytes, one core-matrix row
-    static constexpr int lbo = MMA_BN * 16, sbo = 128;
+    static constexpr int copy_k = 8;                        // k per copy
+    static constexpr int copy_size = copy_k * MMA_BN;       // elements per copy
+    static constexpr int lbo = copy_size * 2, sbo = 128;    // bytes, in either orientation
     __device__ static uint64_t desc(const __nv_bfloat16* stage, int ks) {
-        return smem_desc(stage + (ks / 8) * (lbo / 2), lbo, sbo);
+        return smem_desc(stage + (ks / copy_k) * copy_size, lbo, sbo);
     }
 };
-static_assert(TmaSliceB::bytes == (MMA_BK / TmaSliceB::box_k) * TmaSliceB::box_rows * TmaSliceB::box_k * 2,
+static_assert(TmaSliceB::bytes == (MMA_BK / TmaSliceB::copy_k) * TmaSliceB::copy_size * 2,
               "a slice is its four copies");
 
-template <class LoadA>
-__device__ __forceinline__ void gemm_run_wgmma_tma(const LoadA& a, const TensorMap& wmap, int rows, int cols,
-                                                   int kdim, int chunk, const Epilogue& e) {
+// B(k, n) = W[n, k]: the copy of k from `k`, rows n from `n0`.
+struct TmaWeightRows {
+    static constexpr int trans = 0;
+    __device__ void copy(__nv_bfloat16* dst, const TensorMap& map, uint64_t* bar, int k, int n0) const {
+        tma_load_2d(dst, &map, bar, k, n0);
+    }
+};
+
+// B(k = tap o + oc, n = ci) = W[oc, tap, ci]: the copy of k from `k` (a multiple of 8), ci from `n0`.
+struct TmaWeightTaps {
+    int o;
+    static constexpr int trans = 1;
+    __device__ void copy(__nv_bfloat16* dst, const TensorMap& map, uint64_t* bar, int k, int n0) const {
+        tma_load_4d(dst, &map, bar, 0, k % o, n0 / 8, k / o);
+    }
+};
+
+template <class LoadA, class TmaB>
+__device__ __forceinline__ void gemm_run_wgmma_tma(const LoadA& a, const TmaB& b, const TensorMap& wmap, int rows,
+                                                   int cols, int kdim, int chunk, const Epilogue& e) {
 #if defined(__CUDA_ARCH__) && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
     __trap();  // only sm_90a has TMA and wgmma together; the launchers never run this elsewhere
 #else
@@ -199,9 +223,8 @@ __device__ __forceinline__ void gemm_run_wgmma_tma(const LoadA& a, const TensorM
         const int s = i % STAGES_B, k0 = k_begin + i * MMA_BK;
         mbar_arrive_expect_tx(&landed[s], TmaSliceB::bytes);
 #pragma unroll
-        for (int c = 0; c < MMA_BK / TmaSliceB::box_k; ++c)
-            tma_load_2d(Bs[s] + c * TmaSliceB::box_rows * TmaSliceB::box_k, &wmap, &landed[s],
-                        k0 + c * TmaSliceB::box_k, n0);
+        for (int c = 0; c < MMA_BK / TmaSliceB::copy_k; ++c)
+            b.copy(Bs[s] + c * TmaSliceB::copy_size, wmap, &landed[s], k0 + c * TmaSliceB::copy_k, n0);
     };
     if (tid == 0) {
 #pragma unroll
@@ -228,8 +251,9 @@ __device__ __forceinline__ void gemm_run_wgmma_tma(const LoadA& a, const TensorM
         wgmma_fence();
 #pragma unroll
         for (int ks = 0; ks < MMA_BK; ks += 16)
-            wgmma_m64n128k16<mn_a, 0>(acc, SliceA::desc(As[stage], 64 * group, ks),
-                                      TmaSliceB::desc(Bs[i % STAGES_B], ks), i > 0 || ks > 0);
+            wgmma_m64n128k16<mn_a, TmaB::trans>(acc, SliceA::desc(As[stage], 64 * group, ks),
+                                                TmaSliceB::desc(Bs[i % STAGES_B], ks),
+                                                i > 0 || ks > 0);
         wgmma_commit();
         if (more) opa.fetch(a, tid, m0, rows, k0 + MMA_BK, k_end);
         wgmma_wait<1>();  // slice i - 1's wgmma, which read A's other stage and B's stage (i + 2) % 3...

@@ -2,14 +2,14 @@
 // its copies have landed, for version 5 of the convolution ladder (gemm_wgmma.cuh).
 //
 //   TensorMap                     the 128-byte tensor map the host encodes (cuTensorMapEncodeTiled) and
-//                                 passes by value as a `const __grid_constant__` kernel parameter: a 2-D
-//                                 bf16 matrix in global memory (address, extents, row pitch) and the box
-//                                 one copy moves
-//   tma_load_2d(dst, map, bar, x, y)
-//                                 one thread queues the copy of the box whose first element is (x, y)
-//                                 (x the contiguous index) into shared `dst`, box row after box row, with
-//                                 zeros where the box leaves the matrix; when the bytes land they count
-//                                 against barrier `bar`'s expected transaction bytes
+//                                 passes by value as a `const __grid_constant__` kernel parameter: a bf16
+//                                 tensor in global memory (address, extents, byte strides of each
+//                                 dimension, innermost first) and the box one copy moves
+//   tma_load_2d(dst, map, bar, x, y), tma_load_4d(dst, map, bar, x, y, z, w)
+//                                 one thread queues the copy of the box whose first element is at those
+//                                 coordinates (x innermost) into shared `dst`, densely, innermost
+//                                 dimension fastest, with zeros where the box leaves the tensor; when the
+//                                 bytes land they count against barrier `bar`'s expected transaction bytes
 //   mbar_init(bar, arrivals)      a barrier whose phase completes after `arrivals` arrivals and all the
 //                                 transaction bytes those arrivals announced
 //   fence_mbar_init()             makes the initialisation visible to the TMA unit (the async proxy),
@@ -20,7 +20,7 @@
 //
 // From the PTX ISA ("cp.async.bulk.tensor", "mbarrier", "Tensor-map"). The CPU emulator (emu/tma_emu.h)
 // implements the same functions: its tensor map is its own encoding of the same fields (written by
-// ddpm_emu_tensor_map_2d), a copy's destination holds NaN until a thread waits on its barrier, a wgmma
+// ddpm_emu_tensor_map), a copy's destination holds NaN until a thread waits on its barrier, a wgmma
 // issued by a thread that has not waited for the copies into its operands stops the emulator, and so
 // does a barrier that can never complete.
 #pragma once
@@ -72,6 +72,14 @@ __device__ __forceinline__ void tma_load_2d(void* dst, const TensorMap* map, uin
         "l"(reinterpret_cast<uint64_t>(map)), "r"(x), "r"(y), "r"(smem_addr(bar))
         : "memory");
 }
+__device__ __forceinline__ void tma_load_4d(void* dst, const TensorMap* map, uint64_t* bar, int x, int y, int z,
+                                            int w) {
+    asm volatile(
+        "cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4, "
+        "%5}], [%6];\n" ::"r"(smem_addr(dst)),
+        "l"(reinterpret_cast<uint64_t>(map)), "r"(x), "r"(y), "r"(z), "r"(w), "r"(smem_addr(bar))
+        : "memory");
+}
 #else
 // Only sm_90a runs version 5 (it needs wgmma too); the launchers use its kernels only there.
 __device__ __forceinline__ void mbar_init(uint64_t*, unsigned) { __trap(); }
@@ -79,6 +87,7 @@ __device__ __forceinline__ void fence_mbar_init() {}
 __device__ __forceinline__ void mbar_arrive_expect_tx(uint64_t*, unsigned) {}
 __device__ __forceinline__ void mbar_wait(uint64_t*, unsigned) {}
 __device__ __forceinline__ void tma_load_2d(void*, const TensorMap*, uint64_t*, int, int) {}
+__device__ __forceinline__ void tma_load_4d(void*, const TensorMap*, uint64_t*, int, int, int, int) {}
 #endif
 
 }  // namespace ddpm

@@ -244,16 +244,18 @@ fn bf16_convolutions_are_exact_on_bf16_inputs_and_close_on_any() {
                 eprintln!("on {}:", rung.name());
                 let tma_before = p.gpu.tma_launches();
                 conv_case(&mut p, s, TOL_BF16_EXACT);
-                // v5 must really copy the weights by TMA wherever its tensor map can describe them (a
-                // reduction that is a multiple of 8 long; the loose weights' rounding in the workspace
-                // is aligned): all three forwards of the case (plain, time-embedding add, residual add).
+                // v5 must really copy the weights by TMA wherever its tensor maps can describe them
+                // (the loose weights' rounding in the workspace is aligned): all three forwards of the
+                // case (plain, time-embedding add, residual add) where the reduction is a multiple of 8
+                // long, and both input gradients (overwriting, accumulating) where c and o are.
                 let tma = p.gpu.tma_launches() - tma_before;
-                let expect = if rung == Rung::WgmmaTma && s.k() % 8 == 0 {
-                    3
-                } else {
-                    0
+                let expect = match rung {
+                    Rung::WgmmaTma => {
+                        3 * u64::from(s.k() % 8 == 0) + 2 * u64::from(s.c % 8 == 0 && s.o % 8 == 0)
+                    }
+                    _ => 0,
                 };
-                assert_eq!(tma, expect, "forwards on TMA for {s:?} on {}", rung.name());
+                assert_eq!(tma, expect, "TMA launches for {s:?} on {}", rung.name());
             } else {
                 assert!(rung.needs_sm90a(), "every bf16 device has the WMMA core");
                 eprintln!("{}: not on this device", rung.name());

@@ -477,8 +477,9 @@ impl Precision {
 pub enum Rung {
     Wmma,
     Wgmma,
-    /// Version 5 changes the forward convolution only (where the reduction is a multiple of 8 long, as
-    /// its tensor map needs); the gradients, and any other forward, run on version 4.
+    /// Version 5 changes the forward convolution and the input gradient (where the channels are
+    /// multiples of 8, as its tensor maps need) but not one that normalises its input; the weight
+    /// gradient, and anything else, runs on version 4.
     WgmmaTma,
 }
 

@@ -62,9 +62,9 @@ const BACKWARD_WEIGHT_NORMED: Kernels = Kernels {
     wgmma: None,
 };
 
-/// The box version 5 copies the weights in: 8 elements of the reduction (16 bytes) of 128 output
-/// channels, one column of wgmma's 8 x 8 core matrices (`TmaSliceB` in `kernels/gemm_wgmma.cuh`).
-const TMA_WEIGHT_BOX: [u32; 2] = [8, 128];
+/// What one of version 5's copies of the weights holds: 8 k of the reduction by 128 n of the GEMM's
+/// columns, one k/8 column of wgmma's 8 x 8 core matrices (`TmaSliceB` in `kernels/gemm_wgmma.cuh`).
+const TMA_COPY: [u32; 2] = [8, 128];
 
 /// A GEMM launch over an M x N output: grid (M / tile, N / tile, splits), the long side on x.
 pub(super) fn gemm_cfg(tile: Tile, rows: usize, cols: usize, splits: usize) -> LaunchConfig {
@@ -180,8 +180,9 @@ impl CudaBackend {
         })
     }
 
-    /// How many forward convolutions ran on version 5 of the ladder with their weights copied by the
-    /// tensor-memory accelerator (the rest of that rung's convolutions run on version 4).
+    /// How many convolutions (forwards and input gradients) ran on version 5 of the ladder with their
+    /// weights copied by the tensor-memory accelerator (the rest of that rung's convolutions run on
+    /// version 4).
     pub fn tma_launches(&self) -> u64 {
         self.tma_launches
     }
@@ -196,8 +197,35 @@ impl CudaBackend {
         if self.rung != Some(Rung::WgmmaTma) || normed || k % 8 != 0 || pw % 16 != 0 {
             return Ok(None);
         }
+        let [copy_k, copy_n] = TMA_COPY;
         self.dev
-            .tensor_map_bf16(pw, [k, s.o as u64], 2 * k, TMA_WEIGHT_BOX)
+            .tensor_map_bf16(pw, &[k, s.o as u64], &[2 * k], &[copy_k, copy_n])
+            .map(Some)
+    }
+
+    /// On version 5 of the ladder, the tensor map of the input gradient's weights at `pw`, viewing
+    /// `[o, taps^2, c]` as the 4-D tensor `TmaWeightTaps` reads (`kernels/gemm_wgmma.cuh`): extents
+    /// (8, o, c / 8, taps^2), innermost first, byte strides (2 taps^2 c, 16, 2 c), copies of 8 x 8 x 16 x
+    /// 1; `None` (version 4) on any other rung or where c or o is not a multiple of 8 (a copy of 8 output
+    /// channels must stay in one tap) or the copy is not 16-byte aligned. A map the driver refuses is an
+    /// error.
+    fn tma_weights_transposed(&mut self, s: ConvShape, pw: u64) -> Result<Option<TensorMap>> {
+        if self.rung != Some(Rung::WgmmaTma) || s.c % 8 != 0 || s.o % 8 != 0 || pw % 16 != 0 {
+            return Ok(None);
+        }
+        let (c, o, taps) = (
+            s.c as u64,
+            s.o as u64,
+            (s.kind.taps() * s.kind.taps()) as u64,
+        );
+        let [copy_k, copy_n] = TMA_COPY;
+        self.dev
+            .tensor_map_bf16(
+                pw,
+                &[8, o, c / 8, taps],
+                &[2 * taps * c, 16, 2 * c],
+                &[8, copy_k, copy_n / 8, 1],
+            )
             .map(Some)
     }
 
@@ -288,10 +316,29 @@ impl CudaBackend {
         let name = self.conv_kernel(&BACKWARD_DATA)?;
         let (pdy, pw, pdx) = (self.ptr(dy), self.weight_ptr(w)?, self.ptr(dx));
         let cfg = gemm_cfg(self.tile(), s.n * s.h * s.w, s.c, 1);
-        let [n, h, wd, c, o] = dims([s.n, s.h, s.w, s.c, s.o])?;
-        let [taps, stride, pad] = geometry(s.kind);
-        let acc = acc as i32;
-        launch!(self, name, cfg, pdy, pw, pdx, n, h, wd, c, o, taps, stride, pad, acc)
+        let map = self.tma_weights_transposed(s, pw)?;
+        let mut a = KernelArgs::default();
+        a.push(pdy);
+        match &map {
+            Some(m) => a.push_tensor_map(m),
+            None => a.push(pw),
+        }
+        a.push(pdx);
+        for v in dims([s.n, s.h, s.w, s.c, s.o])?
+            .into_iter()
+            .chain(geometry(s.kind))
+            .chain([acc as i32])
+        {
+            a.push(v);
+        }
+        let name = if map.is_some() {
+            "conv2d_backward_data_tma"
+        } else {
+            name
+        };
+        a.launch(&mut self.dev, name, cfg)?;
+        self.tma_launches += map.is_some() as u64;
+        Ok(())
     }
 
     /// `dw` by split-K GEMM into the workspace and a reduce; `db` as column sums of `dy`. With `norm`, `x`

@@ -295,35 +295,41 @@ impl Device {
         }
     }
 
-    /// The tensor map of a row-major bf16 matrix at `base`: `height` rows of `width` elements, `pitch`
-    /// bytes apart, copied in boxes of `box_width` x `box_height` elements with zeros where a box leaves
-    /// the matrix. An error where the driver refuses it (`base` or `pitch` not a multiple of 16 bytes, a
-    /// box side over 256, a box row not a multiple of 16 bytes).
+    /// The tensor map of a bf16 tensor at `base`: extents `dims` (innermost first, 1 to 5 of them),
+    /// `strides` the byte steps of dimensions 1 and up, copied in boxes of `boxes` elements with zeros
+    /// where a box leaves the tensor. An error where the driver refuses it (`base` or a stride not a
+    /// multiple of 16 bytes, a box side over 256, a box row not a multiple of 16 bytes).
     pub fn tensor_map_bf16(
         &self,
         base: u64,
-        [width, height]: [u64; 2],
-        pitch: u64,
-        [box_width, box_height]: [u32; 2],
+        dims: &[u64],
+        strides: &[u64],
+        boxes: &[u32],
     ) -> Result<TensorMap> {
         let refused = |why: String| {
             Error::Cuda(format!(
-                "encoding the tensor map of a {height} x {width} bf16 matrix ({pitch}-byte rows at \
-                 {base:#x}, boxes of {box_height} x {box_width}): {why}"
+                "encoding the tensor map of a bf16 tensor of extents {dims:?}, byte strides {strides:?} \
+                 at {base:#x}, boxes of {boxes:?}: {why}"
             ))
         };
+        let rank = dims.len();
+        if !(1..=5).contains(&rank) || strides.len() + 1 != rank || boxes.len() != rank {
+            return Err(refused(
+                "a rank of 1 to 5 and one stride less than extents".into(),
+            ));
+        }
         match self {
             Self::Gpu(_) => {
-                let (dims, strides) = ([width, height], [pitch]);
-                let (boxes, steps) = ([box_width, box_height], [1u32, 1]);
+                let steps = [1u32; 5];
                 let mut map = std::mem::MaybeUninit::<sys::CUtensorMap>::uninit();
-                // SAFETY: every pointer is to a live local of the length the rank (2) implies; the map
-                // is 64-byte aligned (CUtensorMap's type); the driver writes all of it or fails.
+                // SAFETY: every array holds at least `rank` (strides: rank - 1) values, as checked
+                // above; the map is aligned as CUtensorMap's type demands; the driver writes all of it
+                // or fails.
                 unsafe {
                     sys::cuTensorMapEncodeTiled(
                         map.as_mut_ptr(),
                         sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
-                        2,
+                        rank as u32,
                         base as *mut c_void,
                         dims.as_ptr(),
                         strides.as_ptr(),
@@ -340,12 +346,8 @@ impl Device {
                 }
             }
             #[cfg(feature = "emu")]
-            Self::Emu(_) => {
-                emu::tensor_map_bf16(base, [width, height], pitch, [box_width, box_height])
-                    .ok_or_else(|| {
-                        refused("the emulator's checks (those of the driver) fail".into())
-                    })
-            }
+            Self::Emu(_) => emu::tensor_map_bf16(base, dims, strides, boxes)
+                .ok_or_else(|| refused("the emulator's checks (those of the driver) fail".into())),
         }
     }
 
@@ -463,36 +465,36 @@ mod emu {
             args: *mut *mut c_void,
         ) -> i32;
         fn ddpm_emu_malloc(bytes: usize) -> *mut c_void;
-        fn ddpm_emu_tensor_map_2d(
+        fn ddpm_emu_tensor_map(
             map: *mut u64,
             base: u64,
-            width: u64,
-            height: u64,
-            pitch: u64,
-            box_width: u32,
-            box_height: u32,
+            rank: u32,
+            dims: *const u64,
+            strides: *const u64,
+            boxes: *const u32,
         ) -> i32;
         fn ddpm_emu_free(ptr: *mut c_void);
     }
 
     /// The emulator's encoding of a tensor map (`emu/tma_emu.h`); None where the driver would refuse it.
+    /// The caller checked the lengths (rank 1 to 5, one stride fewer).
     pub fn tensor_map_bf16(
         base: u64,
-        [width, height]: [u64; 2],
-        pitch: u64,
-        [box_width, box_height]: [u32; 2],
+        dims: &[u64],
+        strides: &[u64],
+        boxes: &[u32],
     ) -> Option<super::TensorMap> {
         let mut map = super::TensorMap([0; 16]);
-        // SAFETY: the emulator writes the 16 words of `map` and reads nothing else.
+        // SAFETY: the emulator writes the 16 words of `map` and reads `rank` extents and boxes and
+        // `rank - 1` strides.
         let r = unsafe {
-            ddpm_emu_tensor_map_2d(
+            ddpm_emu_tensor_map(
                 map.0.as_mut_ptr(),
                 base,
-                width,
-                height,
-                pitch,
-                box_width,
-                box_height,
+                dims.len() as u32,
+                dims.as_ptr(),
+                strides.as_ptr(),
+                boxes.as_ptr(),
             )
         };
         (r == 0).then_some(map)
