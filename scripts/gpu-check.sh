@@ -144,7 +144,7 @@ finish() {
 stage "summary"
 printf '%s\n' "${summary[@]}"
 [ -e "$work/bench-bf16.txt" ] || [ -e "$work/bench-fp32.txt" ] || finish
-grep -E "ceilings|images/s|TFLOP/s|GB/s|GiB" "$work/bench-fp32.txt" "$work/bench-bf16.txt" 2>/dev/null || true
+grep -E "ceilings|images/s|TFLOP/s|GB/s|GiB|failed" "$work/bench-fp32.txt" "$work/bench-bf16.txt" 2>/dev/null || true
 # Ours (each precision) against the best PyTorch configuration at each batch size.
 python3 - "$work/bench-fp32.txt" "$work/bench-bf16.txt" "$work/peer.txt" <<'PY' || true
 import re, sys
