@@ -282,10 +282,7 @@ impl CudaBackend {
         } else {
             name
         };
-        match &map {
-            Some(m) => a.push_tensor_map(m),
-            None => a.push(pw),
-        }
+        a.push_weight(pw, map.as_ref());
         for v in [pb, pt, pr, py] {
             a.push(v);
         }
@@ -319,10 +316,7 @@ impl CudaBackend {
         let map = self.tma_weights_transposed(s, pw)?;
         let mut a = KernelArgs::default();
         a.push(pdy);
-        match &map {
-            Some(m) => a.push_tensor_map(m),
-            None => a.push(pw),
-        }
+        a.push_weight(pw, map.as_ref());
         a.push(pdx);
         for v in dims([s.n, s.h, s.w, s.c, s.o])?
             .into_iter()

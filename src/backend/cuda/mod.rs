@@ -102,7 +102,7 @@ pub struct CudaBackend {
     copies: Vec<weights::WeightCopy>,
     stale: Vec<(usize, Tensor)>,
     loose_roundings: u64,
-    /// Forward convolutions launched on ladder version 5 with a tensor map (`conv.rs`).
+    /// Convolutions launched on ladder version 5 with a tensor map (`conv.rs`).
     tma_launches: u64,
     dev: Device,
     props: Properties,
@@ -336,6 +336,14 @@ impl KernelArgs {
         self.starts.push(self.slots.len());
         self.slots.extend_from_slice(&map.0);
         self.sizes.push(std::mem::size_of_val(&map.0));
+    }
+
+    /// A GEMM's weight operand: its address, or on ladder version 5 the tensor map that describes it.
+    fn push_weight(&mut self, pw: u64, map: Option<&device::TensorMap>) {
+        match map {
+            Some(m) => self.push_tensor_map(m),
+            None => self.push(pw),
+        }
     }
 
     /// See [`launch!`] for what makes this sound.
