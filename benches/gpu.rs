@@ -115,6 +115,7 @@ fn convolutions(c: &mut Criterion) {
                 Rung::Wmma => "_wmma",
                 Rung::Wgmma => "_wgmma",
                 Rung::WgmmaTma => "_wgmma_tma",
+                Rung::WgmmaTmaSwizzled => "_wgmma_tma_sw64",
             });
             let mut g =
                 c.benchmark_group(format!("conv3x3_{hw}x{hw}x{ch}_b128_{}{core}", p.name()));
@@ -126,8 +127,8 @@ fn convolutions(c: &mut Criterion) {
             bench(&mut g, &mut be, "input_grad", |be| {
                 be.conv2d_backward_data(s, dy, w, dx, false).unwrap()
             });
-            if rung == Some(Rung::WgmmaTma) {
-                g.finish(); // v5 leaves the weight gradient to v4
+            if rung.is_some_and(Rung::uses_tma) {
+                g.finish(); // v5 and v6 leave the weight gradient to v4
                 continue;
             }
             bench(&mut g, &mut be, "weight_grad", |be| {

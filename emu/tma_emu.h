@@ -5,7 +5,9 @@
 //   to 5 (address, extents, byte strides, box), written by encode (ddpm_emu_tensor_map, which the Rust
 //   side calls where the device would call cuTensorMapEncodeTiled) after the driver's checks: a 16-byte
 //   aligned address, strides that are multiples of 16 bytes, box sides of 1 to 256 elements and box rows
-//   a multiple of 16 bytes.
+//   a multiple of 16 bytes; with the 64-byte swizzle (the only one modelled), rows of exactly 64 bytes.
+// - A swizzled copy lands its bytes where the device's would: the 16-byte chunk index within each 64-byte
+//   box row XORed with bits 7-8 of the address, into a destination that must be 512-byte aligned.
 // - A copy reads its source when it is queued and fills its destination with NaN (all bits set); it lands
 //   when a thread next waits on its barrier. So a kernel that reads a stage before waiting for the copy
 //   into it, or queues a copy into a stage a wgmma still reads, gets NaN there too. A destination not
@@ -41,15 +43,23 @@ constexpr unsigned MAX_RANK = 5;
 
 // The words of the emulator's map: key, address, rank, extents (innermost first), the byte strides of
 // dimensions 1 and up, and the box's sides, 16 bits each.
-enum Field { KEY, BASE, RANK, DIMS, STRIDES = DIMS + MAX_RANK, BOX = STRIDES + MAX_RANK - 1 };
-static_assert(BOX + 2 <= 16, "the fields fit the map's 16 words");
+enum Field { KEY, BASE, RANK, DIMS, STRIDES = DIMS + MAX_RANK, BOX = STRIDES + MAX_RANK - 1, SWIZZLE = BOX + 2 };
+static_assert(SWIZZLE + 1 <= 16, "the fields fit the map's 16 words");
+
+// The swizzle modes (CUtensorMapSwizzle's values) the emulator models.
+constexpr uint64_t SWIZZLE_NONE = 0, SWIZZLE_64B = 2;
 
 inline unsigned box_side(const uint64_t* m, unsigned d) { return unsigned(m[BOX + d / 4] >> (16 * (d % 4))) & 0xFFFF; }
 
-// 0, or 1 when the driver would refuse these parameters (bf16 elements, no interleave, no swizzle).
+// 0, or 1 when the driver would refuse these parameters (bf16 elements, no interleave; with the 64-byte
+// swizzle, box rows of at most 64 bytes), or 2 when the emulator does not model them (another swizzle,
+// or a swizzled box row narrower than the swizzle, which the device pads).
 inline int encode(uint64_t* map, uint64_t base, unsigned rank, const uint64_t* dims, const uint64_t* strides,
-                  const unsigned* box) {
-    bool ok = rank >= 1 && rank <= MAX_RANK && base % 16 == 0 && box[0] * ELEMENT_BYTES % 16 == 0;
+                  const unsigned* box, unsigned swizzle) {
+    if (swizzle != SWIZZLE_NONE && swizzle != SWIZZLE_64B) return 2;
+    if (swizzle == SWIZZLE_64B && rank >= 1 && box[0] * ELEMENT_BYTES < 64) return 2;
+    bool ok = rank >= 1 && rank <= MAX_RANK && base % 16 == 0 && box[0] * ELEMENT_BYTES % 16 == 0 &&
+              (swizzle != SWIZZLE_64B || box[0] * ELEMENT_BYTES <= 64);
     for (unsigned d = 0; ok && d < rank; ++d)
         ok = dims[d] >= 1 && dims[d] <= (1ull << 32) && box[d] >= 1 && box[d] <= 256 &&
              (d == 0 || (strides[d - 1] % 16 == 0 && strides[d - 1] < (1ull << 40)));
@@ -63,6 +73,7 @@ inline int encode(uint64_t* map, uint64_t base, unsigned rank, const uint64_t* d
         if (d > 0) map[STRIDES + d - 1] = strides[d - 1];
         map[BOX + d / 4] |= uint64_t(box[d]) << (16 * (d % 4));
     }
+    map[SWIZZLE] = swizzle;
     return 0;
 }
 
@@ -181,6 +192,12 @@ inline void load(void* dst, const TensorMap* map, uint64_t* bar, unsigned rank, 
     if (m[KEY] != MAGIC) fail("a tensor map ddpm_emu_tensor_map did not encode");
     if (m[RANK] != rank) fail("a TMA copy of another rank than its tensor map's");
     if (reinterpret_cast<uintptr_t>(dst) % 128) fail("a TMA copy into shared memory not 128-byte aligned");
+    // The 64-byte swizzle XORs the address's bits 4-5 (the 16-byte chunk of a 64-byte box row) with its
+    // bits 7-8: its pattern repeats every 512 bytes, and the kernels start a swizzled copy where the
+    // pattern starts (the layout wgmma reads, wgmma.cuh).
+    const bool swizzled = m[SWIZZLE] == SWIZZLE_64B;
+    if (swizzled && reinterpret_cast<uintptr_t>(dst) % 512)
+        fail("a TMA copy in the 64-byte swizzle into shared memory not 512-byte aligned");
     uint64_t elements = 1;
     for (unsigned d = 0; d < rank; ++d) elements *= box_side(m, d);
     Copy c;
@@ -197,7 +214,9 @@ inline void load(void* dst, const TensorMap* map, uint64_t* bar, unsigned rank, 
             inside = inside && g >= 0 && g < static_cast<long long>(m[DIMS + d]);
             offset += uint64_t(g) * (d == 0 ? ELEMENT_BYTES : m[STRIDES + d - 1]);
         }
-        if (inside) std::memcpy(&c.bytes[e * ELEMENT_BYTES], base + offset, ELEMENT_BYTES);
+        uint64_t to = e * ELEMENT_BYTES;  // dense, box row after box row; the dst is 512-byte aligned
+        if (swizzled) to ^= ((to >> 7) & 3) << 4;
+        if (inside) std::memcpy(&c.bytes[to], base + offset, ELEMENT_BYTES);
     }
     std::memset(dst, 0xff, c.bytes.size());
     Barrier& b = at_barrier(bar);

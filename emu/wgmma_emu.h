@@ -11,8 +11,11 @@
 //   16 w + g and + 8, columns 8 j + 2 t and + 1; from 0 where the wgmma does not accumulate), reading A
 //   and B through the descriptors: K-major element
 //   (mn, k) at byte 2 (8 (mn % 8) + k % 8) + LBO (k / 8) + SBO (mn / 8) from the start, MN-major at
-//   2 (mn % 8 + 8 (k % 8)) + SBO (mn / 8) + LBO (k / 8). Products of bf16 values are exact in fp32; sums
-//   run in k order after the accumulator.
+//   2 (mn % 8 + 8 (k % 8)) + SBO (mn / 8) + LBO (k / 8); in the 64-byte swizzle, K-major at 2 k +
+//   64 (mn % 8) + SBO (mn / 8) and MN-major at 2 (mn % 32) + 64 (k % 8) + LBO (mn / 32) + SBO (k / 8),
+//   the address's bits 4-5 then XORed with its bits 7-8. The 32- and 128-byte swizzles stop the
+//   emulator: no kernel uses them. Products of bf16 values are exact in fp32; sums run in k order after
+//   the accumulator.
 #pragma once
 
 #include <cstdint>
@@ -60,14 +63,45 @@ inline uint32_t start_index(const void* p) {
     return uint32_t(table.size() - 1);
 }
 
+[[noreturn]] inline void fail(const char* what) {
+    std::fprintf(stderr, "CUDA emulator: %s\n", what);
+    std::abort();
+}
+
+// The byte offset from the start of element (mn, k) of an operand described by `desc`, before any
+// swizzle; and the swizzle, applied to the element's shared-memory address (the emulator's shared memory
+// is host memory, aligned as the kernel declares it, so the same address bits are XORed as on the device).
+inline uint64_t offset(uint64_t desc, bool mn_major, int mn, int k) {
+    const uint64_t lbo = ((desc >> 16) & 0x3FFF) << 4, sbo = ((desc >> 32) & 0x3FFF) << 4;
+    switch (desc >> 62) {
+    case 0: {
+        const uint64_t in_core = mn_major ? mn % 8 + 8 * (k % 8) : 8 * (mn % 8) + k % 8;
+        return 2 * in_core + lbo * (k / 8) + sbo * (mn / 8);
+    }
+    case 2:  // 64-byte swizzle: rows of 64 bytes
+        if (mn_major) return 2 * uint64_t(mn % 32) + 64 * uint64_t(k % 8) + lbo * (mn / 32) + sbo * (k / 8);
+        return 2 * uint64_t(k) + 64 * uint64_t(mn % 8) + sbo * (mn / 8);
+    default:
+        fail("a wgmma operand in the 32- or 128-byte swizzle (not modelled)");
+    }
+}
+inline uintptr_t swizzle(uint64_t desc, uintptr_t address) {
+    return desc >> 62 == 2 ? address ^ (((address >> 7) & 3) << 4) : address;
+}
+// A swizzled operand starts where the pattern does (a multiple of 512 bytes), K-major ones plus the step
+// along k inside a row, so that their 16 k lie in one 64-byte row.
+inline void check_start(uint64_t desc, bool mn_major, const void* start) {
+    const auto a = reinterpret_cast<uintptr_t>(start);
+    if (desc >> 62 == 2 && (mn_major ? a % 512 != 0 : (a % 512) + 32 > 64))
+        fail("a wgmma operand in the 64-byte swizzle that does not start where the pattern does");
+}
+
 // The bf16 element (mn, k) of an operand described by `desc`.
 inline float element(uint64_t desc, bool mn_major, int mn, int k) {
     const auto* start = static_cast<const unsigned char*>(starts().at(desc & 0x3FFF));
-    const uint64_t lbo = ((desc >> 16) & 0x3FFF) << 4, sbo = ((desc >> 32) & 0x3FFF) << 4;
-    const uint64_t in_core = mn_major ? mn % 8 + 8 * (k % 8) : 8 * (mn % 8) + k % 8;
-    const uint64_t at = 2 * in_core + lbo * (k / 8) + sbo * (mn / 8);
+    const auto at = swizzle(desc, reinterpret_cast<uintptr_t>(start + offset(desc, mn_major, mn, k)));
     uint16_t bits;
-    std::memcpy(&bits, start + at, sizeof bits);
+    std::memcpy(&bits, reinterpret_cast<const void*>(at), sizeof bits);
     const uint32_t u = uint32_t(bits) << 16;
     float f;
     std::memcpy(&f, &u, sizeof f);
@@ -97,20 +131,29 @@ inline uint64_t smem_desc(const void* start, uint32_t lbo_bytes, uint32_t sbo_by
     return smem_desc_fields(emu_wgmma::start_index(start), lbo_bytes, sbo_bytes);
 }
 
+inline uint64_t smem_desc_sw64(const void* start, uint32_t lbo_bytes, uint32_t sbo_bytes) {
+    return smem_desc(start, lbo_bytes, sbo_bytes) | SMEM_DESC_SWIZZLE_64B;
+}
+
 inline void wgmma_fence() {}
 inline void fence_proxy_async() {}
 inline void fence_operands(float (&)[64]) {}
 
 namespace emu_wgmma {
 // The bytes an operand of `rows` x 16 covers (its last element is its farthest: every term of the
-// address grows with mn and k); no TMA copy may still be landing there for this thread.
+// address grows with mn and k; a swizzle moves an element only within its 64-byte row, so the span runs
+// from the start's row to the end of the last element's); no TMA copy may still be landing there for
+// this thread.
 inline void check_operand(uint64_t desc, bool mn_major, int rows) {
     const auto* start = static_cast<const unsigned char*>(starts().at(desc & 0x3FFF));
-    const uint64_t lbo = ((desc >> 16) & 0x3FFF) << 4, sbo = ((desc >> 32) & 0x3FFF) << 4;
-    const int mn = rows - 1, k = 15;
-    const uint64_t in_core = mn_major ? mn % 8 + 8 * (k % 8) : 8 * (mn % 8) + k % 8;
-    const uint64_t last = 2 * in_core + lbo * (k / 8) + sbo * (mn / 8);
-    emu_tma::check_read(start, start + last + 2);
+    check_start(desc, mn_major, start);
+    const uint64_t last = offset(desc, mn_major, rows - 1, 15);
+    if (desc >> 62 == 0) {
+        emu_tma::check_read(start, start + last + 2);
+        return;
+    }
+    const auto row = [](uintptr_t a) { return reinterpret_cast<const unsigned char*>(a / 64 * 64); };
+    emu_tma::check_read(row(reinterpret_cast<uintptr_t>(start)), row(reinterpret_cast<uintptr_t>(start + last)) + 64);
 }
 }  // namespace emu_wgmma
 

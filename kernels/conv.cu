@@ -20,6 +20,9 @@
 //   conv2d_{forward,backward_data}_tma the forward convolution and the input gradient on version 5
 //                                      (version 4 with the weights copied by the tensor-memory
 //                                      accelerator; sm_90a only)
+//   conv2d_{forward,backward_data}_tma_sw64
+//                                      the same two on version 6 (version 5 with one copy per slice, in
+//                                      the 64-byte swizzle; sm_90a only)
 // _f32 runs on the fp32 core of gemm.cuh (version 1: exact fp32, the path the tests hold to the CPU), _bf16
 // on the mma.sync tensor-core core of gemm_mma.cuh (version 3: operands rounded to bf16, fp32 sums).
 // Activations and gradients are fp32 either way; the weights are fp32 for _f32 and, for every bf16
@@ -207,30 +210,69 @@ extern "C" __global__ void __launch_bounds__(256)
 // tensor-memory accelerator (gemm_wgmma.cuh). `wmap` describes the weights' bf16 copy as the [o, taps *
 // taps * c] matrix it is, in boxes of 8 x 128; taps * taps * c must be a multiple of 8 (the launcher runs
 // version 4 otherwise). The other arguments are conv2d_forward_bf16's.
+template <class TmaB>
+__device__ __forceinline__ void conv_forward_tma(const float* x, const ddpm::TensorMap& wmap, const float* b,
+                                                 const float* image_bias, const float* residual, float* y,
+                                                 int batch, int h, int wd, int c, int o, int taps, int stride,
+                                                 int pad) {
+    const ddpm::ConvGeom g = conv_geom(h, wd, c, o, taps, stride, pad);
+    const int rows = batch * g.oh * g.ow, kdim = taps * taps * c;
+    const ddpm::Im2col a{x, g, rows, kdim};
+    const ddpm::Epilogue e{y, o, b, 0, nullptr, image_bias, g.oh * g.ow, residual};
+    ddpm::gemm_run_wgmma_tma(a, TmaB{}, wmap, rows, o, kdim, kdim, e);
+}
+
 extern "C" __global__ void __launch_bounds__(256)
     conv2d_forward_tma(const float* __restrict__ x, const __grid_constant__ ddpm::TensorMap wmap,
                        const float* __restrict__ b, const float* __restrict__ image_bias,
                        const float* __restrict__ residual, float* __restrict__ y, int batch, int h, int wd, int c,
                        int o, int taps, int stride, int pad) {
-    const ddpm::ConvGeom g = conv_geom(h, wd, c, o, taps, stride, pad);
-    const int rows = batch * g.oh * g.ow, kdim = taps * taps * c;
-    const ddpm::Im2col a{x, g, rows, kdim};
-    const ddpm::Epilogue e{y, o, b, 0, nullptr, image_bias, g.oh * g.ow, residual};
-    ddpm::gemm_run_wgmma_tma(a, ddpm::TmaWeightRows{}, wmap, rows, o, kdim, kdim, e);
+    conv_forward_tma<ddpm::TmaWeightRows>(x, wmap, b, image_bias, residual, y, batch, h, wd, c, o, taps, stride,
+                                          pad);
+}
+
+// Version 6 (sm_90a only): version 5's forward with each slice of the weights one copy of 32 k x 128
+// rows in the 64-byte swizzle (TmaWeightRowsSw64); `wmap` the same matrix in boxes of 32 x 128, encoded
+// with CU_TENSOR_MAP_SWIZZLE_64B.
+extern "C" __global__ void __launch_bounds__(256)
+    conv2d_forward_tma_sw64(const float* __restrict__ x, const __grid_constant__ ddpm::TensorMap wmap,
+                            const float* __restrict__ b, const float* __restrict__ image_bias,
+                            const float* __restrict__ residual, float* __restrict__ y, int batch, int h, int wd,
+                            int c, int o, int taps, int stride, int pad) {
+    conv_forward_tma<ddpm::TmaWeightRowsSw64>(x, wmap, b, image_bias, residual, y, batch, h, wd, c, o, taps,
+                                              stride, pad);
 }
 
 // Version 5's input gradient: conv2d_backward_data_bf16 with the weights copied by TMA. `wmap` views the
 // bf16 weight copy [o, taps^2, c] as the 4-D tensor TmaWeightTaps describes (gemm_wgmma.cuh); c and o
 // must be multiples of 8 (the launcher runs version 4 otherwise).
-extern "C" __global__ void __launch_bounds__(256)
-    conv2d_backward_data_tma(const float* __restrict__ dy, const __grid_constant__ ddpm::TensorMap wmap,
-                             float* __restrict__ dx, int batch, int h, int wd, int c, int o, int taps, int stride,
-                             int pad, int accumulate) {
+template <class TmaB>
+__device__ __forceinline__ void conv_backward_data_tma(const float* dy, const ddpm::TensorMap& wmap, float* dx,
+                                                       int batch, int h, int wd, int c, int o, int taps,
+                                                       int stride, int pad, int accumulate) {
     const ddpm::ConvGeom g = conv_geom(h, wd, c, o, taps, stride, pad);
     const int rows = batch * h * wd, kdim = taps * taps * o;
     const ddpm::DyGather a{dy, g, rows, kdim};
     const ddpm::Epilogue e{dx, c, nullptr, accumulate, nullptr};
-    ddpm::gemm_run_wgmma_tma(a, ddpm::TmaWeightTaps{o}, wmap, rows, c, kdim, kdim, e);
+    ddpm::gemm_run_wgmma_tma(a, TmaB{o}, wmap, rows, c, kdim, kdim, e);
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+    conv2d_backward_data_tma(const float* __restrict__ dy, const __grid_constant__ ddpm::TensorMap wmap,
+                             float* __restrict__ dx, int batch, int h, int wd, int c, int o, int taps, int stride,
+                             int pad, int accumulate) {
+    conv_backward_data_tma<ddpm::TmaWeightTaps>(dy, wmap, dx, batch, h, wd, c, o, taps, stride, pad, accumulate);
+}
+
+// Version 6's input gradient: version 5's with each slice of the weights one copy in the 64-byte swizzle
+// (TmaWeightTapsSw64, whose 4-D view of the weights `wmap` is); c and o must be multiples of 32 (the
+// launcher runs version 5 or 4 otherwise).
+extern "C" __global__ void __launch_bounds__(256)
+    conv2d_backward_data_tma_sw64(const float* __restrict__ dy, const __grid_constant__ ddpm::TensorMap wmap,
+                                  float* __restrict__ dx, int batch, int h, int wd, int c, int o, int taps,
+                                  int stride, int pad, int accumulate) {
+    conv_backward_data_tma<ddpm::TmaWeightTapsSw64>(dy, wmap, dx, batch, h, wd, c, o, taps, stride, pad,
+                                                    accumulate);
 }
 
 extern "C" __global__ void __launch_bounds__(256)

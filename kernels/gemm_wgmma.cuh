@@ -25,9 +25,9 @@
 // Shared memory: 2 stages x 2 operands x 8 KiB = 32 KiB, static.
 //
 // What it leaves on the table: the register path for the weights, which are bf16 in memory and could be
-// copied by the tensor-memory accelerator (version 5, gemm_run_wgmma_tma below, for the forward); the
-// register path for the activations (fp32 storage, converted by the threads), which TMA could copy once
-// they are stored in bf16; the 128-byte swizzle; and more stages.
+// copied by the tensor-memory accelerator (versions 5 and 6, gemm_run_wgmma_tma below); the register
+// path for the activations (fp32 storage, converted by the threads), which TMA could copy once they are
+// stored in bf16; and more stages.
 #pragma once
 
 #include "gemm_mma.cuh"
@@ -145,28 +145,44 @@ __device__ __forceinline__ void gemm_run_wgmma(const LoadA& a, const LoadB& b, i
 }
 
 // Version 5: version 4 with the weight operand B copied by the tensor-memory accelerator, a tensor map
-// of the weights' bf16 copy describing it. Each slice of B (32 k x 128 n) arrives as four copies of
-// 8 k x 128 n, 2 KiB each, that land densely in one of wgmma's no-swizzle layouts with no thread
-// touching them: core matrices (8 x 16 bytes) 128 bytes apart along n (SBO) and 2048 bytes apart along k
-// (LBO). Where B leaves the weights (n past the columns, k past the reduction) the copies bring zeros.
-// The weights come in two orientations (TmaB below):
+// of the weights' bf16 copy describing it. The weights come in two orientations, and the policy (TmaB)
+// says how a slice of B (32 k x 128 n, 8 KiB) is copied and where wgmma finds it:
 //   TmaWeightRows  B(k, n) = W[n, k] for W [cols, kdim] (the forward convolution's [o, taps, taps, c], a
-//                  linear layer's [out, in]): K-major, each copy a 2-D box of 8 k x 128 rows n, element
-//                  (n, k) at byte 16 n + 2 (k % 8) + 2048 (k / 8) of the stage
+//                  linear layer's [out, in]): K-major, four copies of 8 k x 128 rows n (2-D boxes of
+//                  16 bytes x 128 rows) landing densely in wgmma's no-swizzle layout: core matrices
+//                  (8 x 16 bytes) 128 bytes apart along n (SBO) and 2048 bytes apart along k (LBO),
+//                  element (n, k) at byte 16 n + 2 (k % 8) + 2048 (k / 8) of the stage
 //   TmaWeightTaps  B(k = tap o + oc, n = ci) = W[oc, tap, ci] for W [o, taps^2, c] (the input gradient):
 //                  MN-major, read transposed; the map views W as [taps^2][c / 8][o][8] (extents innermost
-//                  first: 8, o, c / 8, taps^2; byte strides 2 taps^2 c, 16, 2 c) and each copy is the box
-//                  8 x 8 oc x 16 x 1 tap, element (n, k) at byte 2 (n % 8) + 16 (k % 8) + 128 (n / 8) +
-//                  2048 (k / 8); c and o multiples of 8, so 8 k never straddle two taps
+//                  first: 8, o, c / 8, taps^2; byte strides 2 taps^2 c, 16, 2 c) and each of the four
+//                  copies is the box 8 x 8 oc x 16 x 1 tap, element (n, k) at byte 2 (n % 8) + 16 (k % 8)
+//                  + 128 (n / 8) + 2048 (k / 8); c and o multiples of 8, so 8 k never straddle two taps
+// Version 6 is version 5 in the 64-byte swizzle, each slice of B one copy of 128 box rows of 64 bytes
+// instead of four copies of 128 rows of 16 (a quarter of the copy engine's row requests, one copy to
+// queue instead of four), which TMA writes with CU_TENSOR_MAP_SWIZZLE_64B: the 16-byte chunk j of the
+// row at byte 64 r moved to chunk j ^ ((r / 2) % 4), the permutation wgmma's 64-byte swizzle mode
+// undoes (smem_desc_sw64, wgmma.cuh):
+//   TmaWeightRowsSw64  B(k, n) = W[n, k] as TmaWeightRows: the 2-D box of all 32 k (64 bytes) x 128 rows
+//                  n; K-major, row n at byte 64 n, SBO 512 bytes between 8-row groups, the second 16 k
+//                  starting 32 bytes into each row
+//   TmaWeightTapsSw64  B(k = tap o + oc, n = ci) = W[oc, tap, ci] as TmaWeightTaps: the map views W as
+//                  [taps^2][c / 32][o][32] (extents innermost first: 32, o, c / 32, taps^2; byte strides
+//                  2 taps^2 c, 64, 2 c) and each slice is the box 32 ci x 32 oc x 4 x 1 tap: MN-major,
+//                  rows of 32 n along k, element (n, k) at byte 2 (n % 32) + 64 (k % 32) + 2048 (n / 32)
+//                  (LBO 2048 between 32-wide column groups, SBO 512 between 8-k groups); c and o
+//                  multiples of 32, so a slice's 32 k are 32 output channels of one tap
+// Where B leaves the weights (n past the columns, k past the reduction) the copies bring zeros.
 //
 // Three stages of B, each with a barrier that completes when its 8 KiB have landed. Thread 0 queues
 // slice i + 2 as soon as the barrier after wait_group shows slice i - 1's wgmma done (which read the
 // stage slice i + 2 goes to), so each copy has a whole slice of math to land in. The activation operand
 // keeps version 4's register path (the normalisation is applied as it is loaded): two stages, stored
-// after the same barrier. Shared memory: 2 x 8 KiB (A) + 3 x 8 KiB (B) + 3 barriers, static.
-struct TmaSliceB {
-    static constexpr int size = MMA_BN * MMA_BK;
-    static constexpr int bytes = size * 2;
+// after the same barrier. Shared memory: 2 x 8 KiB (A) + 3 x 8 KiB (B, each stage 1024-byte aligned, as
+// the swizzle's pattern must start with it) + 3 barriers, static.
+constexpr int TMA_SLICE_B = MMA_BN * MMA_BK;  // elements of one stage of B
+
+// The no-swizzle stage of version 5's two policies: four copies of 8 k x 128 n, one after the other.
+struct TmaCoresB {
     static constexpr int copy_k = 8;                        // k per copy
     static constexpr int copy_size = copy_k * MMA_BN;       // elements per copy
     static constexpr int lbo = copy_size * 2, sbo = 128;    // bytes, in either orientation
@@ -174,25 +190,69 @@ struct TmaSliceB {
         return smem_desc(stage + (ks / copy_k) * copy_size, lbo, sbo);
     }
 };
-static_assert(TmaSliceB::bytes == (MMA_BK / TmaSliceB::copy_k) * TmaSliceB::copy_size * 2,
-              "a slice is its four copies");
+static_assert((MMA_BK / TmaCoresB::copy_k) * TmaCoresB::copy_size == TMA_SLICE_B, "a slice is its four copies");
 
-// B(k, n) = W[n, k]: the copy of k from `k`, rows n from `n0`.
+// B(k, n) = W[n, k]: the slice of k from `k0`, rows n from `n0`.
 struct TmaWeightRows {
+    using Stage = TmaCoresB;
     static constexpr int trans = 0;
-    __device__ void copy(__nv_bfloat16* dst, const TensorMap& map, uint64_t* bar, int k, int n0) const {
-        tma_load_2d(dst, &map, bar, k, n0);
+    __device__ void queue(__nv_bfloat16* stage, const TensorMap& map, uint64_t* bar, int k0, int n0) const {
+#pragma unroll
+        for (int c = 0; c < MMA_BK / Stage::copy_k; ++c)
+            tma_load_2d(stage + c * Stage::copy_size, &map, bar, k0 + c * Stage::copy_k, n0);
     }
 };
 
-// B(k = tap o + oc, n = ci) = W[oc, tap, ci]: the copy of k from `k` (a multiple of 8), ci from `n0`.
+// B(k = tap o + oc, n = ci) = W[oc, tap, ci]: the slice of k from `k0` (a multiple of 8), ci from `n0`.
 struct TmaWeightTaps {
+    using Stage = TmaCoresB;
     int o;
     static constexpr int trans = 1;
-    __device__ void copy(__nv_bfloat16* dst, const TensorMap& map, uint64_t* bar, int k, int n0) const {
-        tma_load_4d(dst, &map, bar, 0, k % o, n0 / 8, k / o);
+    __device__ void queue(__nv_bfloat16* stage, const TensorMap& map, uint64_t* bar, int k0, int n0) const {
+#pragma unroll
+        for (int c = 0; c < MMA_BK / Stage::copy_k; ++c) {
+            const int k = k0 + c * Stage::copy_k;
+            tma_load_4d(stage + c * Stage::copy_size, &map, bar, 0, k % o, n0 / 8, k / o);
+        }
     }
 };
+
+// The K-major stage in the 64-byte swizzle: rows n of 64 bytes (32 k).
+struct TmaSwizzledRowsB {
+    static constexpr int sbo = 8 * 64;  // bytes from one 8-row group to the next
+    __device__ static uint64_t desc(const __nv_bfloat16* stage, int ks) {
+        return smem_desc_sw64(stage + ks, 16, sbo);
+    }
+};
+
+// The MN-major stage in the 64-byte swizzle: rows k of 64 bytes (32 n), four groups of 32 n.
+struct TmaSwizzledColsB {
+    static constexpr int lbo = MMA_BK * 64, sbo = 8 * 64;  // bytes between 32-n groups, 8-k groups
+    __device__ static uint64_t desc(const __nv_bfloat16* stage, int ks) {
+        return smem_desc_sw64(stage + ks * 32, lbo, sbo);
+    }
+};
+
+// B(k, n) = W[n, k] in the 64-byte swizzle: the slice of k from `k0`, rows n from `n0`, in one copy.
+struct TmaWeightRowsSw64 {
+    using Stage = TmaSwizzledRowsB;
+    static constexpr int trans = 0;
+    __device__ void queue(__nv_bfloat16* stage, const TensorMap& map, uint64_t* bar, int k0, int n0) const {
+        tma_load_2d(stage, &map, bar, k0, n0);
+    }
+};
+
+// B(k = tap o + oc, n = ci) = W[oc, tap, ci] in the 64-byte swizzle: the slice of k from `k0` (a multiple
+// of 32), ci from `n0`, in one copy.
+struct TmaWeightTapsSw64 {
+    using Stage = TmaSwizzledColsB;
+    int o;
+    static constexpr int trans = 1;
+    __device__ void queue(__nv_bfloat16* stage, const TensorMap& map, uint64_t* bar, int k0, int n0) const {
+        tma_load_4d(stage, &map, bar, 0, k0 % o, n0 / 32, k0 / o);
+    }
+};
+static_assert(MMA_BK * 2 == 64, "a slice's k are one row of the 64-byte swizzle");
 
 template <class LoadA, class TmaB>
 __device__ __forceinline__ void gemm_run_wgmma_tma(const LoadA& a, const TmaB& b, const TensorMap& wmap, int rows,
@@ -204,7 +264,7 @@ __device__ __forceinline__ void gemm_run_wgmma_tma(const LoadA& a, const TmaB& b
     using SliceA = WgmmaSlice<mn_a>;
     constexpr int STAGES_B = 3;
     __shared__ __align__(128) __nv_bfloat16 As[2][SliceA::size];
-    __shared__ __align__(128) __nv_bfloat16 Bs[STAGES_B][TmaSliceB::size];
+    __shared__ __align__(1024) __nv_bfloat16 Bs[STAGES_B][TMA_SLICE_B];
     __shared__ __align__(8) uint64_t landed[STAGES_B];
 
     const int tid = threadIdx.x, group = tid / 128;
@@ -220,11 +280,9 @@ __device__ __forceinline__ void gemm_run_wgmma_tma(const LoadA& a, const TmaB& b
 
     // Thread 0 only: slice i of B into its stage, announced to the stage's barrier.
     auto queue_b = [&](int i) {
-        const int s = i % STAGES_B, k0 = k_begin + i * MMA_BK;
-        mbar_arrive_expect_tx(&landed[s], TmaSliceB::bytes);
-#pragma unroll
-        for (int c = 0; c < MMA_BK / TmaSliceB::copy_k; ++c)
-            b.copy(Bs[s] + c * TmaSliceB::copy_size, wmap, &landed[s], k0 + c * TmaSliceB::copy_k, n0);
+        const int s = i % STAGES_B;
+        mbar_arrive_expect_tx(&landed[s], TMA_SLICE_B * 2);
+        b.queue(Bs[s], wmap, &landed[s], k_begin + i * MMA_BK, n0);
     };
     if (tid == 0) {
 #pragma unroll
@@ -252,7 +310,7 @@ __device__ __forceinline__ void gemm_run_wgmma_tma(const LoadA& a, const TmaB& b
 #pragma unroll
         for (int ks = 0; ks < MMA_BK; ks += 16)
             wgmma_m64n128k16<mn_a, TmaB::trans>(acc, SliceA::desc(As[stage], 64 * group, ks),
-                                                TmaSliceB::desc(Bs[i % STAGES_B], ks),
+                                                TmaB::Stage::desc(Bs[i % STAGES_B], ks),
                                                 i > 0 || ks > 0);
         wgmma_commit();
         if (more) opa.fetch(a, tid, m0, rows, k0 + MMA_BK, k_end);

@@ -11,6 +11,20 @@
 //                                     MN-major (element (mn, k) at mn % 8 + 8 (k % 8), transposed with
 //                                              imm-trans 1): SBO = the step from mn 0-7 to 8-15, LBO = from
 //                                              k 0-7 to 8-15
+//   smem_desc_sw64(start, lbo, sbo) the same in the 64-byte swizzle (mode 2 in bits 62-63): the operand is
+//                                   rows of 64 bytes, laid out as below, then each element's address has
+//                                   its bits 4-5 (the 16-byte chunk within the row) XORed with its bits
+//                                   7-8 (CUTLASS's Swizzle<2,4,3>, the pattern TMA's
+//                                   CU_TENSOR_MAP_SWIZZLE_64B writes); the pattern repeats every 512 bytes,
+//                                   and the operand's 8-row groups start 512-byte aligned. From the PTX
+//                                   ISA's canonical layouts (T = 8 bf16 = 16 bytes):
+//                                     K-major  ((8,m),(T,2k)):((4T,SBO),(1,T)): element (mn, k) at byte
+//                                              2 k + 64 (mn % 8) + SBO (mn / 8), a wgmma's 16 k within one
+//                                              row (the start steps 32 bytes for k 16-31); LBO unused, set
+//                                              to 16 bytes as CUTLASS does
+//                                     MN-major ((T,4,m),(8,k)):((1,T,LBO),(4T,SBO)): element (mn, k) at
+//                                              byte 2 (mn % 32) + 64 (k % 8) + LBO (mn / 32) + SBO (k / 8):
+//                                              rows along k of 32 mn, LBO between 32-wide column groups
 //   wgmma_m64n128k16<TA, TB>(d, a, b, acc)
 //                                   wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16: d = A B (+ d when
 //                                   acc) over the 128 threads of a warpgroup, A 64 x 16 and B 16 x 128 from
@@ -40,6 +54,9 @@ __device__ __forceinline__ uint64_t smem_desc_fields(uint32_t start, uint32_t lb
            uint64_t((sbo_bytes & 0x3FFFFu) >> 4) << 32;
 }
 
+// The swizzle mode field (bits 62-63): 0 none, 1 128-byte, 2 64-byte, 3 32-byte.
+constexpr uint64_t SMEM_DESC_SWIZZLE_64B = uint64_t(2) << 62;
+
 }  // namespace ddpm
 
 #if defined(__CUDACC__)
@@ -49,6 +66,10 @@ namespace ddpm {
 __device__ __forceinline__ uint64_t smem_desc(const void* start, uint32_t lbo_bytes, uint32_t sbo_bytes) {
     const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(start));
     return smem_desc_fields((addr & 0x3FFFFu) >> 4, lbo_bytes, sbo_bytes);
+}
+
+__device__ __forceinline__ uint64_t smem_desc_sw64(const void* start, uint32_t lbo_bytes, uint32_t sbo_bytes) {
+    return smem_desc(start, lbo_bytes, sbo_bytes) | SMEM_DESC_SWIZZLE_64B;
 }
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)

@@ -302,7 +302,7 @@ pub fn kernels<B: Backend>(be: &mut B, batch: usize, ceilings: &Ceilings) -> Res
     };
     // Every precision this backend has, on the same shape: on CUDA, versions 1 (fp32 SIMT) and 3 (bf16
     // mma.sync) of the convolution ladder (dev/conv/README.md), and after them the rungs the bf16 kernels
-    // do not use (v2 WMMA; v4 wgmma and v5 wgmma + TMA on sm_90a). Then a ResNet block's group norm + SiLU
+    // do not use (v2 WMMA; v4 wgmma, v5 wgmma + TMA and v6 wgmma + swizzled TMA on sm_90a). Then a ResNet block's group norm + SiLU
     // and its convolution, one after the other and with the normalisation applied as the convolution loads
     // its input (the same on a backend that does not fuse them).
     let own = be.precision();
@@ -317,7 +317,7 @@ pub fn kernels<B: Backend>(be: &mut B, batch: usize, ceilings: &Ceilings) -> Res
         let core = rung.map_or(String::new(), |r| format!(" on {}", r.name()));
         let what = format!("conv 3x3 16x16 256->256 {}{core}, batch {batch}", p.name());
         // A rung the bench merely compares may fail where the driver refuses something of it (v5's
-        // tensor maps): its row says so and the rest of the bench goes on.
+        // and v6's tensor maps): its row says so and the rest of the bench goes on.
         let mut row = |op: &str, ms: Result<f64>| -> Result<()> {
             match ms {
                 Ok(ms) => lines.push(tflop_line(format!("{what}: {op}"), ms, flop, p)),
@@ -340,8 +340,8 @@ pub fn kernels<B: Backend>(be: &mut B, batch: usize, ceilings: &Ceilings) -> Res
             "input grad",
             time(be, iters, |be| be.conv2d_backward_data(s, dy, w, dx, false)),
         )?;
-        if rung == Some(Rung::WgmmaTma) {
-            continue; // v5 leaves the weight gradient to v4: that row is v4's
+        if rung.is_some_and(Rung::uses_tma) {
+            continue; // v5 and v6 leave the weight gradient to v4: that row is v4's
         }
         row(
             "weight grad",

@@ -199,6 +199,9 @@ fn conv_shapes() -> Vec<ConvShape> {
         shape(2, 9, 7, 8, 40, ConvKind::K3S2),
         shape(3, 5, 7, 24, 12, ConvKind::K1),
         shape(2, 6, 5, 12, 16, ConvKind::K3S1),
+        // Channels in multiples of 32 (v6's swizzled input gradient), the input gradient's last group
+        // of 32 columns past c.
+        shape(2, 6, 6, 96, 32, ConvKind::K3S1),
         // Many tiles, long reductions (split-K), the paper's widths.
         shape(4, 16, 16, 128, 256, ConvKind::K3S1),
         shape(2, 32, 32, 3, 128, ConvKind::K3S1),
@@ -237,25 +240,40 @@ fn bf16_convolutions_are_exact_on_bf16_inputs_and_close_on_any() {
     for s in conv_shapes() {
         conv_case(&mut p, s, TOL_BF16_EXACT);
         // The same on the rungs of the ladder the bf16 kernels do not run on (v2 WMMA, v4 wgmma, v5
-        // wgmma + TMA), which the bench times beside them. The emulated device has them all; a real one
+        // wgmma + TMA, v6 wgmma + swizzled TMA), which the bench times beside them. The emulated device has them all; a real one
         // has wgmma and TMA on sm_90a only.
         for rung in Rung::ALL {
             if p.gpu.set_rung(Some(rung)).unwrap() {
                 eprintln!("on {}:", rung.name());
                 let tma_before = p.gpu.tma_launches();
+                let swizzled_before = p.gpu.swizzled_tma_launches();
                 conv_case(&mut p, s, TOL_BF16_EXACT);
-                // v5 must really copy the weights by TMA wherever its tensor maps can describe them
-                // (the loose weights' rounding in the workspace is aligned): all three forwards of the
-                // case (plain, time-embedding add, residual add) where the reduction is a multiple of 8
-                // long, and both input gradients (overwriting, accumulating) where c and o are.
+                // v5 and v6 must really copy the weights by TMA wherever their tensor maps can
+                // describe them (the loose weights' rounding in the workspace is aligned): all three
+                // forwards of the case (plain, time-embedding add, residual add) where the reduction is
+                // a multiple of 8 long, and both input gradients (overwriting, accumulating) where c and
+                // o are.
+                // v6 copies in the 64-byte swizzle in all those forwards, and in the input gradients
+                // where c and o are multiples of 32 (the others on v5's kernel).
                 let tma = p.gpu.tma_launches() - tma_before;
-                let expect = match rung {
-                    Rung::WgmmaTma => {
-                        3 * u64::from(s.k() % 8 == 0) + 2 * u64::from(s.c % 8 == 0 && s.o % 8 == 0)
-                    }
-                    _ => 0,
+                let swizzled = p.gpu.swizzled_tma_launches() - swizzled_before;
+                let expect = if rung.uses_tma() {
+                    3 * u64::from(s.k() % 8 == 0) + 2 * u64::from(s.c % 8 == 0 && s.o % 8 == 0)
+                } else {
+                    0
+                };
+                let expect_swizzled = if rung == Rung::WgmmaTmaSwizzled {
+                    3 * u64::from(s.k() % 8 == 0) + 2 * u64::from(s.c % 32 == 0 && s.o % 32 == 0)
+                } else {
+                    0
                 };
                 assert_eq!(tma, expect, "TMA launches for {s:?} on {}", rung.name());
+                assert_eq!(
+                    swizzled,
+                    expect_swizzled,
+                    "swizzled TMA launches for {s:?} on {}",
+                    rung.name()
+                );
             } else {
                 assert!(rung.needs_sm90a(), "every bf16 device has the WMMA core");
                 eprintln!("{}: not on this device", rung.name());
@@ -264,7 +282,7 @@ fn bf16_convolutions_are_exact_on_bf16_inputs_and_close_on_any() {
         assert!(p.gpu.set_rung(None).unwrap());
     }
     p.bf16_inputs = false;
-    for s in [conv_shapes()[0], conv_shapes()[8]] {
+    for s in [conv_shapes()[0], conv_shapes()[9]] {
         conv_case(&mut p, s, TOL_BF16);
     }
 }

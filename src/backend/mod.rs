@@ -471,8 +471,9 @@ impl Precision {
 
 /// A rung of the convolution ladder (`dev/conv/README.md`) that the bf16 kernels do not run on (they run
 /// on version 3, mma.sync), kept so the bench can time it beside them: version 2 (WMMA), which version 3
-/// replaced; version 4 (wgmma, sm_90a only) and version 5 (wgmma with the weights copied by the
-/// tensor-memory accelerator, sm_90a only), until a GPU run shows them correct and faster.
+/// replaced; version 4 (wgmma, sm_90a only), version 5 (wgmma with the weights copied by the
+/// tensor-memory accelerator, sm_90a only) and version 6 (version 5 with the forward's weights copied a
+/// slice at a time in the 64-byte swizzle), until a GPU run shows them correct and faster.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Rung {
     Wmma,
@@ -481,22 +482,36 @@ pub enum Rung {
     /// multiples of 8, as its tensor maps need) but not one that normalises its input; the weight
     /// gradient, and anything else, runs on version 4.
     WgmmaTma,
+    /// Version 6 changes version 5's forward convolution (one copy per slice, in the 64-byte swizzle);
+    /// its input gradient is version 5's, and the rest runs on version 4.
+    WgmmaTmaSwizzled,
 }
 
 impl Rung {
-    pub const ALL: [Rung; 3] = [Rung::Wmma, Rung::Wgmma, Rung::WgmmaTma];
+    pub const ALL: [Rung; 4] = [
+        Rung::Wmma,
+        Rung::Wgmma,
+        Rung::WgmmaTma,
+        Rung::WgmmaTmaSwizzled,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             Self::Wmma => "WMMA (ladder v2)",
             Self::Wgmma => "wgmma (ladder v4)",
             Self::WgmmaTma => "wgmma + TMA (ladder v5)",
+            Self::WgmmaTmaSwizzled => "wgmma + swizzled TMA (ladder v6)",
         }
     }
 
     /// The rungs that only a Hopper (sm_90a) has.
     pub fn needs_sm90a(self) -> bool {
-        matches!(self, Self::Wgmma | Self::WgmmaTma)
+        matches!(self, Self::Wgmma | Self::WgmmaTma | Self::WgmmaTmaSwizzled)
+    }
+
+    /// The rungs that copy some convolutions' weights by the tensor-memory accelerator.
+    pub fn uses_tma(self) -> bool {
+        matches!(self, Self::WgmmaTma | Self::WgmmaTmaSwizzled)
     }
 }
 

@@ -1,7 +1,7 @@
 //! Launchers of `kernels/conv.cu`: the three convolutions as implicit GEMMs, plus the bias gradient as a
 //! column sum (`kernels/gemm.cuh`).
 
-use super::device::TensorMap;
+use super::device::{Swizzle, TensorMap};
 use super::elementwise::dims;
 use super::{launch, CudaBackend, KernelArgs, WORKSPACE};
 use crate::backend::{ConvKind, ConvShape, NormedInput, Precision, Rung, Tensor};
@@ -63,8 +63,12 @@ const BACKWARD_WEIGHT_NORMED: Kernels = Kernels {
 };
 
 /// What one of version 5's copies of the weights holds: 8 k of the reduction by 128 n of the GEMM's
-/// columns, one k/8 column of wgmma's 8 x 8 core matrices (`TmaSliceB` in `kernels/gemm_wgmma.cuh`).
+/// columns, one k/8 column of wgmma's 8 x 8 core matrices (`TmaCoresB` in `kernels/gemm_wgmma.cuh`).
 const TMA_COPY: [u32; 2] = [8, 128];
+
+/// What one of version 6's copies holds: a whole slice, 32 k (one 64-byte row of the 64-byte swizzle)
+/// by 128 n (`TmaWeightRowsSw64`).
+const TMA_COPY_SW64: [u32; 2] = [32, 128];
 
 /// A GEMM launch over an M x N output: grid (M / tile, N / tile, splits), the long side on x.
 pub(super) fn gemm_cfg(tile: Tile, rows: usize, cols: usize, splits: usize) -> LaunchConfig {
@@ -172,45 +176,88 @@ impl CudaBackend {
         };
         let kernel = match rung {
             Rung::Wmma => k.wmma,
-            // Version 5's own kernel is chosen by `conv_forward`, where its tensor map can be made.
-            Rung::Wgmma | Rung::WgmmaTma => k.wgmma,
+            // Versions 5 and 6 have kernels of their own for some convolutions, chosen by
+            // `conv_forward` and `conv_backward_data`, where their tensor maps can be made.
+            Rung::Wgmma | Rung::WgmmaTma | Rung::WgmmaTmaSwizzled => k.wgmma,
         };
         kernel.ok_or_else(|| {
             Error::Invalid(format!("{} has no kernel {} (bf16)", rung.name(), k.f32))
         })
     }
 
-    /// How many convolutions (forwards and input gradients) ran on version 5 of the ladder with their
-    /// weights copied by the tensor-memory accelerator (the rest of that rung's convolutions run on
-    /// version 4).
+    /// How many convolutions (forwards and input gradients) ran with their weights copied by the
+    /// tensor-memory accelerator, on version 5 or 6 of the ladder (the rest of those rungs' convolutions
+    /// run on version 4).
     pub fn tma_launches(&self) -> u64 {
-        self.tma_launches
+        self.tma_launches[0] + self.tma_launches[1]
     }
 
-    /// On version 5 of the ladder, the tensor map of a plain forward convolution's bf16 weights at `pw`;
-    /// `None` where the convolution runs on version 4 instead: on any other rung, for a normalised input
-    /// (version 5 has no such kernel), or where the map cannot describe the weights (a reduction
-    /// `taps^2 c` not a multiple of 8, or a copy not 16-byte aligned). A map the driver refuses anyway
-    /// is an error, not a quiet fallback: the bench's v5 row must be v5.
-    fn tma_weights(&mut self, s: ConvShape, normed: bool, pw: u64) -> Result<Option<TensorMap>> {
+    /// How many of those ran on version 6, their copies in the 64-byte swizzle.
+    pub fn swizzled_tma_launches(&self) -> u64 {
+        self.tma_launches[1]
+    }
+
+    /// Counts a launch that succeeded, by the name of its kernel.
+    fn count_tma(&mut self, kernel: &str) {
+        if kernel.ends_with("_tma") {
+            self.tma_launches[0] += 1;
+        } else if kernel.ends_with("_tma_sw64") {
+            self.tma_launches[1] += 1;
+        }
+    }
+
+    /// On versions 5 and 6 of the ladder, the kernel of a plain forward convolution and the tensor map of
+    /// its bf16 weights at `pw` (version 5: boxes of 8 x 128, no swizzle; version 6: boxes of 32 x 128 in
+    /// the 64-byte swizzle); `None` where the convolution runs on version 4 instead: on any other rung,
+    /// for a normalised input (neither has such a kernel), or where the map cannot describe the weights
+    /// (a reduction `taps^2 c` not a multiple of 8, or a copy not 16-byte aligned). A map the driver
+    /// refuses anyway is an error, not a quiet fallback: the bench's v5 and v6 rows must be what they say.
+    fn tma_weights(
+        &mut self,
+        s: ConvShape,
+        normed: bool,
+        pw: u64,
+    ) -> Result<Option<(&'static str, TensorMap)>> {
         let k = s.k() as u64;
-        if self.rung != Some(Rung::WgmmaTma) || normed || k % 8 != 0 || pw % 16 != 0 {
+        let (name, [copy_k, copy_n], swizzle) = match self.rung {
+            Some(Rung::WgmmaTma) => ("conv2d_forward_tma", TMA_COPY, Swizzle::None),
+            Some(Rung::WgmmaTmaSwizzled) => {
+                ("conv2d_forward_tma_sw64", TMA_COPY_SW64, Swizzle::B64)
+            }
+            _ => return Ok(None),
+        };
+        if normed || k % 8 != 0 || pw % 16 != 0 {
             return Ok(None);
         }
-        let [copy_k, copy_n] = TMA_COPY;
-        self.dev
-            .tensor_map_bf16(pw, &[k, s.o as u64], &[2 * k], &[copy_k, copy_n])
-            .map(Some)
+        let map =
+            self.dev
+                .tensor_map_bf16(pw, &[k, s.o as u64], &[2 * k], &[copy_k, copy_n], swizzle)?;
+        Ok(Some((name, map)))
     }
 
-    /// On version 5 of the ladder, the tensor map of the input gradient's weights at `pw`, viewing
-    /// `[o, taps^2, c]` as the 4-D tensor `TmaWeightTaps` reads (`kernels/gemm_wgmma.cuh`): extents
-    /// (8, o, c / 8, taps^2), innermost first, byte strides (2 taps^2 c, 16, 2 c), copies of 8 x 8 x 16 x
-    /// 1; `None` (version 4) on any other rung or where c or o is not a multiple of 8 (a copy of 8 output
-    /// channels must stay in one tap) or the copy is not 16-byte aligned. A map the driver refuses is an
-    /// error.
-    fn tma_weights_transposed(&mut self, s: ConvShape, pw: u64) -> Result<Option<TensorMap>> {
-        if self.rung != Some(Rung::WgmmaTma) || s.c % 8 != 0 || s.o % 8 != 0 || pw % 16 != 0 {
+    /// On versions 5 and 6 of the ladder, the kernel of the input gradient and the tensor map of its
+    /// weights at `pw`, viewing `[o, taps^2, c]` as a 4-D tensor:
+    /// - version 6, where c and o are multiples of 32 (a slice's 32 k must be 32 output channels of one
+    ///   tap): the view `TmaWeightTapsSw64` reads (`kernels/gemm_wgmma.cuh`), extents (32, o, c / 32,
+    ///   taps^2), innermost first, byte strides (2 taps^2 c, 64, 2 c), copies of 32 x 32 x 4 x 1 in the
+    ///   64-byte swizzle;
+    /// - version 5, and version 6 where it cannot, where c and o are multiples of 8 (a copy of 8 output
+    ///   channels must stay in one tap): `TmaWeightTaps`'s view, extents (8, o, c / 8, taps^2), byte
+    ///   strides (2 taps^2 c, 16, 2 c), copies of 8 x 8 x 16 x 1, no swizzle.
+    ///
+    /// `None` (version 4) on any other rung, for other channel counts, or where the copy is not 16-byte
+    /// aligned. A map the driver refuses is an error.
+    fn tma_weights_transposed(
+        &mut self,
+        s: ConvShape,
+        pw: u64,
+    ) -> Result<Option<(&'static str, TensorMap)>> {
+        let swizzled = match self.rung {
+            Some(Rung::WgmmaTma) => false,
+            Some(Rung::WgmmaTmaSwizzled) => s.c % 32 == 0 && s.o % 32 == 0,
+            _ => return Ok(None),
+        };
+        if s.c % 8 != 0 || s.o % 8 != 0 || pw % 16 != 0 {
             return Ok(None);
         }
         let (c, o, taps) = (
@@ -218,15 +265,25 @@ impl CudaBackend {
             s.o as u64,
             (s.kind.taps() * s.kind.taps()) as u64,
         );
-        let [copy_k, copy_n] = TMA_COPY;
-        self.dev
-            .tensor_map_bf16(
-                pw,
-                &[8, o, c / 8, taps],
-                &[2 * taps * c, 16, 2 * c],
-                &[8, copy_k, copy_n / 8, 1],
-            )
-            .map(Some)
+        let strides = [2 * taps * c, 16, 2 * c];
+        let map = if swizzled {
+            let [copy_k, copy_n] = TMA_COPY_SW64;
+            let strides = [strides[0], 64, strides[2]];
+            let boxes = [32, copy_k, copy_n / 32, 1];
+            let dims = [32, o, c / 32, taps];
+            self.dev
+                .tensor_map_bf16(pw, &dims, &strides, &boxes, Swizzle::B64)?
+        } else {
+            let [copy_k, copy_n] = TMA_COPY;
+            let boxes = [8, copy_k, copy_n / 8, 1];
+            self.dev
+                .tensor_map_bf16(pw, &[8, o, c / 8, taps], &strides, &boxes, Swizzle::None)?
+        };
+        let name = match swizzled {
+            true => "conv2d_backward_data_tma_sw64",
+            false => "conv2d_backward_data_tma",
+        };
+        Ok(Some((name, map)))
     }
 
     /// The tiling of the GEMM core the current precision runs on.
@@ -276,13 +333,12 @@ impl CudaBackend {
         let (oh, ow) = s.out_hw();
         let cfg = gemm_cfg(self.tile(), s.n * oh * ow, s.o, 1);
         let mut a = self.input_args(x, norm.as_ref())?;
-        let map = self.tma_weights(s, norm.is_some(), pw)?;
-        let name = if map.is_some() {
-            "conv2d_forward_tma"
-        } else {
-            name
+        let tma = self.tma_weights(s, norm.is_some(), pw)?;
+        let (name, map) = match &tma {
+            Some((tma_name, map)) => (*tma_name, Some(map)),
+            None => (name, None),
         };
-        a.push_weight(pw, map.as_ref());
+        a.push_weight(pw, map);
         for v in [pb, pt, pr, py] {
             a.push(v);
         }
@@ -293,7 +349,7 @@ impl CudaBackend {
             a.push(v);
         }
         a.launch(&mut self.dev, name, cfg)?;
-        self.tma_launches += map.is_some() as u64;
+        self.count_tma(name);
         Ok(())
     }
 
@@ -313,10 +369,14 @@ impl CudaBackend {
         let name = self.conv_kernel(&BACKWARD_DATA)?;
         let (pdy, pw, pdx) = (self.ptr(dy), self.weight_ptr(w)?, self.ptr(dx));
         let cfg = gemm_cfg(self.tile(), s.n * s.h * s.w, s.c, 1);
-        let map = self.tma_weights_transposed(s, pw)?;
+        let tma = self.tma_weights_transposed(s, pw)?;
+        let (name, map) = match &tma {
+            Some((tma_name, map)) => (*tma_name, Some(map)),
+            None => (name, None),
+        };
         let mut a = KernelArgs::default();
         a.push(pdy);
-        a.push_weight(pw, map.as_ref());
+        a.push_weight(pw, map);
         a.push(pdx);
         for v in dims([s.n, s.h, s.w, s.c, s.o])?
             .into_iter()
@@ -325,13 +385,8 @@ impl CudaBackend {
         {
             a.push(v);
         }
-        let name = if map.is_some() {
-            "conv2d_backward_data_tma"
-        } else {
-            name
-        };
         a.launch(&mut self.dev, name, cfg)?;
-        self.tma_launches += map.is_some() as u64;
+        self.count_tma(name);
         Ok(())
     }
 

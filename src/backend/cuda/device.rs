@@ -43,6 +43,15 @@ pub(super) struct Properties {
 #[repr(C, align(64))]
 pub(super) struct TensorMap(pub [u64; 16]);
 
+/// How a tensor map lays a box out in shared memory: densely (`None`), or with the 16-byte chunks of each
+/// 64-byte box row permuted by the 64-byte swizzle wgmma reads (`kernels/wgmma.cuh`, `smem_desc_sw64`).
+/// The values are CUtensorMapSwizzle's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Swizzle {
+    None = 0,
+    B64 = 2,
+}
+
 /// Device memory, freed on drop.
 pub(super) struct DeviceBuffer {
     pub ptr: u64,
@@ -297,19 +306,21 @@ impl Device {
 
     /// The tensor map of a bf16 tensor at `base`: extents `dims` (innermost first, 1 to 5 of them),
     /// `strides` the byte steps of dimensions 1 and up, copied in boxes of `boxes` elements with zeros
-    /// where a box leaves the tensor. An error where the driver refuses it (`base` or a stride not a
-    /// multiple of 16 bytes, a box side over 256, a box row not a multiple of 16 bytes).
+    /// where a box leaves the tensor, laid out in shared memory with `swizzle`. An error where the driver
+    /// refuses it (`base` or a stride not a multiple of 16 bytes, a box side over 256, a box row not a
+    /// multiple of 16 bytes, or wider than the swizzle).
     pub fn tensor_map_bf16(
         &self,
         base: u64,
         dims: &[u64],
         strides: &[u64],
         boxes: &[u32],
+        swizzle: Swizzle,
     ) -> Result<TensorMap> {
         let refused = |why: String| {
             Error::Cuda(format!(
                 "encoding the tensor map of a bf16 tensor of extents {dims:?}, byte strides {strides:?} \
-                 at {base:#x}, boxes of {boxes:?}: {why}"
+                 at {base:#x}, boxes of {boxes:?}, {swizzle:?}: {why}"
             ))
         };
         let rank = dims.len();
@@ -336,7 +347,10 @@ impl Device {
                         boxes.as_ptr(),
                         steps.as_ptr(),
                         sys::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
-                        sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_NONE,
+                        match swizzle {
+                            Swizzle::None => sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_NONE,
+                            Swizzle::B64 => sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_64B,
+                        },
                         sys::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
                         sys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
                     )
@@ -346,8 +360,8 @@ impl Device {
                 }
             }
             #[cfg(feature = "emu")]
-            Self::Emu(_) => emu::tensor_map_bf16(base, dims, strides, boxes)
-                .ok_or_else(|| refused("the emulator's checks (those of the driver) fail".into())),
+            Self::Emu(_) => emu::tensor_map_bf16(base, dims, strides, boxes, swizzle)
+                .map_err(|why| refused(why.into())),
         }
     }
 
@@ -472,18 +486,21 @@ mod emu {
             dims: *const u64,
             strides: *const u64,
             boxes: *const u32,
+            swizzle: u32,
         ) -> i32;
         fn ddpm_emu_free(ptr: *mut c_void);
     }
 
-    /// The emulator's encoding of a tensor map (`emu/tma_emu.h`); None where the driver would refuse it.
-    /// The caller checked the lengths (rank 1 to 5, one stride fewer).
+    /// The emulator's encoding of a tensor map (`emu/tma_emu.h`); the error says whether the driver would
+    /// refuse it or the emulator does not model it. The caller checked the lengths (rank 1 to 5, one
+    /// stride fewer).
     pub fn tensor_map_bf16(
         base: u64,
         dims: &[u64],
         strides: &[u64],
         boxes: &[u32],
-    ) -> Option<super::TensorMap> {
+        swizzle: super::Swizzle,
+    ) -> std::result::Result<super::TensorMap, &'static str> {
         let mut map = super::TensorMap([0; 16]);
         // SAFETY: the emulator writes the 16 words of `map` and reads `rank` extents and boxes and
         // `rank - 1` strides.
@@ -495,9 +512,14 @@ mod emu {
                 dims.as_ptr(),
                 strides.as_ptr(),
                 boxes.as_ptr(),
+                swizzle as u32,
             )
         };
-        (r == 0).then_some(map)
+        match r {
+            0 => Ok(map),
+            1 => Err("the emulator's checks (those of the driver) fail"),
+            _ => Err("the emulator does not model this swizzle or box"),
+        }
     }
 
     unsafe fn free(ptr: u64) {

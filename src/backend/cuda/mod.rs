@@ -102,8 +102,9 @@ pub struct CudaBackend {
     copies: Vec<weights::WeightCopy>,
     stale: Vec<(usize, Tensor)>,
     loose_roundings: u64,
-    /// Convolutions launched on ladder version 5 with a tensor map (`conv.rs`).
-    tma_launches: u64,
+    /// Convolutions launched with a tensor map (`conv.rs`): on ladder version 5's kernels, and on version
+    /// 6's (in the 64-byte swizzle).
+    tma_launches: [u64; 2],
     dev: Device,
     props: Properties,
 }
@@ -148,7 +149,7 @@ impl CudaBackend {
             copies: Vec::new(),
             stale: Vec::new(),
             loose_roundings: 0,
-            tma_launches: 0,
+            tma_launches: [0; 2],
             dev,
             props,
         }
