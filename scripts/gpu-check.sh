@@ -7,7 +7,8 @@
 #   cifar       ddpm-cuda train and sample on the paper's network (ddpm-cifar10), bf16;
 #   bench-*     ddpm-cuda bench in bf16 / fp32 (training and sampling throughput at batch 128 and 256; the
 #               dominant kernels, the convolution in both precisions and on every rung of the ladder of
-#               dev/conv/README.md: wgmma (v4) and wgmma + TMA (v5) against mma.sync (v3) on sm_90a);
+#               dev/conv/README.md: wgmma (v4), wgmma + TMA (v5) and wgmma + swizzled TMA (v6)
+#               against mma.sync (v3) on sm_90a);
 #   peer-eager  benches/peer_pytorch.py, the same network in PyTorch, fp32 and bf16 autocast (eager);
 #   criterion   the criterion benches (benches/gpu.rs);
 #   peer-all    the peer with torch.compile too (its autotuning takes minutes).

@@ -302,9 +302,10 @@ pub fn kernels<B: Backend>(be: &mut B, batch: usize, ceilings: &Ceilings) -> Res
     };
     // Every precision this backend has, on the same shape: on CUDA, versions 1 (fp32 SIMT) and 3 (bf16
     // mma.sync) of the convolution ladder (dev/conv/README.md), and after them the rungs the bf16 kernels
-    // do not use (v2 WMMA; v4 wgmma, v5 wgmma + TMA and v6 wgmma + swizzled TMA on sm_90a). Then a ResNet block's group norm + SiLU
-    // and its convolution, one after the other and with the normalisation applied as the convolution loads
-    // its input (the same on a backend that does not fuse them).
+    // do not use (v2 WMMA; v4 wgmma, v5 wgmma + TMA and v6 wgmma + swizzled TMA on sm_90a). Then a
+    // ResNet block's group norm + SiLU and its convolution, one after the other and with the
+    // normalisation applied as the convolution loads its input (the same on a backend that does not fuse
+    // them).
     let own = be.precision();
     let runs = [None]
         .into_iter()

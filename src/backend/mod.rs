@@ -472,8 +472,8 @@ impl Precision {
 /// A rung of the convolution ladder (`dev/conv/README.md`) that the bf16 kernels do not run on (they run
 /// on version 3, mma.sync), kept so the bench can time it beside them: version 2 (WMMA), which version 3
 /// replaced; version 4 (wgmma, sm_90a only), version 5 (wgmma with the weights copied by the
-/// tensor-memory accelerator, sm_90a only) and version 6 (version 5 with the forward's weights copied a
-/// slice at a time in the 64-byte swizzle), until a GPU run shows them correct and faster.
+/// tensor-memory accelerator, sm_90a only) and version 6 (version 5 with the weights copied a slice at a
+/// time in the 64-byte swizzle), until a GPU run shows them correct and faster.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Rung {
     Wmma,
@@ -482,8 +482,8 @@ pub enum Rung {
     /// multiples of 8, as its tensor maps need) but not one that normalises its input; the weight
     /// gradient, and anything else, runs on version 4.
     WgmmaTma,
-    /// Version 6 changes version 5's forward convolution (one copy per slice, in the 64-byte swizzle);
-    /// its input gradient is version 5's, and the rest runs on version 4.
+    /// Version 6 is version 5 with each slice of the weights one copy in the 64-byte swizzle (its input
+    /// gradient where c and o are multiples of 32; else version 5's).
     WgmmaTmaSwizzled,
 }
 

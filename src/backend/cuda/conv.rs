@@ -66,8 +66,9 @@ const BACKWARD_WEIGHT_NORMED: Kernels = Kernels {
 /// columns, one k/8 column of wgmma's 8 x 8 core matrices (`TmaCoresB` in `kernels/gemm_wgmma.cuh`).
 const TMA_COPY: [u32; 2] = [8, 128];
 
-/// What one of version 6's copies holds: a whole slice, 32 k (one 64-byte row of the 64-byte swizzle)
-/// by 128 n (`TmaWeightRowsSw64`).
+/// What one of version 6's copies holds: a whole slice, 32 k by 128 n, in box rows of 64 bytes (the
+/// 64-byte swizzle's): 32 k per row in the forward (`TmaWeightRowsSw64`), 32 n per row in the input
+/// gradient (`TmaWeightTapsSw64`).
 const TMA_COPY_SW64: [u32; 2] = [32, 128];
 
 /// A GEMM launch over an M x N output: grid (M / tile, N / tile, splits), the long side on x.
