@@ -121,7 +121,7 @@ for s in $stages; do
   bench-bf16|bench-fp32)
     precision=${s#bench-}
     stage "benchmark, $precision"
-    timed "bench $precision" 120 bash -c 'set -o pipefail; "$0" bench --device cuda --precision "$1" | tee "$2"' "$bin" "$precision" "$work/bench-$precision.txt"
+    timed "bench $precision" 180 bash -c 'set -o pipefail; "$0" bench --device cuda --precision "$1" | tee "$2"' "$bin" "$precision" "$work/bench-$precision.txt"
     ;;
   criterion)
     stage "criterion benches (benches/gpu.rs: each kernel family and the U-Net, both precisions)"

@@ -7,10 +7,14 @@
 //!   1000-step sampler follow from it.
 //! - Kernels: a 3x3 convolution of the paper's widest 16x16 layer (forward, input and weight gradients)
 //!   in every precision the backend has, and on every rung of the convolution ladder it keeps (v1 fp32
-//!   SIMT, v2 bf16 WMMA, v3 bf16 mma.sync, v4 bf16 wgmma on sm_90a: dev/conv/README.md),
-//!   group norm, attention, the optimizer, each as time, TFLOP/s or GB/s, and the ratio to the ceiling:
-//!   the device-to-device copy bandwidth and the arithmetic peak of the precision, both measured here
-//!   (the peak from the specification where the backend cannot measure it).
+//!   SIMT, v2 bf16 WMMA, v3 bf16 mma.sync; v4 wgmma, v5 and v6 wgmma + TMA on sm_90a:
+//!   dev/conv/README.md), group norm, attention, the optimizer, each as time, TFLOP/s or GB/s, and the
+//!   ratio to the ceiling: the device-to-device copy bandwidth and the arithmetic peak of the precision,
+//!   both measured here (the peak from the specification where the backend cannot measure it).
+//! - Rungs: the network's training and sampling steps in bf16 on each rung of that ladder.
+//!
+//! Each function hands its lines to `emit` as it measures them, so a failure part-way (a kernel faulting
+//! on a device it never ran on) keeps what came before.
 
 use crate::backend::{
     AdamHyper, AttentionShape, Backend, ConvKind, ConvShape, GroupNormShape, NormedInput,
@@ -115,7 +119,8 @@ pub fn model<B: Backend>(
     batch: usize,
     train_steps: usize,
     ceilings: &Ceilings,
-) -> Result<Vec<Line>> {
+    emit: &mut dyn FnMut(Line),
+) -> Result<()> {
     let opts = TrainOptions {
         batch,
         lr: 2e-4,
@@ -132,14 +137,13 @@ pub fn model<B: Backend>(
     let images = vec![0.1f32; batch * per_image];
     let flop = 2.0 * tr.net.macs_per_image() as f64;
     let peak = ceilings.peak(be.precision());
-    let mut lines = Vec::new();
     // As a run trains (recorded once and replayed, where the backend records), then, for what the graph
     // buys, with every op launched from the host.
-    let ms = time(be, train_steps, |be| tr.step(be, &images).map(|_| ()))?;
+    let ms = train_ms(be, &mut tr, &images, train_steps)?;
     if be.recording_id(Sequence::Training).is_some() {
         tr.record = false;
-        let stepwise_ms = time(be, train_steps, |be| tr.step(be, &images).map(|_| ()))?;
-        lines.push(Line {
+        let stepwise_ms = train_ms(be, &mut tr, &images, train_steps)?;
+        emit(Line {
             what: format!("train step, batch {batch}, ops launched one by one"),
             ms: stepwise_ms,
             rate: batch as f64 / (stepwise_ms * 1e-3),
@@ -149,14 +153,14 @@ pub fn model<B: Backend>(
     }
     let train_flop = 3.0 * flop * batch as f64;
     let tflops = train_flop / (ms * 1e-3) / 1e12;
-    lines.push(Line {
+    emit(Line {
         what: format!("train step, batch {batch}"),
         ms,
         rate: batch as f64 / (ms * 1e-3),
         unit: "images/s",
         of_ceiling: None,
     });
-    lines.push(Line {
+    emit(Line {
         what: format!("train step, batch {batch} (model FLOPs, fwd + bwd = 3x fwd)"),
         ms,
         rate: tflops,
@@ -168,7 +172,7 @@ pub fn model<B: Backend>(
     // context).
     let (tensors, scratch) = be.bytes_held();
     let gib = (tensors - tensors_before + scratch) as f64 / f64::from(1u32 << 30);
-    lines.push(Line {
+    emit(Line {
         what: format!("train memory, batch {batch} (tensors + scratch)"),
         ms: 0.0,
         rate: gib,
@@ -178,9 +182,47 @@ pub fn model<B: Backend>(
     drop(tr);
     let mut net = UNet::new_inference(be, config, batch)?;
     net.init(be, 0)?;
-    // 50 of the 1000 steps (the same kernels, the same work per step): the full run would take minutes.
-    let rows =
-        sample::ddpm_respaced_table(&Schedule::paper(), 50, crate::sample::Variance::FixedLarge)?;
+    let step_ms = sampling_step_ms(be, &mut net, per_image, SAMPLING_ROWS)?;
+    let sample_tflops = flop * batch as f64 / (step_ms * 1e-3) / 1e12;
+    emit(Line {
+        what: format!("sampling step, batch {batch} (1000-step images/s)"),
+        ms: step_ms,
+        rate: batch as f64 / (1000.0 * step_ms * 1e-3),
+        unit: "images/s",
+        of_ceiling: None,
+    });
+    emit(Line {
+        what: format!("sampling step, batch {batch} (model FLOPs)"),
+        ms: step_ms,
+        rate: sample_tflops,
+        unit: "TFLOP/s",
+        of_ceiling: peak.map(|p| sample_tflops / p),
+    });
+    Ok(())
+}
+
+/// Milliseconds per training step over `steps` steps, after one.
+fn train_ms<B: Backend>(be: &mut B, tr: &mut Trainer, images: &[f32], steps: usize) -> Result<f64> {
+    time(be, steps, |be| tr.step(be, images).map(|_| ()))
+}
+
+/// The steps of the 1000 the bench times the sampler over: the same kernels and the same work per step
+/// as the full run, which would take minutes.
+pub const SAMPLING_ROWS: usize = 50;
+
+/// Milliseconds per step of the sampler (the network's forward and the fused update, recorded once and
+/// replayed where the backend records), over `steps` respaced steps, after one such run.
+fn sampling_step_ms<B: Backend>(
+    be: &mut B,
+    net: &mut UNet,
+    per_image: usize,
+    steps: usize,
+) -> Result<f64> {
+    let rows = sample::ddpm_respaced_table(
+        &Schedule::paper(),
+        steps,
+        crate::sample::Variance::FixedLarge,
+    )?;
     let draw = Draw {
         seed: 0,
         first_image: 0,
@@ -203,28 +245,93 @@ pub fn model<B: Backend>(
             |_, _| {},
         )
     })?;
-    let step_ms = run_ms / rows.len() as f64;
-    let sample_tflops = flop * batch as f64 / (step_ms * 1e-3) / 1e12;
-    lines.push(Line {
-        what: format!("sampling step, batch {batch} (1000-step images/s)"),
-        ms: step_ms,
-        rate: batch as f64 / (1000.0 * step_ms * 1e-3),
-        unit: "images/s",
-        of_ceiling: None,
-    });
-    lines.push(Line {
-        what: format!("sampling step, batch {batch} (model FLOPs)"),
-        ms: step_ms,
-        rate: sample_tflops,
-        unit: "TFLOP/s",
-        of_ceiling: peak.map(|p| sample_tflops / p),
-    });
-    Ok(lines)
+    Ok(run_ms / rows.len() as f64)
+}
+
+/// The network's training and sampling steps at `batch` (`train_steps` and `sampling_rows` of them timed)
+/// in bf16 on each rung of the convolution ladder
+/// the backend has (`dev/conv/README.md`): version 3, which the bf16 kernels run on, then the others
+/// (v2 WMMA; v4, v5, v6 on sm_90a), so the ladder shows what each rung buys the whole network, not only
+/// its convolution. A rung that fails (its kernels never ran on this device before) gets a `failed` row,
+/// and the others go on. Nothing on a backend without bf16.
+pub fn rungs<B: Backend>(
+    be: &mut B,
+    config: &UNetConfig,
+    batch: usize,
+    train_steps: usize,
+    sampling_rows: usize,
+    ceilings: &Ceilings,
+    emit: &mut dyn FnMut(Line),
+) -> Result<()> {
+    let own = be.precision();
+    if be.set_precision(Precision::Bf16).is_err() {
+        return Ok(());
+    }
+    let opts = TrainOptions {
+        batch,
+        lr: 2e-4,
+        warmup: 100,
+        max_grad_norm: 1.0,
+        ema_decay: 0.9999,
+        flip: true,
+        seed: 0,
+    };
+    let mut tr = Trainer::new(be, config, Schedule::paper(), opts)?;
+    tr.init(be)?;
+    let per_image = tr.net.input.len / batch;
+    let images = vec![0.1f32; batch * per_image];
+    let mut net = UNet::new_inference(be, config, batch)?;
+    net.init(be, 0)?;
+    let flop = 2.0 * net.macs_per_image() as f64 * batch as f64;
+    let peak = ceilings.peak(Precision::Bf16);
+    for rung in [None].into_iter().chain(Rung::ALL.map(Some)) {
+        if !be.set_rung(rung)? {
+            continue;
+        }
+        let core = rung.map_or("mma.sync (ladder v3)", Rung::name);
+        let mut row = |what: String, ms: Result<f64>, flop: f64| {
+            emit(match ms {
+                Ok(ms) => {
+                    let tflops = flop / (ms * 1e-3) / 1e12;
+                    Line {
+                        what,
+                        ms,
+                        rate: tflops,
+                        unit: "TFLOP/s",
+                        of_ceiling: peak.map(|p| tflops / p),
+                    }
+                }
+                Err(e) => Line {
+                    what: format!("{what}: failed: {e}"),
+                    ms: 0.0,
+                    rate: f64::NAN,
+                    unit: "(failed)",
+                    of_ceiling: None,
+                },
+            })
+        };
+        row(
+            format!("bf16 train step, batch {batch}, on {core}"),
+            train_ms(be, &mut tr, &images, train_steps),
+            3.0 * flop,
+        );
+        row(
+            format!("bf16 sampling step, batch {batch}, on {core}"),
+            sampling_step_ms(be, &mut net, per_image, sampling_rows),
+            flop,
+        );
+    }
+    be.set_rung(None)?;
+    be.set_precision(own)
 }
 
 /// The dominant kernels of the paper's network at `batch`.
-pub fn kernels<B: Backend>(be: &mut B, batch: usize, ceilings: &Ceilings) -> Result<Vec<Line>> {
-    let mut lines = Vec::new();
+pub fn kernels<B: Backend>(
+    be: &mut B,
+    batch: usize,
+    ceilings: &Ceilings,
+    emit: &mut dyn FnMut(Line),
+) -> Result<()> {
     let iters = 10;
     let tflop_line = |what: String, ms: f64, flop: f64, p: Precision| {
         let rate = flop / (ms * 1e-3) / 1e12;
@@ -321,8 +428,8 @@ pub fn kernels<B: Backend>(be: &mut B, batch: usize, ceilings: &Ceilings) -> Res
         // and v6's tensor maps): its row says so and the rest of the bench goes on.
         let mut row = |op: &str, ms: Result<f64>| -> Result<()> {
             match ms {
-                Ok(ms) => lines.push(tflop_line(format!("{what}: {op}"), ms, flop, p)),
-                Err(e) if rung.is_some() => lines.push(Line {
+                Ok(ms) => emit(tflop_line(format!("{what}: {op}"), ms, flop, p)),
+                Err(e) if rung.is_some() => emit(Line {
                     what: format!("{what}: {op}: failed: {e}"),
                     ms: 0.0,
                     rate: f64::NAN,
@@ -349,13 +456,13 @@ pub fn kernels<B: Backend>(be: &mut B, batch: usize, ceilings: &Ceilings) -> Res
             time(be, iters, |be| be.conv2d_backward_weight(s, x, dy, dw, db)),
         )?;
         if rung.is_some() {
-            continue; // the other rungs have no convolution that normalises its input
+            continue; // the other rungs run the normalising convolutions on v3: those rows are v3's
         }
         let ms = time(be, iters, |be| {
             be.group_norm_forward(g, x, gamma, beta, dx, mean, rstd, true)?;
             be.conv2d_forward(s, dx, w, b, y)
         })?;
-        lines.push(tflop_line(
+        emit(tflop_line(
             format!("{what}: group norm + SiLU, then forward"),
             ms,
             flop,
@@ -364,7 +471,7 @@ pub fn kernels<B: Backend>(be: &mut B, batch: usize, ceilings: &Ceilings) -> Res
         let ms = time(be, iters, |be| {
             be.group_norm_conv2d_forward(s, normed, w, b, None, None, y)
         })?;
-        lines.push(tflop_line(
+        emit(tflop_line(
             format!("{what}: forward normalising its input"),
             ms,
             flop,
@@ -377,7 +484,7 @@ pub fn kernels<B: Backend>(be: &mut B, batch: usize, ceilings: &Ceilings) -> Res
         be.group_norm_forward(g, x, gamma, beta, y, mean, rstd, true)
     })?;
     // Reads x three times (two statistics passes and the normalisation) and writes y once.
-    lines.push(gbs_line(
+    emit(gbs_line(
         format!("group norm + SiLU 16x16x256, batch {batch} (4 passes)"),
         ms,
         16.0 * g.len() as f64,
@@ -388,7 +495,7 @@ pub fn kernels<B: Backend>(be: &mut B, batch: usize, ceilings: &Ceilings) -> Res
             g, x, gamma, beta, mean, rstd, dy, dx, dg, dbeta, true, false,
         )
     })?;
-    lines.push(gbs_line(
+    emit(gbs_line(
         format!("group norm + SiLU backward, batch {batch} (7 passes)"),
         ms,
         28.0 * g.len() as f64,
@@ -406,21 +513,27 @@ pub fn kernels<B: Backend>(be: &mut B, batch: usize, ceilings: &Ceilings) -> Res
     );
     let att_flop = 4.0 * (a.n * a.l * a.l * a.c) as f64;
     let ms = time(be, iters, |be| be.attention_forward(a, qkv, out, lse))?;
-    lines.push(tflop_line(
-        format!("attention l=256 c=256, batch {batch}: forward"),
+    emit(tflop_line(
+        format!(
+            "attention l=256 c=256 {}, batch {batch}: forward",
+            own.name()
+        ),
         ms,
         att_flop,
-        Precision::Fp32, // attention is fp32 in every precision (version 1)
+        own, // bf16 on tensor cores in bf16, where the width is one those kernels take (256 is)
     ));
     let dqkv = alloc_filled(be, qkv.len, 0.0)?;
     let ms = time(be, iters, |be| {
         be.attention_backward(a, qkv, out, lse, out, dqkv)
     })?;
-    lines.push(tflop_line(
-        format!("attention l=256 c=256, batch {batch}: backward"),
+    emit(tflop_line(
+        format!(
+            "attention l=256 c=256 {}, batch {batch}: backward",
+            own.name()
+        ),
         ms,
         2.5 * att_flop,
-        Precision::Fp32,
+        own,
     ));
 
     let n = 35_746_307;
@@ -434,7 +547,7 @@ pub fn kernels<B: Backend>(be: &mut B, batch: usize, ceilings: &Ceilings) -> Res
     // Declared weights, as in training: a backend that keeps a bf16 copy has Adam write it too.
     be.keep_weight_copy(p)?;
     let ms = time(be, iters, |be| be.global_norm(gr, nrm))?;
-    lines.push(gbs_line(
+    emit(gbs_line(
         "gradient norm, 35.7 M parameters".into(),
         ms,
         4.0 * n as f64,
@@ -451,16 +564,16 @@ pub fn kernels<B: Backend>(be: &mut B, batch: usize, ceilings: &Ceilings) -> Res
     let ms = time(be, iters, |be| be.adam_step(p, gr, m, v, nrm, hp))?;
     // Read p, g, m, v; write p, m, v; and the bf16 copy where there is one.
     let copy = if be.keeps_weight_copies() { 2.0 } else { 0.0 };
-    lines.push(gbs_line(
+    emit(gbs_line(
         "Adam, 35.7 M parameters".into(),
         ms,
         (28.0 + copy) * n as f64,
     ));
     let ms = time(be, iters, |be| be.ema_update(m, p, 0.999))?;
-    lines.push(gbs_line(
+    emit(gbs_line(
         "EMA, 35.7 M parameters".into(),
         ms,
         12.0 * n as f64,
     ));
-    Ok(lines)
+    Ok(())
 }

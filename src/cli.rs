@@ -117,7 +117,7 @@ struct BenchArgs {
     /// Timed training steps per batch size (after one warm-up step).
     #[arg(long, default_value_t = 10)]
     steps: usize,
-    /// Skip the per-kernel table.
+    /// Skip the per-kernel table (and, in bf16, the network timed on each rung of the convolution ladder).
     #[arg(long)]
     no_kernels: bool,
     #[arg(long, value_enum, default_value = "auto")]
@@ -658,19 +658,25 @@ impl Job for BenchArgs {
             "model        {} ({} steps timed per batch)",
             self.preset, self.steps
         );
-        let mut lines = Vec::new();
-        for &batch in &self.batch {
-            lines.extend(bench::model(be, &config, batch, self.steps, &ceilings)?);
-        }
-        if !self.no_kernels {
-            lines.extend(bench::kernels(be, self.batch[0], &ceilings)?);
-        }
+        // Each line as soon as it is measured: where a kernel fails on a device it never ran on, what
+        // came before it is already out.
         println!(
             "{:<60} {:>13} {:>12} {:<9} {:>7}",
             "what", "time", "rate", "unit", "ceiling"
         );
-        for l in &lines {
-            println!("{l}");
+        let mut emit = |l: bench::Line| println!("{l}");
+        for &batch in &self.batch {
+            bench::model(be, &config, batch, self.steps, &ceilings, &mut emit)?;
+        }
+        if !self.no_kernels {
+            bench::kernels(be, self.batch[0], &ceilings, &mut emit)?;
+            // The bf16 bench also times the network on each rung of the convolution ladder, at the
+            // largest batch (the sampler's), last: a rung that faults the device takes nothing with it.
+            if be.precision() == Precision::Bf16 {
+                let batch = self.batch.iter().copied().max().unwrap_or(1);
+                let rows = bench::SAMPLING_ROWS;
+                bench::rungs(be, &config, batch, self.steps, rows, &ceilings, &mut emit)?;
+            }
         }
         Ok(())
     }

@@ -885,8 +885,12 @@ fn ten_steps_options() -> TrainOptions {
 
 /// The losses of the first ten training steps of the small network on synthetic data.
 fn ten_losses<B: Backend>(be: &mut B, opts: &TrainOptions) -> Vec<f32> {
+    ten_losses_of(be, &small_config(), opts)
+}
+
+fn ten_losses_of<B: Backend>(be: &mut B, config: &UNetConfig, opts: &TrainOptions) -> Vec<f32> {
     let data = ddpm_cuda::data::synthetic(8, 64, 3);
-    let mut tr = Trainer::new(be, &small_config(), Schedule::paper(), opts.clone()).unwrap();
+    let mut tr = Trainer::new(be, config, Schedule::paper(), opts.clone()).unwrap();
     tr.init(be).unwrap();
     let mut l = Vec::new();
     while tr.step < 10 {
@@ -931,6 +935,87 @@ fn ten_bf16_training_steps_track_the_fp32_losses() {
     // average out (~1e-4 relative); the updates are clipped to norm 1 at lr 1e-3 and differ by as little.
     // Tolerance 2e-3 relative (measured on the emulator: 1.3e-5).
     losses_track(&cpu, &ten_losses(&mut gpu, &opts), 2e-3);
+}
+
+/// The whole network on each rung of the convolution ladder the bf16 kernels do not run on (v2 WMMA, v4
+/// wgmma, v5 and v6 wgmma + TMA), as `ddpm-cuda bench` times it: ten training steps track the fp32
+/// losses as version 3's do (tolerance and reasoning as in ten_bf16_training_steps_track_the_fp32_losses:
+/// every rung rounds the same operands to bf16 and sums in fp32, in another order). Widths 16 and 32, so
+/// the weights go by TMA wherever v5 and v6 can take them: every forward whose reduction is a multiple of
+/// 8 (9 x 16 is), the input gradients where c and o are multiples of 8, and on v6 those where they are
+/// multiples of 32 (the 32-wide level's) in the 64-byte swizzle; the launch counters must show it.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn ten_bf16_training_steps_on_every_rung_track_the_fp32_losses() {
+    let config = UNetConfig {
+        block_out_channels: vec![16, 32],
+        ..small_config()
+    };
+    let opts = ten_steps_options();
+    let cpu = ten_losses_of(&mut CpuBackend::<f32>::new(), &config, &opts);
+    for rung in Rung::ALL {
+        let mut gpu = device_in(Precision::Bf16);
+        if !gpu.set_rung(Some(rung)).unwrap() {
+            assert!(rung.needs_sm90a(), "every bf16 device has the WMMA core");
+            eprintln!("{}: not on this device", rung.name());
+            continue;
+        }
+        eprintln!("on {}:", rung.name());
+        losses_track(&cpu, &ten_losses_of(&mut gpu, &config, &opts), 2e-3);
+        let (tma, swizzled) = (gpu.tma_launches(), gpu.swizzled_tma_launches());
+        eprintln!("  {tma} convolutions copied their weights by TMA, {swizzled} of them swizzled");
+        assert_eq!(tma > 0, rung.uses_tma(), "TMA launches on {}", rung.name());
+        assert_eq!(
+            swizzled > 0,
+            rung == Rung::WgmmaTmaSwizzled,
+            "swizzled TMA launches on {}",
+            rung.name()
+        );
+    }
+}
+
+/// `ddpm-cuda bench`'s ladder rows: the network's training and sampling steps timed on v3 and on every
+/// other rung the device has, re-recording the graphs as the rung changes, each a timing (finite and
+/// positive) and none a `failed` row.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn the_bench_times_the_network_on_every_rung() {
+    let config = UNetConfig {
+        block_out_channels: vec![16, 32],
+        ..small_config()
+    };
+    let mut gpu = device();
+    let own = gpu.precision();
+    let ceilings = ddpm_cuda::bench::Ceilings {
+        copy_gb_s: 1.0,
+        peak_fp32: None,
+        peak_bf16: None,
+    };
+    let mut lines = Vec::new();
+    ddpm_cuda::bench::rungs(&mut gpu, &config, 2, 1, 2, &ceilings, &mut |l| {
+        lines.push(l)
+    })
+    .unwrap();
+    let rungs = 1 + Rung::ALL
+        .into_iter()
+        .filter(|&r| gpu.set_rung(Some(r)).unwrap())
+        .count();
+    gpu.set_rung(None).unwrap();
+    for l in &lines {
+        eprintln!("{l}");
+    }
+    assert_eq!(
+        lines.len(),
+        2 * rungs,
+        "a training and a sampling row per rung"
+    );
+    for l in &lines {
+        assert!(
+            l.ms > 0.0 && l.ms.is_finite() && l.rate > 0.0 && l.unit == "TFLOP/s",
+            "{l}"
+        );
+    }
+    assert_eq!(gpu.precision(), own, "the bench restores the precision");
 }
 
 /// Asserts that the bf16 copy of `t` on the device is the bf16 rounding (to nearest even) of `t`'s fp32

@@ -23,7 +23,8 @@ pub(super) const TILE_BF16: Tile = Tile { mn: 128, k: 32 };
 
 /// One convolution's kernels: fp32 (version 1 of the convolution ladder), bf16 (version 3), and bf16 on
 /// the rungs only the bench and the tests launch (`Backend::set_rung`): version 2 (WMMA) and version 4
-/// (wgmma, sm_90a), which have no convolution that normalises its input.
+/// (wgmma, sm_90a), which have no convolution that normalises its input (on those rungs, those run on
+/// version 3).
 struct Kernels {
     f32: &'static str,
     bf16: &'static str,
@@ -168,11 +169,13 @@ impl CudaBackend {
         Ok(a)
     }
 
-    /// The kernel of a convolution in the current precision, on the current rung in bf16.
-    fn conv_kernel(&self, k: &Kernels) -> Result<&'static str> {
+    /// The kernel of a convolution in the current precision, on the current rung in bf16. A rung without
+    /// a kernel for it (the convolutions that normalise their input) runs it on version 3, so the whole
+    /// network runs on every rung (the bench times it there), its other convolutions on the rung.
+    fn conv_kernel(&self, k: &Kernels) -> &'static str {
         let rung = match (self.precision, self.rung) {
-            (Precision::Fp32, _) => return Ok(k.f32),
-            (Precision::Bf16, None) => return Ok(k.bf16),
+            (Precision::Fp32, _) => return k.f32,
+            (Precision::Bf16, None) => return k.bf16,
             (Precision::Bf16, Some(r)) => r,
         };
         let kernel = match rung {
@@ -181,9 +184,7 @@ impl CudaBackend {
             // `conv_forward` and `conv_backward_data`, where their tensor maps can be made.
             Rung::Wgmma | Rung::WgmmaTma | Rung::WgmmaTmaSwizzled => k.wgmma,
         };
-        kernel.ok_or_else(|| {
-            Error::Invalid(format!("{} has no kernel {} (bf16)", rung.name(), k.f32))
-        })
+        kernel.unwrap_or(k.bf16)
     }
 
     /// How many convolutions (forwards and input gradients) ran with their weights copied by the
@@ -327,7 +328,7 @@ impl CudaBackend {
         let name = self.conv_kernel(match norm {
             Some(_) => &FORWARD_NORMED,
             None => &FORWARD,
-        })?;
+        });
         let (pw, pb, py) = (self.weight_ptr(w)?, self.ptr(b), self.ptr(y));
         let pt = image_bias.map_or(0, |t| self.ptr(t));
         let pr = residual.map_or(0, |r| self.ptr(r));
@@ -367,7 +368,7 @@ impl CudaBackend {
             &[("dy", dy, s.y_len()), ("weight", w, s.w_len())],
             &[("dx", dx, s.x_len())],
         )?;
-        let name = self.conv_kernel(&BACKWARD_DATA)?;
+        let name = self.conv_kernel(&BACKWARD_DATA);
         let (pdy, pw, pdx) = (self.ptr(dy), self.weight_ptr(w)?, self.ptr(dx));
         let cfg = gemm_cfg(self.tile(), s.n * s.h * s.w, s.c, 1);
         let tma = self.tma_weights_transposed(s, pw)?;
@@ -430,7 +431,7 @@ impl CudaBackend {
         let name = self.conv_kernel(match norm {
             Some(_) => &BACKWARD_WEIGHT_NORMED,
             None => &BACKWARD_WEIGHT,
-        })?;
+        });
         a.launch(&mut self.dev, name, cfg)?;
         if splits > 1 {
             self.reduce_splits(splits, s.o, s.k(), pdw, 0, false)?;
