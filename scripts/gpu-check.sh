@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check, on a GPU machine, from the binaries scripts/gpu-prepare.sh put in gpu-carry/. Stages:
 #   tests       the GPU tests (every kernel against the CPU backend, the U-Net and its gradients, training
-#               steps, the device samplers, the weights' bf16 copy);
+#               steps on every rung of the convolution ladder, the device samplers, the weights' bf16
+#               copy), each in a process of its own, with a summary line each;
 #   memcheck    compute-sanitizer memcheck over a short bf16 training run;
 #   sanitizers  memcheck and racecheck over short training and sampling runs, fp32 and bf16;
 #   cifar       ddpm-cuda train and sample on the paper's network (ddpm-cifar10), bf16;
@@ -88,7 +89,14 @@ for s in $stages; do
   case $s in
   tests)
     stage "GPU tests"
-    timed "GPU tests" 240 "$carry/gpu-tests" --ignored --test-threads=1 --nocapture
+    # One process per test: a kernel that faults the device (none had run on one before the first such
+    # run) poisons its process's CUDA context, and would fail every later test of a shared process too.
+    tests_end=$(( $(date +%s) + 240 ))
+    for t in $("$carry/gpu-tests" --list --ignored 2>/dev/null | sed -n 's/: test$//p'); do
+      left=$(( tests_end - $(date +%s) ))
+      (( left < 15 )) && left=15
+      timed "GPU test $t" "$left" "$carry/gpu-tests" --ignored --exact "$t" --test-threads=1 --nocapture
+    done
     ;;
   memcheck)
     stage "compute-sanitizer memcheck, bf16 training"

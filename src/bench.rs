@@ -408,76 +408,85 @@ pub fn kernels<B: Backend>(
         dropout: None,
     };
     // Every precision this backend has, on the same shape: on CUDA, versions 1 (fp32 SIMT) and 3 (bf16
-    // mma.sync) of the convolution ladder (dev/conv/README.md), and after them the rungs the bf16 kernels
-    // do not use (v2 WMMA; v4 wgmma, v5 wgmma + TMA and v6 wgmma + swizzled TMA on sm_90a). Then a
-    // ResNet block's group norm + SiLU and its convolution, one after the other and with the
+    // mma.sync) of the convolution ladder (dev/conv/README.md), and last the rungs the bf16 kernels do
+    // not use (v2 WMMA; v4 wgmma, v5 wgmma + TMA and v6 wgmma + swizzled TMA on sm_90a). With versions 1
+    // and 3, a ResNet block's group norm + SiLU and its convolution, one after the other and with the
     // normalisation applied as the convolution loads its input (the same on a backend that does not fuse
     // them).
     let own = be.precision();
-    let runs = [None]
-        .into_iter()
-        .chain(Rung::ALL.map(Some))
-        .map(|r| (Precision::Bf16, r));
-    for (p, rung) in [(Precision::Fp32, None)].into_iter().chain(runs) {
-        if be.set_precision(p).is_err() || !be.set_rung(rung)? {
-            continue;
-        }
-        let core = rung.map_or(String::new(), |r| format!(" on {}", r.name()));
-        let what = format!("conv 3x3 16x16 256->256 {}{core}, batch {batch}", p.name());
-        // A rung the bench merely compares may fail where the driver refuses something of it (v5's
-        // and v6's tensor maps): its row says so and the rest of the bench goes on.
-        let mut row = |op: &str, ms: Result<f64>| -> Result<()> {
-            match ms {
-                Ok(ms) => emit(tflop_line(format!("{what}: {op}"), ms, flop, p)),
-                Err(e) if rung.is_some() => emit(Line {
-                    what: format!("{what}: {op}: failed: {e}"),
-                    ms: 0.0,
-                    rate: f64::NAN,
-                    unit: "(failed)",
-                    of_ceiling: None,
-                }),
-                Err(e) => return Err(e),
+    let conv_rows = |be: &mut B,
+                     emit: &mut dyn FnMut(Line),
+                     runs: &[(Precision, Option<Rung>)]|
+     -> Result<()> {
+        for &(p, rung) in runs {
+            if be.set_precision(p).is_err() || !be.set_rung(rung)? {
+                continue;
             }
-            Ok(())
-        };
-        row(
-            "forward",
-            time(be, iters, |be| be.conv2d_forward(s, x, w, b, y)),
-        )?;
-        row(
-            "input grad",
-            time(be, iters, |be| be.conv2d_backward_data(s, dy, w, dx, false)),
-        )?;
-        if rung.is_some_and(Rung::uses_tma) {
-            continue; // v5 and v6 leave the weight gradient to v4: that row is v4's
+            let core = rung.map_or(String::new(), |r| format!(" on {}", r.name()));
+            let what = format!("conv 3x3 16x16 256->256 {}{core}, batch {batch}", p.name());
+            // A rung the bench merely compares may fail where the driver refuses something of it (v5's
+            // and v6's tensor maps): its row says so and the rest of the bench goes on.
+            let mut row = |op: &str, ms: Result<f64>| -> Result<()> {
+                match ms {
+                    Ok(ms) => emit(tflop_line(format!("{what}: {op}"), ms, flop, p)),
+                    Err(e) if rung.is_some() => emit(Line {
+                        what: format!("{what}: {op}: failed: {e}"),
+                        ms: 0.0,
+                        rate: f64::NAN,
+                        unit: "(failed)",
+                        of_ceiling: None,
+                    }),
+                    Err(e) => return Err(e),
+                }
+                Ok(())
+            };
+            row(
+                "forward",
+                time(be, iters, |be| be.conv2d_forward(s, x, w, b, y)),
+            )?;
+            row(
+                "input grad",
+                time(be, iters, |be| be.conv2d_backward_data(s, dy, w, dx, false)),
+            )?;
+            if rung.is_some_and(Rung::uses_tma) {
+                continue; // v5 and v6 leave the weight gradient to v4: that row is v4's
+            }
+            row(
+                "weight grad",
+                time(be, iters, |be| be.conv2d_backward_weight(s, x, dy, dw, db)),
+            )?;
+            if rung.is_some() {
+                continue; // the other rungs run the normalising convolutions on v3: those rows are v3's
+            }
+            let ms = time(be, iters, |be| {
+                be.group_norm_forward(g, x, gamma, beta, dx, mean, rstd, true)?;
+                be.conv2d_forward(s, dx, w, b, y)
+            })?;
+            emit(tflop_line(
+                format!("{what}: group norm + SiLU, then forward"),
+                ms,
+                flop,
+                p,
+            ));
+            let ms = time(be, iters, |be| {
+                be.group_norm_conv2d_forward(s, normed, w, b, None, None, y)
+            })?;
+            emit(tflop_line(
+                format!("{what}: forward normalising its input"),
+                ms,
+                flop,
+                p,
+            ));
         }
-        row(
-            "weight grad",
-            time(be, iters, |be| be.conv2d_backward_weight(s, x, dy, dw, db)),
-        )?;
-        if rung.is_some() {
-            continue; // the other rungs run the normalising convolutions on v3: those rows are v3's
-        }
-        let ms = time(be, iters, |be| {
-            be.group_norm_forward(g, x, gamma, beta, dx, mean, rstd, true)?;
-            be.conv2d_forward(s, dx, w, b, y)
-        })?;
-        emit(tflop_line(
-            format!("{what}: group norm + SiLU, then forward"),
-            ms,
-            flop,
-            p,
-        ));
-        let ms = time(be, iters, |be| {
-            be.group_norm_conv2d_forward(s, normed, w, b, None, None, y)
-        })?;
-        emit(tflop_line(
-            format!("{what}: forward normalising its input"),
-            ms,
-            flop,
-            p,
-        ));
-    }
+        Ok(())
+    };
+    // Versions 1 and 3 here; the rungs the bf16 kernels do not use come after everything else (below):
+    // their kernels have run on no device yet, and one that faults takes the device's later work with it.
+    conv_rows(
+        be,
+        emit,
+        &[(Precision::Fp32, None), (Precision::Bf16, None)],
+    )?;
     be.set_rung(None)?;
     be.set_precision(own)?;
     let ms = time(be, iters, |be| {
@@ -575,5 +584,9 @@ pub fn kernels<B: Backend>(
         ms,
         12.0 * n as f64,
     ));
+    let rungs: Vec<_> = Rung::ALL.map(|r| (Precision::Bf16, Some(r))).to_vec();
+    conv_rows(be, emit, &rungs)?;
+    be.set_rung(None)?;
+    be.set_precision(own)?;
     Ok(())
 }
