@@ -53,11 +53,15 @@ inline unsigned box_side(const uint64_t* m, unsigned d) { return unsigned(m[BOX 
 
 // 0, or 1 when the driver would refuse these parameters (bf16 elements, no interleave; with the 64-byte
 // swizzle, box rows of at most 64 bytes), or 2 when the emulator does not model them (another swizzle,
-// or a swizzled box row narrower than the swizzle, which the device pads).
+// a swizzled box row narrower than the swizzle, which the device pads, or a swizzled tensor not 128-byte
+// aligned).
 inline int encode(uint64_t* map, uint64_t base, unsigned rank, const uint64_t* dims, const uint64_t* strides,
                   const unsigned* box, unsigned swizzle) {
     if (swizzle != SWIZZLE_NONE && swizzle != SWIZZLE_64B) return 2;
     if (swizzle == SWIZZLE_64B && rank >= 1 && box[0] * ELEMENT_BYTES < 64) return 2;
+    // A swizzled copy's global memory 128-byte aligned: the driver checks 16, but the CUDA programming
+    // guide's table of swizzle requirements lists 128, which the kernels keep to.
+    if (swizzle != SWIZZLE_NONE && base % 128 != 0) return 2;
     bool ok = rank >= 1 && rank <= MAX_RANK && base % 16 == 0 && box[0] * ELEMENT_BYTES % 16 == 0 &&
               (swizzle != SWIZZLE_64B || box[0] * ELEMENT_BYTES <= 64);
     for (unsigned d = 0; ok && d < rank; ++d)

@@ -72,6 +72,7 @@ inline uint32_t start_index(const void* p) {
 // swizzle; and the swizzle, applied to the element's shared-memory address (the emulator's shared memory
 // is host memory, aligned as the kernel declares it, so the same address bits are XORed as on the device).
 inline uint64_t offset(uint64_t desc, bool mn_major, int mn, int k) {
+    if ((desc >> 49) & 7) fail("a wgmma descriptor with a base offset (bits 49-51; not modelled)");
     const uint64_t lbo = ((desc >> 16) & 0x3FFF) << 4, sbo = ((desc >> 32) & 0x3FFF) << 4;
     switch (desc >> 62) {
     case 0: {

@@ -94,9 +94,10 @@ pub fn check_args(
 }
 
 /// The elements [`Backend::keep_weight_copy`] reserves for `len` weights on a backend that keeps copies:
-/// two bf16 values per element, and up to 3 more elements to start the copy on a 16-byte boundary.
+/// two bf16 values per element, and up to 31 more elements to start the copy on a 128-byte boundary (the
+/// alignment a swizzled TMA copy asks of global memory, which 16-byte loads get too).
 pub fn weight_copy_len(len: usize) -> usize {
-    len.div_ceil(2) + 3
+    len.div_ceil(2) + 31
 }
 
 /// What a backend stores for a network besides the fp32 tensors every backend has, so memory can be

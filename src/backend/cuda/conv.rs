@@ -67,6 +67,11 @@ const BACKWARD_WEIGHT_NORMED: Kernels = Kernels {
 /// columns, one k/8 column of wgmma's 8 x 8 core matrices (`TmaCoresB` in `kernels/gemm_wgmma.cuh`).
 const TMA_COPY: [u32; 2] = [8, 128];
 
+/// The alignment of the weights' bf16 copy version 6 needs: the CUDA programming guide lists 128 bytes of
+/// global memory alignment for a swizzled TMA copy (the driver checks only 16), and the declared weights'
+/// copy starts on such a boundary (`weights.rs`).
+const SWIZZLED_ALIGN: u64 = 128;
+
 /// What one of version 6's copies holds: a whole slice, 32 k by 128 n, in box rows of 64 bytes (the
 /// 64-byte swizzle's): 32 k per row in the forward (`TmaWeightRowsSw64`), 32 n per row in the input
 /// gradient (`TmaWeightTapsSw64`).
@@ -210,10 +215,12 @@ impl CudaBackend {
 
     /// On versions 5 and 6 of the ladder, the kernel of a plain forward convolution and the tensor map of
     /// its bf16 weights at `pw` (version 5: boxes of 8 x 128, no swizzle; version 6: boxes of 32 x 128 in
-    /// the 64-byte swizzle); `None` where the convolution runs on version 4 instead: on any other rung,
-    /// for a normalised input (neither has such a kernel), or where the map cannot describe the weights
-    /// (a reduction `taps^2 c` not a multiple of 8, or a copy not 16-byte aligned). A map the driver
-    /// refuses anyway is an error, not a quiet fallback: the bench's v5 and v6 rows must be what they say.
+    /// the 64-byte swizzle, where the weights start 128-byte aligned as the CUDA programming guide asks
+    /// of a swizzled copy's global memory, else version 5's); `None` where the convolution runs on
+    /// version 4 instead: on any other rung, for a normalised input (neither has such a kernel), or where
+    /// the map cannot describe the weights (a reduction `taps^2 c` not a multiple of 8, or a copy not
+    /// 16-byte aligned). A map the driver refuses anyway is an error, not a quiet fallback: the bench's v5
+    /// and v6 rows must be what they say.
     fn tma_weights(
         &mut self,
         s: ConvShape,
@@ -221,16 +228,18 @@ impl CudaBackend {
         pw: u64,
     ) -> Result<Option<(&'static str, TensorMap)>> {
         let k = s.k() as u64;
-        let (name, [copy_k, copy_n], swizzle) = match self.rung {
-            Some(Rung::WgmmaTma) => ("conv2d_forward_tma", TMA_COPY, Swizzle::None),
-            Some(Rung::WgmmaTmaSwizzled) => {
-                ("conv2d_forward_tma_sw64", TMA_COPY_SW64, Swizzle::B64)
-            }
+        let swizzled = match self.rung {
+            Some(Rung::WgmmaTma) => false,
+            Some(Rung::WgmmaTmaSwizzled) => pw % SWIZZLED_ALIGN == 0,
             _ => return Ok(None),
         };
         if normed || k % 8 != 0 || pw % 16 != 0 {
             return Ok(None);
         }
+        let (name, [copy_k, copy_n], swizzle) = match swizzled {
+            true => ("conv2d_forward_tma_sw64", TMA_COPY_SW64, Swizzle::B64),
+            false => ("conv2d_forward_tma", TMA_COPY, Swizzle::None),
+        };
         let map =
             self.dev
                 .tensor_map_bf16(pw, &[k, s.o as u64], &[2 * k], &[copy_k, copy_n], swizzle)?;
@@ -240,7 +249,7 @@ impl CudaBackend {
     /// On versions 5 and 6 of the ladder, the kernel of the input gradient and the tensor map of its
     /// weights at `pw`, viewing `[o, taps^2, c]` as a 4-D tensor:
     /// - version 6, where c and o are multiples of 32 (a slice's 32 k must be 32 output channels of one
-    ///   tap): the view `TmaWeightTapsSw64` reads (`kernels/gemm_wgmma.cuh`), extents (32, o, c / 32,
+    ///   tap) and the weights start 128-byte aligned: the view `TmaWeightTapsSw64` reads (`kernels/gemm_wgmma.cuh`), extents (32, o, c / 32,
     ///   taps^2), innermost first, byte strides (2 taps^2 c, 64, 2 c), copies of 32 x 32 x 4 x 1 in the
     ///   64-byte swizzle;
     /// - version 5, and version 6 where it cannot, where c and o are multiples of 8 (a copy of 8 output
@@ -256,7 +265,9 @@ impl CudaBackend {
     ) -> Result<Option<(&'static str, TensorMap)>> {
         let swizzled = match self.rung {
             Some(Rung::WgmmaTma) => false,
-            Some(Rung::WgmmaTmaSwizzled) => s.c % 32 == 0 && s.o % 32 == 0,
+            Some(Rung::WgmmaTmaSwizzled) => {
+                s.c % 32 == 0 && s.o % 32 == 0 && pw % SWIZZLED_ALIGN == 0
+            }
             _ => return Ok(None),
         };
         if s.c % 8 != 0 || s.o % 8 != 0 || pw % 16 != 0 {

@@ -1,7 +1,9 @@
 //! The bf16 copy of the weights that the bf16 GEMMs read ([`Backend::keep_weight_copy`]).
 //!
 //! The U-Net declares its parameter region; the backend reserves a copy of it in the arena, bf16 element
-//! `i` of the copy being element `i` of the region, the copy starting on a 16-byte boundary: a run of 8
+//! `i` of the copy being element `i` of the region, the copy starting on a 128-byte boundary (what
+//! ladder v6's swizzled TMA copies ask of global memory; a weight whose offset in the region is a
+//! multiple of 64 elements starts on one too, as every weight of the paper's network does): a run of 8
 //! weights is one aligned 16-byte load where it starts a multiple of 8 elements into the region (every
 //! run of every weight of the paper's network, whose parameter lengths are multiples of 8; elsewhere the
 //! kernels read the run element by element). Every bf16 convolution and linear layer (all rungs) reads
@@ -67,7 +69,7 @@ impl CudaBackend {
         let space = self.alloc(weight_copy_len(weights.len))?;
         self.copies.push(WeightCopy {
             region: weights,
-            at: space.off.next_multiple_of(4),
+            at: space.off.next_multiple_of(32), // 128 bytes (the arena starts 256-byte aligned)
         });
         // Whatever the region holds now (zeros, if nothing was written yet) is rounded before the first op.
         self.stale.push((self.copies.len() - 1, weights));
