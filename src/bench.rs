@@ -112,6 +112,19 @@ pub fn copy_bandwidth<B: Backend>(be: &mut B) -> Result<f64> {
     Ok(8.0 * n as f64 / (ms * 1e-3) / 1e9)
 }
 
+/// The paper's training options at `batch`, as the bench trains.
+fn bench_options(batch: usize) -> TrainOptions {
+    TrainOptions {
+        batch,
+        lr: 2e-4,
+        warmup: 100,
+        max_grad_norm: 1.0,
+        ema_decay: 0.9999,
+        flip: true,
+        seed: 0,
+    }
+}
+
 /// Training and sampling throughput of `config` at `batch`.
 pub fn model<B: Backend>(
     be: &mut B,
@@ -121,15 +134,7 @@ pub fn model<B: Backend>(
     ceilings: &Ceilings,
     emit: &mut dyn FnMut(Line),
 ) -> Result<()> {
-    let opts = TrainOptions {
-        batch,
-        lr: 2e-4,
-        warmup: 100,
-        max_grad_norm: 1.0,
-        ema_decay: 0.9999,
-        flip: true,
-        seed: 0,
-    };
+    let opts = bench_options(batch);
     let (tensors_before, _) = be.bytes_held();
     let mut tr = Trainer::new(be, config, Schedule::paper(), opts)?;
     tr.init(be)?;
@@ -267,15 +272,7 @@ pub fn rungs<B: Backend>(
     if be.set_precision(Precision::Bf16).is_err() {
         return Ok(());
     }
-    let opts = TrainOptions {
-        batch,
-        lr: 2e-4,
-        warmup: 100,
-        max_grad_norm: 1.0,
-        ema_decay: 0.9999,
-        flip: true,
-        seed: 0,
-    };
+    let opts = bench_options(batch);
     let mut tr = Trainer::new(be, config, Schedule::paper(), opts)?;
     tr.init(be)?;
     let per_image = tr.net.input.len / batch;

@@ -770,6 +770,15 @@ fn small_config() -> UNetConfig {
     }
 }
 
+/// small_config at widths 16 and 32: multiples of 8 and 16 (the tensor-core attention takes them, and
+/// the TMA rungs' tensor maps), and of 32 at the second level (v6's swizzled input gradient).
+fn wider_config() -> UNetConfig {
+    UNetConfig {
+        block_out_channels: vec![16, 32],
+        ..small_config()
+    }
+}
+
 /// The U-Net's output and every parameter gradient on the two sides, for a batch of 3 at timesteps
 /// 3, 500 and 999, with weights at a scale where every path matters (the paper's init zeroes some layers).
 /// Asserts the output within `out_tol` of its scale and each gradient tensor within `grad_tol`.
@@ -862,10 +871,7 @@ fn unet_output_and_every_gradient_match_the_cpu() {
 #[ignore = "needs a CUDA device"]
 fn bf16_unet_output_and_every_gradient_track_fp32() {
     // Widths 12 and 24 leave attention to the fp32 kernel; 16 and 32 run its bf16 forward too.
-    let wider = UNetConfig {
-        block_out_channels: vec![16, 32],
-        ..small_config()
-    };
+    let wider = wider_config();
     for config in [small_config(), wider] {
         unet_case(&mut Pair::bf16(), &config, 3e-2, 6e-2);
     }
@@ -949,10 +955,7 @@ fn ten_bf16_training_steps_track_the_fp32_losses() {
 #[test]
 #[ignore = "needs a CUDA device"]
 fn ten_bf16_training_steps_on_every_rung_track_the_fp32_losses() {
-    let config = UNetConfig {
-        block_out_channels: vec![16, 32],
-        ..small_config()
-    };
+    let config = wider_config();
     let opts = ten_steps_options();
     let cpu = ten_losses_of(&mut CpuBackend::<f32>::new(), &config, &opts);
     for rung in Rung::ALL {
@@ -982,10 +985,7 @@ fn ten_bf16_training_steps_on_every_rung_track_the_fp32_losses() {
 #[test]
 #[ignore = "needs a CUDA device"]
 fn the_bench_times_the_network_on_every_rung() {
-    let config = UNetConfig {
-        block_out_channels: vec![16, 32],
-        ..small_config()
-    };
+    let config = wider_config();
     let mut gpu = device();
     let own = gpu.precision();
     let ceilings = ddpm_cuda::bench::Ceilings {
