@@ -226,6 +226,7 @@ fn build_emulator() {
         names.extend(kernel_names(&text));
         all_text.push_str(&text);
     }
+    unit.push_str("#include \"thread_exit.h\"\n");
     unit.push_str(
         "namespace {\nstruct Entry { const char* name; emu::Launcher launch; bool sequential; };\n\
          const Entry table[] = {\n",

@@ -19,8 +19,13 @@ int launch(const Launcher& launcher, bool sequential, const unsigned grid[3], co
            unsigned shared_bytes, void** args);
 }  // namespace emu
 
-#define EMU_LAUNCHER(kernel) \
-    [](void** args) { emu::call(&kernel, args, std::make_index_sequence<emu::arity(&kernel)>{}); }
+// One thread's run of a kernel, then the checks of emu/thread_exit.h (which the generated unit includes
+// after the kernels).
+#define EMU_LAUNCHER(kernel)                                                                  \
+    [](void** args) {                                                                         \
+        emu::call(&kernel, args, std::make_index_sequence<emu::arity(&kernel)>{});            \
+        ddpm::emu_check_thread_exit();                                                        \
+    }
 
 namespace emu {
 template <class... A>
