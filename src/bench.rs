@@ -40,6 +40,19 @@ pub struct Line {
     pub of_ceiling: Option<f64>,
 }
 
+impl Line {
+    /// The row of a measurement that failed (a rung the bench merely compares), saying why.
+    fn failed(what: String, e: &crate::error::Error) -> Self {
+        Self {
+            what: format!("{what}: failed: {e}"),
+            ms: 0.0,
+            rate: f64::NAN,
+            unit: "(failed)",
+            of_ceiling: None,
+        }
+    }
+}
+
 impl std::fmt::Display for Line {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let pct = self
@@ -298,13 +311,7 @@ pub fn rungs<B: Backend>(
                         of_ceiling: peak.map(|p| tflops / p),
                     }
                 }
-                Err(e) => Line {
-                    what: format!("{what}: failed: {e}"),
-                    ms: 0.0,
-                    rate: f64::NAN,
-                    unit: "(failed)",
-                    of_ceiling: None,
-                },
+                Err(e) => Line::failed(what, &e),
             })
         };
         row(
@@ -426,13 +433,7 @@ pub fn kernels<B: Backend>(
             let mut row = |op: &str, ms: Result<f64>| -> Result<()> {
                 match ms {
                     Ok(ms) => emit(tflop_line(format!("{what}: {op}"), ms, flop, p)),
-                    Err(e) if rung.is_some() => emit(Line {
-                        what: format!("{what}: {op}: failed: {e}"),
-                        ms: 0.0,
-                        rate: f64::NAN,
-                        unit: "(failed)",
-                        of_ceiling: None,
-                    }),
+                    Err(e) if rung.is_some() => emit(Line::failed(format!("{what}: {op}"), &e)),
                     Err(e) => return Err(e),
                 }
                 Ok(())

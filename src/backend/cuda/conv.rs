@@ -77,6 +77,14 @@ const SWIZZLED_ALIGN: u64 = 128;
 /// gradient (`TmaWeightTapsSw64`).
 const TMA_COPY_SW64: [u32; 2] = [32, 128];
 
+/// A convolution whose weights versions 5 and 6 copy by the tensor-memory accelerator: its kernel, the
+/// tensor map of its weights, and whether the copies are in the 64-byte swizzle (version 6's).
+struct TmaLaunch {
+    kernel: &'static str,
+    map: TensorMap,
+    swizzled: bool,
+}
+
 /// A GEMM launch over an M x N output: grid (M / tile, N / tile, splits), the long side on x.
 pub(super) fn gemm_cfg(tile: Tile, rows: usize, cols: usize, splits: usize) -> LaunchConfig {
     LaunchConfig {
@@ -204,12 +212,10 @@ impl CudaBackend {
         self.tma_launches[1]
     }
 
-    /// Counts a launch that succeeded, by the name of its kernel.
-    fn count_tma(&mut self, kernel: &str) {
-        if kernel.ends_with("_tma") {
-            self.tma_launches[0] += 1;
-        } else if kernel.ends_with("_tma_sw64") {
-            self.tma_launches[1] += 1;
+    /// Counts a launch that succeeded, when it copied its weights by TMA.
+    fn count_tma(&mut self, tma: Option<&TmaLaunch>) {
+        if let Some(t) = tma {
+            self.tma_launches[t.swizzled as usize] += 1;
         }
     }
 
@@ -221,12 +227,7 @@ impl CudaBackend {
     /// the map cannot describe the weights (a reduction `taps^2 c` not a multiple of 8, or a copy not
     /// 16-byte aligned). A map the driver refuses anyway is an error, not a quiet fallback: the bench's v5
     /// and v6 rows must be what they say.
-    fn tma_weights(
-        &mut self,
-        s: ConvShape,
-        normed: bool,
-        pw: u64,
-    ) -> Result<Option<(&'static str, TensorMap)>> {
+    fn tma_weights(&mut self, s: ConvShape, normed: bool, pw: u64) -> Result<Option<TmaLaunch>> {
         let k = s.k() as u64;
         let swizzled = match self.rung {
             Some(Rung::WgmmaTma) => false,
@@ -236,21 +237,25 @@ impl CudaBackend {
         if normed || k % 8 != 0 || pw % 16 != 0 {
             return Ok(None);
         }
-        let (name, [copy_k, copy_n], swizzle) = match swizzled {
+        let (kernel, [copy_k, copy_n], swizzle) = match swizzled {
             true => ("conv2d_forward_tma_sw64", TMA_COPY_SW64, Swizzle::B64),
             false => ("conv2d_forward_tma", TMA_COPY, Swizzle::None),
         };
         let map =
             self.dev
                 .tensor_map_bf16(pw, &[k, s.o as u64], &[2 * k], &[copy_k, copy_n], swizzle)?;
-        Ok(Some((name, map)))
+        Ok(Some(TmaLaunch {
+            kernel,
+            map,
+            swizzled,
+        }))
     }
 
     /// On versions 5 and 6 of the ladder, the kernel of the input gradient and the tensor map of its
     /// weights at `pw`, viewing `[o, taps^2, c]` as a 4-D tensor:
     /// - version 6, where c and o are multiples of 32 (a slice's 32 k must be 32 output channels of one
-    ///   tap) and the weights start 128-byte aligned: the view `TmaWeightTapsSw64` reads (`kernels/gemm_wgmma.cuh`), extents (32, o, c / 32,
-    ///   taps^2), innermost first, byte strides (2 taps^2 c, 64, 2 c), copies of 32 x 32 x 4 x 1 in the
+    ///   tap) and the weights start 128-byte aligned: the view `TmaWeightTapsSw64` reads
+    ///   (`kernels/gemm_wgmma.cuh`), extents (32, o, c / 32, taps^2), innermost first, byte strides (2 taps^2 c, 64, 2 c), copies of 32 x 32 x 4 x 1 in the
     ///   64-byte swizzle;
     /// - version 5, and version 6 where it cannot, where c and o are multiples of 8 (a copy of 8 output
     ///   channels must stay in one tap): `TmaWeightTaps`'s view, extents (8, o, c / 8, taps^2), byte
@@ -258,11 +263,7 @@ impl CudaBackend {
     ///
     /// `None` (version 4) on any other rung, for other channel counts, or where the copy is not 16-byte
     /// aligned. A map the driver refuses is an error.
-    fn tma_weights_transposed(
-        &mut self,
-        s: ConvShape,
-        pw: u64,
-    ) -> Result<Option<(&'static str, TensorMap)>> {
+    fn tma_weights_transposed(&mut self, s: ConvShape, pw: u64) -> Result<Option<TmaLaunch>> {
         let swizzled = match self.rung {
             Some(Rung::WgmmaTma) => false,
             Some(Rung::WgmmaTmaSwizzled) => {
@@ -278,25 +279,28 @@ impl CudaBackend {
             s.o as u64,
             (s.kind.taps() * s.kind.taps()) as u64,
         );
-        let strides = [2 * taps * c, 16, 2 * c];
-        let map = if swizzled {
-            let [copy_k, copy_n] = TMA_COPY_SW64;
-            let strides = [strides[0], 64, strides[2]];
-            let boxes = [32, copy_k, copy_n / 32, 1];
-            let dims = [32, o, c / 32, taps];
-            self.dev
-                .tensor_map_bf16(pw, &dims, &strides, &boxes, Swizzle::B64)?
-        } else {
-            let [copy_k, copy_n] = TMA_COPY;
-            let boxes = [8, copy_k, copy_n / 8, 1];
-            self.dev
-                .tensor_map_bf16(pw, &[8, o, c / 8, taps], &strides, &boxes, Swizzle::None)?
+        // Runs of `run` input channels (one box row) stacked along the output channels of one tap.
+        let (kernel, run, [copy_k, copy_n], swizzle) = match swizzled {
+            true => (
+                "conv2d_backward_data_tma_sw64",
+                32,
+                TMA_COPY_SW64,
+                Swizzle::B64,
+            ),
+            false => ("conv2d_backward_data_tma", 8, TMA_COPY, Swizzle::None),
         };
-        let name = match swizzled {
-            true => "conv2d_backward_data_tma_sw64",
-            false => "conv2d_backward_data_tma",
-        };
-        Ok(Some((name, map)))
+        let map = self.dev.tensor_map_bf16(
+            pw,
+            &[run, o, c / run, taps],
+            &[2 * taps * c, 2 * run, 2 * c],
+            &[run as u32, copy_k, copy_n / run as u32, 1],
+            swizzle,
+        )?;
+        Ok(Some(TmaLaunch {
+            kernel,
+            map,
+            swizzled,
+        }))
     }
 
     /// The tiling of the GEMM core the current precision runs on.
@@ -348,7 +352,7 @@ impl CudaBackend {
         let mut a = self.input_args(x, norm.as_ref())?;
         let tma = self.tma_weights(s, norm.is_some(), pw)?;
         let (name, map) = match &tma {
-            Some((tma_name, map)) => (*tma_name, Some(map)),
+            Some(t) => (t.kernel, Some(&t.map)),
             None => (name, None),
         };
         a.push_weight(pw, map);
@@ -362,7 +366,7 @@ impl CudaBackend {
             a.push(v);
         }
         a.launch(&mut self.dev, name, cfg)?;
-        self.count_tma(name);
+        self.count_tma(tma.as_ref());
         Ok(())
     }
 
@@ -384,7 +388,7 @@ impl CudaBackend {
         let cfg = gemm_cfg(self.tile(), s.n * s.h * s.w, s.c, 1);
         let tma = self.tma_weights_transposed(s, pw)?;
         let (name, map) = match &tma {
-            Some((tma_name, map)) => (*tma_name, Some(map)),
+            Some(t) => (t.kernel, Some(&t.map)),
             None => (name, None),
         };
         let mut a = KernelArgs::default();
@@ -399,7 +403,7 @@ impl CudaBackend {
             a.push(v);
         }
         a.launch(&mut self.dev, name, cfg)?;
-        self.count_tma(name);
+        self.count_tma(tma.as_ref());
         Ok(())
     }
 
