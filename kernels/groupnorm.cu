@@ -1,4 +1,4 @@
-// groupnorm.cu: group normalisation over NHWC activations, optionally fused with SiLU (version 1, fp32).
+// groupnorm.cu: group normalisation over NHWC activations, optionally fused with SiLU (version 2, fp32).
 //   group_norm_forward_f32     y = GN(x) gamma + beta (then SiLU); saves mean and 1/std per (image, group)
 //                              (y null: the statistics only, for a convolution that normalises its input
 //                              as it loads it: conv2d_*_normed_* in conv.cu)
@@ -8,10 +8,19 @@
 // Shapes: x, y, dy, dx [n, hw, c]; gamma, beta [c]; mean, rstd [n, groups]; channels c = groups * cpg,
 // group g holding channels g cpg .. (g + 1) cpg - 1 of every position.
 // Launch: one block of 256 threads per (image, group): grid (groups, n). A group is hw * cpg values
-// (16x16 and 8 channels in the paper's model: 2048); the block reads it two or three times, so the
-// traffic is 3 reads + 1 write per element forward and about 5 per element backward.
-// Statistics: a two-pass mean and variance in fp32 with tree sums (the CPU twin accumulates in fp64;
-// they agree to ~1e-6 relative for groups of this size).
+// (16x16 and 8 channels in the paper's model: 2048).
+//
+// Passes over the group (version 1 read x three times forward and 2 + cpg times backward):
+//   forward    one pass for the statistics (Welford's running mean and sum of squared deviations per
+//              thread, merged across the block), one more for y when it is wanted;
+//   backward   two: the first sums dn, dn xhat and, per channel, dz xhat and dz (the dgamma and dbeta
+//              partials); the second writes dx.
+// Each thread keeps to one channel: the block walks the group in steps of `stride`, the largest multiple
+// of cpg up to 256, so element e of a thread is always channel (threadIdx.x % cpg); the threads past
+// `stride` (256 % cpg of them) only join the reductions. A group of more than 256 channels (no such
+// model is built here) sums its dgamma and dbeta partials one channel at a time, as version 1 did.
+// Statistics in fp32 (the CPU twin accumulates two passes in fp64; they agree to ~1e-6 relative for groups
+// of this size). Every sum has a fixed order, so results are reproducible run to run.
 #include "common.cuh"
 
 __device__ __forceinline__ int64_t gn_index(int64_t image_base, int e, int cpg, int c, int g) {
@@ -19,30 +28,72 @@ __device__ __forceinline__ int64_t gn_index(int64_t image_base, int e, int cpg, 
     return image_base + int64_t(p) * c + ch;
 }
 
+// The step between a thread's elements: the largest multiple of cpg that is at most the block size (the
+// block size itself when cpg is larger).
+__device__ __forceinline__ int gn_stride(int cpg) {
+    return cpg <= int(blockDim.x) ? int(blockDim.x) - int(blockDim.x) % cpg : int(blockDim.x);
+}
+
+// Welford's count, mean and sum of squared deviations of a part of the group.
+struct Moments {
+    float n, mean, m2;
+};
+
+__device__ __forceinline__ void moments_push(Moments& a, float x) {
+    a.n += 1.0f;
+    const float d = x - a.mean;
+    a.mean += d / a.n;
+    a.m2 += d * (x - a.mean);
+}
+
+// The moments of the union of two disjoint parts (Chan et al.). Written so that merge(a, b) and merge(b, a)
+// round to the same bits (every operation is commutative), so the butterfly below leaves every lane of a
+// warp with one result.
+__device__ __forceinline__ Moments moments_merge(Moments a, Moments b) {
+    if (a.n == 0.0f) return b;
+    if (b.n == 0.0f) return a;
+    const float n = a.n + b.n, d = b.mean - a.mean;
+    return {n, (a.n * a.mean + b.n * b.mean) / n, a.m2 + b.m2 + d * d * (a.n * b.n / n)};
+}
+
+__device__ __forceinline__ Moments moments_warp(Moments v) {
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) {
+        const Moments o = {__shfl_xor_sync(0xffffffffu, v.n, offset), __shfl_xor_sync(0xffffffffu, v.mean, offset),
+                           __shfl_xor_sync(0xffffffffu, v.m2, offset)};
+        v = moments_merge(v, o);
+    }
+    return v;
+}
+
+// The moments over the block, in every thread (block size a multiple of 32, at most 1024).
+__device__ __forceinline__ Moments moments_block(Moments v, Moments* scratch) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    v = moments_warp(v);
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    return moments_warp(lane < warps ? scratch[lane] : Moments{0.0f, 0.0f, 0.0f});
+}
+
 extern "C" __global__ void __launch_bounds__(256)
     group_norm_forward_f32(const float* __restrict__ x, const float* __restrict__ gamma,
                            const float* __restrict__ beta, float* __restrict__ y, float* __restrict__ mean_out,
                            float* __restrict__ rstd_out, int hw, int c, int groups, float eps, int silu) {
-    __shared__ float scratch[32];
+    __shared__ Moments scratch[32];
     const int g = blockIdx.x, image = blockIdx.y, cpg = c / groups;
-    const int count = hw * cpg;
+    const int count = hw * cpg, stride = gn_stride(cpg);
     const int64_t base = int64_t(image) * hw * c;
-    float s = 0.0f;
-    for (int e = threadIdx.x; e < count; e += blockDim.x) s += x[gn_index(base, e, cpg, c, g)];
-    const float mean = ddpm::block_sum(s, scratch) / float(count);
-    float ss = 0.0f;
-    for (int e = threadIdx.x; e < count; e += blockDim.x) {
-        const float d = x[gn_index(base, e, cpg, c, g)] - mean;
-        ss += d * d;
-    }
-    const float var = ddpm::block_sum(ss, scratch) / float(count);
-    const float rstd = 1.0f / sqrtf(var + eps);
+    Moments own = {0.0f, 0.0f, 0.0f};
+    if (int(threadIdx.x) < stride)
+        for (int e = threadIdx.x; e < count; e += stride) moments_push(own, x[gn_index(base, e, cpg, c, g)]);
+    const Moments all = moments_block(own, scratch);
+    const float mean = all.mean, rstd = 1.0f / sqrtf(all.m2 / float(count) + eps);
     if (threadIdx.x == 0) {
         mean_out[image * groups + g] = mean;
         rstd_out[image * groups + g] = rstd;
     }
-    if (y == nullptr) return;
-    for (int e = threadIdx.x; e < count; e += blockDim.x) {
+    if (y == nullptr || int(threadIdx.x) >= stride) return;
+    for (int e = threadIdx.x; e < count; e += stride) {
         const int64_t i = gn_index(base, e, cpg, c, g);
         const int ch = g * cpg + e % cpg;
         const float z = (x[i] - mean) * rstd * gamma[ch] + beta[ch];
@@ -61,8 +112,8 @@ __device__ __forceinline__ float gn_dz(const float* x, const float* dy, const fl
 }
 
 // dx = rstd (dn - mean(dn) - xhat mean(dn xhat)) with dn = dz gamma, means over the group;
-// partial[image, ch] of dgamma (sum of dz xhat) and dbeta (sum of dz), channel by channel in a fixed
-// order so the sums are reproducible. `dgamma_part` and `dbeta_part` are [n, c].
+// partial[image, ch] of dgamma (sum of dz xhat) and dbeta (sum of dz), each channel's threads added in
+// thread order so the sums are reproducible. `dgamma_part` and `dbeta_part` are [n, c].
 extern "C" __global__ void __launch_bounds__(256)
     group_norm_backward_f32(const float* __restrict__ x, const float* __restrict__ gamma,
                             const float* __restrict__ beta, const float* __restrict__ mean_in,
@@ -70,44 +121,69 @@ extern "C" __global__ void __launch_bounds__(256)
                             float* __restrict__ dgamma_part, float* __restrict__ dbeta_part, int hw, int c,
                             int groups, int silu, int accumulate) {
     __shared__ float scratch[32];
+    __shared__ float part_g[256], part_b[256];
     const int g = blockIdx.x, image = blockIdx.y, cpg = c / groups;
-    const int count = hw * cpg;
+    const int count = hw * cpg, stride = gn_stride(cpg);
+    const bool active = int(threadIdx.x) < stride;
     const int64_t base = int64_t(image) * hw * c;
     const float mean = mean_in[image * groups + g], rstd = rstd_in[image * groups + g];
-    float sum_dn = 0.0f, sum_dn_xhat = 0.0f;
-    for (int e = threadIdx.x; e < count; e += blockDim.x) {
-        const int64_t i = gn_index(base, e, cpg, c, g);
-        const int ch = g * cpg + e % cpg;
-        float xhat;
-        const float dn = gn_dz(x, dy, gamma, beta, i, ch, mean, rstd, silu, &xhat) * gamma[ch];
-        sum_dn += dn;
-        sum_dn_xhat += dn * xhat;
-    }
+    const int ch_own = g * cpg + int(threadIdx.x) % cpg;  // this thread's channel, when cpg <= stride
+    float sum_dn = 0.0f, sum_dn_xhat = 0.0f, sg = 0.0f, sb = 0.0f;
+    if (active)
+        for (int e = threadIdx.x; e < count; e += stride) {
+            const int64_t i = gn_index(base, e, cpg, c, g);
+            const int ch = g * cpg + e % cpg;
+            float xhat;
+            const float dz = gn_dz(x, dy, gamma, beta, i, ch, mean, rstd, silu, &xhat);
+            const float dn = dz * gamma[ch];
+            sum_dn += dn;
+            sum_dn_xhat += dn * xhat;
+            sg += dz * xhat;
+            sb += dz;
+        }
     const float mean_dn = ddpm::block_sum(sum_dn, scratch) / float(count);
     const float mean_dn_xhat = ddpm::block_sum(sum_dn_xhat, scratch) / float(count);
-    for (int e = threadIdx.x; e < count; e += blockDim.x) {
-        const int64_t i = gn_index(base, e, cpg, c, g);
-        const int ch = g * cpg + e % cpg;
-        float xhat;
-        const float dn = gn_dz(x, dy, gamma, beta, i, ch, mean, rstd, silu, &xhat) * gamma[ch];
-        const float v = rstd * (dn - mean_dn - xhat * mean_dn_xhat);
-        dx[i] = accumulate ? dx[i] + v : v;
+    if (active)
+        for (int e = threadIdx.x; e < count; e += stride) {
+            const int64_t i = gn_index(base, e, cpg, c, g);
+            const int ch = g * cpg + e % cpg;
+            float xhat;
+            const float dn = gn_dz(x, dy, gamma, beta, i, ch, mean, rstd, silu, &xhat) * gamma[ch];
+            const float v = rstd * (dn - mean_dn - xhat * mean_dn_xhat);
+            dx[i] = accumulate ? dx[i] + v : v;
+        }
+    if (cpg <= stride) {
+        // Thread t summed channel t % cpg: channel j's partials are those of threads j, j + cpg, ...
+        part_g[threadIdx.x] = sg;
+        part_b[threadIdx.x] = sb;
+        __syncthreads();
+        if (int(threadIdx.x) < cpg) {
+            float tg = 0.0f, tb = 0.0f;
+            for (int t = threadIdx.x; t < stride; t += cpg) {
+                tg += part_g[t];
+                tb += part_b[t];
+            }
+            dgamma_part[int64_t(image) * c + ch_own] = tg;
+            dbeta_part[int64_t(image) * c + ch_own] = tb;
+        }
+        return;
     }
+    // More channels than threads: one channel at a time, every thread over the positions.
     for (int j = 0; j < cpg; ++j) {
         const int ch = g * cpg + j;
-        float sg = 0.0f, sb = 0.0f;
+        float tg = 0.0f, tb = 0.0f;
         for (int p = threadIdx.x; p < hw; p += blockDim.x) {
             const int64_t i = base + int64_t(p) * c + ch;
             float xhat;
             const float dz = gn_dz(x, dy, gamma, beta, i, ch, mean, rstd, silu, &xhat);
-            sg += dz * xhat;
-            sb += dz;
+            tg += dz * xhat;
+            tb += dz;
         }
-        sg = ddpm::block_sum(sg, scratch);
-        sb = ddpm::block_sum(sb, scratch);
+        tg = ddpm::block_sum(tg, scratch);
+        tb = ddpm::block_sum(tb, scratch);
         if (threadIdx.x == 0) {
-            dgamma_part[int64_t(image) * c + ch] = sg;
-            dbeta_part[int64_t(image) * c + ch] = sb;
+            dgamma_part[int64_t(image) * c + ch] = tg;
+            dbeta_part[int64_t(image) * c + ch] = tb;
         }
     }
 }

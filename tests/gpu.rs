@@ -397,6 +397,11 @@ fn group_norm_matches_the_cpu() {
         (2, 9, 6, 3, false),
         (2, 256, 256, 32, true),
         (1, 1024, 128, 32, false),
+        // 12 channels a group (the up path's 384-wide concatenations): 252 of the 256 threads walk
+        // the group, 4 only join the sums.
+        (2, 64, 384, 32, true),
+        // 300 channels a group, more than the block's threads: dgamma and dbeta one channel at a time.
+        (2, 5, 600, 2, true),
     ] {
         let s = GroupNormShape {
             n,
