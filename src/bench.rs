@@ -5,6 +5,8 @@
 //!   TFLOP/s from the forward multiply-adds x 3 (forward and backward).
 //! - Sampling: the time of one recorded step (forward + fused update) replayed; images/s for the full
 //!   1000-step sampler follow from it.
+//! - Profiles (on a backend with kernels): one training step and one sampling forward run op by op,
+//!   every kernel timed on the device; the longest kernels by name with their launches and share.
 //! - Kernels: a 3x3 convolution of the paper's widest 16x16 layer (forward, input and weight gradients)
 //!   in every precision the backend has, and on every rung of the convolution ladder it keeps (v1 fp32
 //!   SIMT, v2 bf16 WMMA, v3 bf16 mma.sync; v4 wgmma, v5 and v6 wgmma + TMA on sm_90a:
@@ -197,6 +199,15 @@ pub fn model<B: Backend>(
         unit: "GiB",
         of_ceiling: None,
     });
+    // Where a step's time goes: one step run op by op, each kernel timed on the device.
+    tr.record = false;
+    if be.profile_begin()? {
+        let stepped = tr.step(be, &images);
+        let launches = be.profile_end()?;
+        stepped?;
+        let what = format!("kernels of a train step, batch {batch}");
+        profile_lines(&what, &launches, emit);
+    }
     drop(tr);
     let mut net = UNet::new_inference(be, config, batch)?;
     net.init(be, 0)?;
@@ -216,7 +227,62 @@ pub fn model<B: Backend>(
         unit: "TFLOP/s",
         of_ceiling: peak.map(|p| sample_tflops / p),
     });
+    // The sampler's step is this forward and one fused update.
+    if be.profile_begin()? {
+        let ran = net.forward(be, None);
+        let launches = be.profile_end()?;
+        ran?;
+        let what = format!("kernels of a sampling forward, batch {batch}");
+        profile_lines(&what, &launches, emit);
+    }
     Ok(())
+}
+
+/// The kernels a profile names one by one; the others share a row.
+pub const PROFILE_ROWS: usize = 12;
+
+/// The report of a profile (`launches`: kernel and milliseconds, in launch order): the kernels' total,
+/// then the [`PROFILE_ROWS`] kernels that took longest, each with its launch count, its time and its share
+/// of the total, then the rest in one row. The total leaves out the gaps between kernels, which the
+/// step's own rows include.
+pub fn profile_lines(what: &str, launches: &[(&'static str, f64)], emit: &mut dyn FnMut(Line)) {
+    let mut kernels: Vec<(&'static str, usize, f64)> = Vec::new();
+    for &(name, ms) in launches {
+        match kernels.iter_mut().find(|k| k.0 == name) {
+            Some(k) => (k.1, k.2) = (k.1 + 1, k.2 + ms),
+            None => kernels.push((name, 1, ms)),
+        }
+    }
+    // Longest first; a stable sort keeps kernels of equal time in launch order.
+    kernels.sort_by(|a, b| b.2.total_cmp(&a.2));
+    let total: f64 = kernels.iter().map(|k| k.2).sum();
+    let line = |what: String, ms: f64| Line {
+        what,
+        ms,
+        rate: if total > 0.0 { 100.0 * ms / total } else { 0.0 },
+        unit: "% kernels",
+        of_ceiling: None,
+    };
+    emit(line(
+        format!(
+            "{what}: all {} launches of {} kernels",
+            launches.len(),
+            kernels.len()
+        ),
+        total,
+    ));
+    let named = kernels.len().min(PROFILE_ROWS);
+    for &(name, count, ms) in &kernels[..named] {
+        emit(line(format!("{what}: {name} x{count}"), ms));
+    }
+    let rest = &kernels[named..];
+    if !rest.is_empty() {
+        let (count, ms) = rest.iter().fold((0, 0.0), |(c, t), k| (c + k.1, t + k.2));
+        emit(line(
+            format!("{what}: {} other kernels x{count}", rest.len()),
+            ms,
+        ));
+    }
 }
 
 /// Milliseconds per training step over `steps` steps, after one.
@@ -589,4 +655,41 @@ pub fn kernels<B: Backend>(
     be.set_rung(None)?;
     be.set_precision(own)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Launches are added by kernel, the longest named first with their counts, and the kernels past
+    /// [`PROFILE_ROWS`] share one row.
+    #[test]
+    fn a_profile_names_the_longest_kernels_and_folds_the_rest() {
+        const NAMES: [&str; 14] = [
+            "k0", "k1", "k2", "k3", "k4", "k5", "k6", "k7", "k8", "k9", "k10", "k11", "k12", "k13",
+        ];
+        // Kernel i launched once for i ms, and k1 three more times (4 ms in all, after k3).
+        let mut launches: Vec<(&'static str, f64)> = NAMES
+            .iter()
+            .enumerate()
+            .map(|(i, &k)| (k, i as f64))
+            .collect();
+        launches.extend([("k1", 1.0); 3]);
+        let mut lines = Vec::new();
+        profile_lines("step", &launches, &mut |l| lines.push(l));
+        let total = (0..14).sum::<usize>() as f64 + 3.0;
+        assert_eq!(lines[0].what, "step: all 17 launches of 14 kernels");
+        assert_eq!(lines[0].ms, total);
+        let named: Vec<&str> = lines[1..=PROFILE_ROWS]
+            .iter()
+            .map(|l| l.what.as_str())
+            .collect();
+        assert_eq!(named[..3], ["step: k13 x1", "step: k12 x1", "step: k11 x1"]);
+        // k1 and k4 (4 ms each) keep the order of their first launches.
+        assert_eq!(named[9..], ["step: k1 x4", "step: k4 x1", "step: k3 x1"]);
+        assert_eq!(lines[1 + PROFILE_ROWS].what, "step: 2 other kernels x2");
+        assert_eq!(lines[1 + PROFILE_ROWS].ms, 2.0);
+        assert_eq!(lines.len(), PROFILE_ROWS + 2);
+        assert!((lines[1].rate - 100.0 * 13.0 / total).abs() < 1e-9);
+    }
 }

@@ -19,7 +19,7 @@ use ddpm_cuda::backend::cpu::CpuBackend;
 use ddpm_cuda::backend::cuda::CudaBackend;
 use ddpm_cuda::backend::{
     AdamHyper, AttentionShape, Backend, ConvKind, ConvShape, DropoutAfter, GroupNormShape, Layout,
-    NormedInput, Precision, Rung, SamplerRow, Stream, Tensor,
+    NormedInput, Precision, Rung, SamplerRow, Sequence, Stream, Tensor,
 };
 use ddpm_cuda::model::{UNet, UNetConfig};
 use ddpm_cuda::rng;
@@ -1023,6 +1023,82 @@ fn the_bench_times_the_network_on_every_rung() {
         );
     }
     assert_eq!(gpu.precision(), own, "the bench restores the precision");
+}
+
+/// The kernel profile (`Backend::profile_begin` and `profile_end`, which `ddpm-cuda bench`'s "kernels of"
+/// rows report): one training step run op by op gives every launch, each with a time, in the numbers the
+/// step runs them; nothing outside the profile is timed; a recording cannot start inside one; and the
+/// bench's rows add up to the total.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn the_profile_times_every_kernel_of_a_training_step() {
+    let config = small_config();
+    let opts = ten_steps_options();
+    let mut gpu = device();
+    let data = ddpm_cuda::data::synthetic(8, 64, 3);
+    let mut tr = Trainer::new(&mut gpu, &config, Schedule::paper(), opts.clone()).unwrap();
+    tr.init(&mut gpu).unwrap();
+    tr.record = false;
+    let images = data.batch(opts.seed, 0, opts.batch, opts.flip);
+    tr.step(&mut gpu, &images).unwrap();
+    assert!(gpu.profile_begin().unwrap(), "the CUDA backend profiles");
+    tr.step(&mut gpu, &images).unwrap();
+    let launches = gpu.profile_end().unwrap();
+    let count = |k: &str| launches.iter().filter(|l| l.0 == k).count();
+    eprintln!("{} launches of {} kernels", launches.len(), {
+        let mut names: Vec<_> = launches.iter().map(|l| l.0).collect();
+        names.sort_unstable();
+        names.dedup();
+        names.len()
+    });
+    for l in &launches {
+        assert!(l.1 > 0.0 && l.1.is_finite(), "{l:?}");
+    }
+    for k in [
+        "draw_timesteps_f32",
+        "noise_add_f32",
+        "adam_step_f32",
+        "ema_update_f32",
+        "log_at_clock_f32",
+    ] {
+        assert_eq!(count(k), 1, "{k} launches in one step");
+    }
+    let norms = count("group_norm_forward_f32");
+    assert!(norms > 0, "the small network has group norms");
+    assert_eq!(
+        count("group_norm_backward_f32"),
+        norms,
+        "a backward for every group norm"
+    );
+    tr.step(&mut gpu, &images).unwrap();
+    assert!(
+        gpu.profile_end().unwrap().is_empty(),
+        "nothing timed after the profile"
+    );
+    assert!(gpu.profile_begin().unwrap());
+    assert!(
+        gpu.capture_begin(Sequence::Training).is_err(),
+        "no recording inside a profile"
+    );
+    gpu.profile_end().unwrap();
+
+    let mut lines = Vec::new();
+    ddpm_cuda::bench::profile_lines("p", &launches, &mut |l| lines.push(l));
+    for l in &lines {
+        eprintln!("{l}");
+    }
+    let total: f64 = launches.iter().map(|l| l.1).sum();
+    let rows = &lines[1..];
+    let (ms, share) = rows
+        .iter()
+        .fold((0.0, 0.0), |(m, s), l| (m + l.ms, s + l.rate));
+    // Sums of the same positive times in another order: equal to ~1e-12 relative.
+    assert!((lines[0].ms - total).abs() <= 1e-9 * total, "{}", lines[0]);
+    assert!(
+        (ms - total).abs() <= 1e-9 * total,
+        "rows add up to {ms}, not {total}"
+    );
+    assert!((share - 100.0).abs() <= 1e-6, "shares add up to {share}%");
 }
 
 /// Asserts that the bf16 copy of `t` on the device is the bf16 rounding (to nearest even) of `t`'s fp32

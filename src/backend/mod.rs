@@ -932,6 +932,16 @@ pub trait Backend {
     fn synchronize(&mut self) -> Result<()> {
         Ok(())
     }
+    /// Starts timing each kernel launched from now to [`Backend::profile_end`] (ops run one by one, not
+    /// recorded). False where the backend has no kernels to time (the CPU).
+    fn profile_begin(&mut self) -> Result<bool> {
+        Ok(false)
+    }
+    /// Waits for everything queued and returns each kernel launched since [`Backend::profile_begin`], in
+    /// launch order: its name and milliseconds.
+    fn profile_end(&mut self) -> Result<Vec<(&'static str, f64)>> {
+        Ok(Vec::new())
+    }
     /// How many more elements `alloc` can reserve before memory runs out (device memory on a GPU, the
     /// host's available memory on the CPU), where the backend can tell.
     fn memory_available(&self) -> Option<usize> {

@@ -7,7 +7,7 @@ use crate::backend::Sequence;
 use crate::error::{Error, Result};
 use cudarc::driver::sys::{self, CUdevice_attribute, CUfunction_attribute};
 use cudarc::driver::{
-    result, CudaContext, CudaFunction, CudaGraph, CudaModule, CudaStream, LaunchConfig,
+    result, CudaContext, CudaEvent, CudaFunction, CudaGraph, CudaModule, CudaStream, LaunchConfig,
 };
 use std::collections::HashMap;
 use std::ffi::c_void;
@@ -76,6 +76,10 @@ pub(super) struct Gpu {
     module: Arc<CudaModule>,
     stream: Arc<CudaStream>,
     ctx: Arc<CudaContext>,
+    /// While profiling: each launch's kernel and the events recorded on the stream before and after it.
+    profile: Option<Vec<(&'static str, CudaEvent, CudaEvent)>>,
+    /// Timing events of earlier profiles, for the next one.
+    spare_events: Vec<CudaEvent>,
 }
 
 pub(super) enum Device {
@@ -137,6 +141,8 @@ impl Device {
             module,
             stream,
             ctx,
+            profile: None,
+            spare_events: Vec::new(),
         };
         for kernel in kernels {
             gpu.function(kernel)?;
@@ -289,6 +295,10 @@ impl Device {
             Self::Gpu(g) => {
                 let f = g.function(name)?;
                 let _ = sizes;
+                let start = match g.profile.is_some() {
+                    true => Some(g.recorded_event()?),
+                    false => None,
+                };
                 result::launch_kernel(
                     f.cu_function(),
                     cfg.grid_dim,
@@ -297,7 +307,14 @@ impl Device {
                     g.stream.cu_stream(),
                     params,
                 )
-                .map_err(|e| Error::Cuda(format!("launching {name}: {e}")))
+                .map_err(|e| Error::Cuda(format!("launching {name}: {e}")))?;
+                if let Some(start) = start {
+                    let end = g.recorded_event()?;
+                    if let Some(list) = &mut g.profile {
+                        list.push((name, start, end));
+                    }
+                }
+                Ok(())
             }
             #[cfg(feature = "emu")]
             Self::Emu(e) => e.launch(name, cfg, params, sizes),
@@ -436,6 +453,54 @@ impl Device {
 
     /// Forgets every recorded sequence (their addresses are stale once memory moves, their kernels once
     /// the precision changes).
+    /// Starts timing every kernel launched from now to [`Device::profile_end`]. The caller launches
+    /// nothing into a recording meanwhile.
+    pub fn profile_begin(&mut self) {
+        match self {
+            Self::Gpu(g) => {
+                let old = g.profile.replace(Vec::new());
+                g.spare(old);
+            }
+            #[cfg(feature = "emu")]
+            Self::Emu(e) => e.profile = Some(Vec::new()),
+        }
+    }
+
+    /// Whether kernels are being timed.
+    pub fn profiling(&self) -> bool {
+        match self {
+            Self::Gpu(g) => g.profile.is_some(),
+            #[cfg(feature = "emu")]
+            Self::Emu(e) => e.profile.is_some(),
+        }
+    }
+
+    /// Waits for the stream and returns each launch since [`Device::profile_begin`], in order: the
+    /// kernel and its time in milliseconds (on the emulator, the wall-clock time of running it).
+    pub fn profile_end(&mut self) -> Result<Vec<(&'static str, f64)>> {
+        match self {
+            Self::Gpu(g) => {
+                let list = g.profile.take().unwrap_or_default();
+                g.stream
+                    .synchronize()
+                    .map_err(cuda("waiting for the profiled kernels"))?;
+                let times = list
+                    .iter()
+                    .map(|(name, start, end)| {
+                        let ms = start
+                            .elapsed_ms(end)
+                            .map_err(cuda("reading a kernel's timing events"))?;
+                        Ok((*name, f64::from(ms)))
+                    })
+                    .collect();
+                g.spare(Some(list));
+                times
+            }
+            #[cfg(feature = "emu")]
+            Self::Emu(e) => Ok(e.profile.take().unwrap_or_default()),
+        }
+    }
+
     pub fn forget_recordings(&mut self) {
         match self {
             Self::Gpu(g) => g.graphs = Default::default(),
@@ -446,6 +511,28 @@ impl Device {
 }
 
 impl Gpu {
+    /// A timing event (a spare one where there is one), recorded on the stream now.
+    fn recorded_event(&mut self) -> Result<CudaEvent> {
+        let event = match self.spare_events.pop() {
+            Some(e) => e,
+            None => self
+                .ctx
+                .new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))
+                .map_err(cuda("creating a timing event"))?,
+        };
+        event
+            .record(&self.stream)
+            .map_err(cuda("recording a timing event"))?;
+        Ok(event)
+    }
+
+    /// Keeps the events of a finished profile for the next one.
+    fn spare(&mut self, list: Option<Vec<(&'static str, CudaEvent, CudaEvent)>>) {
+        for (_, a, b) in list.into_iter().flatten() {
+            self.spare_events.extend([a, b]);
+        }
+    }
+
     /// A kernel of the embedded module, loaded once.
     fn function(&mut self, name: &'static str) -> Result<CudaFunction> {
         if let Some(f) = self.functions.get(name) {
@@ -556,6 +643,8 @@ mod emu {
     pub struct Emu {
         recording: Option<Vec<Recorded>>,
         recorded: [Vec<Recorded>; Sequence::COUNT],
+        /// While profiling: each launch's kernel and the milliseconds it took to run.
+        pub profile: Option<Vec<(&'static str, f64)>>,
     }
 
     impl Emu {
@@ -604,7 +693,12 @@ mod emu {
                 });
                 return Ok(());
             }
-            run(&cname, cfg, params)
+            let start = std::time::Instant::now();
+            run(&cname, cfg, params)?;
+            if let Some(list) = &mut self.profile {
+                list.push((name, start.elapsed().as_secs_f64() * 1e3));
+            }
+            Ok(())
         }
 
         pub fn replay(&mut self, seq: Sequence) -> Result<()> {

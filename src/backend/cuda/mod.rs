@@ -826,6 +826,11 @@ impl super::Backend for CudaBackend {
     fn capture_begin(&mut self, seq: Sequence) -> Result<bool> {
         // Everything a recorded op touches must exist before recording starts.
         self.not_recording("starting a recording")?;
+        if self.dev.profiling() {
+            return Err(Error::Invalid(
+                "starting a recording while kernels are being profiled".into(),
+            ));
+        }
         self.materialise()?;
         // What was written before is rounded now, not in every replay.
         self.refresh_copies()?;
@@ -865,6 +870,22 @@ impl super::Backend for CudaBackend {
     fn synchronize(&mut self) -> Result<()> {
         self.refresh_copies()?;
         self.sync()
+    }
+
+    fn profile_begin(&mut self) -> Result<bool> {
+        self.not_recording("profiling")?;
+        // The roundings owed to earlier writes are not this profile's.
+        self.refresh_copies()?;
+        self.dev.profile_begin();
+        Ok(true)
+    }
+
+    fn profile_end(&mut self) -> Result<Vec<(&'static str, f64)>> {
+        // The roundings this profile's writes need (the weight copies) are its own.
+        let refreshed = self.refresh_copies();
+        let launches = self.dev.profile_end();
+        refreshed?;
+        launches
     }
 
     fn bytes_held(&self) -> (usize, usize) {
