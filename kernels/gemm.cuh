@@ -432,7 +432,8 @@ extern "C" __global__ void gemm_reduce_f32(const float* __restrict__ workspace, 
 // out[n] = sum_m x[m, n] over `rows` rows of `cols` columns (a bias gradient), in two deterministic stages:
 // column_sums_partial_f32 with grid (ceil(cols / 32), slices), block 256, writes partial[slice, n] (each
 // block's 8 warps stride over its rows, lanes on consecutive columns, then sum in warp order);
-// column_sums_finish_f32 adds the slices in order.
+// column_sums_finish_f32, grid ceil(cols / 32), block 256, adds the slices the same way (warp w every 8th
+// slice from w), so no thread adds more than slices / 8 values in a chain.
 extern "C" __global__ void column_sums_partial_f32(const float* __restrict__ x, int64_t rows, int cols,
                                                    float* __restrict__ partial) {
     __shared__ float part[8][32];
@@ -452,11 +453,19 @@ extern "C" __global__ void column_sums_partial_f32(const float* __restrict__ x, 
     }
 }
 
-extern "C" __global__ void column_sums_finish_f32(const float* __restrict__ partial, int slices, int cols,
-                                                  float* __restrict__ out) {
-    const int n = blockIdx.x * blockDim.x + threadIdx.x;
-    if (n >= cols) return;
+extern "C" __global__ void __launch_bounds__(256)
+    column_sums_finish_f32(const float* __restrict__ partial, int slices, int cols, float* __restrict__ out) {
+    __shared__ float part[8][32];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int n = blockIdx.x * 32 + lane;
     float s = 0.0f;
-    for (int z = 0; z < slices; ++z) s += partial[int64_t(z) * cols + n];
-    out[n] = s;
+    if (n < cols)
+        for (int z = warp; z < slices; z += 8) s += partial[int64_t(z) * cols + n];
+    part[warp][lane] = s;
+    __syncthreads();
+    if (warp == 0 && n < cols) {
+        float total = 0.0f;
+        for (int w = 0; w < 8; ++w) total += part[w][lane];
+        out[n] = total;
+    }
 }

@@ -506,7 +506,7 @@ impl CudaBackend {
         let [cols_i, slices_i] = dims([cols, slices])?;
         launch!(self, "column_sums_partial_f32", cfg, px, rows_i, cols_i, ws)?;
         let cfg = LaunchConfig {
-            grid_dim: (cols.div_ceil(256) as u32, 1, 1),
+            grid_dim: (cols.div_ceil(32) as u32, 1, 1),
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };

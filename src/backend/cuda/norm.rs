@@ -143,8 +143,9 @@ impl CudaBackend {
             acc
         )?;
         let (pdg, pdb) = (self.ptr(dgamma), self.ptr(dbeta));
+        // Lanes on 32 consecutive channels; dgamma in row 0 of the grid, dbeta in row 1.
         let finish = LaunchConfig {
-            grid_dim: (s.c.div_ceil(256) as u32, 1, 1),
+            grid_dim: (s.c.div_ceil(32) as u32, 2, 1),
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
