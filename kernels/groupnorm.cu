@@ -46,14 +46,14 @@ __device__ __forceinline__ void moments_push(Moments& a, float x) {
     a.m2 += d * (x - a.mean);
 }
 
-// The moments of the union of two disjoint parts (Chan et al.). Written so that merge(a, b) and merge(b, a)
-// round to the same bits (every operation is commutative), so the butterfly below leaves every lane of a
-// warp with one result.
+// The moments of the union of two disjoint parts (Chan et al.). Not symmetric to the last bit (merge(a, b)
+// and merge(b, a) can round apart, more so where the compiler contracts into FMAs), so the lanes of a
+// butterfly can end a bit apart: moments_block hands every thread one lane's result.
 __device__ __forceinline__ Moments moments_merge(Moments a, Moments b) {
     if (a.n == 0.0f) return b;
     if (b.n == 0.0f) return a;
-    const float n = a.n + b.n, d = b.mean - a.mean;
-    return {n, (a.n * a.mean + b.n * b.mean) / n, a.m2 + b.m2 + d * d * (a.n * b.n / n)};
+    const float n = a.n + b.n, d = b.mean - a.mean, w = b.n / n;
+    return {n, a.mean + d * w, a.m2 + b.m2 + d * d * a.n * w};
 }
 
 __device__ __forceinline__ Moments moments_warp(Moments v) {
@@ -66,20 +66,27 @@ __device__ __forceinline__ Moments moments_warp(Moments v) {
     return v;
 }
 
-// The moments over the block, in every thread (block size a multiple of 32, at most 1024).
+// The moments over the block, the same bits in every thread: each warp's merged, the warps' merged by warp
+// 0, and lane 0's result read by all (block size a multiple of 32, at most 1024; `scratch` holds 33).
+// Called once per kernel: a second call would need a barrier first, as ddpm::block_sum has.
 __device__ __forceinline__ Moments moments_block(Moments v, Moments* scratch) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
     v = moments_warp(v);
     if (lane == 0) scratch[warp] = v;
     __syncthreads();
-    return moments_warp(lane < warps ? scratch[lane] : Moments{0.0f, 0.0f, 0.0f});
+    if (warp == 0) {
+        v = moments_warp(lane < warps ? scratch[lane] : Moments{0.0f, 0.0f, 0.0f});
+        if (lane == 0) scratch[32] = v;
+    }
+    __syncthreads();
+    return scratch[32];
 }
 
 extern "C" __global__ void __launch_bounds__(256)
     group_norm_forward_f32(const float* __restrict__ x, const float* __restrict__ gamma,
                            const float* __restrict__ beta, float* __restrict__ y, float* __restrict__ mean_out,
                            float* __restrict__ rstd_out, int hw, int c, int groups, float eps, int silu) {
-    __shared__ Moments scratch[32];
+    __shared__ Moments scratch[33];
     const int g = blockIdx.x, image = blockIdx.y, cpg = c / groups;
     const int count = hw * cpg, stride = gn_stride(cpg);
     const int64_t base = int64_t(image) * hw * c;

@@ -154,8 +154,10 @@ stage "summary"
 printf '%s\n' "${summary[@]}"
 [ -e "$work/bench-bf16.txt" ] || [ -e "$work/bench-fp32.txt" ] || finish
 grep -E "ceilings|images/s|TFLOP/s|GB/s|GiB|failed" "$work/bench-fp32.txt" "$work/bench-bf16.txt" 2>/dev/null || true
-# Where bf16's time goes: the kernels of one step, op by op, at the largest batch.
-grep -E "% kernels" "$work/bench-bf16.txt" 2>/dev/null | grep "batch $(grep -oE "train step, batch [0-9]+" "$work/bench-bf16.txt" 2>/dev/null | tail -n 1 | grep -oE "[0-9]+$")" || true
+# Where bf16's time goes: the kernels of a training step and of a sampling forward, op by op, at the
+# last batch the bench ran.
+last_batch=$(grep -oE "train step, batch [0-9]+" "$work/bench-bf16.txt" 2>/dev/null | tail -n 1 | grep -oE "[0-9]+$")
+[ -z "$last_batch" ] || grep -E "^kernels of .*, batch $last_batch: .*% kernels" "$work/bench-bf16.txt" || true
 # Ours (each precision) against the best PyTorch configuration at each batch size.
 python3 - "$work/bench-fp32.txt" "$work/bench-bf16.txt" "$work/peer.txt" <<'PY' || true
 import re, sys

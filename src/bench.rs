@@ -243,8 +243,9 @@ pub const PROFILE_ROWS: usize = 12;
 
 /// The report of a profile (`launches`: kernel and milliseconds, in launch order): the kernels' total,
 /// then the [`PROFILE_ROWS`] kernels that took longest, each with its launch count, its time and its share
-/// of the total, then the rest in one row. The total leaves out the gaps between kernels, which the
-/// step's own rows include.
+/// of the total, then the rest in one row. A kernel's time runs from an event recorded before its launch
+/// to one after it, so where the device waits for the host to launch it, that wait counts too (the host
+/// gaps of a step run op by op; a recorded step replays without them).
 pub fn profile_lines(what: &str, launches: &[(&'static str, f64)], emit: &mut dyn FnMut(Line)) {
     let mut kernels: Vec<(&'static str, usize, f64)> = Vec::new();
     for &(name, ms) in launches {

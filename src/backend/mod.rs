@@ -938,7 +938,8 @@ pub trait Backend {
         Ok(false)
     }
     /// Waits for everything queued and returns each kernel launched since [`Backend::profile_begin`], in
-    /// launch order: its name and milliseconds.
+    /// launch order: its name and milliseconds (between events recorded just before and after its launch,
+    /// so including any wait of the device for the host's launch).
     fn profile_end(&mut self) -> Result<Vec<(&'static str, f64)>> {
         Ok(Vec::new())
     }

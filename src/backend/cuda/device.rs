@@ -451,8 +451,6 @@ impl Device {
         }
     }
 
-    /// Forgets every recorded sequence (their addresses are stale once memory moves, their kernels once
-    /// the precision changes).
     /// Starts timing every kernel launched from now to [`Device::profile_end`]. The caller launches
     /// nothing into a recording meanwhile.
     pub fn profile_begin(&mut self) {
@@ -501,6 +499,8 @@ impl Device {
         }
     }
 
+    /// Forgets every recorded sequence (their addresses are stale once memory moves, their kernels once
+    /// the precision changes).
     pub fn forget_recordings(&mut self) {
         match self {
             Self::Gpu(g) => g.graphs = Default::default(),

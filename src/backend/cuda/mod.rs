@@ -863,6 +863,14 @@ impl super::Backend for CudaBackend {
 
     fn replay(&mut self, seq: Sequence) -> Result<()> {
         self.not_recording("replaying a recording")?;
+        // A replayed graph's kernels do not pass through the launcher that times them.
+        if self.dev.profiling() {
+            return Err(Error::Invalid(
+                "replaying a recording while kernels are being profiled (profiles time ops run one \
+                 by one)"
+                    .into(),
+            ));
+        }
         self.refresh_copies()?;
         self.dev.replay(seq)
     }
@@ -874,6 +882,11 @@ impl super::Backend for CudaBackend {
 
     fn profile_begin(&mut self) -> Result<bool> {
         self.not_recording("profiling")?;
+        if self.dev.profiling() {
+            return Err(Error::Invalid(
+                "a profile begun while another is running".into(),
+            ));
+        }
         // The roundings owed to earlier writes are not this profile's.
         self.refresh_copies()?;
         self.dev.profile_begin();
