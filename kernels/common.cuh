@@ -128,6 +128,26 @@ __device__ __forceinline__ double block_sum_f64(double v, double* scratch) {
     return warp_sum_f64(v);
 }
 
+// A column sum over a block of 256 threads (8 warps), the pattern of every bias-like gradient: lane l of
+// each warp takes column `col` (the block's 32 consecutive columns, lanes on neighbours so loads coalesce),
+// warp w the rows begin + w, begin + w + 8, ... below end, of a matrix with `ld` elements a row; then warp
+// 0 adds the 8 warps' sums in warp order, so the result depends on the rows only, never on timing. It is
+// returned in warp 0 (0 elsewhere). `part` is 8 x 32 floats of shared memory; every thread of the block
+// calls this once (it has one barrier; a second call would need another first).
+__device__ __forceinline__ float column_sum_8warps(const float* src, int64_t begin, int64_t end, int64_t ld, int col,
+                                                   bool valid, float (*part)[32]) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    float s = 0.0f;
+    if (valid)
+        for (int64_t r = begin + warp; r < end; r += 8) s += src[r * ld + col];
+    part[warp][lane] = s;
+    __syncthreads();
+    float total = 0.0f;
+    if (warp == 0)
+        for (int w = 0; w < 8; ++w) total += part[w][lane];
+    return total;
+}
+
 // Attention's score scale 1 / sqrt(c), in fp64 rounded once (the CPU twin does the same): every attention
 // kernel, fp32 or bf16, scales by exactly this float.
 __device__ __forceinline__ float attention_scale(int c) { return float(1.0 / sqrt(double(c))); }

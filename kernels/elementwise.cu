@@ -127,22 +127,13 @@ extern "C" __global__ void add_image_bias_f32(float* __restrict__ y, const float
 // dbias[img, c] = sum_p dy[img, p, c]. One block per (image, 32-channel slice): a warp's lanes own
 // consecutive channels (coalesced), the block's warps split the positions, then a shared-memory sum in a
 // fixed order (deterministic). Launch: grid (ceil(c / 32), n), block 256.
-extern "C" __global__ void image_bias_backward_f32(const float* __restrict__ dy, float* __restrict__ dbias, int n,
-                                                   int hw, int c) {
-    __shared__ float partial[8][32];
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
-    const int ch = blockIdx.x * 32 + lane;
-    const int img = blockIdx.y;
-    float s = 0.0f;
-    if (ch < c)
-        for (int p = warp; p < hw; p += warps) s += dy[(int64_t(img) * hw + p) * c + ch];
-    partial[warp][lane] = s;
-    __syncthreads();
-    if (warp == 0 && ch < c) {
-        float total = 0.0f;
-        for (int w2 = 0; w2 < warps; ++w2) total += partial[w2][lane];
-        dbias[int64_t(img) * c + ch] = total;
-    }
+extern "C" __global__ void __launch_bounds__(256)
+    image_bias_backward_f32(const float* __restrict__ dy, float* __restrict__ dbias, int n, int hw, int c) {
+    __shared__ float part[8][32];
+    const int ch = blockIdx.x * 32 + (threadIdx.x & 31);
+    const int64_t img = blockIdx.y;
+    const float total = ddpm::column_sum_8warps(dy, img * hw, (img + 1) * hw, c, ch, ch < c, part);
+    if (threadIdx.x < 32 && ch < c) dbias[img * c + ch] = total;
 }
 
 // y[i, j] = sin(t_i f_j) and y[i, half + j] = cos(t_i f_j), f_j = exp(-ln(10000) j / (half - 1)), in fp64

@@ -434,38 +434,20 @@ extern "C" __global__ void gemm_reduce_f32(const float* __restrict__ workspace, 
 // block's 8 warps stride over its rows, lanes on consecutive columns, then sum in warp order);
 // column_sums_finish_f32, grid ceil(cols / 32), block 256, adds the slices the same way (warp w every 8th
 // slice from w), so no thread adds more than slices / 8 values in a chain.
-extern "C" __global__ void column_sums_partial_f32(const float* __restrict__ x, int64_t rows, int cols,
-                                                   float* __restrict__ partial) {
+extern "C" __global__ void __launch_bounds__(256)
+    column_sums_partial_f32(const float* __restrict__ x, int64_t rows, int cols, float* __restrict__ partial) {
     __shared__ float part[8][32];
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int n = blockIdx.x * 32 + lane;
+    const int n = blockIdx.x * 32 + (threadIdx.x & 31);
     const int64_t per = (rows + gridDim.y - 1) / gridDim.y;
     const int64_t begin = blockIdx.y * per, end = min(rows, begin + per);
-    float s = 0.0f;
-    if (n < cols)
-        for (int64_t m = begin + warp; m < end; m += 8) s += x[m * cols + n];
-    part[warp][lane] = s;
-    __syncthreads();
-    if (warp == 0 && n < cols) {
-        float total = 0.0f;
-        for (int w = 0; w < 8; ++w) total += part[w][lane];
-        partial[int64_t(blockIdx.y) * cols + n] = total;
-    }
+    const float total = ddpm::column_sum_8warps(x, begin, end, cols, n, n < cols, part);
+    if (threadIdx.x < 32 && n < cols) partial[int64_t(blockIdx.y) * cols + n] = total;
 }
 
 extern "C" __global__ void __launch_bounds__(256)
     column_sums_finish_f32(const float* __restrict__ partial, int slices, int cols, float* __restrict__ out) {
     __shared__ float part[8][32];
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int n = blockIdx.x * 32 + lane;
-    float s = 0.0f;
-    if (n < cols)
-        for (int z = warp; z < slices; z += 8) s += partial[int64_t(z) * cols + n];
-    part[warp][lane] = s;
-    __syncthreads();
-    if (warp == 0 && n < cols) {
-        float total = 0.0f;
-        for (int w = 0; w < 8; ++w) total += part[w][lane];
-        out[n] = total;
-    }
+    const int n = blockIdx.x * 32 + (threadIdx.x & 31);
+    const float total = ddpm::column_sum_8warps(partial, 0, slices, cols, n, n < cols, part);
+    if (threadIdx.x < 32 && n < cols) out[n] = total;
 }

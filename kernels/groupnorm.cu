@@ -204,17 +204,8 @@ extern "C" __global__ void __launch_bounds__(256)
     group_norm_params_finish_f32(const float* __restrict__ dgamma_part, const float* __restrict__ dbeta_part,
                                  float* __restrict__ dgamma, float* __restrict__ dbeta, int n, int c) {
     __shared__ float part[8][32];
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int ch = blockIdx.x * 32 + lane;
+    const int ch = blockIdx.x * 32 + (threadIdx.x & 31);
     const float* src = blockIdx.y == 0 ? dgamma_part : dbeta_part;
-    float s = 0.0f;
-    if (ch < c)
-        for (int image = warp; image < n; image += 8) s += src[int64_t(image) * c + ch];
-    part[warp][lane] = s;
-    __syncthreads();
-    if (warp == 0 && ch < c) {
-        float total = 0.0f;
-        for (int w = 0; w < 8; ++w) total += part[w][lane];
-        (blockIdx.y == 0 ? dgamma : dbeta)[ch] = total;
-    }
+    const float total = ddpm::column_sum_8warps(src, 0, n, c, ch, ch < c, part);
+    if (threadIdx.x < 32 && ch < c) (blockIdx.y == 0 ? dgamma : dbeta)[ch] = total;
 }
