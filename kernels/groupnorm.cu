@@ -198,8 +198,8 @@ extern "C" __global__ void __launch_bounds__(256)
 // dgamma[ch] = sum over images of dgamma_part[image, ch], and dbeta alike (blockIdx.y 1). Grid
 // (ceil(c / 32), 2), block 256: lanes on consecutive channels, the 8 warps taking every 8th image, then the
 // warps' sums added in warp order (an order fixed by n, so results are reproducible). Version 1 gave each
-// channel one thread that added the n images in a chain of dependent loads: at batch 128, ~256 round trips
-// to memory in one or two blocks, for each of the network's group norms.
+// channel one thread that added the n images one after another, each addition waiting on its load: at
+// batch 128, 128 memory latencies in a row in one or two blocks, for each of the network's group norms.
 extern "C" __global__ void __launch_bounds__(256)
     group_norm_params_finish_f32(const float* __restrict__ dgamma_part, const float* __restrict__ dbeta_part,
                                  float* __restrict__ dgamma, float* __restrict__ dbeta, int n, int c) {
