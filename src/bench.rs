@@ -201,13 +201,8 @@ pub fn model<B: Backend>(
     });
     // Where a step's time goes: one step run op by op, each kernel timed on the device.
     tr.record = false;
-    if be.profile_begin()? {
-        let stepped = tr.step(be, &images);
-        let launches = be.profile_end()?;
-        stepped?;
-        let what = format!("kernels of a train step, batch {batch}");
-        profile_lines(&what, &launches, emit);
-    }
+    let what = format!("kernels of a train step, batch {batch}");
+    profiled(be, &what, emit, |be| tr.step(be, &images).map(|_| ()))?;
     drop(tr);
     let mut net = UNet::new_inference(be, config, batch)?;
     net.init(be, 0)?;
@@ -228,13 +223,26 @@ pub fn model<B: Backend>(
         of_ceiling: peak.map(|p| sample_tflops / p),
     });
     // The sampler's step is this forward and one fused update.
-    if be.profile_begin()? {
-        let ran = net.forward(be, None);
-        let launches = be.profile_end()?;
-        ran?;
-        let what = format!("kernels of a sampling forward, batch {batch}");
-        profile_lines(&what, &launches, emit);
+    let what = format!("kernels of a sampling forward, batch {batch}");
+    profiled(be, &what, emit, |be| net.forward(be, None).map(|_| ()))
+}
+
+/// Runs `f` once with every kernel it launches timed, and reports them ([`profile_lines`]); on a backend
+/// without kernels to time, nothing.
+fn profiled<B: Backend>(
+    be: &mut B,
+    what: &str,
+    emit: &mut dyn FnMut(Line),
+    f: impl FnOnce(&mut B) -> Result<()>,
+) -> Result<()> {
+    if !be.profile_begin()? {
+        return Ok(());
     }
+    let ran = f(be);
+    // The profile ends even when `f` failed, so the backend is left as it was.
+    let launches = be.profile_end()?;
+    ran?;
+    profile_lines(what, &launches, emit);
     Ok(())
 }
 

@@ -452,13 +452,10 @@ impl Device {
     }
 
     /// Starts timing every kernel launched from now to [`Device::profile_end`]. The caller launches
-    /// nothing into a recording meanwhile.
+    /// nothing into a recording meanwhile, and starts no profile inside another.
     pub fn profile_begin(&mut self) {
         match self {
-            Self::Gpu(g) => {
-                let old = g.profile.replace(Vec::new());
-                g.spare(old);
-            }
+            Self::Gpu(g) => g.profile = Some(Vec::new()),
             #[cfg(feature = "emu")]
             Self::Emu(e) => e.profile = Some(Vec::new()),
         }
@@ -491,7 +488,8 @@ impl Device {
                         Ok((*name, f64::from(ms)))
                     })
                     .collect();
-                g.spare(Some(list));
+                g.spare_events
+                    .extend(list.into_iter().flat_map(|(_, a, b)| [a, b]));
                 times
             }
             #[cfg(feature = "emu")]
@@ -524,13 +522,6 @@ impl Gpu {
             .record(&self.stream)
             .map_err(cuda("recording a timing event"))?;
         Ok(event)
-    }
-
-    /// Keeps the events of a finished profile for the next one.
-    fn spare(&mut self, list: Option<Vec<(&'static str, CudaEvent, CudaEvent)>>) {
-        for (_, a, b) in list.into_iter().flatten() {
-            self.spare_events.extend([a, b]);
-        }
     }
 
     /// A kernel of the embedded module, loaded once.

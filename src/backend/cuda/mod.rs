@@ -233,6 +233,17 @@ impl CudaBackend {
         Ok(())
     }
 
+    /// Refuses `what` while kernels are being profiled: a recording or a replay would put kernels in the
+    /// stream that the profile's launcher never sees, and profiles do not nest.
+    fn not_profiling(&self, what: &str) -> Result<()> {
+        if self.dev.profiling() {
+            return Err(Error::Invalid(format!(
+                "{what} while kernels are being profiled (profiles time ops run one by one)"
+            )));
+        }
+        Ok(())
+    }
+
     /// Checks an op's arguments ([`check_args`]), makes the arena ready, brings the weights' bf16 copies
     /// up to date with what earlier ops wrote, and notes what this one will write (`weights.rs`).
     fn args(&mut self, op: &'static str, ins: &[Arg], outs: &[Arg]) -> Result<()> {
@@ -826,11 +837,7 @@ impl super::Backend for CudaBackend {
     fn capture_begin(&mut self, seq: Sequence) -> Result<bool> {
         // Everything a recorded op touches must exist before recording starts.
         self.not_recording("starting a recording")?;
-        if self.dev.profiling() {
-            return Err(Error::Invalid(
-                "starting a recording while kernels are being profiled".into(),
-            ));
-        }
+        self.not_profiling("starting a recording")?;
         self.materialise()?;
         // What was written before is rounded now, not in every replay.
         self.refresh_copies()?;
@@ -863,14 +870,7 @@ impl super::Backend for CudaBackend {
 
     fn replay(&mut self, seq: Sequence) -> Result<()> {
         self.not_recording("replaying a recording")?;
-        // A replayed graph's kernels do not pass through the launcher that times them.
-        if self.dev.profiling() {
-            return Err(Error::Invalid(
-                "replaying a recording while kernels are being profiled (profiles time ops run one \
-                 by one)"
-                    .into(),
-            ));
-        }
+        self.not_profiling("replaying a recording")?;
         self.refresh_copies()?;
         self.dev.replay(seq)
     }
@@ -882,11 +882,7 @@ impl super::Backend for CudaBackend {
 
     fn profile_begin(&mut self) -> Result<bool> {
         self.not_recording("profiling")?;
-        if self.dev.profiling() {
-            return Err(Error::Invalid(
-                "a profile begun while another is running".into(),
-            ));
-        }
+        self.not_profiling("beginning a profile")?;
         // The roundings owed to earlier writes are not this profile's.
         self.refresh_copies()?;
         self.dev.profile_begin();
