@@ -16,31 +16,70 @@ pub mod cuda;
 use crate::error::{Error, Result};
 pub use crate::rng::Stream;
 
-/// A handle to `len` elements at `off` in a backend's arena.
+/// How a tensor's elements are stored. Every tensor is fp32 but the few activations a backend stores in
+/// bf16 ([`Backend::stores_bf16_hidden`]); an op refuses a bf16 tensor wherever it was not written to
+/// take one ([`check_args`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub enum Dtype {
+    #[default]
+    F32,
+    /// Two elements per word of the arena, element `2i` in the low half of word `i` (little-endian
+    /// bf16 pairs, as the kernels read them).
+    Bf16,
+}
+
+/// A handle to `len` elements at `off` in a backend's arena. Offsets count the arena's 4-byte words; `len`
+/// counts elements, which for a bf16 tensor take half a word each ([`Tensor::words`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct Tensor {
     pub off: usize,
     pub len: usize,
+    pub dtype: Dtype,
 }
 
 impl Tensor {
     pub fn new(off: usize, len: usize) -> Self {
-        Self { off, len }
+        Self {
+            off,
+            len,
+            dtype: Dtype::F32,
+        }
     }
-    /// The sub-tensor `start .. start + len`.
+    /// `len` bf16 elements from word `off`.
+    pub fn bf16(off: usize, len: usize) -> Self {
+        Self {
+            off,
+            len,
+            dtype: Dtype::Bf16,
+        }
+    }
+    /// The words of the arena the tensor covers.
+    pub fn words(self) -> usize {
+        match self.dtype {
+            Dtype::F32 => self.len,
+            Dtype::Bf16 => self.len.div_ceil(2),
+        }
+    }
+    /// The sub-tensor `start .. start + len` (of a bf16 tensor: from an even element, where a word
+    /// starts).
     pub fn slice(self, start: usize, len: usize) -> Self {
         assert!(
             start + len <= self.len,
             "slice {start}+{len} of a tensor of {}",
             self.len
         );
-        Self {
-            off: self.off + start,
-            len,
-        }
+        let off = match self.dtype {
+            Dtype::F32 => self.off + start,
+            Dtype::Bf16 => {
+                assert!(start % 2 == 0, "a bf16 slice must start on an even element");
+                self.off + start / 2
+            }
+        };
+        Self { off, len, ..self }
     }
+    /// The word past the tensor's last.
     pub fn end(self) -> usize {
-        self.off + self.len
+        self.off + self.words()
     }
     pub fn overlaps(self, other: Tensor) -> bool {
         self.len > 0 && other.len > 0 && self.off < other.end() && other.off < self.end()
@@ -50,8 +89,19 @@ impl Tensor {
 /// One argument of an op: its name (for errors), its handle, and the length the op expects.
 pub type Arg = (&'static str, Tensor, usize);
 
-/// Checks one argument: its length is what the op expects and it lies inside an arena of `capacity`.
-pub fn check_arg((name, t, len): Arg, capacity: usize, arena: &'static str) -> Result<()> {
+/// Checks one argument: its length is what the op expects, it is fp32, and it lies inside an arena of
+/// `capacity` words.
+pub fn check_arg(arg: Arg, capacity: usize, arena: &'static str) -> Result<()> {
+    check_stored_arg(arg, capacity, arena, false)
+}
+
+/// [`check_arg`], accepting bf16 storage as well where `bf16_ok`.
+fn check_stored_arg(
+    (name, t, len): Arg,
+    capacity: usize,
+    arena: &'static str,
+    bf16_ok: bool,
+) -> Result<()> {
     if t.len != len {
         return Err(Error::shape(
             format!("argument {name}"),
@@ -59,11 +109,18 @@ pub fn check_arg((name, t, len): Arg, capacity: usize, arena: &'static str) -> R
             t.len,
         ));
     }
+    if t.dtype == Dtype::Bf16 && !bf16_ok {
+        return Err(Error::shape(
+            format!("argument {name}"),
+            "fp32 storage (this op has no kernel reading or writing bf16 there)",
+            "bf16",
+        ));
+    }
     if t.end() > capacity {
         return Err(Error::OutOfBounds {
             what: name,
             off: t.off,
-            len: t.len,
+            len: t.words(),
             arena,
             capacity,
         });
@@ -80,8 +137,21 @@ pub fn check_args(
     ins: &[Arg],
     outs: &[Arg],
 ) -> Result<()> {
+    check_args_stored(op, capacity, arena, ins, outs, &[])
+}
+
+/// [`check_args`] for an op with kernels that read or write bf16 storage for the arguments named in
+/// `bf16_ok`; the others must be fp32.
+pub fn check_args_stored(
+    op: &'static str,
+    capacity: usize,
+    arena: &'static str,
+    ins: &[Arg],
+    outs: &[Arg],
+    bf16_ok: &[&str],
+) -> Result<()> {
     for a in ins.iter().chain(outs) {
-        check_arg(*a, capacity, arena)?;
+        check_stored_arg(*a, capacity, arena, bf16_ok.contains(&a.0))?;
     }
     for (i, o) in outs.iter().enumerate() {
         let clash = ins.iter().any(|a| a.1.overlaps(o.1))
@@ -108,6 +178,8 @@ pub struct Layout {
     pub fused: bool,
     /// A bf16 copy of the weights ([`Backend::keeps_weight_copies`]).
     pub weight_copies: bool,
+    /// The ResNet blocks' hidden activations in bf16 ([`Backend::stores_bf16_hidden`]).
+    pub bf16_hidden: bool,
 }
 
 impl Layout {
@@ -116,6 +188,7 @@ impl Layout {
         Self {
             fused: be.fuses_normalisation(),
             weight_copies: be.keeps_weight_copies(),
+            bf16_hidden: be.stores_bf16_hidden(),
         }
     }
 }
@@ -587,6 +660,15 @@ pub trait Backend {
     fn keeps_weight_copies(&self) -> bool {
         false
     }
+    /// Whether a network placed now should store each ResNet block's hidden activation (the output of
+    /// its first convolution, time embedding added) in bf16 ([`Dtype::Bf16`]): true on a backend in bf16
+    /// precision whose kernels read and write it so. Only three ops meet that tensor: the normalising
+    /// convolution that writes it ([`Backend::group_norm_conv2d_forward`], as `y`), and, as the `x` of
+    /// the next normalisation, the same op again with [`Backend::conv2d_backward_weight_normed`] and
+    /// [`Backend::group_norm_backward`]. Its gradient stays fp32.
+    fn stores_bf16_hidden(&self) -> bool {
+        false
+    }
     /// [`Backend::group_norm_forward`] then [`Backend::conv2d_forward_fused`] on its output, the
     /// normalisation fused into the convolution's operand load where the backend can (see
     /// [`NormedInput`]).
@@ -984,5 +1066,35 @@ pub trait Backend {
     fn measure_peak_tflops(&mut self, p: Precision) -> Result<Option<f64>> {
         let _ = p;
         Ok(None)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A bf16 tensor covers half a word per element (rounded up), slices from even elements only, and
+    /// overlaps by words; an op refuses it unless it names the argument as one its kernels take in bf16.
+    #[test]
+    fn bf16_tensors_cover_half_words_and_only_named_arguments_take_them() {
+        let t = Tensor::bf16(8, 7);
+        assert_eq!((t.words(), t.end()), (4, 12));
+        let s = t.slice(4, 3);
+        assert_eq!((s.off, s.len, s.dtype), (10, 3, Dtype::Bf16));
+        assert!(t.overlaps(Tensor::new(11, 1)));
+        assert!(!t.overlaps(Tensor::new(12, 4)));
+        let out = Tensor::new(12, 7);
+        let ins = [("x", t, 7)];
+        let outs = [("y", out, 7)];
+        assert!(check_args("op", 100, "test", &ins, &outs).is_err());
+        check_args_stored("op", 100, "test", &ins, &outs, &["x"]).unwrap();
+        let e = check_args_stored("op", 100, "test", &ins, &outs, &["y"]).unwrap_err();
+        assert!(e.to_string().contains("bf16"), "{e}");
+        // Bounds count words: 7 bf16 elements from word 8 end at word 12.
+        check_args_stored("op", 12, "test", &ins, &[], &["x"]).unwrap();
+        assert!(check_args_stored("op", 11, "test", &ins, &[], &["x"]).is_err());
+        // An fp32 output over the bf16 input's last word clashes.
+        let clash = [("y", Tensor::new(11, 7), 7)];
+        assert!(check_args_stored("op", 100, "test", &ins, &clash, &["x"]).is_err());
     }
 }
