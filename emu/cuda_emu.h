@@ -84,6 +84,11 @@ inline float __int_as_float(int i) {
     std::memcpy(&f, &i, sizeof f);
     return f;
 }
+inline float __uint_as_float(unsigned u) {
+    float f;
+    std::memcpy(&f, &u, sizeof f);
+    return f;
+}
 inline float rsqrtf(float x) { return 1.0f / sqrtf(x); }
 // sin(pi x) and cos(pi x) with the argument reduced exactly (x - 2 round(x / 2) is exact in binary).
 inline void sincospi(double x, double* s, double* c) {

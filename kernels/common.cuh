@@ -3,11 +3,23 @@
 //     draws built on it, bit-for-bit the same as src/rng.rs so CPU and GPU runs of a seed draw the
 //     same numbers.
 //   - warp and block reductions (fp32 and fp64), sigmoid and the SiLU derivative.
+//   - reading and writing an activation stored in fp32 or bf16 (to_f32, store_f32).
 #pragma once
+
+#include <cuda_bf16.h>
 
 #include <cstdint>
 
 namespace ddpm {
+
+// An element of an activation as fp32, whether it is stored in fp32 or in bf16 (exact: every bf16 value
+// is an fp32 one).
+__device__ __forceinline__ float to_f32(float v) { return v; }
+__device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+// Writes v to an fp32 element as it is, to a bf16 one rounded to nearest, ties to even.
+__device__ __forceinline__ void store_f32(float* p, float v) { *p = v; }
+__device__ __forceinline__ void store_f32(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
 
 // ---------------------------------------------------------------------------------------------------
 // Philox4x32-10. Key = the run's seed (64 bits); counter = (block, stream), 64 bits each. A draw is

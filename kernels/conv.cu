@@ -12,6 +12,11 @@
 //                                      normalised (and dropped-out) activation is never stored: one write
 //                                      and one read of it saved per ResNet block normalisation (two with
 //                                      dropout).
+//   conv2d_forward_normed_bf16_{bf16out,bf16in}, conv2d_backward_weight_normed_bf16_bf16in
+//                                      the _bf16 normalising twins for a ResNet block's hidden activation
+//                                      stored in bf16 (ladder v7's first slice): the first convolution
+//                                      writes it rounded to bf16 in the epilogue, the second (and its
+//                                      weight gradient) reads it, widened to fp32 before it is normalised
 //   conv2d_{forward,backward_data,backward_weight}_{wmma,wgmma}
 //                                      the three _bf16 convolutions on version 2 of the ladder (WMMA,
 //                                      gemm_tc.cuh), kept so the bench times each rung side by side
@@ -25,7 +30,7 @@
 //                                      the 64-byte swizzle; sm_90a only)
 // _f32 runs on the fp32 core of gemm.cuh (version 1: exact fp32, the path the tests hold to the CPU), _bf16
 // on the mma.sync tensor-core core of gemm_mma.cuh (version 3: operands rounded to bf16, fp32 sums).
-// Activations and gradients are fp32 either way; the weights are fp32 for _f32 and, for every bf16
+// Activations and gradients are fp32 either way (but the hidden activation above); the weights are fp32 for _f32 and, for every bf16
 // kernel (_bf16, _wmma, _wgmma), their bf16 copy: the backend keeps one beside the fp32 weights, refreshed
 // when they change (Adam writes it as it updates them), so a weight is rounded once per update, not by
 // every tile that reads it, and crosses the memory bus in 2 bytes.
@@ -68,33 +73,35 @@ struct NormArgs {
 };
 
 namespace {
-// The input gather: plain, or normalised as it is loaded when `norm` is given.
-template <bool NORMED>
+// The input gather over input stored as X: plain, or normalised as it is loaded when NORMED.
+template <bool NORMED, class X = float>
 struct Gather;
-template <>
-struct Gather<false> {
-    using type = ddpm::Im2col;
-    __device__ static type make(const ddpm::Im2col& a, const NormArgs&) { return a; }
+template <class X>
+struct Gather<false, X> {
+    using type = ddpm::Im2colOf<X>;
+    __device__ static type make(const type& a, const NormArgs&) { return a; }
 };
-template <>
-struct Gather<true> {
-    using type = ddpm::NormedIm2col;
-    __device__ static type make(const ddpm::Im2col& a, const NormArgs& n) {
+template <class X>
+struct Gather<true, X> {
+    using type = ddpm::NormedIm2colOf<X>;
+    __device__ static type make(const ddpm::Im2colOf<X>& a, const NormArgs& n) {
         const float keep = n.p > 0.0f ? float(1.0 / (1.0 - double(n.p))) : 1.0f;
-        return ddpm::NormedIm2col{a, n.mean, n.rstd, n.gamma, n.beta, n.groups, n.silu, n.p, keep, n.seed, n.stream};
+        return type{a, n.mean, n.rstd, n.gamma, n.beta, n.groups, n.silu, n.p, keep, n.seed, n.stream};
     }
 };
 
-template <ddpm::Core CORE, bool NORMED = false>
-__device__ __forceinline__ void conv_forward_gemm(const float* x, const ddpm::Weight<CORE>* w, const float* b,
+// y is written in fp32, or in bf16 to y_bf16 when that is not null (y is then unused).
+template <ddpm::Core CORE, bool NORMED = false, class X = float>
+__device__ __forceinline__ void conv_forward_gemm(const X* x, const ddpm::Weight<CORE>* w, const float* b,
                                                   const float* image_bias, const float* residual, float* y,
                                                   int batch, int h, int wd, int c, int o, int taps, int stride,
-                                                  int pad, NormArgs norm = NormArgs{}) {
+                                                  int pad, NormArgs norm = NormArgs{},
+                                                  __nv_bfloat16* y_bf16 = nullptr) {
     const ddpm::ConvGeom g = conv_geom(h, wd, c, o, taps, stride, pad);
     const int rows = batch * g.oh * g.ow, kdim = taps * taps * c;
-    const auto a = Gather<NORMED>::make(ddpm::Im2col{x, g, rows, kdim}, norm);
+    const auto a = Gather<NORMED, X>::make(ddpm::Im2colOf<X>{x, g, rows, kdim}, norm);
     const ddpm::ColsB<ddpm::Weight<CORE>> bw{w, kdim, o};
-    const ddpm::Epilogue e{y, o, b, 0, nullptr, image_bias, g.oh * g.ow, residual};
+    const ddpm::Epilogue e{y, o, b, 0, nullptr, image_bias, g.oh * g.ow, residual, y_bf16};
     ddpm::gemm<CORE>(a, bw, rows, o, kdim, kdim, e);
 }
 
@@ -112,16 +119,16 @@ __device__ __forceinline__ void conv_backward_data_gemm(const float* dy, const d
 }
 
 // Slice z of the reduction over pixels writes workspace[z, o, k]; gemm_reduce_f32 then writes dw.
-template <ddpm::Core CORE, bool NORMED = false>
-__device__ __forceinline__ void conv_backward_weight_gemm(const float* x, const float* dy, float* dw,
+template <ddpm::Core CORE, bool NORMED = false, class X = float>
+__device__ __forceinline__ void conv_backward_weight_gemm(const X* x, const float* dy, float* dw,
                                                           float* workspace, int chunk, int batch, int h, int wd,
                                                           int c, int o, int taps, int stride, int pad,
                                                           NormArgs norm = NormArgs{}) {
     const ddpm::ConvGeom g = conv_geom(h, wd, c, o, taps, stride, pad);
     const int pixels = batch * g.oh * g.ow, kdim = taps * taps * c;
     const ddpm::ColsA a{dy, o, o};
-    using G = Gather<NORMED>;
-    const ddpm::Im2colB<typename G::type> bx{G::make(ddpm::Im2col{x, g, pixels, kdim}, norm)};
+    using G = Gather<NORMED, X>;
+    const ddpm::Im2colB<typename G::type> bx{G::make(ddpm::Im2colOf<X>{x, g, pixels, kdim}, norm)};
     const ddpm::Epilogue e{dw, kdim, nullptr, 0, workspace};
     ddpm::gemm<CORE>(a, bx, o, kdim, pixels, chunk, e);
 }
@@ -335,6 +342,40 @@ extern "C" __global__ void __launch_bounds__(256)
                                        int o, int taps, int stride, int pad) {
     conv_backward_weight_gemm<ddpm::Core::Mma, true>(x, dy, dw, workspace, chunk, batch, h, wd, c, o, taps, stride, pad,
                                           DDPM_NORM_ARGS);
+}
+
+// The bf16 twins for a ResNet block's hidden activation stored in bf16 (Backend::stores_bf16_hidden): the
+// first convolution writes it (_bf16out: y rounded to bf16 in the epilogue, after the bias and the time
+// embedding), the second reads it (_bf16in: x widened as it is loaded, then normalised in fp32), and so
+// does the second's weight gradient. The arguments are conv2d_forward_normed_bf16's and
+// conv2d_backward_weight_normed_bf16's with the one pointer's type changed.
+extern "C" __global__ void __launch_bounds__(256)
+    conv2d_forward_normed_bf16_bf16out(const float* __restrict__ x, DDPM_NORM_PARAMS,
+                                       const __nv_bfloat16* __restrict__ w, const float* __restrict__ b,
+                                       const float* __restrict__ image_bias, const float* __restrict__ residual,
+                                       __nv_bfloat16* __restrict__ y, int batch, int h, int wd, int c, int o,
+                                       int taps, int stride, int pad) {
+    conv_forward_gemm<ddpm::Core::Mma, true>(x, w, b, image_bias, residual, nullptr, batch, h, wd, c, o, taps,
+                                             stride, pad, DDPM_NORM_ARGS, y);
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+    conv2d_forward_normed_bf16_bf16in(const __nv_bfloat16* __restrict__ x, DDPM_NORM_PARAMS,
+                                      const __nv_bfloat16* __restrict__ w, const float* __restrict__ b,
+                                      const float* __restrict__ image_bias, const float* __restrict__ residual,
+                                      float* __restrict__ y, int batch, int h, int wd, int c, int o, int taps,
+                                      int stride, int pad) {
+    conv_forward_gemm<ddpm::Core::Mma, true>(x, w, b, image_bias, residual, y, batch, h, wd, c, o, taps, stride,
+                                             pad, DDPM_NORM_ARGS);
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+    conv2d_backward_weight_normed_bf16_bf16in(const __nv_bfloat16* __restrict__ x, DDPM_NORM_PARAMS,
+                                              const float* __restrict__ dy, float* __restrict__ dw,
+                                              float* __restrict__ workspace, int chunk, int batch, int h, int wd,
+                                              int c, int o, int taps, int stride, int pad) {
+    conv_backward_weight_gemm<ddpm::Core::Mma, true>(x, dy, dw, workspace, chunk, batch, h, wd, c, o, taps, stride,
+                                                     pad, DDPM_NORM_ARGS);
 }
 #undef DDPM_NORM_PARAMS
 #undef DDPM_NORM_ARGS

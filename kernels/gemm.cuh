@@ -77,8 +77,23 @@ __device__ __forceinline__ void load_run8(const __nv_bfloat16* p, int valid, uin
     v = make_uint4(w[0], w[1], w[2], w[3]);
 }
 
-__device__ __forceinline__ float to_f32(float v) { return v; }
-__device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
+// The same from a bf16 activation (a ResNet block's hidden activation, Backend::stores_bf16_hidden),
+// widened to fp32 for a loader that computes on its elements (NormedIm2col normalises them): one 16-byte
+// load when all eight are valid and p is 16-byte aligned.
+__device__ __forceinline__ void load_run8(const __nv_bfloat16* p, int valid, float (&v)[8]) {
+    if (valid >= 8 && (reinterpret_cast<uintptr_t>(p) & 15) == 0) {
+        const uint4 w = *reinterpret_cast<const uint4*>(p);
+        const uint32_t words[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+        for (int t = 0; t < 4; ++t) {
+            v[2 * t] = __uint_as_float(words[t] << 16);
+            v[2 * t + 1] = __uint_as_float(words[t] & 0xffff0000u);
+        }
+        return;
+    }
+#pragma unroll
+    for (int t = 0; t < 8; ++t) v[t] = t < valid ? to_f32(p[t]) : 0.0f;
+}
 
 // Whether a loader's runs come from bf16 storage (load8 fills a uint4 of bf16 pairs, not 8 floats).
 // Loaders over an element type T declare `packed`; the others are fp32.
@@ -171,9 +186,11 @@ struct ConvGeom {
 
 // The im2col matrix of the input, never stored: A(m, k) with m = (image, oy, ox), k = (ky, kx, ci),
 // = x[image, oy * stride + ky - pad, ox * stride + kx - pad, ci], or 0 in the padding. k runs over
-// channels first, so it is contiguous within one tap.
-struct Im2col {
-    const float* x;
+// channels first, so it is contiguous within one tap. X is the input's storage: float, or bf16 for a
+// ResNet block's hidden activation (read by the normalising gather below), widened as it is loaded.
+template <class X>
+struct Im2colOf {
+    const X* x;
     ConvGeom g;
     int rows;  // batch * oh * ow
     int kdim;  // taps * taps * c
@@ -193,7 +210,7 @@ struct Im2col {
     __device__ float operator()(int m, int k) const {
         int image;
         const int64_t i = index(m, k, image);
-        return i < 0 ? 0.0f : x[i];
+        return i < 0 ? 0.0f : to_f32(x[i]);
     }
     // With c a multiple of 8, the eight k from a multiple of 8 are consecutive channels of one tap: one
     // pixel (or its padding), one run of memory.
@@ -205,15 +222,17 @@ struct Im2col {
         load_run8(x + i, valid, v);
     }
 };
+using Im2col = Im2colOf<float>;
 
 // The same gather of silu(group_norm(x)) (or of group_norm(x) without SiLU), then inverted dropout when
 // p > 0: the input of a ResNet block's convolution, normalised as it is loaded and never stored.
 // z = (x - mean) rstd gamma + beta with the statistics of the element's (image, group), the same
 // arithmetic as group_norm_forward_f32, and the dropout mask of element i of the normalised tensor drawn
 // as dropout_forward_f32 draws it, so the fused and the separate paths agree bit for bit; the padding
-// stays 0 (it pads the normalised input).
-struct NormedIm2col {
-    Im2col a;
+// stays 0 (it pads the normalised input). X as Im2colOf: the normalisation computes in fp32 either way.
+template <class X>
+struct NormedIm2colOf {
+    Im2colOf<X> a;
     const float* mean;   // [batch, groups]
     const float* rstd;   // [batch, groups]
     const float* gamma;  // [c]
@@ -229,7 +248,7 @@ struct NormedIm2col {
         const int64_t i = a.index(m, k, image);
         if (i < 0) return 0.0f;
         const int ci = k % a.g.c, s = image * groups + ci / (a.g.c / groups);
-        const float z = (a.x[i] - mean[s]) * rstd[s] * gamma[ci] + beta[ci];
+        const float z = (to_f32(a.x[i]) - mean[s]) * rstd[s] * gamma[ci] + beta[ci];
         const float v = silu ? z * sigmoid(z) : z;
         return p > 0.0f ? v * (philox_uniform(seed, stream, uint64_t(i)) >= p ? keep : 0.0f) : v;
     }
@@ -370,6 +389,9 @@ struct Epilogue {
     const float* image_bias = nullptr;
     int pixels = 1;
     const float* residual = nullptr;
+    // C stored in bf16 instead, at c_bf16[m * ldc + n] rounded to nearest (a ResNet block's hidden
+    // activation, Backend::stores_bf16_hidden), when not null: c is then unused, and accumulate must be 0.
+    __nv_bfloat16* c_bf16 = nullptr;
 
     // Writes result v of C[m, n] (in range): a raw partial sum to the workspace when the launch splits K,
     // else bias and accumulate applied, to C.
@@ -381,6 +403,10 @@ struct Epilogue {
         if (bias) v += bias[n];
         if (image_bias) v += image_bias[int64_t(m / pixels) * cols + n];
         if (residual) v += residual[int64_t(m) * ldc + n];
+        if (c_bf16) {
+            c_bf16[int64_t(m) * ldc + n] = __float2bfloat16_rn(v);
+            return;
+        }
         float* dst = c + int64_t(m) * ldc + n;
         *dst = accumulate ? *dst + v : v;
     }

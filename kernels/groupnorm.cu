@@ -4,6 +4,9 @@
 //                              as it loads it: conv2d_*_normed_* in conv.cu)
 //   group_norm_backward_f32    dx (+)= the input gradient; per-image partial sums of dgamma and dbeta
 //   group_norm_params_finish_f32   dgamma, dbeta = the partial sums added over images, in order
+//   group_norm_{forward,backward}_bf16in
+//                              the same with x stored in bf16 (a ResNet block's hidden activation, written
+//                              so by conv2d_forward_normed_bf16_bf16out), widened to fp32 as it is read
 //
 // Shapes: x, y, dy, dx [n, hw, c]; gamma, beta [c]; mean, rstd [n, groups]; channels c = groups * cpg,
 // group g holding channels g cpg .. (g + 1) cpg - 1 of every position.
@@ -82,17 +85,19 @@ __device__ __forceinline__ Moments moments_block(Moments v, Moments* scratch) {
     return scratch[32];
 }
 
-extern "C" __global__ void __launch_bounds__(256)
-    group_norm_forward_f32(const float* __restrict__ x, const float* __restrict__ gamma,
-                           const float* __restrict__ beta, float* __restrict__ y, float* __restrict__ mean_out,
-                           float* __restrict__ rstd_out, int hw, int c, int groups, float eps, int silu) {
+template <class X>
+__device__ __forceinline__ void group_norm_forward(const X* __restrict__ x, const float* __restrict__ gamma,
+                                                   const float* __restrict__ beta, float* __restrict__ y,
+                                                   float* __restrict__ mean_out, float* __restrict__ rstd_out,
+                                                   int hw, int c, int groups, float eps, int silu) {
     __shared__ Moments scratch[33];
     const int g = blockIdx.x, image = blockIdx.y, cpg = c / groups;
     const int count = hw * cpg, stride = gn_stride(cpg);
     const int64_t base = int64_t(image) * hw * c;
     Moments own = {0.0f, 0.0f, 0.0f};
     if (int(threadIdx.x) < stride)
-        for (int e = threadIdx.x; e < count; e += stride) moments_push(own, x[gn_index(base, e, cpg, c, g)]);
+        for (int e = threadIdx.x; e < count; e += stride)
+            moments_push(own, ddpm::to_f32(x[gn_index(base, e, cpg, c, g)]));
     const Moments all = moments_block(own, scratch);
     const float mean = all.mean, rstd = 1.0f / sqrtf(all.m2 / float(count) + eps);
     if (threadIdx.x == 0) {
@@ -103,15 +108,31 @@ extern "C" __global__ void __launch_bounds__(256)
     for (int e = threadIdx.x; e < count; e += stride) {
         const int64_t i = gn_index(base, e, cpg, c, g);
         const int ch = g * cpg + e % cpg;
-        const float z = (x[i] - mean) * rstd * gamma[ch] + beta[ch];
+        const float z = (ddpm::to_f32(x[i]) - mean) * rstd * gamma[ch] + beta[ch];
         y[i] = silu ? z * ddpm::sigmoid(z) : z;
     }
 }
 
+extern "C" __global__ void __launch_bounds__(256)
+    group_norm_forward_f32(const float* __restrict__ x, const float* __restrict__ gamma,
+                           const float* __restrict__ beta, float* __restrict__ y, float* __restrict__ mean_out,
+                           float* __restrict__ rstd_out, int hw, int c, int groups, float eps, int silu) {
+    group_norm_forward(x, gamma, beta, y, mean_out, rstd_out, hw, c, groups, eps, silu);
+}
+
+// x stored in bf16 (a ResNet block's hidden activation, Backend::stores_bf16_hidden); y still fp32.
+extern "C" __global__ void __launch_bounds__(256)
+    group_norm_forward_bf16in(const __nv_bfloat16* __restrict__ x, const float* __restrict__ gamma,
+                              const float* __restrict__ beta, float* __restrict__ y, float* __restrict__ mean_out,
+                              float* __restrict__ rstd_out, int hw, int c, int groups, float eps, int silu) {
+    group_norm_forward(x, gamma, beta, y, mean_out, rstd_out, hw, c, groups, eps, silu);
+}
+
 // The gradient through SiLU (when fused) and the affine part, at element i of channel ch.
-__device__ __forceinline__ float gn_dz(const float* x, const float* dy, const float* gamma, const float* beta,
+template <class X>
+__device__ __forceinline__ float gn_dz(const X* x, const float* dy, const float* gamma, const float* beta,
                                        int64_t i, int ch, float mean, float rstd, int silu, float* xhat_out) {
-    const float xhat = (x[i] - mean) * rstd;
+    const float xhat = (ddpm::to_f32(x[i]) - mean) * rstd;
     float d = dy[i];
     if (silu) d *= ddpm::silu_grad(xhat * gamma[ch] + beta[ch]);
     *xhat_out = xhat;
@@ -121,12 +142,14 @@ __device__ __forceinline__ float gn_dz(const float* x, const float* dy, const fl
 // dx = rstd (dn - mean(dn) - xhat mean(dn xhat)) with dn = dz gamma, means over the group;
 // partial[image, ch] of dgamma (sum of dz xhat) and dbeta (sum of dz), each channel's threads added in
 // thread order so the sums are reproducible. `dgamma_part` and `dbeta_part` are [n, c].
-extern "C" __global__ void __launch_bounds__(256)
-    group_norm_backward_f32(const float* __restrict__ x, const float* __restrict__ gamma,
-                            const float* __restrict__ beta, const float* __restrict__ mean_in,
-                            const float* __restrict__ rstd_in, const float* __restrict__ dy, float* __restrict__ dx,
-                            float* __restrict__ dgamma_part, float* __restrict__ dbeta_part, int hw, int c,
-                            int groups, int silu, int accumulate) {
+template <class X>
+__device__ __forceinline__ void group_norm_backward(const X* __restrict__ x, const float* __restrict__ gamma,
+                                                    const float* __restrict__ beta,
+                                                    const float* __restrict__ mean_in,
+                                                    const float* __restrict__ rstd_in, const float* __restrict__ dy,
+                                                    float* __restrict__ dx, float* __restrict__ dgamma_part,
+                                                    float* __restrict__ dbeta_part, int hw, int c, int groups,
+                                                    int silu, int accumulate) {
     __shared__ float scratch[32];
     __shared__ float part_g[256], part_b[256];
     const int g = blockIdx.x, image = blockIdx.y, cpg = c / groups;
@@ -193,6 +216,28 @@ extern "C" __global__ void __launch_bounds__(256)
             dbeta_part[int64_t(image) * c + ch] = tb;
         }
     }
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+    group_norm_backward_f32(const float* __restrict__ x, const float* __restrict__ gamma,
+                            const float* __restrict__ beta, const float* __restrict__ mean_in,
+                            const float* __restrict__ rstd_in, const float* __restrict__ dy, float* __restrict__ dx,
+                            float* __restrict__ dgamma_part, float* __restrict__ dbeta_part, int hw, int c,
+                            int groups, int silu, int accumulate) {
+    group_norm_backward(x, gamma, beta, mean_in, rstd_in, dy, dx, dgamma_part, dbeta_part, hw, c, groups, silu,
+                        accumulate);
+}
+
+// x stored in bf16, as group_norm_forward_bf16in's; dy and dx fp32.
+extern "C" __global__ void __launch_bounds__(256)
+    group_norm_backward_bf16in(const __nv_bfloat16* __restrict__ x, const float* __restrict__ gamma,
+                               const float* __restrict__ beta, const float* __restrict__ mean_in,
+                               const float* __restrict__ rstd_in, const float* __restrict__ dy,
+                               float* __restrict__ dx, float* __restrict__ dgamma_part,
+                               float* __restrict__ dbeta_part, int hw, int c, int groups, int silu,
+                               int accumulate) {
+    group_norm_backward(x, gamma, beta, mean_in, rstd_in, dy, dx, dgamma_part, dbeta_part, hw, c, groups, silu,
+                        accumulate);
 }
 
 // dgamma[ch] = sum over images of dgamma_part[image, ch], and dbeta alike (blockIdx.y 1). Grid

@@ -287,6 +287,17 @@ fn bf16_convolutions_are_exact_on_bf16_inputs_and_close_on_any() {
     }
 }
 
+/// A group norm of `groups` groups over the input of convolution `s`.
+fn input_norm(s: &ConvShape, groups: usize) -> GroupNormShape {
+    GroupNormShape {
+        n: s.n,
+        hw: s.h * s.w,
+        c: s.c,
+        groups,
+        eps: 1e-6,
+    }
+}
+
 /// A convolution of `silu(group_norm(x))` (or of `group_norm(x)`), then dropout when `dropout`, as a
 /// ResNet block runs it: on the device the normalisation (and the dropout mask) is applied as the operand
 /// is loaded, forward and in the weight gradient; the CPU writes the normalised input and convolves it.
@@ -304,13 +315,7 @@ fn normed_conv_case(
         "{:?} n{} {}x{} {}->{} groups {groups} silu {silu} dropout {dropout}",
         s.kind, s.n, s.h, s.w, s.c, s.o
     );
-    let gn = GroupNormShape {
-        n: s.n,
-        hw: s.h * s.w,
-        c: s.c,
-        groups,
-        eps: 1e-6,
-    };
+    let gn = input_norm(&s, groups);
     let input = NormedInput {
         s: gn,
         x: p.input(s.x_len(), 1.5, 0.3),
@@ -434,6 +439,184 @@ fn group_norm_matches_the_cpu() {
             p.check(&format!("group norm dx (accumulate {acc}) {what}"), dx, TOL);
             p.check(&format!("group norm dgamma {what}"), dg, TOL);
             p.check(&format!("group norm dbeta {what}"), db, TOL);
+        }
+    }
+}
+
+/// `values` rounded to bf16 in a bf16 tensor on `be`, starting `skew` words past a 16-byte boundary of the
+/// arena (0: where the kernels read runs of 8 with one 16-byte load; 1: their element-by-element
+/// fallback).
+fn bf16_tensor(be: &mut CudaBackend, values: &[f32], skew: usize) -> Tensor {
+    let words = be.alloc(values.len().div_ceil(2) + 4 + skew).unwrap();
+    let t = Tensor::bf16(words.off.next_multiple_of(4) + skew, values.len());
+    be.upload(t, values).unwrap();
+    t
+}
+
+/// An fp32 tensor on `be` holding `values`.
+fn f32_tensor(be: &mut CudaBackend, values: &[f32]) -> Tensor {
+    let t = be.alloc(values.len()).unwrap();
+    be.upload(t, values).unwrap();
+    t
+}
+
+/// The ResNet blocks' hidden activation stored in bf16 (`Backend::stores_bf16_hidden`), op by op, against
+/// the fp32 path on the same values: the group norm's forward and backward and the normalising
+/// convolution's forward and weight gradient reading it (widened to fp32, then the same arithmetic: held to
+/// 1e-6 of scale, which leaves room only for the compiler contracting the two instantiations' arithmetic
+/// differently; a wrong half of a word or a wrong index is O(1)), and the normalising forward writing it
+/// (bit for bit the bf16 rounding of what the fp32 kernel writes: the same sums, rounded once). Channels
+/// 6 (runs of 8 gathered element by element) and 64 (16-byte loads where aligned), each at both
+/// alignments, and the dropout on. Then the refusals: an op with no bf16 kernel, fp32 precision, and
+/// both input and output in bf16.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn bf16_hidden_activations_are_read_and_written_as_their_rounding() {
+    let mut be = device_in(Precision::Bf16);
+    let mut stream = 0;
+    let mut draw = |len: usize, scale: f32, shift: f32| -> Vec<f32> {
+        stream += 1;
+        (0..len)
+            .map(|i| shift + scale * rng::normal(11, stream, i as u64))
+            .map(|v| half::bf16::from_f32(v).to_f32())
+            .collect()
+    };
+    let shape = |n, h, w, c, o| ConvShape {
+        n,
+        h,
+        w,
+        c,
+        o,
+        kind: ConvKind::K3S1,
+    };
+    let same = |what: &str, a: &[f32], b: &[f32]| {
+        let e = scaled_error(a, b);
+        eprintln!("{what:<56} error {e:.2e}");
+        assert!(e <= 1e-6, "{what}: error {e:e}");
+    };
+    be.clock_set(4).unwrap();
+    for (s, groups) in [(shape(3, 7, 5, 6, 7), 3), (shape(2, 8, 8, 64, 32), 8)] {
+        for skew in [0, 1] {
+            let what = format!("c{} skew {skew}", s.c);
+            let gn = input_norm(&s, groups);
+            let xv = draw(s.x_len(), 1.5, 0.3);
+            let (x32, x16) = (f32_tensor(&mut be, &xv), bf16_tensor(&mut be, &xv, skew));
+            let gamma = f32_tensor(&mut be, &draw(s.c, 0.5, 1.0));
+            let beta = f32_tensor(&mut be, &draw(s.c, 0.3, 0.0));
+            let dy_gn = f32_tensor(&mut be, &draw(gn.len(), 1.0, 0.0));
+            let w = f32_tensor(&mut be, &draw(s.w_len(), 0.2, 0.0));
+            be.keep_weight_copy(w).unwrap();
+            let b = f32_tensor(&mut be, &draw(s.o, 0.5, 0.0));
+            let t = f32_tensor(&mut be, &draw(s.n * s.o, 0.5, 0.0));
+            let dy = f32_tensor(&mut be, &draw(s.y_len(), 1.0, 0.0));
+            let outputs = |be: &mut CudaBackend, x: Tensor| -> Vec<Vec<f32>> {
+                let mut out = |len| be.alloc(len).unwrap();
+                let (y, mean, rstd) = (out(gn.len()), out(gn.stats_len()), out(gn.stats_len()));
+                let (dx, dg, db) = (out(gn.len()), out(s.c), out(s.c));
+                let (normed, dropped, yc) = (out(s.x_len()), out(s.x_len()), out(s.y_len()));
+                let (dw, dbc) = (out(s.w_len()), out(s.o));
+                be.group_norm_forward(gn, x, gamma, beta, y, mean, rstd, true)
+                    .unwrap();
+                be.group_norm_backward(
+                    gn, x, gamma, beta, mean, rstd, dy_gn, dx, dg, db, true, false,
+                )
+                .unwrap();
+                let input = NormedInput {
+                    s: gn,
+                    x,
+                    gamma,
+                    beta,
+                    mean,
+                    rstd,
+                    silu: true,
+                    normed,
+                    dropout: Some(DropoutAfter {
+                        p: 0.2,
+                        seed: 9,
+                        stream: Stream::per_step(rng::Purpose::Dropout, 1 << 10, 1),
+                        dropped,
+                    }),
+                };
+                be.group_norm_conv2d_forward(s, input, w, b, Some(t), None, yc)
+                    .unwrap();
+                be.conv2d_backward_weight_normed(s, input, dy, dw, dbc)
+                    .unwrap();
+                [y, mean, rstd, dx, dg, db, yc, dw, dbc]
+                    .map(|t| be.download(t).unwrap())
+                    .to_vec()
+            };
+            let want = outputs(&mut be, x32);
+            let got = outputs(&mut be, x16);
+            let names = [
+                "group norm y",
+                "group norm mean",
+                "group norm rstd",
+                "group norm dx",
+                "group norm dgamma",
+                "group norm dbeta",
+                "normalising conv forward",
+                "normalising conv weight grad",
+                "normalising conv bias grad",
+            ];
+            for ((name, a), b) in names.iter().zip(&got).zip(&want) {
+                same(&format!("bf16 x: {name} {what}"), a, b);
+            }
+
+            // Writing it: the first convolution of a block, its output rounded to bf16.
+            let mean = be.alloc(gn.stats_len()).unwrap();
+            let rstd = be.alloc(gn.stats_len()).unwrap();
+            let input = NormedInput {
+                s: gn,
+                x: x32,
+                gamma,
+                beta,
+                mean,
+                rstd,
+                silu: true,
+                normed: be.alloc(s.x_len()).unwrap(),
+                dropout: None,
+            };
+            let y32 = be.alloc(s.y_len()).unwrap();
+            let y16 = bf16_tensor(&mut be, &vec![f32::NAN; s.y_len()], skew);
+            be.group_norm_conv2d_forward(s, input, w, b, Some(t), None, y32)
+                .unwrap();
+            be.group_norm_conv2d_forward(s, input, w, b, Some(t), None, y16)
+                .unwrap();
+            let rounded: Vec<f32> = be
+                .download(y32)
+                .unwrap()
+                .iter()
+                .map(|&v| half::bf16::from_f32(v).to_f32())
+                .collect();
+            let stored = be.download(y16).unwrap();
+            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&stored), bits(&rounded), "bf16 y {what}");
+            eprintln!("bf16 y: normalising conv forward {what:<26} bit for bit");
+
+            // What has no kernel: an op not taught bf16, both input and output in bf16, fp32 precision.
+            let scratch = be.alloc(s.x_len()).unwrap();
+            let refused = |r: ddpm_cuda::Result<()>, case: &str| {
+                let e = r.expect_err(case).to_string();
+                assert!(e.contains("bf16"), "{case}: {e}");
+            };
+            refused(be.silu_forward(x16, scratch), "SiLU of a bf16 tensor");
+            let both = NormedInput { x: x16, ..input };
+            let y16b = bf16_tensor(&mut be, &vec![0.0; s.y_len()], 0);
+            refused(
+                be.group_norm_conv2d_forward(s, both, w, b, Some(t), None, y16b),
+                "bf16 in and out",
+            );
+            be.set_precision(Precision::Fp32).unwrap();
+            refused(
+                be.group_norm_conv2d_forward(s, both, w, b, Some(t), None, y32),
+                "bf16 input in fp32",
+            );
+            let (dw, db) = (be.alloc(s.w_len()).unwrap(), be.alloc(s.o).unwrap());
+            refused(
+                be.conv2d_backward_weight_normed(s, both, dy, dw, db),
+                "bf16 input in fp32, weight gradient",
+            );
+            be.set_precision(Precision::Bf16).unwrap();
         }
     }
 }

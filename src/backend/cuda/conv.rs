@@ -4,7 +4,7 @@
 use super::device::{Swizzle, TensorMap};
 use super::elementwise::dims;
 use super::{launch, CudaBackend, KernelArgs, WORKSPACE};
-use crate::backend::{ConvKind, ConvShape, NormedInput, Precision, Rung, Tensor};
+use crate::backend::{ConvKind, ConvShape, Dtype, NormedInput, Precision, Rung, Tensor};
 use crate::error::{Error, Result};
 use cudarc::driver::LaunchConfig;
 
@@ -61,6 +61,24 @@ const BACKWARD_WEIGHT_NORMED: Kernels = Kernels {
     bf16: "conv2d_backward_weight_normed_bf16",
     wmma: None,
     wgmma: None,
+};
+
+/// The normalising convolutions' kernels for a ResNet block's hidden activation stored in bf16
+/// (`Backend::stores_bf16_hidden`): reading it as `x` (the second convolution), and writing it as `y`
+/// (the first; `None` for the weight gradient, which writes no activation). Version 3 only, in bf16
+/// precision, where every normalising convolution runs.
+struct HiddenKernels {
+    bf16_in: &'static str,
+    bf16_out: Option<&'static str>,
+}
+
+const FORWARD_BF16_HIDDEN: HiddenKernels = HiddenKernels {
+    bf16_in: "conv2d_forward_normed_bf16_bf16in",
+    bf16_out: Some("conv2d_forward_normed_bf16_bf16out"),
+};
+const BACKWARD_WEIGHT_BF16_HIDDEN: HiddenKernels = HiddenKernels {
+    bf16_in: "conv2d_backward_weight_normed_bf16_bf16in",
+    bf16_out: None,
 };
 
 /// What one of version 5's copies of the weights holds: 8 k of the reduction by 128 n of the GEMM's
@@ -198,6 +216,37 @@ impl CudaBackend {
             Rung::Wgmma | Rung::WgmmaTma | Rung::WgmmaTmaSwizzled => k.wgmma,
         };
         kernel.unwrap_or(k.bf16)
+    }
+
+    /// The kernel of a normalising convolution whose input `x` or output `y` is stored in bf16 (checked
+    /// by the caller to be allowed only there), `None` where both are fp32; an error where there is no
+    /// such kernel: in fp32 precision (a network placed in bf16 precision and run in fp32), or with both
+    /// in bf16.
+    fn hidden_kernel(
+        &self,
+        x: Tensor,
+        y: Tensor,
+        k: &HiddenKernels,
+    ) -> Result<Option<&'static str>> {
+        let (x16, y16) = (x.dtype == Dtype::Bf16, y.dtype == Dtype::Bf16);
+        if !x16 && !y16 {
+            return Ok(None);
+        }
+        let kernel = match (x16, y16) {
+            (true, false) => Some(k.bf16_in),
+            (false, true) => k.bf16_out,
+            _ => None,
+        };
+        match kernel {
+            Some(name) if self.precision == Precision::Bf16 => Ok(Some(name)),
+            _ => Err(Error::Invalid(format!(
+                "a convolution {} an activation stored in bf16 has no kernel in {} precision{}: place \
+                 the network in the precision it runs in",
+                if x16 { "reading" } else { "writing" },
+                self.precision.name(),
+                if x16 && y16 { " with both input and output in bf16" } else { "" },
+            ))),
+        }
     }
 
     /// How many convolutions (forwards and input gradients) ran with their weights copied by the
@@ -339,11 +388,17 @@ impl CudaBackend {
         if let Some(n) = &norm {
             Self::normed_ins(&s, n, &mut ins)?;
         }
-        self.args("conv2d_forward", &ins, &[("y", y, s.y_len())])?;
-        let name = self.conv_kernel(match norm {
-            Some(_) => &FORWARD_NORMED,
-            None => &FORWARD,
-        });
+        // A ResNet block's hidden activation may be stored in bf16: the output of its first convolution,
+        // the input of its second, both normalising.
+        let bf16_ok: &[&str] = if norm.is_some() { &["x", "y"] } else { &[] };
+        self.args_stored("conv2d_forward", &ins, &[("y", y, s.y_len())], bf16_ok)?;
+        let name = match self.hidden_kernel(x, y, &FORWARD_BF16_HIDDEN)? {
+            Some(k) => k,
+            None => self.conv_kernel(match norm {
+                Some(_) => &FORWARD_NORMED,
+                None => &FORWARD,
+            }),
+        };
         let (pw, pb, py) = (self.weight_ptr(w)?, self.ptr(b), self.ptr(y));
         let pt = image_bias.map_or(0, |t| self.ptr(t));
         let pr = residual.map_or(0, |r| self.ptr(r));
@@ -422,10 +477,12 @@ impl CudaBackend {
         if let Some(n) = &norm {
             Self::normed_ins(&s, n, &mut ins)?;
         }
-        self.args(
+        let bf16_ok: &[&str] = if norm.is_some() { &["x"] } else { &[] };
+        self.args_stored(
             "conv2d_backward_weight",
             &ins,
             &[("dweight", dw, s.w_len()), ("dbias", db, s.o)],
+            bf16_ok,
         )?;
         let (pdy, pdw, ws) = (self.ptr(dy), self.ptr(dw), self.workspace_ptr());
         let (oh, ow) = s.out_hw();
@@ -443,10 +500,13 @@ impl CudaBackend {
         {
             a.push(v);
         }
-        let name = self.conv_kernel(match norm {
-            Some(_) => &BACKWARD_WEIGHT_NORMED,
-            None => &BACKWARD_WEIGHT,
-        });
+        let name = match self.hidden_kernel(x, dy, &BACKWARD_WEIGHT_BF16_HIDDEN)? {
+            Some(k) => k,
+            None => self.conv_kernel(match norm {
+                Some(_) => &BACKWARD_WEIGHT_NORMED,
+                None => &BACKWARD_WEIGHT,
+            }),
+        };
         a.launch(&mut self.dev, name, cfg)?;
         if splits > 1 {
             self.reduce_splits(splits, s.o, s.k(), pdw, 0, false)?;

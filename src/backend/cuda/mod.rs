@@ -30,7 +30,7 @@ mod optim;
 mod weights;
 
 use self::device::{gib, Device, DeviceBuffer, Properties};
-use super::{check_args, AdamHyper, Arg, Precision, Sequence, Stream, Tensor};
+use super::{check_args_stored, AdamHyper, Arg, Dtype, Precision, Sequence, Stream, Tensor};
 use crate::error::{Error, Result};
 use cudarc::driver::LaunchConfig;
 
@@ -247,7 +247,19 @@ impl CudaBackend {
     /// Checks an op's arguments ([`check_args`]), makes the arena ready, brings the weights' bf16 copies
     /// up to date with what earlier ops wrote, and notes what this one will write (`weights.rs`).
     fn args(&mut self, op: &'static str, ins: &[Arg], outs: &[Arg]) -> Result<()> {
-        check_args(op, self.reserved, "cuda", ins, outs)?;
+        self.args_stored(op, ins, outs, &[])
+    }
+
+    /// [`CudaBackend::args`] for an op whose kernels also take bf16 storage for the arguments named in
+    /// `bf16_ok` ([`check_args_stored`]).
+    fn args_stored(
+        &mut self,
+        op: &'static str,
+        ins: &[Arg],
+        outs: &[Arg],
+        bf16_ok: &[&str],
+    ) -> Result<()> {
+        check_args_stored(op, self.reserved, "cuda", ins, outs, bf16_ok)?;
         self.materialise()?;
         self.refresh_copies()?;
         self.mark_written(outs);
@@ -393,22 +405,32 @@ impl super::Backend for CudaBackend {
         Ok(t)
     }
 
+    /// A bf16 `dst` gets `src` rounded to nearest, ties to even (as the kernels round).
     fn upload(&mut self, dst: Tensor, src: &[f32]) -> Result<()> {
         self.not_recording("an upload")?;
-        self.args("upload", &[], &[("dst", dst, src.len())])?;
+        self.args_stored("upload", &[], &[("dst", dst, src.len())], &["dst"])?;
+        if dst.dtype == Dtype::Bf16 {
+            let bits = bf16_words(src);
+            // SAFETY: dst (its words) was checked to lie inside the arena.
+            return unsafe { self.dev.htod(self.ptr(dst), bytemuck::cast_slice(&bits)) };
+        }
         // SAFETY: dst was checked to lie inside the arena.
         unsafe { self.dev.htod(self.ptr(dst), bytemuck::cast_slice(src)) }
     }
 
+    /// A bf16 `src` comes back widened to fp32 (exactly).
     fn download(&mut self, src: Tensor) -> Result<Vec<f32>> {
         self.not_recording("a download")?;
-        self.args("download", &[("src", src, src.len)], &[])?;
-        let mut out = vec![0.0f32; src.len];
+        self.args_stored("download", &[("src", src, src.len)], &[], &["src"])?;
+        let mut out = vec![0.0f32; src.words()];
         // SAFETY: src lies inside the arena; dtoh waits for the copy.
         unsafe {
             self.dev
                 .dtoh(bytemuck::cast_slice_mut(&mut out), self.ptr(src))?
         };
+        if src.dtype == Dtype::Bf16 {
+            return Ok(widen_bf16(&out, src.len));
+        }
         Ok(out)
     }
 
@@ -464,6 +486,12 @@ impl super::Backend for CudaBackend {
 
     fn keeps_weight_copies(&self) -> bool {
         true
+    }
+
+    /// In bf16 precision: the normalising convolutions (version 3) and the group norms have kernels that
+    /// write and read it so.
+    fn stores_bf16_hidden(&self) -> bool {
+        self.precision == Precision::Bf16
     }
 
     /// The statistics, then the convolution normalising its operand as it loads it: the normalised input
@@ -1012,6 +1040,60 @@ impl super::Backend for CudaBackend {
         self.sync()?;
         let seconds = start.elapsed().as_secs_f64() / f64::from(runs);
         Ok(Some(flop / seconds / 1e12))
+    }
+}
+
+/// `src` rounded to bf16 (to nearest, ties to even; NaN stays NaN) and packed two to a word, element `2i`
+/// in the low half of word `i`: the layout of a [`Dtype::Bf16`] tensor.
+fn bf16_words(src: &[f32]) -> Vec<u32> {
+    let round = |f: f32| -> u32 {
+        let u = f.to_bits();
+        if f.is_nan() {
+            return (u >> 16) | 0x40;
+        }
+        (u + 0x7fff + ((u >> 16) & 1)) >> 16
+    };
+    src.chunks(2)
+        .map(|p| round(p[0]) | p.get(1).map_or(0, |&f| round(f) << 16))
+        .collect()
+}
+
+/// The first `len` elements of bf16 pairs packed as [`bf16_words`] packs them, widened to fp32.
+fn widen_bf16(words: &[f32], len: usize) -> Vec<f32> {
+    (0..len)
+        .map(|i| {
+            let w = words[i / 2].to_bits();
+            f32::from_bits(if i % 2 == 0 { w << 16 } else { w & 0xffff_0000 })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod bf16_tests {
+    use super::{bf16_words, widen_bf16};
+
+    /// Rounding to nearest with ties to even, checked on values whose bf16 neighbours are known: 1 + 2^-8
+    /// lies halfway between 1 and 1 + 2^-7 and goes to 1 (even mantissa), 1 + 3 * 2^-8 halfway between
+    /// 1 + 2^-7 and 1 + 2^-6 and goes up; just past the halfway point goes up. Odd lengths leave the last
+    /// high half zero; widening gives the rounded values back exactly.
+    #[test]
+    fn bf16_packing_rounds_to_nearest_even_and_widens_exactly() {
+        let h = 2f32.powi(-8);
+        let src = [
+            1.0 + h,
+            1.0 + 3.0 * h,
+            1.0 + h * 1.0001,
+            -2.5,
+            f32::INFINITY,
+        ];
+        let want = [1.0, 1.0 + 4.0 * h, 1.0 + 2.0 * h, -2.5, f32::INFINITY];
+        let words = bf16_words(&src);
+        assert_eq!(words.len(), 3);
+        assert_eq!(words[2] >> 16, 0, "the unused half of the last word");
+        let as_f32: Vec<f32> = words.iter().map(|&w| f32::from_bits(w)).collect();
+        assert_eq!(widen_bf16(&as_f32, src.len()), want);
+        let nan = widen_bf16(&[f32::from_bits(bf16_words(&[f32::NAN])[0])], 1);
+        assert!(nan[0].is_nan());
     }
 }
 

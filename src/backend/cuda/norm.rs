@@ -2,7 +2,7 @@
 
 use super::elementwise::dims;
 use super::{launch, CudaBackend, WORKSPACE};
-use crate::backend::{GroupNormShape, Tensor};
+use crate::backend::{Dtype, GroupNormShape, Tensor};
 use crate::error::{Error, Result};
 use cudarc::driver::LaunchConfig;
 
@@ -15,6 +15,14 @@ fn check(s: &GroupNormShape) -> Result<()> {
         )));
     }
     Ok(())
+}
+
+/// The kernel for `x`'s storage: fp32, or bf16 (a ResNet block's hidden activation).
+fn x_kernel(x: Tensor, f32: &'static str, bf16: &'static str) -> &'static str {
+    match x.dtype {
+        Dtype::F32 => f32,
+        Dtype::Bf16 => bf16,
+    }
 }
 
 /// One block of 256 threads per (group, image).
@@ -45,7 +53,7 @@ impl CudaBackend {
         if let Some(y) = y {
             outs.push(("y", y, s.len()));
         }
-        self.args(
+        self.args_stored(
             "group_norm_forward",
             &[
                 ("x", x, s.len()),
@@ -53,6 +61,7 @@ impl CudaBackend {
                 ("beta", beta, s.c),
             ],
             &outs,
+            &["x"],
         )?;
         let (px, pg, pb) = (self.ptr(x), self.ptr(gamma), self.ptr(beta));
         let py = y.map_or(0, |y| self.ptr(y));
@@ -61,7 +70,7 @@ impl CudaBackend {
         let (eps, silu) = (s.eps, silu as i32);
         launch!(
             self,
-            "group_norm_forward_f32",
+            x_kernel(x, "group_norm_forward_f32", "group_norm_forward_bf16in"),
             cfg(&s),
             px,
             pg,
@@ -101,7 +110,7 @@ impl CudaBackend {
                 s.n, s.c
             )));
         }
-        self.args(
+        self.args_stored(
             "group_norm_backward",
             &[
                 ("x", x, s.len()),
@@ -116,6 +125,7 @@ impl CudaBackend {
                 ("dgamma", dgamma, s.c),
                 ("dbeta", dbeta, s.c),
             ],
+            &["x"],
         )?;
         let (px, pg, pb) = (self.ptr(x), self.ptr(gamma), self.ptr(beta));
         let (pm, pr, pdy, pdx) = (self.ptr(mean), self.ptr(rstd), self.ptr(dy), self.ptr(dx));
@@ -125,7 +135,7 @@ impl CudaBackend {
         let (silu, acc) = (silu as i32, acc as i32);
         launch!(
             self,
-            "group_norm_backward_f32",
+            x_kernel(x, "group_norm_backward_f32", "group_norm_backward_bf16in"),
             cfg(&s),
             px,
             pg,
