@@ -391,15 +391,21 @@ fn info(cfg: &UNetConfig, name: &str, batch: usize) -> Result<()> {
     let state = 5.0 * params as f64;
     // The CUDA backend also keeps a bf16 copy of the weights for its tensor cores.
     let copy = crate::backend::weight_copy_len(params) as f64;
-    // Every activation (and gradient) scales with the batch: the batch-1 net's times `batch`. The CUDA
-    // backend applies each group norm as its convolution loads its input, so it stores no normalised
-    // input; the CPU stores them.
-    let lens = |fused| -> Result<(f64, f64)> {
-        let (acts, grads) = UNet::activation_lens(cfg, 1, fused)?;
-        Ok(((acts * batch) as f64, (grads * batch) as f64))
+    // The CUDA backend applies each group norm as its convolution loads its input, so it stores no
+    // normalised input (the CPU stores them); in bf16 precision (its default on sm_80 and newer) it also
+    // stores each ResNet block's hidden activation in bf16.
+    let lens = |fused, bf16_hidden| -> Result<(f64, f64)> {
+        let layout = crate::backend::Layout {
+            fused,
+            weight_copies: fused,
+            bf16_hidden,
+        };
+        let (acts, grads) = UNet::activation_lens(cfg, batch, layout)?;
+        Ok((acts as f64, grads as f64))
     };
-    let (act_mem, grad_mem) = lens(true)?;
-    let (cpu_act, cpu_grad) = lens(false)?;
+    let (act_mem, grad_mem) = lens(true, true)?;
+    let (fp32_act, _) = lens(true, false)?;
+    let (cpu_act, cpu_grad) = lens(false, false)?;
     println!(
         "model        {name} ({}x{}, channels {:?})",
         cfg.sample_size, cfg.sample_size, cfg.block_out_channels
@@ -411,14 +417,16 @@ fn info(cfg: &UNetConfig, name: &str, batch: usize) -> Result<()> {
         3.0 * gflop
     );
     println!(
-        "memory       {:.2} GiB to train at batch {batch} on CUDA (fp32: weights, gradients, Adam, EMA {:.2} GiB; \
-         the weights' bf16 copy {:.2} GiB; activations {:.2} GiB; their gradients {:.2} GiB); {:.2} GiB on \
-         the CPU, which also stores the normalised inputs",
+        "memory       {:.2} GiB to train at batch {batch} on CUDA in bf16 (fp32 weights, gradients, Adam, \
+         EMA {:.2} GiB; the weights' bf16 copy {:.2} GiB; activations {:.2} GiB; their gradients {:.2} GiB); \
+         {:.2} GiB in fp32, which stores the ResNet blocks' hidden activations in fp32; {:.2} GiB on the \
+         CPU, which also stores the normalised inputs",
         gib(state + copy + act_mem + grad_mem),
         gib(state),
         gib(copy),
         gib(act_mem),
         gib(grad_mem),
+        gib(state + copy + fp32_act + grad_mem),
         gib(state + cpu_act + cpu_grad)
     );
     Ok(())

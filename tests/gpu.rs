@@ -1220,7 +1220,8 @@ fn the_bench_times_the_network_on_every_rung() {
 fn the_profile_times_every_kernel_of_a_training_step() {
     let config = small_config();
     let opts = ten_steps_options();
-    let mut gpu = device();
+    // bf16, the CLI's default on the device, where each ResNet block's hidden activation is bf16.
+    let mut gpu = device_in(Precision::Bf16);
     let data = ddpm_cuda::data::synthetic(8, 64, 3);
     let mut tr = Trainer::new(&mut gpu, &config, Schedule::paper(), opts.clone()).unwrap();
     tr.init(&mut gpu).unwrap();
@@ -1250,13 +1251,33 @@ fn the_profile_times_every_kernel_of_a_training_step() {
     ] {
         assert_eq!(count(k), 1, "{k} launches in one step");
     }
-    let norms = count("group_norm_forward_f32");
+    // Group norms of an fp32 input, and in bf16 those of the ResNet blocks' hidden activations.
+    let both = |f32: &str, bf16: &str| count(f32) + count(bf16);
+    let norms = both("group_norm_forward_f32", "group_norm_forward_bf16in");
     assert!(norms > 0, "the small network has group norms");
     assert_eq!(
-        count("group_norm_backward_f32"),
+        both("group_norm_backward_f32", "group_norm_backward_bf16in"),
         norms,
         "a backward for every group norm"
     );
+    // Each ResNet block writes its hidden activation in bf16 once and reads it in bf16 four times: the
+    // statistics, the second convolution, its weight gradient, and the group norm's backward.
+    let blocks = tr
+        .net
+        .specs()
+        .iter()
+        .filter(|s| s.name.ends_with(".conv1.weight"))
+        .count();
+    assert!(blocks > 0);
+    for k in [
+        "conv2d_forward_normed_bf16_bf16out",
+        "group_norm_forward_bf16in",
+        "conv2d_forward_normed_bf16_bf16in",
+        "conv2d_backward_weight_normed_bf16_bf16in",
+        "group_norm_backward_bf16in",
+    ] {
+        assert_eq!(count(k), blocks, "{k} launches in one step");
+    }
     tr.step(&mut gpu, &images).unwrap();
     assert!(
         gpu.profile_end().unwrap().is_empty(),

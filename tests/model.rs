@@ -1,7 +1,7 @@
 //! Properties of the U-Net that do not need a reference implementation.
 
 use ddpm_cuda::backend::cpu::CpuBackend;
-use ddpm_cuda::backend::Backend;
+use ddpm_cuda::backend::{Backend, Layout};
 use ddpm_cuda::model::{UNet, UNetConfig};
 use std::collections::HashSet;
 
@@ -122,7 +122,9 @@ fn state_dict_round_trip_and_errors() {
 /// (`Backend::fuses_normalisation`: CUDA), the U-Net gives the normalised inputs no memory, nor the
 /// dropped-out inputs of the ResNet blocks' second convolutions: the activations shrink by exactly
 /// their sizes, counted here from the normalisations' parameters (each `c` channels at its level's side)
-/// and the config, and their gradients stay (the convolutions' input gradients write them).
+/// and the config, and their gradients stay (the convolutions' input gradients write them). One that
+/// also stores the ResNet blocks' hidden activations in bf16 (`Backend::stores_bf16_hidden`) saves half
+/// of each, counted from the first convolutions' biases.
 #[test]
 fn a_fusing_backend_stores_no_normalised_input() {
     let batch = 2;
@@ -149,8 +151,14 @@ fn a_fusing_backend_stores_no_normalised_input() {
             };
             cfg.sample_size >> down
         };
-        let mut normalised = 0;
+        let (mut normalised, mut bf16_saved) = (0, 0);
         for s in net.specs() {
+            if s.name.ends_with(".conv1.bias") {
+                // A ResNet block's hidden activation: in bf16, half a word per element and 3 words of
+                // alignment padding.
+                let len = batch * side(&s.name).pow(2) * s.len;
+                bf16_saved += len - (len.div_ceil(2) + 3);
+            }
             let is_norm = [".norm1.weight", ".norm2.weight", ".group_norm.weight"]
                 .iter()
                 .any(|end| s.name.ends_with(end))
@@ -165,10 +173,21 @@ fn a_fusing_backend_stores_no_normalised_input() {
             };
             normalised += copies * batch * side(&s.name).pow(2) * s.len;
         }
-        let (stored, stored_grads) = UNet::activation_lens(&cfg, batch, false).unwrap();
-        let (fused, fused_grads) = UNet::activation_lens(&cfg, batch, true).unwrap();
+        let layout = |fused, bf16_hidden| Layout {
+            fused,
+            bf16_hidden,
+            ..Layout::default()
+        };
+        let lens = |l| UNet::activation_lens(&cfg, batch, l).unwrap();
+        let (stored, stored_grads) = lens(layout(false, false));
+        let (fused, fused_grads) = lens(layout(true, false));
         assert_eq!(stored - fused, normalised, "{preset}");
         assert_eq!(stored_grads, fused_grads, "{preset}");
+        // In bf16 the blocks' hidden activations take half the memory; their gradients stay fp32.
+        let (bf16, bf16_grads) = lens(layout(true, true));
+        assert!(bf16_saved > 0, "{preset}");
+        assert_eq!(fused - bf16, bf16_saved, "{preset}");
+        assert_eq!(bf16_grads, fused_grads, "{preset}");
         // The CPU stores them: its net is the unfused layout.
         assert_eq!(net.activation_len() * batch, stored, "{preset}");
     }

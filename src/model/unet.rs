@@ -63,6 +63,8 @@ struct Builder {
     /// unstored handle.
     fused: bool,
     unstored_next: usize,
+    /// Whether the ResNet blocks' hidden activations are stored in bf16 ([`Backend::stores_bf16_hidden`]).
+    bf16_hidden: bool,
 }
 
 /// The elements of the activations' gradients, by region (see [`Builder`]): those with a place of
@@ -118,6 +120,19 @@ impl Builder {
         let t = Tensor::new(self.acts + self.act_next, len);
         self.act_next += len;
         self.grad_for(t, scratch);
+        t
+    }
+    /// A ResNet block's hidden activation (its first convolution's output): in bf16 where the backend
+    /// stores it so, 16-byte aligned for the kernels' vector loads. The 3 words of padding are reserved
+    /// wherever the arena starts, so a counting build and the real one agree on every size.
+    fn act_hidden(&mut self, len: usize) -> Tensor {
+        if !self.bf16_hidden {
+            return self.act(len);
+        }
+        let start = self.acts + self.act_next;
+        let t = Tensor::bf16(start.next_multiple_of(4), len);
+        self.act_next += t.words() + 3;
+        self.grad_for(t, self.in_block);
         t
     }
     /// A normalised input: unstored when the backend fuses normalisations into the convolutions, else
@@ -500,11 +515,9 @@ impl ResBlock {
             kind,
         };
         let norm1 = b.norm(&format!("{name}.norm1"), gn(cin), true);
-        let conv1 = b.conv(
-            &format!("{name}.conv1"),
-            conv(cin, cout, ConvKind::K3S1),
-            1.0,
-        );
+        let s1 = conv(cin, cout, ConvKind::K3S1);
+        let hidden = b.act_hidden(s1.y_len());
+        let conv1 = b.conv_into(&format!("{name}.conv1"), s1, 1.0, hidden);
         let temb = b.linear(
             &format!("{name}.time_emb_proj"),
             n,
@@ -823,8 +836,8 @@ impl UNet {
             return Err(Error::Invalid("the batch size must be at least 1".into()));
         }
         Self::size_guard(config, batch)?;
-        let fused = be.fuses_normalisation();
-        let count = Self::build(config, batch, fused, 0, 0, 0, None);
+        let layout = Layout::of(be);
+        let count = Self::build(config, batch, layout, 0, 0, 0, None);
         let np = count.specs.last().map_or(0, |s| s.offset + s.len);
         let na = count.acts.len;
         let grad_lens = count.grad_lens;
@@ -833,7 +846,9 @@ impl UNet {
         if !training {
             let acts = be.alloc(na)?;
             // Gradient handles alias the parameters and activations; `training: false` guards them.
-            let mut net = Self::build(config, batch, fused, params.off, params.off, acts.off, None);
+            let mut net = Self::build(
+                config, batch, layout, params.off, params.off, acts.off, None,
+            );
             net.training = false;
             return Ok(net);
         }
@@ -843,7 +858,7 @@ impl UNet {
         Ok(Self::build(
             config,
             batch,
-            fused,
+            layout,
             params.off,
             grads.off,
             acts.off,
@@ -862,7 +877,7 @@ impl UNet {
     ) -> Result<(usize, usize)> {
         config.validate()?;
         Self::size_guard(config, batch)?;
-        let count = Self::build(config, batch.max(1), layout.fused, 0, 0, 0, None);
+        let count = Self::build(config, batch.max(1), layout, 0, 0, 0, None);
         let (np, na) = (count.params.len, count.acts.len);
         let grads = count.grad_lens.total();
         let copy = match layout.weight_copies {
@@ -878,15 +893,15 @@ impl UNet {
     }
 
     /// The elements of a training net's activations and of their gradients (all their regions: see
-    /// [`Builder`]) for `config` at `batch`, on a backend that fuses the normalisations or not.
+    /// [`Builder`]) for `config` at `batch`, on a backend of `layout`.
     pub fn activation_lens(
         config: &UNetConfig,
         batch: usize,
-        fused: bool,
+        layout: Layout,
     ) -> Result<(usize, usize)> {
         config.validate()?;
         Self::size_guard(config, batch)?;
-        let count = Self::build(config, batch.max(1), fused, 0, 0, 0, None);
+        let count = Self::build(config, batch.max(1), layout, 0, 0, 0, None);
         Ok((count.acts.len, count.grad_lens.total()))
     }
 
@@ -922,7 +937,7 @@ impl UNet {
     fn build(
         config: &UNetConfig,
         n: usize,
-        fused: bool,
+        layout: Layout,
         params: usize,
         grads: usize,
         acts: usize,
@@ -944,8 +959,9 @@ impl UNet {
             up_max: [0, 0],
             in_block: false,
             grad_of: HashMap::new(),
-            fused,
+            fused: layout.fused,
             unstored_next: 0,
+            bf16_hidden: layout.bf16_hidden,
         };
         let cfg = config;
         let chans = &cfg.block_out_channels;
@@ -1467,5 +1483,50 @@ impl UNet {
         total +=
             self.temb1.m * self.temb1.k * self.temb1.n + self.temb2.m * self.temb2.k * self.temb2.n;
         total / self.batch
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::Dtype;
+
+    /// In a net placed with bf16 hidden activations, at an arena offset that is not a multiple of 4
+    /// words: every ResNet block's `conv1.y` is bf16, starts 16-byte aligned and lies inside the
+    /// activations, none overlaps another activation the block holds, and the counting build (at offset
+    /// 0) reserved exactly what the placed one uses.
+    #[test]
+    fn bf16_hidden_activations_are_aligned_and_inside_the_counted_activations() {
+        let config = UNetConfig::preset("tiny").unwrap();
+        let layout = Layout {
+            fused: true,
+            weight_copies: true,
+            bf16_hidden: true,
+        };
+        let count = UNet::build(&config, 3, layout, 0, 0, 0, None);
+        let base = 4 * 1000 + 1;
+        let net = UNet::build(&config, 3, layout, 0, 0, base, None);
+        assert_eq!(net.acts.len, count.acts.len);
+        let acts = Tensor::new(base, net.acts.len);
+        let mut blocks: Vec<&ResBlock> = Vec::new();
+        for level in net.down.iter().chain(&net.up) {
+            blocks.extend(level.layers.iter().map(|l| &l.res));
+        }
+        blocks.extend([&net.mid.0, &net.mid.2]);
+        let (levels, per) = (config.block_out_channels.len(), config.layers_per_block);
+        assert_eq!(blocks.len(), levels * per + levels * (per + 1) + 2);
+        for r in blocks {
+            let h = r.conv1.y;
+            assert_eq!(h.dtype, Dtype::Bf16);
+            assert_eq!(h.len, r.conv1.s.y_len());
+            assert_eq!(h.off % 4, 0, "16-byte aligned");
+            assert!(
+                h.off >= acts.off && h.end() <= acts.end(),
+                "{h:?} in {acts:?}"
+            );
+            for other in [r.temb.y, r.out, r.norm1.mean, r.norm2.rstd] {
+                assert!(!h.overlaps(other), "{h:?} and {other:?}");
+            }
+        }
     }
 }
