@@ -3,6 +3,8 @@
 //   attention_forward_f32        out = softmax(q k^T / sqrt(c)) v, and lse = the log-sum-exp of each row
 //   attention_backward_dq_f32    dq, and delta_i = dout_i . out_i (for the next kernel)
 //   attention_backward_dkv_f32   dk and dv
+//   attention_*_f32_bf16in       the same with qkv stored in bf16 (the projection's output in bf16
+//                                precision, Backend::stores_bf16_hidden), widened as it is read
 //
 // Shapes: qkv [n, l, 3c] (q, k, v side by side per position, as the fused projection writes them);
 // out, dout [n, l, c]; lse, delta [n, l]; dqkv [n, l, 3c] (the dq kernel writes the q third, the dkv
@@ -32,9 +34,11 @@ __device__ __forceinline__ float warp_dot(const float* a, const float* b, int c,
 }
 }  // namespace
 
-extern "C" __global__ void __launch_bounds__(256)
-    attention_forward_f32(const float* __restrict__ qkv, float* __restrict__ out, float* __restrict__ lse, int l,
-                          int c) {
+// The three kernels over qkv stored as T: float, or bf16 (the projection's output stored so in bf16
+// precision, Backend::stores_bf16_hidden), widened as it is read.
+template <class T>
+__device__ __forceinline__ void attention_forward(const T* __restrict__ qkv, float* __restrict__ out,
+                                                  float* __restrict__ lse, int l, int c) {
     extern __shared__ float smem[];
     float* ks = smem;                       // [ATT_TILE][c]
     float* vs = ks + ATT_TILE * c;          // [ATT_TILE][c]
@@ -44,18 +48,18 @@ extern "C" __global__ void __launch_bounds__(256)
     const int image = blockIdx.y, i = blockIdx.x * ATT_WARPS + warp;
     const bool active = i < l;
     const int64_t row = 3 * int64_t(c);
-    const float* base = qkv + int64_t(image) * l * row;
+    const T* base = qkv + int64_t(image) * l * row;
     const float scale = ddpm::attention_scale(c);
     if (active)
-        for (int ch = lane; ch < c; ch += 32) q[ch] = base[i * row + ch], o[ch] = 0.0f;
+        for (int ch = lane; ch < c; ch += 32) q[ch] = ddpm::to_f32(base[i * row + ch]), o[ch] = 0.0f;
     float m = -INFINITY, sum = 0.0f;
     for (int j0 = 0; j0 < l; j0 += ATT_TILE) {
         const int tile = min(ATT_TILE, l - j0);
         __syncthreads();  // every warp is done with the previous tile
         for (int e = threadIdx.x; e < tile * c; e += blockDim.x) {
-            const float* src = base + (j0 + e / c) * row + e % c;
-            ks[e] = src[c];
-            vs[e] = src[2 * c];
+            const T* src = base + (j0 + e / c) * row + e % c;
+            ks[e] = ddpm::to_f32(src[c]);
+            vs[e] = ddpm::to_f32(src[2 * c]);
         }
         __syncthreads();
         if (!active) continue;
@@ -75,10 +79,11 @@ extern "C" __global__ void __launch_bounds__(256)
     if (lane == 0) lse[int64_t(image) * l + i] = m + logf(sum);
 }
 
-extern "C" __global__ void __launch_bounds__(256)
-    attention_backward_dq_f32(const float* __restrict__ qkv, const float* __restrict__ out,
-                              const float* __restrict__ lse, const float* __restrict__ dout,
-                              float* __restrict__ dqkv, float* __restrict__ delta, int l, int c) {
+template <class T>
+__device__ __forceinline__ void attention_backward_dq(const T* __restrict__ qkv, const float* __restrict__ out,
+                                                      const float* __restrict__ lse, const float* __restrict__ dout,
+                                                      float* __restrict__ dqkv, float* __restrict__ delta, int l,
+                                                      int c) {
     extern __shared__ float smem[];
     float* ks = smem;
     float* vs = ks + ATT_TILE * c;
@@ -89,13 +94,13 @@ extern "C" __global__ void __launch_bounds__(256)
     const int image = blockIdx.y, i = blockIdx.x * ATT_WARPS + warp;
     const bool active = i < l;
     const int64_t row = 3 * int64_t(c), pos = int64_t(image) * l + i;
-    const float* base = qkv + int64_t(image) * l * row;
+    const T* base = qkv + int64_t(image) * l * row;
     const float scale = ddpm::attention_scale(c);
     float d_i = 0.0f, lse_i = 0.0f;
     if (active) {
         float s = 0.0f;
         for (int ch = lane; ch < c; ch += 32) {
-            q[ch] = base[i * row + ch];
+            q[ch] = ddpm::to_f32(base[i * row + ch]);
             dO[ch] = dout[pos * c + ch];
             dq[ch] = 0.0f;
             s = fmaf(dO[ch], out[pos * c + ch], s);
@@ -108,9 +113,9 @@ extern "C" __global__ void __launch_bounds__(256)
         const int tile = min(ATT_TILE, l - j0);
         __syncthreads();
         for (int e = threadIdx.x; e < tile * c; e += blockDim.x) {
-            const float* src = base + (j0 + e / c) * row + e % c;
-            ks[e] = src[c];
-            vs[e] = src[2 * c];
+            const T* src = base + (j0 + e / c) * row + e % c;
+            ks[e] = ddpm::to_f32(src[c]);
+            vs[e] = ddpm::to_f32(src[2 * c]);
         }
         __syncthreads();
         if (!active) continue;
@@ -125,10 +130,11 @@ extern "C" __global__ void __launch_bounds__(256)
     for (int ch = lane; ch < c; ch += 32) dst[ch] = dq[ch] * scale;
 }
 
-extern "C" __global__ void __launch_bounds__(256)
-    attention_backward_dkv_f32(const float* __restrict__ qkv, const float* __restrict__ lse,
-                               const float* __restrict__ dout, const float* __restrict__ delta,
-                               float* __restrict__ dqkv, int l, int c) {
+template <class T>
+__device__ __forceinline__ void attention_backward_dkv(const T* __restrict__ qkv, const float* __restrict__ lse,
+                                                       const float* __restrict__ dout,
+                                                       const float* __restrict__ delta, float* __restrict__ dqkv,
+                                                       int l, int c) {
     extern __shared__ float smem[];
     float* qs = smem;                    // [ATT_TILE][c] queries of the tile
     float* dos = qs + ATT_TILE * c;      // [ATT_TILE][c] their output gradients
@@ -143,12 +149,12 @@ extern "C" __global__ void __launch_bounds__(256)
     const int image = blockIdx.y, j = blockIdx.x * ATT_WARPS + warp;
     const bool active = j < l;
     const int64_t row = 3 * int64_t(c), img = int64_t(image) * l;
-    const float* base = qkv + img * row;
+    const T* base = qkv + img * row;
     const float scale = ddpm::attention_scale(c);
     if (active)
         for (int ch = lane; ch < c; ch += 32) {
-            k[ch] = base[j * row + c + ch];
-            v[ch] = base[j * row + 2 * c + ch];
+            k[ch] = ddpm::to_f32(base[j * row + c + ch]);
+            v[ch] = ddpm::to_f32(base[j * row + 2 * c + ch]);
             dk[ch] = 0.0f;
             dv[ch] = 0.0f;
         }
@@ -157,7 +163,7 @@ extern "C" __global__ void __launch_bounds__(256)
         __syncthreads();
         for (int e = threadIdx.x; e < tile * c; e += blockDim.x) {
             const int ii = e / c, ch = e % c;
-            qs[e] = base[(i0 + ii) * row + ch];
+            qs[e] = ddpm::to_f32(base[(i0 + ii) * row + ch]);
             dos[e] = dout[(img + i0 + ii) * c + ch];
         }
         if (threadIdx.x < tile) {
@@ -183,4 +189,45 @@ extern "C" __global__ void __launch_bounds__(256)
         dst[c + ch] = dk[ch] * scale;
         dst[2 * c + ch] = dv[ch];
     }
+}
+
+// The entry points: qkv in fp32, and (_bf16in) in bf16; the same arguments otherwise.
+extern "C" __global__ void __launch_bounds__(256)
+    attention_forward_f32(const float* __restrict__ qkv, float* __restrict__ out, float* __restrict__ lse,
+                          int l, int c) {
+    attention_forward(qkv, out, lse, l, c);
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+    attention_backward_dq_f32(const float* __restrict__ qkv, const float* __restrict__ out,
+                              const float* __restrict__ lse, const float* __restrict__ dout,
+                              float* __restrict__ dqkv, float* __restrict__ delta, int l, int c) {
+    attention_backward_dq(qkv, out, lse, dout, dqkv, delta, l, c);
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+    attention_backward_dkv_f32(const float* __restrict__ qkv, const float* __restrict__ lse,
+                               const float* __restrict__ dout, const float* __restrict__ delta,
+                               float* __restrict__ dqkv, int l, int c) {
+    attention_backward_dkv(qkv, lse, dout, delta, dqkv, l, c);
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+    attention_forward_f32_bf16in(const __nv_bfloat16* __restrict__ qkv, float* __restrict__ out, float* __restrict__ lse,
+                          int l, int c) {
+    attention_forward(qkv, out, lse, l, c);
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+    attention_backward_dq_f32_bf16in(const __nv_bfloat16* __restrict__ qkv, const float* __restrict__ out,
+                              const float* __restrict__ lse, const float* __restrict__ dout,
+                              float* __restrict__ dqkv, float* __restrict__ delta, int l, int c) {
+    attention_backward_dq(qkv, out, lse, dout, dqkv, delta, l, c);
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+    attention_backward_dkv_f32_bf16in(const __nv_bfloat16* __restrict__ qkv, const float* __restrict__ lse,
+                               const float* __restrict__ dout, const float* __restrict__ delta,
+                               float* __restrict__ dqkv, int l, int c) {
+    attention_backward_dkv(qkv, lse, dout, delta, dqkv, l, c);
 }

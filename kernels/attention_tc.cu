@@ -3,6 +3,7 @@
 //   attention_forward_bf16        out = softmax(q k^T / sqrt(c)) v and lse
 //   attention_backward_dq_bf16    dq, and delta_i = dout_i . out_i (for the next kernel)
 //   attention_backward_dkv_bf16   dk and dv
+//   attention_*_bf16_bf16in       the same with qkv stored in bf16 (staged as it is)
 //
 // The forward:
 // Flash-style (Dao et al. 2022): a block owns 64 queries of one image and streams the keys and values
@@ -76,12 +77,14 @@ struct Carver {
     }
 };
 
-// rows x c of fp32 rows (stride `row`) from `src`, as bf16 rows of stride ldt; zero past row `valid`.
-__device__ __forceinline__ void stage_bf16(__nv_bfloat16* dst, int ldt, const float* src, int64_t row, int rows,
+// rows x c of fp32 (or bf16) rows (stride `row`) from `src`, as bf16 rows of stride ldt; zero past row
+// `valid`. A bf16 source comes through unchanged (widening and rounding back is exact).
+template <class T>
+__device__ __forceinline__ void stage_bf16(__nv_bfloat16* dst, int ldt, const T* src, int64_t row, int rows,
                                            int valid, int c) {
     for (int e = threadIdx.x; e < rows * c; e += blockDim.x) {
         const int r = e / c, ch = e % c;
-        dst[r * ldt + ch] = __float2bfloat16_rn(r < valid ? src[r * row + ch] : 0.0f);
+        dst[r * ldt + ch] = __float2bfloat16_rn(r < valid ? ddpm::to_f32(src[r * row + ch]) : 0.0f);
     }
 }
 
@@ -129,9 +132,9 @@ __device__ __forceinline__ void mma_accumulate(float* d, int ldd, const __nv_bfl
 }
 }  // namespace
 
-extern "C" __global__ void __launch_bounds__(32 * AT_WARPS)
-    attention_forward_bf16(const float* __restrict__ qkv, float* __restrict__ out, float* __restrict__ lse, int l,
-                           int c) {
+template <class T>
+__device__ __forceinline__ void attention_forward_tc(const T* __restrict__ qkv, float* __restrict__ out,
+                                                     float* __restrict__ lse, int l, int c) {
     extern __shared__ float smem[];
     const int ldt = c + 8, ldo = c + 4;
     Carver carve{reinterpret_cast<char*>(smem)};
@@ -145,7 +148,7 @@ extern "C" __global__ void __launch_bounds__(32 * AT_WARPS)
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int image = blockIdx.y, q0 = blockIdx.x * AT_Q;
     const int64_t row = 3 * int64_t(c);
-    const float* src = qkv + int64_t(image) * l * row;
+    const T* src = qkv + int64_t(image) * l * row;
     const float scale = ddpm::attention_scale(c);
 
     // Stage the block's queries (zero past the end), clear the output accumulators.
@@ -215,10 +218,11 @@ constexpr int AB_K = 32;   // dkv: keys per block (2 warps of 16)
 constexpr int AB_QT = 64;  // dkv: queries per tile
 }  // namespace
 
-extern "C" __global__ void __launch_bounds__(128)
-    attention_backward_dq_bf16(const float* __restrict__ qkv, const float* __restrict__ out,
-                               const float* __restrict__ lse, const float* __restrict__ dout,
-                               float* __restrict__ dqkv, float* __restrict__ delta, int l, int c) {
+template <class T>
+__device__ __forceinline__ void attention_backward_dq_tc(const T* __restrict__ qkv, const float* __restrict__ out,
+                                                         const float* __restrict__ lse,
+                                                         const float* __restrict__ dout, float* __restrict__ dqkv,
+                                                         float* __restrict__ delta, int l, int c) {
     extern __shared__ float smem[];
     const int ldt = c + 8, ldo = c + 4, lds = AB_KT + 4, ldp = AB_KT + 8;
     Carver carve{reinterpret_cast<char*>(smem)};
@@ -234,7 +238,7 @@ extern "C" __global__ void __launch_bounds__(128)
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int image = blockIdx.y, q0 = blockIdx.x * AT_Q;
     const int64_t row = 3 * int64_t(c), img = int64_t(image) * l;
-    const float* src = qkv + img * row;
+    const T* src = qkv + img * row;
     const float scale = ddpm::attention_scale(c);
     const int valid = min(AT_Q, l - q0);
     stage_bf16(qs, ldt, src + q0 * row, row, AT_Q, valid, c);
@@ -279,10 +283,11 @@ extern "C" __global__ void __launch_bounds__(128)
     for (int ch = half * (c / 2); ch < (half + 1) * (c / 2); ++ch) dst[ch] = dqs[r * ldo + ch] * scale;
 }
 
-extern "C" __global__ void __launch_bounds__(64)
-    attention_backward_dkv_bf16(const float* __restrict__ qkv, const float* __restrict__ lse,
-                                const float* __restrict__ dout, const float* __restrict__ delta,
-                                float* __restrict__ dqkv, int l, int c) {
+template <class T>
+__device__ __forceinline__ void attention_backward_dkv_tc(const T* __restrict__ qkv, const float* __restrict__ lse,
+                                                          const float* __restrict__ dout,
+                                                          const float* __restrict__ delta, float* __restrict__ dqkv,
+                                                          int l, int c) {
     extern __shared__ float smem[];
     const int ldt = c + 8, ldo = c + 4, lds = AB_QT + 4, ldp = AB_QT + 8;
     Carver carve{reinterpret_cast<char*>(smem)};
@@ -302,7 +307,7 @@ extern "C" __global__ void __launch_bounds__(64)
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int image = blockIdx.y, k0 = blockIdx.x * AB_K;
     const int64_t row = 3 * int64_t(c), img = int64_t(image) * l;
-    const float* src = qkv + img * row;
+    const T* src = qkv + img * row;
     const float scale = ddpm::attention_scale(c);
     const int keys = min(AB_K, l - k0);
     stage_bf16(ks, ldt, src + k0 * row + c, row, AB_K, keys, c);
@@ -347,4 +352,46 @@ extern "C" __global__ void __launch_bounds__(64)
         dst[c + ch] = dks[r * ldo + ch] * scale;
         dst[2 * c + ch] = dvs[r * ldo + ch];
     }
+}
+
+// The entry points: qkv in fp32, and (_bf16in) in bf16 (the projection's output stored so in bf16
+// precision, Backend::stores_bf16_hidden); the same arguments otherwise.
+extern "C" __global__ void __launch_bounds__(32 * AT_WARPS)
+    attention_forward_bf16(const float* __restrict__ qkv, float* __restrict__ out, float* __restrict__ lse,
+                           int l, int c) {
+    attention_forward_tc(qkv, out, lse, l, c);
+}
+
+extern "C" __global__ void __launch_bounds__(128)
+    attention_backward_dq_bf16(const float* __restrict__ qkv, const float* __restrict__ out,
+                               const float* __restrict__ lse, const float* __restrict__ dout,
+                               float* __restrict__ dqkv, float* __restrict__ delta, int l, int c) {
+    attention_backward_dq_tc(qkv, out, lse, dout, dqkv, delta, l, c);
+}
+
+extern "C" __global__ void __launch_bounds__(64)
+    attention_backward_dkv_bf16(const float* __restrict__ qkv, const float* __restrict__ lse,
+                                const float* __restrict__ dout, const float* __restrict__ delta,
+                                float* __restrict__ dqkv, int l, int c) {
+    attention_backward_dkv_tc(qkv, lse, dout, delta, dqkv, l, c);
+}
+
+extern "C" __global__ void __launch_bounds__(32 * AT_WARPS)
+    attention_forward_bf16_bf16in(const __nv_bfloat16* __restrict__ qkv, float* __restrict__ out, float* __restrict__ lse,
+                           int l, int c) {
+    attention_forward_tc(qkv, out, lse, l, c);
+}
+
+extern "C" __global__ void __launch_bounds__(128)
+    attention_backward_dq_bf16_bf16in(const __nv_bfloat16* __restrict__ qkv, const float* __restrict__ out,
+                               const float* __restrict__ lse, const float* __restrict__ dout,
+                               float* __restrict__ dqkv, float* __restrict__ delta, int l, int c) {
+    attention_backward_dq_tc(qkv, out, lse, dout, dqkv, delta, l, c);
+}
+
+extern "C" __global__ void __launch_bounds__(64)
+    attention_backward_dkv_bf16_bf16in(const __nv_bfloat16* __restrict__ qkv, const float* __restrict__ lse,
+                                const float* __restrict__ dout, const float* __restrict__ delta,
+                                float* __restrict__ dqkv, int l, int c) {
+    attention_backward_dkv_tc(qkv, lse, dout, delta, dqkv, l, c);
 }

@@ -393,7 +393,7 @@ fn info(cfg: &UNetConfig, name: &str, batch: usize) -> Result<()> {
     let copy = crate::backend::weight_copy_len(params) as f64;
     // The CUDA backend applies each group norm as its convolution loads its input, so it stores no
     // normalised input (the CPU stores them); in bf16 precision (its default on sm_80 and newer) it also
-    // stores each ResNet block's hidden activation in bf16.
+    // stores each ResNet block's hidden activation and each attention block's q, k, v in bf16.
     let lens = |fused, bf16_hidden| -> Result<(f64, f64)> {
         let layout = crate::backend::Layout {
             fused,
@@ -419,8 +419,8 @@ fn info(cfg: &UNetConfig, name: &str, batch: usize) -> Result<()> {
     println!(
         "memory       {:.2} GiB to train at batch {batch} on CUDA in bf16 (fp32 weights, gradients, Adam, \
          EMA {:.2} GiB; the weights' bf16 copy {:.2} GiB; activations {:.2} GiB; their gradients {:.2} GiB); \
-         {:.2} GiB in fp32, which stores the ResNet blocks' hidden activations in fp32; {:.2} GiB on the \
-         CPU, which also stores the normalised inputs",
+         {:.2} GiB in fp32, which keeps every activation in fp32; {:.2} GiB on the CPU, which also \
+         stores the normalised inputs",
         gib(state + copy + act_mem + grad_mem),
         gib(state),
         gib(copy),

@@ -744,6 +744,55 @@ fn bf16_attention_tracks_fp32() {
     }
 }
 
+/// Attention reading q, k, v stored in bf16 (the projection's output in bf16 precision,
+/// `Backend::stores_bf16_hidden`) against the same kernels reading the same values in fp32: forward and
+/// backward, on the fp32 kernels (fp32 precision, and in bf16 a width the tensor-core kernels do not take)
+/// and the tensor-core ones. The values widen exactly and the arithmetic is the same, so 1e-6 of scale
+/// leaves room only for the two instantiations being compiled apart; reading the wrong half of a word,
+/// or a k or v third from the wrong place, is O(1).
+#[test]
+#[ignore = "needs a CUDA device"]
+fn attention_reads_bf16_qkv_as_its_fp32_values() {
+    for (p, n, l, c) in [
+        (Precision::Fp32, 2, 13, 24),
+        (Precision::Bf16, 2, 13, 24),
+        (Precision::Bf16, 2, 70, 32),
+    ] {
+        let mut be = device_in(p);
+        let s = AttentionShape { n, l, c };
+        let len = n * l * 3 * c;
+        let values: Vec<f32> = (0..len)
+            .map(|i| half::bf16::from_f32(rng::normal(13, 1, i as u64)).to_f32())
+            .collect();
+        let dout_values: Vec<f32> = (0..n * l * c)
+            .map(|i| rng::normal(13, 2, i as u64))
+            .collect();
+        let dout = f32_tensor(&mut be, &dout_values);
+        let run = |be: &mut CudaBackend, qkv: Tensor| -> [Vec<f32>; 3] {
+            let (out, lse) = (be.alloc(n * l * c).unwrap(), be.alloc(n * l).unwrap());
+            let dqkv = be.alloc(len).unwrap();
+            be.attention_forward(s, qkv, out, lse).unwrap();
+            be.attention_backward(s, qkv, out, lse, dout, dqkv).unwrap();
+            [out, lse, dqkv].map(|t| be.download(t).unwrap())
+        };
+        let qkv32 = f32_tensor(&mut be, &values);
+        let want = run(&mut be, qkv32);
+        for skew in [0, 1] {
+            let qkv16 = bf16_tensor(&mut be, &values, skew);
+            let got = run(&mut be, qkv16);
+            for ((name, a), b) in ["out", "lse", "dqkv"].iter().zip(&got).zip(&want) {
+                let e = scaled_error(a, b);
+                let what = format!("{} n{n} l{l} c{c} skew {skew}", p.name());
+                eprintln!("attention of bf16 qkv: {name} {what:<30} error {e:.2e}");
+                assert!(
+                    e <= 1e-6,
+                    "attention of bf16 qkv: {name} {what}: error {e:e}"
+                );
+            }
+        }
+    }
+}
+
 #[test]
 #[ignore = "needs a CUDA device"]
 fn small_ops_match_the_cpu() {
@@ -1260,8 +1309,8 @@ fn the_profile_times_every_kernel_of_a_training_step() {
         norms,
         "a backward for every group norm"
     );
-    // Each ResNet block writes its hidden activation in bf16 once and reads it in bf16 four times: the
-    // statistics, the second convolution, its weight gradient, and the group norm's backward.
+    // Each ResNet block reads its hidden activation in bf16 four times: the statistics, the second
+    // convolution, its weight gradient, and the group norm's backward.
     let blocks = tr
         .net
         .specs()
@@ -1270,7 +1319,6 @@ fn the_profile_times_every_kernel_of_a_training_step() {
         .count();
     assert!(blocks > 0);
     for k in [
-        "conv2d_forward_normed_bf16_bf16out",
         "group_norm_forward_bf16in",
         "conv2d_forward_normed_bf16_bf16in",
         "conv2d_backward_weight_normed_bf16_bf16in",
@@ -1278,6 +1326,33 @@ fn the_profile_times_every_kernel_of_a_training_step() {
     ] {
         assert_eq!(count(k), blocks, "{k} launches in one step");
     }
+    // Each attention block's q, k, v are bf16 too: written by the same kernel, read by the attention
+    // kernels' bf16-input twins (the fp32 ones at this network's widths, which the tensor-core kernels do
+    // not take), and only by those.
+    let attention = tr
+        .net
+        .specs()
+        .iter()
+        .filter(|s| s.name.ends_with(".to_q.weight"))
+        .count();
+    assert!(attention > 0);
+    assert_eq!(
+        count("conv2d_forward_normed_bf16_bf16out"),
+        blocks + attention,
+        "bf16 writes of hidden activations and q, k, v"
+    );
+    for k in [
+        "attention_forward_f32_bf16in",
+        "attention_backward_dq_f32_bf16in",
+        "attention_backward_dkv_f32_bf16in",
+    ] {
+        assert_eq!(count(k), attention, "{k} launches in one step");
+    }
+    assert_eq!(
+        count("attention_forward_f32"),
+        0,
+        "no attention reads fp32 q, k, v"
+    );
     tr.step(&mut gpu, &images).unwrap();
     assert!(
         gpu.profile_end().unwrap().is_empty(),

@@ -123,8 +123,9 @@ fn state_dict_round_trip_and_errors() {
 /// dropped-out inputs of the ResNet blocks' second convolutions: the activations shrink by exactly
 /// their sizes, counted here from the normalisations' parameters (each `c` channels at its level's side)
 /// and the config, and their gradients stay (the convolutions' input gradients write them). One that
-/// also stores the ResNet blocks' hidden activations in bf16 (`Backend::stores_bf16_hidden`) saves half
-/// of each, counted from the first convolutions' biases.
+/// also stores the ResNet blocks' hidden activations and the attention blocks' q, k, v in bf16
+/// (`Backend::stores_bf16_hidden`) saves half of each, counted from the first convolutions' and the query
+/// projections' biases.
 #[test]
 fn a_fusing_backend_stores_no_normalised_input() {
     let batch = 2;
@@ -153,10 +154,15 @@ fn a_fusing_backend_stores_no_normalised_input() {
         };
         let (mut normalised, mut bf16_saved) = (0, 0);
         for s in net.specs() {
-            if s.name.ends_with(".conv1.bias") {
-                // A ResNet block's hidden activation: in bf16, half a word per element and 3 words of
-                // alignment padding.
-                let len = batch * side(&s.name).pow(2) * s.len;
+            // In bf16: a ResNet block's hidden activation and an attention block's q, k, v, each half a
+            // word per element and 3 words of alignment padding.
+            let bf16_len = match s.name {
+                ref n if n.ends_with(".conv1.bias") => Some(s.len),
+                ref n if n.ends_with(".to_q.bias") => Some(3 * s.len),
+                _ => None,
+            };
+            if let Some(width) = bf16_len {
+                let len = batch * side(&s.name).pow(2) * width;
                 bf16_saved += len - (len.div_ceil(2) + 3);
             }
             let is_norm = [".norm1.weight", ".norm2.weight", ".group_norm.weight"]

@@ -16,7 +16,7 @@ pub mod cuda;
 use crate::error::{Error, Result};
 pub use crate::rng::Stream;
 
-/// How a tensor's elements are stored. Every tensor is fp32 but the few activations a backend stores in
+/// How a tensor's elements are stored. Every tensor is fp32 but the activations a backend stores in
 /// bf16 ([`Backend::stores_bf16_hidden`]); an op refuses a bf16 tensor wherever it was not written to
 /// take one ([`check_args`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
@@ -178,7 +178,8 @@ pub struct Layout {
     pub fused: bool,
     /// A bf16 copy of the weights ([`Backend::keeps_weight_copies`]).
     pub weight_copies: bool,
-    /// The ResNet blocks' hidden activations in bf16 ([`Backend::stores_bf16_hidden`]).
+    /// The ResNet blocks' hidden activations and the attention blocks' q, k, v in bf16
+    /// ([`Backend::stores_bf16_hidden`]).
     pub bf16_hidden: bool,
 }
 
@@ -660,12 +661,14 @@ pub trait Backend {
     fn keeps_weight_copies(&self) -> bool {
         false
     }
-    /// Whether a network placed now should store each ResNet block's hidden activation (the output of
-    /// its first convolution, time embedding added) in bf16 ([`Dtype::Bf16`]): true on a backend in bf16
-    /// precision whose kernels read and write it so. Only three ops meet that tensor: the normalising
-    /// convolution that writes it ([`Backend::group_norm_conv2d_forward`], as `y`), and, as the `x` of
-    /// the next normalisation, the same op again with [`Backend::conv2d_backward_weight_normed`] and
-    /// [`Backend::group_norm_backward`]. Its gradient stays fp32.
+    /// Whether a network placed now should store in bf16 ([`Dtype::Bf16`]) the activations that only
+    /// kernels taking bf16 read: true on a backend in bf16 precision whose kernels read and write them
+    /// so. They are each ResNet block's hidden activation (its first convolution's output, time embedding
+    /// added), which the normalising convolution that writes it ([`Backend::group_norm_conv2d_forward`],
+    /// as `y`) and, as the next normalisation's `x`, the same op again,
+    /// [`Backend::conv2d_backward_weight_normed`] and [`Backend::group_norm_backward`] meet; and each
+    /// attention block's q, k, v, written by the same op and read by [`Backend::attention_forward`] and
+    /// [`Backend::attention_backward`]. Their gradients stay fp32.
     fn stores_bf16_hidden(&self) -> bool {
         false
     }

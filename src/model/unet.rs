@@ -63,7 +63,8 @@ struct Builder {
     /// unstored handle.
     fused: bool,
     unstored_next: usize,
-    /// Whether the ResNet blocks' hidden activations are stored in bf16 ([`Backend::stores_bf16_hidden`]).
+    /// Whether the ResNet blocks' hidden activations and the attention blocks' q, k, v are stored in bf16
+    /// ([`Backend::stores_bf16_hidden`]).
     bf16_hidden: bool,
 }
 
@@ -122,8 +123,9 @@ impl Builder {
         self.grad_for(t, scratch);
         t
     }
-    /// A ResNet block's hidden activation (its first convolution's output): in bf16 where the backend
-    /// stores it so, 16-byte aligned for the kernels' vector loads. The 3 words of padding are reserved
+    /// An activation only kernels that take bf16 read (a ResNet block's hidden activation, its first
+    /// convolution's output; an attention block's q, k, v): in bf16 where the backend stores those so
+    /// ([`Backend::stores_bf16_hidden`]), 16-byte aligned for the kernels' vector loads. The 3 words of padding are reserved
     /// wherever the arena starts, so a counting build and the real one agree on every size.
     fn act_hidden(&mut self, len: usize) -> Tensor {
         if !self.bf16_hidden {
@@ -702,7 +704,8 @@ impl AttnBlock {
             },
             w: widen(wq, 3 * c * c),
             b: widen(bq, 3 * c),
-            y: b.act(n * l * 3 * c),
+            // Read only by the attention kernels, which take it in bf16 too.
+            y: b.act_hidden(n * l * 3 * c),
         };
         let attn = b.act(n * l * c);
         let lse = b.act(n * l);
@@ -1492,11 +1495,11 @@ mod tests {
     use crate::backend::Dtype;
 
     /// In a net placed with bf16 hidden activations, at an arena offset that is not a multiple of 4
-    /// words: every ResNet block's `conv1.y` is bf16, starts 16-byte aligned and lies inside the
-    /// activations, none overlaps another activation the block holds, and the counting build (at offset
-    /// 0) reserved exactly what the placed one uses.
+    /// words: every ResNet block's `conv1.y` and every attention block's q, k, v is bf16, starts 16-byte
+    /// aligned and lies inside the activations, none overlaps another activation the block holds, and
+    /// the counting build (at offset 0) reserved exactly what the placed one uses.
     #[test]
-    fn bf16_hidden_activations_are_aligned_and_inside_the_counted_activations() {
+    fn bf16_activations_are_aligned_and_inside_the_counted_activations() {
         let config = UNetConfig::preset("tiny").unwrap();
         let layout = Layout {
             fused: true,
@@ -1515,6 +1518,21 @@ mod tests {
         blocks.extend([&net.mid.0, &net.mid.2]);
         let (levels, per) = (config.block_out_channels.len(), config.layers_per_block);
         assert_eq!(blocks.len(), levels * per + levels * (per + 1) + 2);
+        let mut attention: Vec<&AttnBlock> = Vec::new();
+        for level in net.down.iter().chain(&net.up) {
+            attention.extend(level.layers.iter().filter_map(|l| l.attn.as_ref()));
+        }
+        attention.push(&net.mid.1);
+        assert!(attention.len() > 1);
+        for a in attention {
+            let qkv = a.qkv.y;
+            assert_eq!((qkv.dtype, qkv.len), (Dtype::Bf16, a.qkv.s.y_len()));
+            assert_eq!(qkv.off % 4, 0, "16-byte aligned");
+            assert!(qkv.off >= acts.off && qkv.end() <= acts.end());
+            for other in [a.attn, a.lse, a.out, a.norm.mean] {
+                assert!(!qkv.overlaps(other), "{qkv:?} and {other:?}");
+            }
+        }
         for r in blocks {
             let h = r.conv1.y;
             assert_eq!(h.dtype, Dtype::Bf16);

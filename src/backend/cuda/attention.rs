@@ -3,20 +3,36 @@
 
 use super::elementwise::dims;
 use super::{launch, CudaBackend, WORKSPACE};
-use crate::backend::{AttentionShape, Precision, Tensor};
+use crate::backend::{AttentionShape, Dtype, Precision, Tensor};
 use crate::error::{Error, Result};
 use cudarc::driver::LaunchConfig;
 
 /// The kernels that use more than the default 48 KB of dynamic shared memory for wide layers; the
-/// backend opts them in to the device's maximum at load.
-pub(super) const KERNELS: [&str; 6] = [
+/// backend opts them in to the device's maximum at load. Each has a twin reading qkv stored in bf16
+/// (`_bf16in`: the projection's output in bf16 precision, `Backend::stores_bf16_hidden`).
+pub(super) const KERNELS: [&str; 12] = [
     "attention_forward_f32",
     "attention_forward_bf16",
     "attention_backward_dq_f32",
     "attention_backward_dq_bf16",
     "attention_backward_dkv_f32",
     "attention_backward_dkv_bf16",
+    "attention_forward_f32_bf16in",
+    "attention_forward_bf16_bf16in",
+    "attention_backward_dq_f32_bf16in",
+    "attention_backward_dq_bf16_bf16in",
+    "attention_backward_dkv_f32_bf16in",
+    "attention_backward_dkv_bf16_bf16in",
 ];
+
+/// The twin of an attention kernel that reads qkv stored as `qkv.dtype`.
+fn for_qkv(kernel: &'static str, qkv: Tensor) -> &'static str {
+    if qkv.dtype == Dtype::F32 {
+        return kernel;
+    }
+    let i = KERNELS.iter().position(|&k| k == kernel).unwrap_or(0);
+    KERNELS[(i + 6) % KERNELS.len()]
+}
 
 /// Warps per block (one query or key each) and the tile staged in shared memory: `kernels/attention.cu`.
 const WARPS: usize = 8;
@@ -103,6 +119,17 @@ impl CudaBackend {
         &self,
         s: &AttentionShape,
         pass: Pass,
+        qkv: Tensor,
+    ) -> Result<(&'static str, LaunchConfig)> {
+        let (name, cfg) = self.attention_kernel_f32(s, pass)?;
+        Ok((for_qkv(name, qkv), cfg))
+    }
+
+    /// [`Self::attention_kernel`] for qkv in fp32.
+    fn attention_kernel_f32(
+        &self,
+        s: &AttentionShape,
+        pass: Pass,
     ) -> Result<(&'static str, LaunchConfig)> {
         if self.attention_on_tensor_cores(s) {
             let [forward, dq, dkv] = tc_shared_bytes(s.c);
@@ -141,14 +168,15 @@ impl CudaBackend {
         out: Tensor,
         lse: Tensor,
     ) -> Result<()> {
-        self.args(
+        self.args_stored(
             "attention_forward",
             &[("qkv", qkv, s.n * s.l * 3 * s.c)],
             &[("out", out, s.n * s.l * s.c), ("lse", lse, s.n * s.l)],
+            &["qkv"],
         )?;
         let (pq, po, pl) = (self.ptr(qkv), self.ptr(out), self.ptr(lse));
         let [l, c] = dims([s.l, s.c])?;
-        let (kernel, cfg) = self.attention_kernel(&s, Pass::Forward)?;
+        let (kernel, cfg) = self.attention_kernel(&s, Pass::Forward, qkv)?;
         launch!(self, kernel, cfg, pq, po, pl, l, c)
     }
 
@@ -167,7 +195,7 @@ impl CudaBackend {
                 s.n * s.l
             )));
         }
-        self.args(
+        self.args_stored(
             "attention_backward",
             &[
                 ("qkv", qkv, s.n * s.l * 3 * s.c),
@@ -176,13 +204,14 @@ impl CudaBackend {
                 ("dout", dout, s.n * s.l * s.c),
             ],
             &[("dqkv", dqkv, s.n * s.l * 3 * s.c)],
+            &["qkv"],
         )?;
         let (pq, po, pl) = (self.ptr(qkv), self.ptr(out), self.ptr(lse));
         let (pdo, pdq, delta) = (self.ptr(dout), self.ptr(dqkv), self.workspace_ptr());
         let [l, c] = dims([s.l, s.c])?;
-        let (kernel, cfg) = self.attention_kernel(&s, Pass::Dq)?;
+        let (kernel, cfg) = self.attention_kernel(&s, Pass::Dq, qkv)?;
         launch!(self, kernel, cfg, pq, po, pl, pdo, pdq, delta, l, c)?;
-        let (kernel, cfg) = self.attention_kernel(&s, Pass::Dkv)?;
+        let (kernel, cfg) = self.attention_kernel(&s, Pass::Dkv, qkv)?;
         launch!(self, kernel, cfg, pq, pl, pdo, delta, pdq, l, c)
     }
 }
@@ -193,4 +222,19 @@ enum Pass {
     Forward,
     Dq,
     Dkv,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{for_qkv, KERNELS};
+    use crate::backend::Tensor;
+
+    /// Each kernel's bf16-qkv twin is its name with `_bf16in` appended; fp32 qkv keeps the kernel.
+    #[test]
+    fn every_attention_kernel_has_its_bf16_input_twin() {
+        for k in &KERNELS[..6] {
+            assert_eq!(for_qkv(k, Tensor::new(0, 1)), *k);
+            assert_eq!(for_qkv(k, Tensor::bf16(0, 1)), format!("{k}_bf16in"));
+        }
+    }
 }

@@ -488,8 +488,8 @@ impl super::Backend for CudaBackend {
         true
     }
 
-    /// In bf16 precision: the normalising convolutions (version 3) and the group norms have kernels that
-    /// write and read it so.
+    /// In bf16 precision: the normalising convolutions (version 3), the group norms and the attention
+    /// kernels have twins that write and read those activations so.
     fn stores_bf16_hidden(&self) -> bool {
         self.precision == Precision::Bf16
     }
