@@ -584,6 +584,31 @@ pub fn kernels<B: Backend>(
         ms,
         12.0 * g.len() as f64,
     ));
+    // The same two over an input stored in bf16, as a ResNet block's hidden activation is in bf16
+    // (`Backend::stores_bf16_hidden`): 2 bytes fewer per element of x, so 6 and 10 bytes.
+    if be.stores_bf16_hidden() {
+        let words = be.alloc(g.len().div_ceil(2) + 4)?;
+        let x16 = Tensor::bf16(words.off.next_multiple_of(4), g.len());
+        be.upload(x16, &vec![0.5; g.len()])?;
+        let ms = time(be, iters, |be| {
+            be.group_norm_forward(g, x16, gamma, beta, y, mean, rstd, true)
+        })?;
+        emit(gbs_line(
+            format!("group norm + SiLU 16x16x256, bf16 input, batch {batch}"),
+            ms,
+            6.0 * g.len() as f64,
+        ));
+        let ms = time(be, iters, |be| {
+            be.group_norm_backward(
+                g, x16, gamma, beta, mean, rstd, dy, dx, dg, dbeta, true, false,
+            )
+        })?;
+        emit(gbs_line(
+            format!("group norm + SiLU backward, bf16 input, batch {batch}"),
+            ms,
+            10.0 * g.len() as f64,
+        ));
+    }
 
     let a = AttentionShape {
         n: batch,
