@@ -393,6 +393,15 @@ struct Epilogue {
     // activation, Backend::stores_bf16_hidden), when not null: c is then unused, and accumulate must be 0.
     __nv_bfloat16* c_bf16 = nullptr;
 
+    // Result v of C[m, n] with the fused adds applied: bias, time embedding, residual (a launch that does
+    // not split K).
+    __device__ __forceinline__ float finish(int cols, int m, int n, float v) const {
+        if (bias) v += bias[n];
+        if (image_bias) v += image_bias[int64_t(m / pixels) * cols + n];
+        if (residual) v += residual[int64_t(m) * ldc + n];
+        return v;
+    }
+
     // Writes result v of C[m, n] (in range): a raw partial sum to the workspace when the launch splits K,
     // else bias and accumulate applied, to C.
     __device__ __forceinline__ void store(int rows, int cols, int m, int n, float v) const {
@@ -400,9 +409,7 @@ struct Epilogue {
             workspace[(int64_t(blockIdx.z) * rows + m) * cols + n] = v;
             return;
         }
-        if (bias) v += bias[n];
-        if (image_bias) v += image_bias[int64_t(m / pixels) * cols + n];
-        if (residual) v += residual[int64_t(m) * ldc + n];
+        v = finish(cols, m, n, v);
         if (c_bf16) {
             c_bf16[int64_t(m) * ldc + n] = __float2bfloat16_rn(v);
             return;

@@ -204,6 +204,22 @@ __device__ __forceinline__ void mma_load_b(uint32_t (&b)[4], const __nv_bfloat16
         ldmatrix_x4(b, stage + (n + 8 * (q / 2) + r) * ld + ks + 8 * (q % 2));
 }
 
+// Writes results v0 and v1 of C[m, n] and C[m, n + 1] (m and n in range, n even: the two columns an
+// accumulator register pair holds): where the epilogue writes bf16 (a hidden activation, Epilogue::c_bf16)
+// and the pair is 4-byte aligned, one 4-byte store of both rounded; otherwise Epilogue::store for each.
+__device__ __forceinline__ void store_pair(const Epilogue& e, int rows, int cols, int m, int n, float v0,
+                                           float v1) {
+    if (e.c_bf16 && gridDim.z == 1 && n + 1 < cols) {
+        __nv_bfloat16* dst = e.c_bf16 + int64_t(m) * e.ldc + n;
+        if ((reinterpret_cast<uintptr_t>(dst) & 3) == 0) {
+            *reinterpret_cast<uint32_t*>(dst) = pack_bf16x2(e.finish(cols, m, n, v0), e.finish(cols, m, n + 1, v1));
+            return;
+        }
+    }
+    e.store(rows, cols, m, n, v0);
+    if (n + 1 < cols) e.store(rows, cols, m, n + 1, v1);
+}
+
 // One launch: grid (ceil(rows / 128), ceil(cols / 128), splits), block 256; slice z of a split launch
 // covers k in [z * chunk, (z + 1) * chunk), chunk a multiple of 32, and writes raw partial sums to the
 // workspace (gemm_reduce_f32 adds them).
@@ -283,9 +299,9 @@ __device__ __forceinline__ void gemm_run_mma(const LoadA& a, const LoadB& b, int
 #pragma unroll
         for (int j = 0; j < 4; ++j)
 #pragma unroll
-            for (int x = 0; x < 4; ++x) {
-                const int m = m0 + wm + 16 * i + g + 8 * (x / 2), n = n0 + wn + 8 * j + 2 * t + x % 2;
-                if (m < rows && n < cols) e.store(rows, cols, m, n, acc[i][j][x]);
+            for (int x = 0; x < 4; x += 2) {
+                const int m = m0 + wm + 16 * i + g + 8 * (x / 2), n = n0 + wn + 8 * j + 2 * t;
+                if (m < rows && n < cols) store_pair(e, rows, cols, m, n, acc[i][j][x], acc[i][j][x + 1]);
             }
 }
 
