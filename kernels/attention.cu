@@ -213,8 +213,8 @@ extern "C" __global__ void __launch_bounds__(256)
 }
 
 extern "C" __global__ void __launch_bounds__(256)
-    attention_forward_f32_bf16in(const __nv_bfloat16* __restrict__ qkv, float* __restrict__ out, float* __restrict__ lse,
-                          int l, int c) {
+    attention_forward_f32_bf16in(const __nv_bfloat16* __restrict__ qkv, float* __restrict__ out,
+                                 float* __restrict__ lse, int l, int c) {
     attention_forward(qkv, out, lse, l, c);
 }
 

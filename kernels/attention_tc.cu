@@ -377,8 +377,8 @@ extern "C" __global__ void __launch_bounds__(64)
 }
 
 extern "C" __global__ void __launch_bounds__(32 * AT_WARPS)
-    attention_forward_bf16_bf16in(const __nv_bfloat16* __restrict__ qkv, float* __restrict__ out, float* __restrict__ lse,
-                           int l, int c) {
+    attention_forward_bf16_bf16in(const __nv_bfloat16* __restrict__ qkv, float* __restrict__ out,
+                                  float* __restrict__ lse, int l, int c) {
     attention_forward_tc(qkv, out, lse, l, c);
 }
 

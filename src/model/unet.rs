@@ -125,8 +125,9 @@ impl Builder {
     }
     /// An activation only kernels that take bf16 read (a ResNet block's hidden activation, its first
     /// convolution's output; an attention block's q, k, v): in bf16 where the backend stores those so
-    /// ([`Backend::stores_bf16_hidden`]), 16-byte aligned for the kernels' vector loads. The 3 words of padding are reserved
-    /// wherever the arena starts, so a counting build and the real one agree on every size.
+    /// ([`Backend::stores_bf16_hidden`]), 16-byte aligned for the kernels' vector loads. The 3 words of
+    /// padding are reserved wherever the arena starts, so a counting build and the real one agree on
+    /// every size.
     fn act_hidden(&mut self, len: usize) -> Tensor {
         if !self.bf16_hidden {
             return self.act(len);

@@ -63,10 +63,10 @@ const BACKWARD_WEIGHT_NORMED: Kernels = Kernels {
     wgmma: None,
 };
 
-/// The normalising convolutions' kernels for a ResNet block's hidden activation stored in bf16
-/// (`Backend::stores_bf16_hidden`): reading it as `x` (the second convolution), and writing it as `y`
-/// (the first; `None` for the weight gradient, which writes no activation). Version 3 only, in bf16
-/// precision, where every normalising convolution runs.
+/// The normalising convolutions' kernels for an activation stored in bf16 (`Backend::stores_bf16_hidden`):
+/// reading it as `x` (a ResNet block's second convolution), and writing it as `y` (the block's first, or
+/// an attention block's q, k, v projection; `None` for the weight gradient, which writes no activation).
+/// Version 3 only, in bf16 precision, where every normalising convolution runs.
 struct HiddenKernels {
     bf16_in: &'static str,
     bf16_out: Option<&'static str>,
@@ -388,8 +388,9 @@ impl CudaBackend {
         if let Some(n) = &norm {
             Self::normed_ins(&s, n, &mut ins)?;
         }
-        // A ResNet block's hidden activation may be stored in bf16: the output of its first convolution,
-        // the input of its second, both normalising.
+        // A ResNet block's hidden activation may be stored in bf16 (the output of its first convolution,
+        // the input of its second, both normalising), and so may an attention block's q, k, v (the
+        // output of its normalising projection).
         let bf16_ok: &[&str] = if norm.is_some() { &["x", "y"] } else { &[] };
         self.args_stored("conv2d_forward", &ins, &[("y", y, s.y_len())], bf16_ok)?;
         let name = match self.hidden_kernel(x, y, &FORWARD_BF16_HIDDEN)? {
