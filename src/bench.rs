@@ -562,51 +562,38 @@ pub fn kernels<B: Backend>(
     )?;
     be.set_rung(None)?;
     be.set_precision(own)?;
-    let ms = time(be, iters, |be| {
-        be.group_norm_forward(g, x, gamma, beta, y, mean, rstd, true)
-    })?;
-    // Counted as the traffic the op cannot avoid, x read and y written once, so the ratio to the copy
-    // bandwidth says how close the kernel comes to it (it reads x twice: the statistics, then y).
-    emit(gbs_line(
-        format!("group norm + SiLU 16x16x256, batch {batch}"),
-        ms,
-        8.0 * g.len() as f64,
-    ));
-    let (dg, dbeta) = (alloc_filled(be, 256, 0.0)?, alloc_filled(be, 256, 0.0)?);
-    let ms = time(be, iters, |be| {
-        be.group_norm_backward(
-            g, x, gamma, beta, mean, rstd, dy, dx, dg, dbeta, true, false,
-        )
-    })?;
-    // x and dy read, dx written, once each (the kernel reads x and dy twice).
-    emit(gbs_line(
-        format!("group norm + SiLU backward, batch {batch}"),
-        ms,
-        12.0 * g.len() as f64,
-    ));
-    // The same two over an input stored in bf16, as a ResNet block's hidden activation is in bf16
-    // (`Backend::stores_bf16_hidden`): 2 bytes fewer per element of x, so 6 and 10 bytes.
+    // The group norm over x in fp32, and where the backend stores bf16 activations over the same x in
+    // bf16, as a ResNet block's hidden activation is (`Backend::stores_bf16_hidden`). Counted as the
+    // traffic the op cannot avoid, so the ratio to the copy bandwidth says how close the kernel comes to
+    // it: forward x read and y written once (8 bytes per element, 6 from bf16; the kernel reads x twice:
+    // the statistics, then y), backward x and dy read and dx written once (12, or 10; it reads x and dy
+    // twice).
+    let mut inputs = vec![(x, "", 4.0)];
     if be.stores_bf16_hidden() {
         let words = be.alloc(g.len().div_ceil(2) + 4)?;
         let x16 = Tensor::bf16(words.off.next_multiple_of(4), g.len());
         be.upload(x16, &vec![0.5; g.len()])?;
+        inputs.push((x16, ", bf16 input", 2.0));
+    }
+    let (dg, dbeta) = (alloc_filled(be, 256, 0.0)?, alloc_filled(be, 256, 0.0)?);
+    for (x, input, x_bytes) in inputs {
         let ms = time(be, iters, |be| {
-            be.group_norm_forward(g, x16, gamma, beta, y, mean, rstd, true)
+            be.group_norm_forward(g, x, gamma, beta, y, mean, rstd, true)
         })?;
         emit(gbs_line(
-            format!("group norm + SiLU 16x16x256, bf16 input, batch {batch}"),
+            format!("group norm + SiLU 16x16x256{input}, batch {batch}"),
             ms,
-            6.0 * g.len() as f64,
+            (x_bytes + 4.0) * g.len() as f64,
         ));
         let ms = time(be, iters, |be| {
             be.group_norm_backward(
-                g, x16, gamma, beta, mean, rstd, dy, dx, dg, dbeta, true, false,
+                g, x, gamma, beta, mean, rstd, dy, dx, dg, dbeta, true, false,
             )
         })?;
         emit(gbs_line(
-            format!("group norm + SiLU backward, bf16 input, batch {batch}"),
+            format!("group norm + SiLU backward{input}, batch {batch}"),
             ms,
-            10.0 * g.len() as f64,
+            (x_bytes + 8.0) * g.len() as f64,
         ));
     }
 

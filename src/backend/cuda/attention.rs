@@ -7,31 +7,42 @@ use crate::backend::{AttentionShape, Dtype, Precision, Tensor};
 use crate::error::{Error, Result};
 use cudarc::driver::LaunchConfig;
 
-/// The kernels that use more than the default 48 KB of dynamic shared memory for wide layers; the
-/// backend opts them in to the device's maximum at load. Each has a twin reading qkv stored in bf16
-/// (`_bf16in`: the projection's output in bf16 precision, `Backend::stores_bf16_hidden`).
-pub(super) const KERNELS: [&str; 12] = [
-    "attention_forward_f32",
-    "attention_forward_bf16",
-    "attention_backward_dq_f32",
-    "attention_backward_dq_bf16",
-    "attention_backward_dkv_f32",
-    "attention_backward_dkv_bf16",
-    "attention_forward_f32_bf16in",
-    "attention_forward_bf16_bf16in",
-    "attention_backward_dq_f32_bf16in",
-    "attention_backward_dq_bf16_bf16in",
-    "attention_backward_dkv_f32_bf16in",
-    "attention_backward_dkv_bf16_bf16in",
+/// The kernels, each beside its twin reading qkv stored in bf16 (`_bf16in`: the projection's output in
+/// bf16 precision, `Backend::stores_bf16_hidden`): the fp32 and bf16 forward, dq and dkv kernels.
+const TWINS: [[&str; 2]; 6] = [
+    ["attention_forward_f32", "attention_forward_f32_bf16in"],
+    ["attention_forward_bf16", "attention_forward_bf16_bf16in"],
+    [
+        "attention_backward_dq_f32",
+        "attention_backward_dq_f32_bf16in",
+    ],
+    [
+        "attention_backward_dq_bf16",
+        "attention_backward_dq_bf16_bf16in",
+    ],
+    [
+        "attention_backward_dkv_f32",
+        "attention_backward_dkv_f32_bf16in",
+    ],
+    [
+        "attention_backward_dkv_bf16",
+        "attention_backward_dkv_bf16_bf16in",
+    ],
 ];
+
+/// The kernels that use more than the default 48 KB of dynamic shared memory for wide layers (all of
+/// them); the backend opts them in to the device's maximum at load.
+pub(super) fn kernels() -> &'static [&'static str] {
+    TWINS.as_flattened()
+}
 
 /// The twin of an attention kernel that reads qkv stored as `qkv.dtype`.
 fn for_qkv(kernel: &'static str, qkv: Tensor) -> &'static str {
-    if qkv.dtype == Dtype::F32 {
-        return kernel;
+    let twin = TWINS.iter().find(|t| t[0] == kernel);
+    match (qkv.dtype, twin) {
+        (Dtype::Bf16, Some(t)) => t[1],
+        _ => kernel,
     }
-    let i = KERNELS.iter().position(|&k| k == kernel).unwrap_or(0);
-    KERNELS[(i + 6) % KERNELS.len()]
 }
 
 /// Warps per block (one query or key each) and the tile staged in shared memory: `kernels/attention.cu`.
@@ -226,13 +237,13 @@ enum Pass {
 
 #[cfg(test)]
 mod tests {
-    use super::{for_qkv, KERNELS};
+    use super::{for_qkv, TWINS};
     use crate::backend::Tensor;
 
     /// Each kernel's bf16-qkv twin is its name with `_bf16in` appended; fp32 qkv keeps the kernel.
     #[test]
     fn every_attention_kernel_has_its_bf16_input_twin() {
-        for k in &KERNELS[..6] {
+        for [k, _] in &TWINS {
             assert_eq!(for_qkv(k, Tensor::new(0, 1)), *k);
             assert_eq!(for_qkv(k, Tensor::bf16(0, 1)), format!("{k}_bf16in"));
         }

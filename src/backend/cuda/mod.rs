@@ -121,7 +121,7 @@ impl CudaBackend {
             ));
         };
         let archs = kernel_archs().unwrap_or("?");
-        let (dev, props) = Device::gpu(fatbin, archs, &kernel_names(), &attention::KERNELS)?;
+        let (dev, props) = Device::gpu(fatbin, archs, &kernel_names(), attention::kernels())?;
         Ok(Self::on(dev, props))
     }
 
@@ -1104,7 +1104,7 @@ mod tests {
     #[test]
     fn every_kernel_is_listed_for_loading_before_any_capture() {
         let names = super::kernel_names();
-        for k in super::attention::KERNELS.iter().chain(&[
+        for k in super::attention::kernels().iter().chain(&[
             "gemm_reduce_f32",
             "draw_timesteps_f32",
             "conv2d_forward_normed_bf16",
