@@ -4,7 +4,7 @@
 //   attention_backward_dq_f32    dq, and delta_i = dout_i . out_i (for the next kernel)
 //   attention_backward_dkv_f32   dk and dv
 //   attention_*_f32_bf16in       the same with qkv stored in bf16 (the projection's output in bf16
-//                                precision, Backend::stores_bf16_hidden), widened as it is read
+//                                precision, Backend::stores_bf16_activations), widened as it is read
 //
 // Shapes: qkv [n, l, 3c] (q, k, v side by side per position, as the fused projection writes them);
 // out, dout [n, l, c]; lse, delta [n, l]; dqkv [n, l, 3c] (the dq kernel writes the q third, the dkv
@@ -35,7 +35,7 @@ __device__ __forceinline__ float warp_dot(const float* a, const float* b, int c,
 }  // namespace
 
 // The three kernels over qkv stored as T: float, or bf16 (the projection's output stored so in bf16
-// precision, Backend::stores_bf16_hidden), widened as it is read.
+// precision, Backend::stores_bf16_activations), widened as it is read.
 template <class T>
 __device__ __forceinline__ void attention_forward(const T* __restrict__ qkv, float* __restrict__ out,
                                                   float* __restrict__ lse, int l, int c) {

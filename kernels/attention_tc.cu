@@ -355,7 +355,7 @@ __device__ __forceinline__ void attention_backward_dkv_tc(const T* __restrict__ 
 }
 
 // The entry points: qkv in fp32, and (_bf16in) in bf16 (the projection's output stored so in bf16
-// precision, Backend::stores_bf16_hidden); the same arguments otherwise.
+// precision, Backend::stores_bf16_activations); the same arguments otherwise.
 extern "C" __global__ void __launch_bounds__(32 * AT_WARPS)
     attention_forward_bf16(const float* __restrict__ qkv, float* __restrict__ out, float* __restrict__ lse,
                            int l, int c) {

@@ -12,11 +12,11 @@
 //                                      normalised (and dropped-out) activation is never stored: one write
 //                                      and one read of it saved per ResNet block normalisation (two with
 //                                      dropout).
-//   conv2d_forward_normed_bf16_{bf16out,bf16in}, conv2d_backward_weight_normed_bf16_bf16in
-//                                      the _bf16 normalising twins for a ResNet block's hidden activation
-//                                      stored in bf16 (ladder v7's first slice): the first convolution
-//                                      writes it rounded to bf16 in the epilogue, the second (and its
-//                                      weight gradient) reads it, widened to fp32 before it is normalised
+//   conv2d_forward{,_normed}_bf16_io{,_bf16in}, conv2d_backward_weight{,_normed}_bf16_bf16in
+//                                      the _bf16 kernels for activations stored in bf16 (ladder v7): the
+//                                      input read in bf16 (_bf16in, widened to fp32 as it is loaded, before
+//                                      it is normalised), the residual read and the output written in
+//                                      either storage, chosen per launch (_io)
 //   conv2d_{forward,backward_data,backward_weight}_{wmma,wgmma}
 //                                      the three _bf16 convolutions on version 2 of the ladder (WMMA,
 //                                      gemm_tc.cuh), kept so the bench times each rung side by side
@@ -30,10 +30,10 @@
 //                                      the 64-byte swizzle; sm_90a only)
 // _f32 runs on the fp32 core of gemm.cuh (version 1: exact fp32, the path the tests hold to the CPU), _bf16
 // on the mma.sync tensor-core core of gemm_mma.cuh (version 3: operands rounded to bf16, fp32 sums).
-// Activations and gradients are fp32 either way (but the hidden activation above); the weights are fp32 for _f32 and, for every bf16
-// kernel (_bf16, _wmma, _wgmma), their bf16 copy: the backend keeps one beside the fp32 weights, refreshed
-// when they change (Adam writes it as it updates them), so a weight is rounded once per update, not by
-// every tile that reads it, and crosses the memory bus in 2 bytes.
+// Gradients are fp32 either way, and so are activations but in the kernels above. The weights are fp32
+// for _f32 and, for every bf16 kernel (_bf16, _wmma, _wgmma), their bf16 copy: the backend keeps one
+// beside the fp32 weights, refreshed when they change (Adam writes it as it updates them), so a weight is
+// rounded once per update, not by every tile that reads it, and crosses the memory bus in 2 bytes.
 // The bias gradient is a column sum of dy (column_sums_* in gemm.cuh).
 //
 // Layouts: x [batch, h, w, c] and y [batch, oh, ow, o] NHWC; w [o, taps, taps, c] (ours: the PyTorch
@@ -90,18 +90,20 @@ struct Gather<true, X> {
     }
 };
 
-// y is written in fp32, or in bf16 to y_bf16 when that is not null (y is then unused).
+// y is written in fp32, or in bf16 to y_bf16 when that is not null (y is then unused); the residual is
+// read from residual_bf16 instead when that is not null.
 template <ddpm::Core CORE, bool NORMED = false, class X = float>
 __device__ __forceinline__ void conv_forward_gemm(const X* x, const ddpm::Weight<CORE>* w, const float* b,
                                                   const float* image_bias, const float* residual, float* y,
                                                   int batch, int h, int wd, int c, int o, int taps, int stride,
                                                   int pad, NormArgs norm = NormArgs{},
-                                                  __nv_bfloat16* y_bf16 = nullptr) {
+                                                  __nv_bfloat16* y_bf16 = nullptr,
+                                                  const __nv_bfloat16* residual_bf16 = nullptr) {
     const ddpm::ConvGeom g = conv_geom(h, wd, c, o, taps, stride, pad);
     const int rows = batch * g.oh * g.ow, kdim = taps * taps * c;
     const auto a = Gather<NORMED, X>::make(ddpm::Im2colOf<X>{x, g, rows, kdim}, norm);
     const ddpm::ColsB<ddpm::Weight<CORE>> bw{w, kdim, o};
-    const ddpm::Epilogue e{y, o, b, 0, nullptr, image_bias, g.oh * g.ow, residual, y_bf16};
+    const ddpm::Epilogue e{y, o, b, 0, nullptr, image_bias, g.oh * g.ow, residual, y_bf16, residual_bf16};
     ddpm::gemm<CORE>(a, bw, rows, o, kdim, kdim, e);
 }
 
@@ -344,29 +346,50 @@ extern "C" __global__ void __launch_bounds__(256)
                                           DDPM_NORM_ARGS);
 }
 
-// The bf16 twins for a ResNet block's hidden activation stored in bf16 (Backend::stores_bf16_hidden): the
-// first convolution writes it (_bf16out: y rounded to bf16 in the epilogue, after the bias and the time
-// embedding), the second reads it (_bf16in: x widened as it is loaded, then normalised in fp32), and so
-// does the second's weight gradient. The arguments are conv2d_forward_normed_bf16's and
-// conv2d_backward_weight_normed_bf16's with the one pointer's type changed.
+// The bf16 kernels for activations stored in bf16 (Backend::stores_bf16_activations; ladder v7): version 3
+// with each activation it touches in either storage. The input's is fixed per kernel (_bf16in: x stored in
+// bf16, widened as it is loaded, then normalised in fp32 where the kernel normalises); the residual's and
+// the output's are chosen per launch: of each pair of pointers (residual, residual_bf16) and (y, y_bf16),
+// the launcher passes one and nulls the other. The output is rounded to bf16 in the epilogue, after the
+// bias, the time embedding and the residual. Otherwise their arguments are conv2d_forward{,_normed}_bf16's.
+#define DDPM_IO_PARAMS                                                                                     \
+    const __nv_bfloat16 *__restrict__ w, const float *__restrict__ b, const float *__restrict__ image_bias, \
+        const float *__restrict__ residual, const __nv_bfloat16 *__restrict__ residual_bf16,                \
+        float *__restrict__ y, __nv_bfloat16 *__restrict__ y_bf16, int batch, int h, int wd, int c, int o,  \
+        int taps, int stride, int pad
+
 extern "C" __global__ void __launch_bounds__(256)
-    conv2d_forward_normed_bf16_bf16out(const float* __restrict__ x, DDPM_NORM_PARAMS,
-                                       const __nv_bfloat16* __restrict__ w, const float* __restrict__ b,
-                                       const float* __restrict__ image_bias, const float* __restrict__ residual,
-                                       __nv_bfloat16* __restrict__ y, int batch, int h, int wd, int c, int o,
-                                       int taps, int stride, int pad) {
-    conv_forward_gemm<ddpm::Core::Mma, true>(x, w, b, image_bias, residual, nullptr, batch, h, wd, c, o, taps,
-                                             stride, pad, DDPM_NORM_ARGS, y);
+    conv2d_forward_bf16_io(const float* __restrict__ x, DDPM_IO_PARAMS) {
+    conv_forward_gemm<ddpm::Core::Mma>(x, w, b, image_bias, residual, y, batch, h, wd, c, o, taps, stride, pad,
+                                       NormArgs{}, y_bf16, residual_bf16);
 }
 
 extern "C" __global__ void __launch_bounds__(256)
-    conv2d_forward_normed_bf16_bf16in(const __nv_bfloat16* __restrict__ x, DDPM_NORM_PARAMS,
-                                      const __nv_bfloat16* __restrict__ w, const float* __restrict__ b,
-                                      const float* __restrict__ image_bias, const float* __restrict__ residual,
-                                      float* __restrict__ y, int batch, int h, int wd, int c, int o, int taps,
-                                      int stride, int pad) {
+    conv2d_forward_bf16_io_bf16in(const __nv_bfloat16* __restrict__ x, DDPM_IO_PARAMS) {
+    conv_forward_gemm<ddpm::Core::Mma>(x, w, b, image_bias, residual, y, batch, h, wd, c, o, taps, stride, pad,
+                                       NormArgs{}, y_bf16, residual_bf16);
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+    conv2d_forward_normed_bf16_io(const float* __restrict__ x, DDPM_NORM_PARAMS, DDPM_IO_PARAMS) {
     conv_forward_gemm<ddpm::Core::Mma, true>(x, w, b, image_bias, residual, y, batch, h, wd, c, o, taps, stride,
-                                             pad, DDPM_NORM_ARGS);
+                                             pad, DDPM_NORM_ARGS, y_bf16, residual_bf16);
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+    conv2d_forward_normed_bf16_io_bf16in(const __nv_bfloat16* __restrict__ x, DDPM_NORM_PARAMS, DDPM_IO_PARAMS) {
+    conv_forward_gemm<ddpm::Core::Mma, true>(x, w, b, image_bias, residual, y, batch, h, wd, c, o, taps, stride,
+                                             pad, DDPM_NORM_ARGS, y_bf16, residual_bf16);
+}
+#undef DDPM_IO_PARAMS
+
+// The weight gradients over an input stored in bf16: conv2d_backward_weight{,_normed}_bf16 with x's type
+// changed.
+extern "C" __global__ void __launch_bounds__(256)
+    conv2d_backward_weight_bf16_bf16in(const __nv_bfloat16* __restrict__ x, const float* __restrict__ dy,
+                                       float* __restrict__ dw, float* __restrict__ workspace, int chunk, int batch,
+                                       int h, int wd, int c, int o, int taps, int stride, int pad) {
+    conv_backward_weight_gemm<ddpm::Core::Mma>(x, dy, dw, workspace, chunk, batch, h, wd, c, o, taps, stride, pad);
 }
 
 extern "C" __global__ void __launch_bounds__(256)

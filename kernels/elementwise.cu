@@ -1,8 +1,11 @@
-// elementwise.cu: the small memory-bound ops of the U-Net. Every tensor is fp32 and NHWC.
+// elementwise.cu: the small memory-bound ops of the U-Net. Every tensor is NHWC, and fp32 but where a
+// kernel's name says bf16.
 //   fill_f32, accumulate_f32, add_f32       buffers: y = v; dst = src or dst += src; y = a + b
 //   silu_forward_f32, silu_backward_f32     y = x * sigmoid(x) and its gradient
 //   upsample2x_forward_f32 / _backward_f32  nearest-neighbour x2 and the sum of its 2x2 gradient block
 //   concat_forward_f32 / _backward_f32      [a, b] along channels (the U-Net's skips), and the split
+//   upsample2x_forward_bf16, concat_forward_bf16
+//                                           the two forwards over block outputs stored in bf16 (ladder v7)
 //   add_image_bias_f32, image_bias_backward_f32   y[n, p, c] += bias[n, c] (time embedding) and its sum
 //   timestep_embedding_f32                  [sin(t f_i), cos(t f_i)], computed in fp64 and rounded once
 //   dropout_forward_f32 / _backward_f32     inverted dropout with a Philox mask (no mask is stored)
@@ -46,11 +49,13 @@ extern "C" __global__ void silu_backward_f32(const float* __restrict__ x, const 
     }
 }
 
-// y[b, oy, ox, c] = x[b, oy / 2, ox / 2, c]; x is [n, h, w, c], y [n, 2h, 2w, c]. One thread per output
-// element, so reads of x are coalesced along c and each x element is read by four threads (from L1/L2).
-// Bytes: 4 read + 16 written per x element.
-extern "C" __global__ void upsample2x_forward_f32(const float* __restrict__ x, float* __restrict__ y, int n, int h,
-                                                  int w, int c) {
+// y[b, oy, ox, c] = x[b, oy / 2, ox / 2, c]; x is [n, h, w, c], y [n, 2h, 2w, c], both stored as T (fp32,
+// or bf16 where the block outputs are: a copy, so exact either way). One thread per output element, so
+// reads of x are coalesced along c and each x element is read by four threads (from L1/L2).
+// Bytes: 5 sizeof(T) per x element (1 read, 4 written).
+namespace {
+template <class T>
+__device__ __forceinline__ void upsample2x(const T* __restrict__ x, T* __restrict__ y, int n, int h, int w, int c) {
     const int64_t total = int64_t(n) * 4 * h * w * c;
     for (int64_t i = ddpm::global_thread(); i < total; i += ddpm::grid_threads()) {
         const int ch = int(i % c);
@@ -61,6 +66,17 @@ extern "C" __global__ void upsample2x_forward_f32(const float* __restrict__ x, f
         const int64_t b = rest / (2 * h);
         y[i] = x[((b * h + oy / 2) * w + ox / 2) * c + ch];
     }
+}
+}  // namespace
+
+extern "C" __global__ void upsample2x_forward_f32(const float* __restrict__ x, float* __restrict__ y, int n, int h,
+                                                  int w, int c) {
+    upsample2x(x, y, n, h, w, c);
+}
+
+extern "C" __global__ void upsample2x_forward_bf16(const __nv_bfloat16* __restrict__ x,
+                                                   __nv_bfloat16* __restrict__ y, int n, int h, int w, int c) {
+    upsample2x(x, y, n, h, w, c);
 }
 
 // dx[b, iy, ix, c] (+)= sum of dy over the 2x2 block it was copied to. One thread per dx element.
@@ -81,10 +97,13 @@ extern "C" __global__ void upsample2x_backward_f32(const float* __restrict__ dy,
     }
 }
 
-// y[p] = [a[p], b[p]] over `pixels` positions: a has ca channels, b has cb. One thread per y element.
-// Bytes: 8 per y element.
-extern "C" __global__ void concat_forward_f32(const float* __restrict__ a, const float* __restrict__ b,
-                                              float* __restrict__ y, int64_t pixels, int ca, int cb) {
+// y[p] = [a[p], b[p]] over `pixels` positions: a has ca channels, b has cb; all three stored as T (fp32,
+// or bf16 where the block outputs are: a copy, exact either way). One thread per y element.
+// Bytes: 2 sizeof(T) per y element.
+namespace {
+template <class T>
+__device__ __forceinline__ void concat(const T* __restrict__ a, const T* __restrict__ b, T* __restrict__ y,
+                                       int64_t pixels, int ca, int cb) {
     const int cy = ca + cb;
     const int64_t total = pixels * cy;
     for (int64_t i = ddpm::global_thread(); i < total; i += ddpm::grid_threads()) {
@@ -92,6 +111,18 @@ extern "C" __global__ void concat_forward_f32(const float* __restrict__ a, const
         const int ch = int(i % cy);
         y[i] = ch < ca ? a[p * ca + ch] : b[p * cb + (ch - ca)];
     }
+}
+}  // namespace
+
+extern "C" __global__ void concat_forward_f32(const float* __restrict__ a, const float* __restrict__ b,
+                                              float* __restrict__ y, int64_t pixels, int ca, int cb) {
+    concat(a, b, y, pixels, ca, cb);
+}
+
+extern "C" __global__ void concat_forward_bf16(const __nv_bfloat16* __restrict__ a,
+                                               const __nv_bfloat16* __restrict__ b, __nv_bfloat16* __restrict__ y,
+                                               int64_t pixels, int ca, int cb) {
+    concat(a, b, y, pixels, ca, cb);
 }
 
 // da (+)= dy[:, :ca], db (+)= dy[:, ca:], each with its own accumulate flag. One thread per dy element.

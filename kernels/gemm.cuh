@@ -77,7 +77,7 @@ __device__ __forceinline__ void load_run8(const __nv_bfloat16* p, int valid, uin
     v = make_uint4(w[0], w[1], w[2], w[3]);
 }
 
-// The same from a bf16 activation (a ResNet block's hidden activation, Backend::stores_bf16_hidden),
+// The same from an activation stored in bf16 (Backend::stores_bf16_activations),
 // widened to fp32 for a loader that computes on its elements (NormedIm2col normalises them): one 16-byte
 // load when all eight are valid and p is 16-byte aligned.
 __device__ __forceinline__ void load_run8(const __nv_bfloat16* p, int valid, float (&v)[8]) {
@@ -186,8 +186,8 @@ struct ConvGeom {
 
 // The im2col matrix of the input, never stored: A(m, k) with m = (image, oy, ox), k = (ky, kx, ci),
 // = x[image, oy * stride + ky - pad, ox * stride + kx - pad, ci], or 0 in the padding. k runs over
-// channels first, so it is contiguous within one tap. X is the input's storage: float, or bf16 for a
-// ResNet block's hidden activation (read by the normalising gather below), widened as it is loaded.
+// channels first, so it is contiguous within one tap. X is the input's storage: float, or bf16 for an
+// activation stored so (Backend::stores_bf16_activations), widened as it is loaded.
 template <class X>
 struct Im2colOf {
     const X* x;
@@ -389,9 +389,12 @@ struct Epilogue {
     const float* image_bias = nullptr;
     int pixels = 1;
     const float* residual = nullptr;
-    // C stored in bf16 instead, at c_bf16[m * ldc + n] rounded to nearest (a ResNet block's hidden
-    // activation, Backend::stores_bf16_hidden), when not null: c is then unused, and accumulate must be 0.
+    // C stored in bf16 instead, at c_bf16[m * ldc + n] rounded to nearest (an activation stored in bf16,
+    // Backend::stores_bf16_activations), when not null: c is then unused, and accumulate must be 0.
     __nv_bfloat16* c_bf16 = nullptr;
+    // The residual stored in bf16 instead (a block output stored in bf16), when not null: widened, then
+    // added as residual is.
+    const __nv_bfloat16* residual_bf16 = nullptr;
 
     // Result v of C[m, n] with the fused adds applied: bias, time embedding, residual (a launch that does
     // not split K).
@@ -399,6 +402,7 @@ struct Epilogue {
         if (bias) v += bias[n];
         if (image_bias) v += image_bias[int64_t(m / pixels) * cols + n];
         if (residual) v += residual[int64_t(m) * ldc + n];
+        if (residual_bf16) v += to_f32(residual_bf16[int64_t(m) * ldc + n]);
         return v;
     }
 

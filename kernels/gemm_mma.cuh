@@ -205,7 +205,7 @@ __device__ __forceinline__ void mma_load_b(uint32_t (&b)[4], const __nv_bfloat16
 }
 
 // Writes results v0 and v1 of C[m, n] and C[m, n + 1] (m and n in range, n even: the two columns an
-// accumulator register pair holds): where the epilogue writes bf16 (a hidden activation, Epilogue::c_bf16)
+// accumulator register pair holds): where the epilogue writes bf16 (an activation stored in bf16, Epilogue::c_bf16)
 // and the pair is 4-byte aligned, one 4-byte store of both rounded; otherwise Epilogue::store for each.
 __device__ __forceinline__ void store_pair(const Epilogue& e, int rows, int cols, int m, int n, float v0,
                                            float v1) {

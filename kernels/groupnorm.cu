@@ -5,8 +5,8 @@
 //   group_norm_backward_f32    dx (+)= the input gradient; per-image partial sums of dgamma and dbeta
 //   group_norm_params_finish_f32   dgamma, dbeta = the partial sums added over images, in order
 //   group_norm_{forward,backward}_bf16in
-//                              the same with x stored in bf16 (a ResNet block's hidden activation, written
-//                              so by conv2d_forward_normed_bf16_bf16out), widened to fp32 as it is read
+//                              the same with x stored in bf16 (an activation stored so, written by a
+//                              conv2d_forward*_bf16_io kernel), widened to fp32 as it is read
 //
 // Shapes: x, y, dy, dx [n, hw, c]; gamma, beta [c]; mean, rstd [n, groups]; channels c = groups * cpg,
 // group g holding channels g cpg .. (g + 1) cpg - 1 of every position.
@@ -120,7 +120,7 @@ extern "C" __global__ void __launch_bounds__(256)
     group_norm_forward(x, gamma, beta, y, mean_out, rstd_out, hw, c, groups, eps, silu);
 }
 
-// x stored in bf16 (a ResNet block's hidden activation, Backend::stores_bf16_hidden); y still fp32.
+// x stored in bf16 (Backend::stores_bf16_activations); y still fp32.
 extern "C" __global__ void __launch_bounds__(256)
     group_norm_forward_bf16in(const __nv_bfloat16* __restrict__ x, const float* __restrict__ gamma,
                               const float* __restrict__ beta, float* __restrict__ y, float* __restrict__ mean_out,

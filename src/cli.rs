@@ -394,11 +394,11 @@ fn info(cfg: &UNetConfig, name: &str, batch: usize) -> Result<()> {
     // The CUDA backend applies each group norm as its convolution loads its input, so it stores no
     // normalised input (the CPU stores them); in bf16 precision (its default on sm_80 and newer) it also
     // stores each ResNet block's hidden activation and each attention block's q, k, v in bf16.
-    let lens = |fused, bf16_hidden| -> Result<(f64, f64)> {
+    let lens = |fused, bf16_activations| -> Result<(f64, f64)> {
         let layout = crate::backend::Layout {
             fused,
             weight_copies: fused,
-            bf16_hidden,
+            bf16_activations,
         };
         let (acts, grads) = UNet::activation_lens(cfg, batch, layout)?;
         Ok((acts as f64, grads as f64))

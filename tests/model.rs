@@ -123,9 +123,8 @@ fn state_dict_round_trip_and_errors() {
 /// dropped-out inputs of the ResNet blocks' second convolutions: the activations shrink by exactly
 /// their sizes, counted here from the normalisations' parameters (each `c` channels at its level's side)
 /// and the config, and their gradients stay (the convolutions' input gradients write them). One that
-/// also stores the ResNet blocks' hidden activations and the attention blocks' q, k, v in bf16
-/// (`Backend::stores_bf16_hidden`) saves half of each, counted from the first convolutions' and the query
-/// projections' biases.
+/// also stores activations in bf16 (`Backend::stores_bf16_activations`) saves half of each of those,
+/// counted from the parameters of the layers that write or read them.
 #[test]
 fn a_fusing_backend_stores_no_normalised_input() {
     let batch = 2;
@@ -154,15 +153,32 @@ fn a_fusing_backend_stores_no_normalised_input() {
         };
         let (mut normalised, mut bf16_saved) = (0, 0);
         for s in net.specs() {
-            // In bf16: a ResNet block's hidden activation and an attention block's q, k, v, each half a
-            // word per element and 3 words of alignment padding.
-            let bf16_len = match s.name {
-                ref n if n.ends_with(".conv1.bias") => Some(s.len),
-                ref n if n.ends_with(".to_q.bias") => Some(3 * s.len),
-                _ => None,
+            // In bf16, each half a word per element and 3 words of alignment padding: every block's
+            // output (its last convolution's or projection's) and shortcut, a ResNet block's hidden
+            // activation, an attention block's q, k, v, the input convolution's output, the resamplers'
+            // outputs (at half and twice their level's side) and the upsampled maps, and the up path's
+            // concatenations (the input of each up block's first normalisation).
+            let name = s.name.as_str();
+            let side = side(name);
+            let ends = |ends: &[&str]| ends.iter().any(|e| name.ends_with(e));
+            let tensors: &[(usize, usize)] = match () {
+                _ if ends(&[
+                    ".conv1.bias",
+                    ".conv2.bias",
+                    ".conv_shortcut.bias",
+                    ".to_out.0.bias",
+                ]) || name == "conv_in.bias" =>
+                {
+                    &[(side, s.len)]
+                }
+                _ if ends(&[".to_q.bias"]) => &[(side, 3 * s.len)],
+                _ if ends(&["downsamplers.0.conv.bias"]) => &[(side / 2, s.len)],
+                _ if ends(&["upsamplers.0.conv.bias"]) => &[(2 * side, s.len), (2 * side, s.len)],
+                _ if name.starts_with("up_blocks.") && ends(&[".norm1.weight"]) => &[(side, s.len)],
+                _ => &[],
             };
-            if let Some(width) = bf16_len {
-                let len = batch * side(&s.name).pow(2) * width;
+            for &(side, width) in tensors {
+                let len = batch * side.pow(2) * width;
                 bf16_saved += len - (len.div_ceil(2) + 3);
             }
             let is_norm = [".norm1.weight", ".norm2.weight", ".group_norm.weight"]
@@ -177,11 +193,11 @@ fn a_fusing_backend_stores_no_normalised_input() {
             } else {
                 1
             };
-            normalised += copies * batch * side(&s.name).pow(2) * s.len;
+            normalised += copies * batch * side.pow(2) * s.len;
         }
-        let layout = |fused, bf16_hidden| Layout {
+        let layout = |fused, bf16_activations| Layout {
             fused,
-            bf16_hidden,
+            bf16_activations,
             ..Layout::default()
         };
         let lens = |l| UNet::activation_lens(&cfg, batch, l).unwrap();
@@ -189,7 +205,7 @@ fn a_fusing_backend_stores_no_normalised_input() {
         let (fused, fused_grads) = lens(layout(true, false));
         assert_eq!(stored - fused, normalised, "{preset}");
         assert_eq!(stored_grads, fused_grads, "{preset}");
-        // In bf16 the blocks' hidden activations take half the memory; their gradients stay fp32.
+        // In bf16 those activations take half the memory; their gradients stay fp32.
         let (bf16, bf16_grads) = lens(layout(true, true));
         assert!(bf16_saved > 0, "{preset}");
         assert_eq!(fused - bf16, bf16_saved, "{preset}");

@@ -17,7 +17,7 @@ use crate::error::{Error, Result};
 pub use crate::rng::Stream;
 
 /// How a tensor's elements are stored. Every tensor is fp32 but the activations a backend stores in
-/// bf16 ([`Backend::stores_bf16_hidden`]); an op refuses a bf16 tensor wherever it was not written to
+/// bf16 ([`Backend::stores_bf16_activations`]); an op refuses a bf16 tensor wherever it was not written to
 /// take one ([`check_args`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub enum Dtype {
@@ -52,6 +52,9 @@ impl Tensor {
             len,
             dtype: Dtype::Bf16,
         }
+    }
+    pub fn is_bf16(self) -> bool {
+        self.dtype == Dtype::Bf16
     }
     /// The words of the arena the tensor covers.
     pub fn words(self) -> usize {
@@ -178,9 +181,8 @@ pub struct Layout {
     pub fused: bool,
     /// A bf16 copy of the weights ([`Backend::keeps_weight_copies`]).
     pub weight_copies: bool,
-    /// The ResNet blocks' hidden activations and the attention blocks' q, k, v in bf16
-    /// ([`Backend::stores_bf16_hidden`]).
-    pub bf16_hidden: bool,
+    /// Activations in bf16 where their ops take it ([`Backend::stores_bf16_activations`]).
+    pub bf16_activations: bool,
 }
 
 impl Layout {
@@ -189,7 +191,7 @@ impl Layout {
         Self {
             fused: be.fuses_normalisation(),
             weight_copies: be.keeps_weight_copies(),
-            bf16_hidden: be.stores_bf16_hidden(),
+            bf16_activations: be.stores_bf16_activations(),
         }
     }
 }
@@ -661,15 +663,20 @@ pub trait Backend {
     fn keeps_weight_copies(&self) -> bool {
         false
     }
-    /// Whether a network placed now should store in bf16 ([`Dtype::Bf16`]) the activations that only
-    /// kernels taking bf16 read: true on a backend in bf16 precision whose kernels read and write them
-    /// so. They are each ResNet block's hidden activation (its first convolution's output, time embedding
-    /// added), which the normalising convolution that writes it ([`Backend::group_norm_conv2d_forward`],
-    /// as `y`) and, as the next normalisation's `x`, the same op again,
-    /// [`Backend::conv2d_backward_weight_normed`] and [`Backend::group_norm_backward`] meet; and each
-    /// attention block's q, k, v, written by the same op and read by [`Backend::attention_forward`] and
-    /// [`Backend::attention_backward`]. Their gradients stay fp32.
-    fn stores_bf16_hidden(&self) -> bool {
+    /// Whether a network placed now should store its activations in bf16 ([`Dtype::Bf16`]) wherever the
+    /// ops that meet them take bf16: true on a backend in bf16 precision whose kernels read and write them
+    /// so. They are the residual stream (the input convolution's output, every block's output and
+    /// shortcut, the resamplers' outputs, the up path's concatenations and upsampled maps), each ResNet
+    /// block's hidden activation (its first convolution's output, time embedding added) and each
+    /// attention block's q, k, v. The ops that meet them: [`Backend::conv2d_forward`] and
+    /// [`Backend::group_norm_conv2d_forward`] (input, residual, output),
+    /// [`Backend::conv2d_backward_weight`] and [`Backend::conv2d_backward_weight_normed`] (input),
+    /// [`Backend::group_norm_forward`] and [`Backend::group_norm_backward`] (x),
+    /// [`Backend::linear_forward_fused`] (residual, output), [`Backend::concat_forward`] and
+    /// [`Backend::upsample2x_forward`] (all stored alike), [`Backend::attention_forward`] and
+    /// [`Backend::attention_backward`] (qkv). Their gradients, the statistics, the time embedding, the
+    /// attention output and the network's output stay fp32.
+    fn stores_bf16_activations(&self) -> bool {
         false
     }
     /// [`Backend::group_norm_forward`] then [`Backend::conv2d_forward_fused`] on its output, the

@@ -63,9 +63,9 @@ struct Builder {
     /// unstored handle.
     fused: bool,
     unstored_next: usize,
-    /// Whether the ResNet blocks' hidden activations and the attention blocks' q, k, v are stored in bf16
-    /// ([`Backend::stores_bf16_hidden`]).
-    bf16_hidden: bool,
+    /// Whether activations are stored in bf16 where their ops take it
+    /// ([`Backend::stores_bf16_activations`]).
+    bf16_activations: bool,
 }
 
 /// The elements of the activations' gradients, by region (see [`Builder`]): those with a place of
@@ -113,29 +113,31 @@ impl Builder {
     fn act(&mut self, len: usize) -> Tensor {
         self.act_in(len, self.in_block)
     }
-    /// An activation with a gradient of its own even inside a block (a block's output).
-    fn act_kept(&mut self, len: usize) -> Tensor {
-        self.act_in(len, false)
-    }
     fn act_in(&mut self, len: usize, scratch: bool) -> Tensor {
         let t = Tensor::new(self.acts + self.act_next, len);
         self.act_next += len;
         self.grad_for(t, scratch);
         t
     }
-    /// An activation only kernels that take bf16 read (a ResNet block's hidden activation, its first
-    /// convolution's output; an attention block's q, k, v): in bf16 where the backend stores those so
-    /// ([`Backend::stores_bf16_hidden`]), 16-byte aligned for the kernels' vector loads. The 3 words of
-    /// padding are reserved wherever the arena starts, so a counting build and the real one agree on
-    /// every size.
-    fn act_hidden(&mut self, len: usize) -> Tensor {
-        if !self.bf16_hidden {
-            return self.act(len);
+    /// An activation every op that meets it takes in bf16 (see [`Backend::stores_bf16_activations`]):
+    /// in bf16 where the backend stores those so, 16-byte aligned for the kernels' vector loads; inside a
+    /// block, one whose gradient is the block's own. The 3 words of padding are reserved wherever the
+    /// arena starts, so a counting build and the real one agree on every size.
+    fn act16(&mut self, len: usize) -> Tensor {
+        self.act16_in(len, self.in_block)
+    }
+    /// [`Builder::act16`] with a gradient of its own even inside a block (a block's output).
+    fn act16_kept(&mut self, len: usize) -> Tensor {
+        self.act16_in(len, false)
+    }
+    fn act16_in(&mut self, len: usize, scratch: bool) -> Tensor {
+        if !self.bf16_activations {
+            return self.act_in(len, scratch);
         }
         let start = self.acts + self.act_next;
         let t = Tensor::bf16(start.next_multiple_of(4), len);
         self.act_next += t.words() + 3;
-        self.grad_for(t, self.in_block);
+        self.grad_for(t, scratch);
         t
     }
     /// A normalised input: unstored when the backend fuses normalisations into the convolutions, else
@@ -189,6 +191,11 @@ impl Builder {
     }
     fn conv(&mut self, name: &str, s: ConvShape, init_scale: f64) -> Conv {
         let y = self.act(s.y_len());
+        self.conv_into(name, s, init_scale, y)
+    }
+    /// A convolution whose output is in the residual stream ([`Builder::act16`]).
+    fn conv16(&mut self, name: &str, s: ConvShape, init_scale: f64) -> Conv {
+        let y = self.act16(s.y_len());
         self.conv_into(name, s, init_scale, y)
     }
 
@@ -519,7 +526,7 @@ impl ResBlock {
         };
         let norm1 = b.norm(&format!("{name}.norm1"), gn(cin), true);
         let s1 = conv(cin, cout, ConvKind::K3S1);
-        let hidden = b.act_hidden(s1.y_len());
+        let hidden = b.act16(s1.y_len());
         let conv1 = b.conv_into(&format!("{name}.conv1"), s1, 1.0, hidden);
         let temb = b.linear(
             &format!("{name}.time_emb_proj"),
@@ -530,7 +537,7 @@ impl ResBlock {
         );
         let norm2 = b.norm(&format!("{name}.norm2"), gn(cout), true);
         // conv2 writes the block's output: the residual is added in its epilogue.
-        let out = b.act_kept(n * hw * cout);
+        let out = b.act16_kept(n * hw * cout);
         let conv2 = b.conv_into(
             &format!("{name}.conv2"),
             conv(cout, cout, ConvKind::K3S1),
@@ -538,7 +545,7 @@ impl ResBlock {
             out,
         );
         let shortcut = (cin != cout).then(|| {
-            b.conv(
+            b.conv16(
                 &format!("{name}.conv_shortcut"),
                 conv(cin, cout, ConvKind::K1),
                 1.0,
@@ -706,12 +713,12 @@ impl AttnBlock {
             w: widen(wq, 3 * c * c),
             b: widen(bq, 3 * c),
             // Read only by the attention kernels, which take it in bf16 too.
-            y: b.act_hidden(n * l * 3 * c),
+            y: b.act16(n * l * 3 * c),
         };
         let attn = b.act(n * l * c);
         let lse = b.act(n * l);
         // The projection writes the block's output: the residual is added in its epilogue.
-        let out = b.act_kept(n * l * c);
+        let out = b.act16_kept(n * l * c);
         let proj = b.linear_into(&format!("{name}.to_out.0"), n * l, c, c, 0.0, out);
         b.end_block();
         Self {
@@ -965,7 +972,7 @@ impl UNet {
             grad_of: HashMap::new(),
             fused: layout.fused,
             unstored_next: 0,
-            bf16_hidden: layout.bf16_hidden,
+            bf16_activations: layout.bf16_activations,
         };
         let cfg = config;
         let chans = &cfg.block_out_channels;
@@ -980,7 +987,7 @@ impl UNet {
         let temb1_act = b.act(n * tdim);
         let temb2 = b.linear("time_embedding.linear_2", n, tdim, tdim, 1.0);
         let temb_act = b.act(n * tdim);
-        let conv_in = b.conv(
+        let conv_in = b.conv16(
             "conv_in",
             ConvShape {
                 n,
@@ -1026,7 +1033,7 @@ impl UNet {
                 layers.push(layer);
             }
             let resample = (i + 1 < levels).then(|| {
-                let conv = b.conv(
+                let conv = b.conv16(
                     &format!("down_blocks.{i}.downsamplers.0.conv"),
                     ConvShape {
                         n,
@@ -1058,7 +1065,7 @@ impl UNet {
             for j in 0..=cfg.layers_per_block {
                 b.next_up_unit();
                 let (skip, cs) = skips.pop().expect("one skip per up layer");
-                let cat = b.act(n * h * h * (c + cs));
+                let cat = b.act16(n * h * h * (c + cs));
                 let name = format!("up_blocks.{i}.resnets.{j}");
                 let res = ResBlock::build(&mut b, cfg, &name, next_res(), n, h, c + cs, out);
                 let concat = Some((cat, skip, c, cs));
@@ -1077,8 +1084,8 @@ impl UNet {
             }
             let resample = (i + 1 < levels).then(|| {
                 b.next_up_unit();
-                let upsampled = b.act(n * 4 * h * h * c);
-                let conv = b.conv(
+                let upsampled = b.act16(n * 4 * h * h * c);
+                let conv = b.conv16(
                     &format!("up_blocks.{i}.upsamplers.0.conv"),
                     ConvShape {
                         n,
@@ -1495,56 +1502,95 @@ mod tests {
     use super::*;
     use crate::backend::Dtype;
 
-    /// In a net placed with bf16 hidden activations, at an arena offset that is not a multiple of 4
-    /// words: every ResNet block's `conv1.y` and every attention block's q, k, v is bf16, starts 16-byte
-    /// aligned and lies inside the activations, none overlaps another activation the block holds, and
-    /// the counting build (at offset 0) reserved exactly what the placed one uses.
+    /// Every activation a net stores, each with whether it should be bf16 in a net placed with bf16
+    /// activations: the residual stream, the ResNet blocks' hidden activations and the attention
+    /// blocks' q, k, v are; the timesteps and their embedding, the statistics, the attention output and
+    /// the network's output are not.
+    fn stored_activations(net: &UNet) -> Vec<(Tensor, bool)> {
+        let mut out = vec![
+            (net.input, false),
+            (net.timesteps, false),
+            (net.temb_sin, false),
+        ];
+        out.extend([net.temb1.y, net.temb1_act, net.temb2.y, net.temb_act].map(|t| (t, false)));
+        out.push((net.conv_in.y, true));
+        let norm = |n: &Norm| [(n.mean, false), (n.rstd, false)];
+        let res = |out: &mut Vec<(Tensor, bool)>, r: &ResBlock| {
+            out.extend(norm(&r.norm1));
+            out.extend(norm(&r.norm2));
+            out.extend([(r.conv1.y, true), (r.temb.y, false), (r.out, true)]);
+            out.extend(r.shortcut.as_ref().map(|c| (c.y, true)));
+        };
+        let attn = |out: &mut Vec<(Tensor, bool)>, a: &AttnBlock| {
+            out.extend(norm(&a.norm));
+            out.extend([
+                (a.qkv.y, true),
+                (a.attn, false),
+                (a.lse, false),
+                (a.out, true),
+            ]);
+        };
+        for level in net.down.iter().chain(&net.up) {
+            for l in &level.layers {
+                out.extend(l.concat.map(|(cat, ..)| (cat, true)));
+                res(&mut out, &l.res);
+                if let Some(a) = &l.attn {
+                    attn(&mut out, a);
+                }
+            }
+            if let Some(r) = &level.resample {
+                out.extend(r.up.map(|(.., upsampled)| (upsampled, true)));
+                out.push((r.conv.y, true));
+            }
+        }
+        res(&mut out, &net.mid.0);
+        attn(&mut out, &net.mid.1);
+        res(&mut out, &net.mid.2);
+        out.extend(norm(&net.norm_out));
+        out.push((net.conv_out.y, false));
+        out
+    }
+
+    /// In a net placed with bf16 activations, at an arena offset that is not a multiple of 4 words: every
+    /// activation that should be bf16 is, and starts 16-byte aligned; every one lies inside the
+    /// activations and overlaps no other; and the counting build (at offset 0) reserved exactly what the
+    /// placed one uses. Placed with fp32 activations, none is bf16.
     #[test]
     fn bf16_activations_are_aligned_and_inside_the_counted_activations() {
         let config = UNetConfig::preset("tiny").unwrap();
-        let layout = Layout {
-            fused: true,
-            weight_copies: true,
-            bf16_hidden: true,
-        };
-        let count = UNet::build(&config, 3, layout, 0, 0, 0, None);
-        let base = 4 * 1000 + 1;
-        let net = UNet::build(&config, 3, layout, 0, 0, base, None);
-        assert_eq!(net.acts.len, count.acts.len);
-        let acts = Tensor::new(base, net.acts.len);
-        let mut blocks: Vec<&ResBlock> = Vec::new();
-        for level in net.down.iter().chain(&net.up) {
-            blocks.extend(level.layers.iter().map(|l| &l.res));
-        }
-        blocks.extend([&net.mid.0, &net.mid.2]);
-        let (levels, per) = (config.block_out_channels.len(), config.layers_per_block);
-        assert_eq!(blocks.len(), levels * per + levels * (per + 1) + 2);
-        let mut attention: Vec<&AttnBlock> = Vec::new();
-        for level in net.down.iter().chain(&net.up) {
-            attention.extend(level.layers.iter().filter_map(|l| l.attn.as_ref()));
-        }
-        attention.push(&net.mid.1);
-        assert!(attention.len() > 1);
-        for a in attention {
-            let qkv = a.qkv.y;
-            assert_eq!((qkv.dtype, qkv.len), (Dtype::Bf16, a.qkv.s.y_len()));
-            assert_eq!(qkv.off % 4, 0, "16-byte aligned");
-            assert!(qkv.off >= acts.off && qkv.end() <= acts.end());
-            for other in [a.attn, a.lse, a.out, a.norm.mean] {
-                assert!(!qkv.overlaps(other), "{qkv:?} and {other:?}");
-            }
-        }
-        for r in blocks {
-            let h = r.conv1.y;
-            assert_eq!(h.dtype, Dtype::Bf16);
-            assert_eq!(h.len, r.conv1.s.y_len());
-            assert_eq!(h.off % 4, 0, "16-byte aligned");
-            assert!(
-                h.off >= acts.off && h.end() <= acts.end(),
-                "{h:?} in {acts:?}"
-            );
-            for other in [r.temb.y, r.out, r.norm1.mean, r.norm2.rstd] {
-                assert!(!h.overlaps(other), "{h:?} and {other:?}");
+        for bf16_activations in [true, false] {
+            let layout = Layout {
+                fused: true,
+                weight_copies: true,
+                bf16_activations,
+            };
+            let count = UNet::build(&config, 3, layout, 0, 0, 0, None);
+            let base = 4 * 1000 + 1;
+            let net = UNet::build(&config, 3, layout, 0, 0, base, None);
+            assert_eq!(net.acts.len, count.acts.len);
+            let acts = Tensor::new(base, net.acts.len);
+            let stored = stored_activations(&net);
+            let (levels, per) = (config.block_out_channels.len(), config.layers_per_block);
+            let blocks = levels * per + levels * (per + 1) + 2;
+            let bf16 = stored
+                .iter()
+                .filter(|(t, _)| t.dtype == Dtype::Bf16)
+                .count();
+            let want = stored.iter().filter(|(_, b)| *b).count();
+            assert!(want >= 3 * blocks, "{want} for {blocks} blocks");
+            assert_eq!(bf16, if bf16_activations { want } else { 0 });
+            for (i, &(t, should)) in stored.iter().enumerate() {
+                if bf16_activations && should {
+                    assert_eq!(t.dtype, Dtype::Bf16, "{t:?}");
+                    assert_eq!(t.off % 4, 0, "{t:?} 16-byte aligned");
+                }
+                assert!(
+                    t.len > 0 && t.off >= acts.off && t.end() <= acts.end(),
+                    "{t:?} in {acts:?}"
+                );
+                for &(other, _) in &stored[i + 1..] {
+                    assert!(!t.overlaps(other), "{t:?} and {other:?}");
+                }
             }
         }
     }

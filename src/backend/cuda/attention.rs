@@ -8,7 +8,7 @@ use crate::error::{Error, Result};
 use cudarc::driver::LaunchConfig;
 
 /// The kernels, each beside its twin reading qkv stored in bf16 (`_bf16in`: the projection's output in
-/// bf16 precision, `Backend::stores_bf16_hidden`): the fp32 and bf16 forward, dq and dkv kernels.
+/// bf16 precision, `Backend::stores_bf16_activations`): the fp32 and bf16 forward, dq and dkv kernels.
 const TWINS: [[&str; 2]; 6] = [
     ["attention_forward_f32", "attention_forward_f32_bf16in"],
     ["attention_forward_bf16", "attention_forward_bf16_bf16in"],

@@ -4,7 +4,7 @@
 use super::device::{Swizzle, TensorMap};
 use super::elementwise::dims;
 use super::{launch, CudaBackend, KernelArgs, WORKSPACE};
-use crate::backend::{ConvKind, ConvShape, Dtype, NormedInput, Precision, Rung, Tensor};
+use crate::backend::{ConvKind, ConvShape, NormedInput, Precision, Rung, Tensor};
 use crate::error::{Error, Result};
 use cudarc::driver::LaunchConfig;
 
@@ -63,23 +63,21 @@ const BACKWARD_WEIGHT_NORMED: Kernels = Kernels {
     wgmma: None,
 };
 
-/// The normalising convolutions' kernels for an activation stored in bf16 (`Backend::stores_bf16_hidden`):
-/// reading it as `x` (a ResNet block's second convolution), and writing it as `y` (the block's first, or
-/// an attention block's q, k, v projection; `None` for the weight gradient, which writes no activation).
-/// Version 3 only, in bf16 precision, where every normalising convolution runs.
-struct HiddenKernels {
-    bf16_in: &'static str,
-    bf16_out: Option<&'static str>,
-}
-
-const FORWARD_BF16_HIDDEN: HiddenKernels = HiddenKernels {
-    bf16_in: "conv2d_forward_normed_bf16_bf16in",
-    bf16_out: Some("conv2d_forward_normed_bf16_bf16out"),
-};
-const BACKWARD_WEIGHT_BF16_HIDDEN: HiddenKernels = HiddenKernels {
-    bf16_in: "conv2d_backward_weight_normed_bf16_bf16in",
-    bf16_out: None,
-};
+/// The version-3 kernels for convolutions that touch an activation stored in bf16
+/// (`Backend::stores_bf16_activations`; ladder v7), by [normalising][input stored in bf16]. The forward ones
+/// (`_io`) take the residual and the output each in either storage, a pointer for each and the other null.
+/// Run in bf16 precision only, on every rung (the other rungs have no such kernels).
+const FORWARD_IO: [[&str; 2]; 2] = [
+    ["conv2d_forward_bf16_io", "conv2d_forward_bf16_io_bf16in"],
+    [
+        "conv2d_forward_normed_bf16_io",
+        "conv2d_forward_normed_bf16_io_bf16in",
+    ],
+];
+const BACKWARD_WEIGHT_BF16_IN: [&str; 2] = [
+    "conv2d_backward_weight_bf16_bf16in",
+    "conv2d_backward_weight_normed_bf16_bf16in",
+];
 
 /// What one of version 5's copies of the weights holds: 8 k of the reduction by 128 n of the GEMM's
 /// columns, one k/8 column of wgmma's 8 x 8 core matrices (`TmaCoresB` in `kernels/gemm_wgmma.cuh`).
@@ -216,37 +214,6 @@ impl CudaBackend {
             Rung::Wgmma | Rung::WgmmaTma | Rung::WgmmaTmaSwizzled => k.wgmma,
         };
         kernel.unwrap_or(k.bf16)
-    }
-
-    /// The kernel of a normalising convolution whose input `x` or output `y` is stored in bf16 (checked
-    /// by the caller to be allowed only there), `None` where both are fp32; an error where there is no
-    /// such kernel: in fp32 precision (a network placed in bf16 precision and run in fp32), or with both
-    /// in bf16.
-    fn hidden_kernel(
-        &self,
-        x: Tensor,
-        y: Tensor,
-        k: &HiddenKernels,
-    ) -> Result<Option<&'static str>> {
-        let (x16, y16) = (x.dtype == Dtype::Bf16, y.dtype == Dtype::Bf16);
-        if !x16 && !y16 {
-            return Ok(None);
-        }
-        let kernel = match (x16, y16) {
-            (true, false) => Some(k.bf16_in),
-            (false, true) => k.bf16_out,
-            _ => None,
-        };
-        match kernel {
-            Some(name) if self.precision == Precision::Bf16 => Ok(Some(name)),
-            _ => Err(Error::Invalid(format!(
-                "a convolution {} an activation stored in bf16 has no kernel in {} precision{}: place \
-                 the network in the precision it runs in",
-                if x16 { "reading" } else { "writing" },
-                self.precision.name(),
-                if x16 && y16 { " with both input and output in bf16" } else { "" },
-            ))),
-        }
     }
 
     /// How many convolutions (forwards and input gradients) ran with their weights copied by the
@@ -388,32 +355,56 @@ impl CudaBackend {
         if let Some(n) = &norm {
             Self::normed_ins(&s, n, &mut ins)?;
         }
-        // A ResNet block's hidden activation may be stored in bf16 (the output of its first convolution,
-        // the input of its second, both normalising), and so may an attention block's q, k, v (the
-        // output of its normalising projection).
-        let bf16_ok: &[&str] = if norm.is_some() { &["x", "y"] } else { &[] };
-        self.args_stored("conv2d_forward", &ins, &[("y", y, s.y_len())], bf16_ok)?;
-        let name = match self.hidden_kernel(x, y, &FORWARD_BF16_HIDDEN)? {
-            Some(k) => k,
-            None => self.conv_kernel(match norm {
+        // Activations may be stored in bf16: the input, the residual and the output (a ResNet block's
+        // hidden activation, its input and output, an attention block's q, k, v, the up path's
+        // concatenations; see `UNet`).
+        self.args_stored(
+            "conv2d_forward",
+            &ins,
+            &[("y", y, s.y_len())],
+            &["x", "residual", "y"],
+        )?;
+        let mut stored = vec![x, y];
+        stored.extend(residual);
+        let io = self.stores_bf16("conv2d_forward", &stored)?;
+        let name = match io {
+            true => FORWARD_IO[norm.is_some() as usize][x.is_bf16() as usize],
+            false => self.conv_kernel(match norm {
                 Some(_) => &FORWARD_NORMED,
                 None => &FORWARD,
             }),
         };
-        let (pw, pb, py) = (self.weight_ptr(w)?, self.ptr(b), self.ptr(y));
+        let (pw, pb) = (self.weight_ptr(w)?, self.ptr(b));
         let pt = image_bias.map_or(0, |t| self.ptr(t));
-        let pr = residual.map_or(0, |r| self.ptr(r));
         let (oh, ow) = s.out_hw();
         let cfg = gemm_cfg(self.tile(), s.n * oh * ow, s.o, 1);
         let mut a = self.input_args(x, norm.as_ref())?;
-        let tma = self.tma_weights(s, norm.is_some(), pw)?;
+        let tma = match io {
+            true => None,
+            false => self.tma_weights(s, norm.is_some(), pw)?,
+        };
         let (name, map) = match &tma {
             Some(t) => (t.kernel, Some(&t.map)),
             None => (name, None),
         };
         a.push_weight(pw, map);
-        for v in [pb, pt, pr, py] {
-            a.push(v);
+        a.push(pb);
+        a.push(pt);
+        match io {
+            // (residual, residual_bf16, y, y_bf16)
+            true => {
+                for v in self
+                    .ptr_by_dtype(residual)
+                    .into_iter()
+                    .chain(self.ptr_by_dtype(Some(y)))
+                {
+                    a.push(v);
+                }
+            }
+            false => {
+                a.push(residual.map_or(0, |r| self.ptr(r)));
+                a.push(self.ptr(y));
+            }
         }
         for v in dims([s.n, s.h, s.w, s.c, s.o])?
             .into_iter()
@@ -478,12 +469,11 @@ impl CudaBackend {
         if let Some(n) = &norm {
             Self::normed_ins(&s, n, &mut ins)?;
         }
-        let bf16_ok: &[&str] = if norm.is_some() { &["x"] } else { &[] };
         self.args_stored(
             "conv2d_backward_weight",
             &ins,
             &[("dweight", dw, s.w_len()), ("dbias", db, s.o)],
-            bf16_ok,
+            &["x"],
         )?;
         let (pdy, pdw, ws) = (self.ptr(dy), self.ptr(dw), self.workspace_ptr());
         let (oh, ow) = s.out_hw();
@@ -501,9 +491,9 @@ impl CudaBackend {
         {
             a.push(v);
         }
-        let name = match self.hidden_kernel(x, dy, &BACKWARD_WEIGHT_BF16_HIDDEN)? {
-            Some(k) => k,
-            None => self.conv_kernel(match norm {
+        let name = match self.stores_bf16("conv2d_backward_weight", &[x])? {
+            true => BACKWARD_WEIGHT_BF16_IN[norm.is_some() as usize],
+            false => self.conv_kernel(match norm {
                 Some(_) => &BACKWARD_WEIGHT_NORMED,
                 None => &BACKWARD_WEIGHT,
             }),

@@ -6,6 +6,21 @@ use crate::backend::{Stream, Tensor};
 use crate::error::{Error, Result};
 use cudarc::driver::LaunchConfig;
 
+/// The kernel of a copy (`[fp32, bf16]`) for its tensors' storage, which must be one for all: a copy
+/// neither rounds nor widens, so it runs in either precision.
+fn copy_kernel(op: &str, tensors: &[Tensor], kernels: [&'static str; 2]) -> Result<&'static str> {
+    let bf16 = tensors.iter().filter(|t| t.is_bf16()).count();
+    match bf16 {
+        0 => Ok(kernels[0]),
+        n if n == tensors.len() => Ok(kernels[1]),
+        _ => Err(Error::Invalid(format!(
+            "{op}: its inputs and output must be stored alike (all fp32 or all bf16); got {bf16} of {} \
+             in bf16",
+            tensors.len()
+        ))),
+    }
+}
+
 impl CudaBackend {
     pub(super) fn fill_tensor(&mut self, dst: Tensor, value: f32) -> Result<()> {
         self.args("fill", &[], &[("dst", dst, dst.len)])?;
@@ -65,11 +80,21 @@ impl CudaBackend {
         y: Tensor,
     ) -> Result<()> {
         let len = n * h * w * c;
-        self.args("upsample2x_forward", &[("x", x, len)], &[("y", y, 4 * len)])?;
+        self.args_stored(
+            "upsample2x_forward",
+            &[("x", x, len)],
+            &[("y", y, 4 * len)],
+            &["x", "y"],
+        )?;
+        let kernel = copy_kernel(
+            "upsample2x_forward",
+            &[x, y],
+            ["upsample2x_forward_f32", "upsample2x_forward_bf16"],
+        )?;
         let (px, py) = (self.ptr(x), self.ptr(y));
         let [n, h, w, c] = dims([n, h, w, c])?;
         let cfg = self.elementwise_cfg(4 * len);
-        launch!(self, "upsample2x_forward_f32", cfg, px, py, n, h, w, c)
+        launch!(self, kernel, cfg, px, py, n, h, w, c)
     }
 
     pub(super) fn upsample_grad(
@@ -114,15 +139,21 @@ impl CudaBackend {
         b: Tensor,
         y: Tensor,
     ) -> Result<()> {
-        self.args(
+        self.args_stored(
             "concat_forward",
             &[("a", a, pixels * ca), ("b", b, pixels * cb)],
             &[("y", y, pixels * (ca + cb))],
+            &["a", "b", "y"],
+        )?;
+        let kernel = copy_kernel(
+            "concat_forward",
+            &[a, b, y],
+            ["concat_forward_f32", "concat_forward_bf16"],
         )?;
         let (pa, pb, py, p) = (self.ptr(a), self.ptr(b), self.ptr(y), pixels as i64);
         let [ca, cb] = dims([ca, cb])?;
         let cfg = self.elementwise_cfg(y.len);
-        launch!(self, "concat_forward_f32", cfg, pa, pb, py, p, ca, cb)
+        launch!(self, kernel, cfg, pa, pb, py, p, ca, cb)
     }
 
     pub(super) fn concat_grad(

@@ -24,11 +24,39 @@ impl CudaBackend {
         if let Some(r) = residual {
             ins.push(("residual", r, m * n));
         }
-        self.args("linear_forward", &ins, &[("y", y, m * n)])?;
-        let (px, pw, pb, py) = (self.ptr(x), self.weight_ptr(w)?, self.ptr(b), self.ptr(y));
-        let pr = residual.map_or(0, |r| self.ptr(r));
+        // An attention block's output projection adds the block's input and writes its output, either
+        // of which may be stored in bf16 (see `UNet`).
+        self.args_stored(
+            "linear_forward",
+            &ins,
+            &[("y", y, m * n)],
+            &["residual", "y"],
+        )?;
+        let (px, pw, pb) = (self.ptr(x), self.weight_ptr(w)?, self.ptr(b));
         let cfg = gemm_cfg(self.tile(), m, n, 1);
         let [mi, ki, ni] = dims([m, k, n])?;
+        let mut stored = vec![y];
+        stored.extend(residual);
+        if self.stores_bf16("linear_forward", &stored)? {
+            let [pr, pr16] = self.ptr_by_dtype(residual);
+            let [py, py16] = self.ptr_by_dtype(Some(y));
+            return launch!(
+                self,
+                "linear_forward_bf16_io",
+                cfg,
+                px,
+                pw,
+                pb,
+                pr,
+                pr16,
+                py,
+                py16,
+                mi,
+                ki,
+                ni
+            );
+        }
+        let (pr, py) = (residual.map_or(0, |r| self.ptr(r)), self.ptr(y));
         let kernel = self.pick("linear_forward_f32", "linear_forward_bf16");
         launch!(self, kernel, cfg, px, pw, pb, pr, py, mi, ki, ni)
     }

@@ -271,6 +271,32 @@ impl CudaBackend {
         self.arena.as_ref().map_or(0, |a| a.ptr) + 4 * t.off as u64
     }
 
+    /// An optional tensor as the pair of pointers the kernels that take it in either storage expect
+    /// (`_io` kernels): `[fp32, bf16]`, the one of its storage set, the other null; both null for `None`.
+    fn ptr_by_dtype(&self, t: Option<Tensor>) -> [u64; 2] {
+        match t {
+            None => [0, 0],
+            Some(t) if t.is_bf16() => [0, self.ptr(t)],
+            Some(t) => [self.ptr(t), 0],
+        }
+    }
+
+    /// Whether a launch of `op` touches an activation stored in bf16 (`tensors`, checked by the caller to
+    /// be allowed in bf16), so runs one of the kernels for those; an error in fp32 precision, which has
+    /// none (a network placed in bf16 precision and run in fp32).
+    fn stores_bf16(&self, op: &str, tensors: &[Tensor]) -> Result<bool> {
+        if !tensors.iter().any(|t| t.is_bf16()) {
+            return Ok(false);
+        }
+        match self.precision {
+            Precision::Bf16 => Ok(true),
+            Precision::Fp32 => Err(Error::Invalid(format!(
+                "{op}: an activation stored in bf16 has no kernel in fp32 precision: place the network \
+                 in the precision it runs in"
+            ))),
+        }
+    }
+
     fn workspace_ptr(&self) -> u64 {
         self.workspace.as_ref().map_or(0, |w| w.ptr)
     }
@@ -490,7 +516,7 @@ impl super::Backend for CudaBackend {
 
     /// In bf16 precision: the normalising convolutions (version 3), the group norms and the attention
     /// kernels have twins that write and read those activations so.
-    fn stores_bf16_hidden(&self) -> bool {
+    fn stores_bf16_activations(&self) -> bool {
         self.precision == Precision::Bf16
     }
 
@@ -1068,6 +1094,13 @@ fn widen_bf16(words: &[f32], len: usize) -> Vec<f32> {
         .collect()
 }
 
+impl Drop for CudaBackend {
+    fn drop(&mut self) {
+        // Buffers are freed after everything queued has finished with them.
+        let _ = self.dev.synchronize();
+    }
+}
+
 #[cfg(test)]
 mod bf16_tests {
     use super::{bf16_words, widen_bf16};
@@ -1111,12 +1144,5 @@ mod tests {
         ]) {
             assert!(names.contains(k), "{k} is not in {names:?}");
         }
-    }
-}
-
-impl Drop for CudaBackend {
-    fn drop(&mut self) {
-        // Buffers are freed after everything queued has finished with them.
-        let _ = self.dev.synchronize();
     }
 }

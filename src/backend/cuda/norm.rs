@@ -17,7 +17,7 @@ fn check(s: &GroupNormShape) -> Result<()> {
     Ok(())
 }
 
-/// The kernel for `x`'s storage: fp32, or bf16 (a ResNet block's hidden activation).
+/// The kernel for `x`'s storage: fp32, or bf16 (`Backend::stores_bf16_activations`).
 fn x_kernel(x: Tensor, f32: &'static str, bf16: &'static str) -> &'static str {
     match x.dtype {
         Dtype::F32 => f32,
