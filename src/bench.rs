@@ -437,6 +437,13 @@ pub fn kernels<B: Backend>(
         be.fill(t, v)?;
         Ok(t)
     };
+    // The same in bf16 storage, 16-byte aligned as the U-Net places it (`Backend::stores_bf16_activations`).
+    let bf16_filled = |be: &mut B, len: usize, v: f32| -> Result<Tensor> {
+        let words = be.alloc(len.div_ceil(2) + 4)?;
+        let t = Tensor::bf16(words.off.next_multiple_of(4), len);
+        be.upload(t, &vec![v; len])?;
+        Ok(t)
+    };
 
     let s = ConvShape {
         n: batch,
@@ -562,18 +569,50 @@ pub fn kernels<B: Backend>(
     )?;
     be.set_rung(None)?;
     be.set_precision(own)?;
+    // Version 3 as the U-Net runs it in bf16 (ladder v7): the input read in bf16, the output written in
+    // bf16 (the forwards), beside the rows above, which read and write fp32.
+    if be.stores_bf16_activations() {
+        let (x16, y16) = (
+            bf16_filled(be, s.x_len(), 0.5)?,
+            bf16_filled(be, s.y_len(), 0.0)?,
+        );
+        let what = format!("conv 3x3 16x16 256->256 bf16, bf16 activations (v7), batch {batch}");
+        for (op, ms) in [
+            (
+                "forward",
+                time(be, iters, |be| be.conv2d_forward(s, x16, w, b, y16))?,
+            ),
+            (
+                "weight grad",
+                time(be, iters, |be| {
+                    be.conv2d_backward_weight(s, x16, dy, dw, db)
+                })?,
+            ),
+            (
+                "forward normalising its input",
+                time(be, iters, |be| {
+                    let input = NormedInput { x: x16, ..normed };
+                    be.group_norm_conv2d_forward(s, input, w, b, None, None, y16)
+                })?,
+            ),
+        ] {
+            emit(tflop_line(
+                format!("{what}: {op}"),
+                ms,
+                flop,
+                Precision::Bf16,
+            ));
+        }
+    }
     // The group norm over x in fp32, and where the backend stores bf16 activations over the same x in
-    // bf16, as a ResNet block's hidden activation is (`Backend::stores_bf16_hidden`). Counted as the
+    // bf16, as the U-Net stores its activations (`Backend::stores_bf16_activations`). Counted as the
     // traffic the op cannot avoid, so the ratio to the copy bandwidth says how close the kernel comes to
     // it: forward x read and y written once (8 bytes per element, 6 from bf16; the kernel reads x twice:
     // the statistics, then y), backward x and dy read and dx written once (12, or 10; it reads x and dy
     // twice).
     let mut inputs = vec![(x, "", 4.0)];
-    if be.stores_bf16_hidden() {
-        let words = be.alloc(g.len().div_ceil(2) + 4)?;
-        let x16 = Tensor::bf16(words.off.next_multiple_of(4), g.len());
-        be.upload(x16, &vec![0.5; g.len()])?;
-        inputs.push((x16, ", bf16 input", 2.0));
+    if be.stores_bf16_activations() {
+        inputs.push((bf16_filled(be, g.len(), 0.5)?, ", bf16 input", 2.0));
     }
     let (dg, dbeta) = (alloc_filled(be, 256, 0.0)?, alloc_filled(be, 256, 0.0)?);
     for (x, input, x_bytes) in inputs {
