@@ -5,6 +5,8 @@
 //   attention_backward_dkv_f32   dk and dv
 //   attention_*_f32_bf16in       the same with qkv stored in bf16 (the projection's output in bf16
 //                                precision, Backend::stores_bf16_activations), widened as it is read
+//   attention_{forward,backward_dq}_f32_bf16io
+//                                and with out stored in bf16 too (rounded as written, widened as read)
 //
 // Shapes: qkv [n, l, 3c] (q, k, v side by side per position, as the fused projection writes them);
 // out, dout [n, l, c]; lse, delta [n, l]; dqkv [n, l, 3c] (the dq kernel writes the q third, the dkv
@@ -36,8 +38,8 @@ __device__ __forceinline__ float warp_dot(const float* a, const float* b, int c,
 
 // The three kernels over qkv stored as T: float, or bf16 (the projection's output stored so in bf16
 // precision, Backend::stores_bf16_activations), widened as it is read.
-template <class T>
-__device__ __forceinline__ void attention_forward(const T* __restrict__ qkv, float* __restrict__ out,
+template <class T, class O = float>
+__device__ __forceinline__ void attention_forward(const T* __restrict__ qkv, O* __restrict__ out,
                                                   float* __restrict__ lse, int l, int c) {
     extern __shared__ float smem[];
     float* ks = smem;                       // [ATT_TILE][c]
@@ -74,13 +76,13 @@ __device__ __forceinline__ void attention_forward(const T* __restrict__ qkv, flo
     }
     if (!active) return;
     const float inv = 1.0f / sum;
-    float* dst = out + (int64_t(image) * l + i) * c;
-    for (int ch = lane; ch < c; ch += 32) dst[ch] = o[ch] * inv;
+    O* dst = out + (int64_t(image) * l + i) * c;
+    for (int ch = lane; ch < c; ch += 32) ddpm::store_f32(dst + ch, o[ch] * inv);
     if (lane == 0) lse[int64_t(image) * l + i] = m + logf(sum);
 }
 
-template <class T>
-__device__ __forceinline__ void attention_backward_dq(const T* __restrict__ qkv, const float* __restrict__ out,
+template <class T, class O = float>
+__device__ __forceinline__ void attention_backward_dq(const T* __restrict__ qkv, const O* __restrict__ out,
                                                       const float* __restrict__ lse, const float* __restrict__ dout,
                                                       float* __restrict__ dqkv, float* __restrict__ delta, int l,
                                                       int c) {
@@ -103,7 +105,7 @@ __device__ __forceinline__ void attention_backward_dq(const T* __restrict__ qkv,
             q[ch] = ddpm::to_f32(base[i * row + ch]);
             dO[ch] = dout[pos * c + ch];
             dq[ch] = 0.0f;
-            s = fmaf(dO[ch], out[pos * c + ch], s);
+            s = fmaf(dO[ch], ddpm::to_f32(out[pos * c + ch]), s);
         }
         d_i = ddpm::warp_sum(s);
         lse_i = lse[pos];
@@ -230,4 +232,20 @@ extern "C" __global__ void __launch_bounds__(256)
                                const float* __restrict__ dout, const float* __restrict__ delta,
                                float* __restrict__ dqkv, int l, int c) {
     attention_backward_dkv(qkv, lse, dout, delta, dqkv, l, c);
+}
+
+// _bf16io: qkv and out both stored in bf16 (the attention output stored so, as the projection after it
+// reads it): the forward rounds out as it writes it, dq widens it as it reads it (delta = dout . out from
+// the stored, rounded out, the output the projection saw). dkv does not read out: its _bf16in twin serves.
+extern "C" __global__ void __launch_bounds__(256)
+    attention_forward_f32_bf16io(const __nv_bfloat16* __restrict__ qkv, __nv_bfloat16* __restrict__ out,
+                                 float* __restrict__ lse, int l, int c) {
+    attention_forward(qkv, out, lse, l, c);
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+    attention_backward_dq_f32_bf16io(const __nv_bfloat16* __restrict__ qkv, const __nv_bfloat16* __restrict__ out,
+                                     const float* __restrict__ lse, const float* __restrict__ dout,
+                                     float* __restrict__ dqkv, float* __restrict__ delta, int l, int c) {
+    attention_backward_dq(qkv, out, lse, dout, dqkv, delta, l, c);
 }

@@ -4,6 +4,7 @@
 //   attention_backward_dq_bf16    dq, and delta_i = dout_i . out_i (for the next kernel)
 //   attention_backward_dkv_bf16   dk and dv
 //   attention_*_bf16_bf16in       the same with qkv stored in bf16 (staged as it is)
+//   attention_{forward,backward_dq}_bf16_bf16io   and with out stored in bf16 too
 //
 // The forward:
 // Flash-style (Dao et al. 2022): a block owns 64 queries of one image and streams the keys and values
@@ -132,8 +133,8 @@ __device__ __forceinline__ void mma_accumulate(float* d, int ldd, const __nv_bfl
 }
 }  // namespace
 
-template <class T>
-__device__ __forceinline__ void attention_forward_tc(const T* __restrict__ qkv, float* __restrict__ out,
+template <class T, class O = float>
+__device__ __forceinline__ void attention_forward_tc(const T* __restrict__ qkv, O* __restrict__ out,
                                                      float* __restrict__ lse, int l, int c) {
     extern __shared__ float smem[];
     const int ldt = c + 8, ldo = c + 4;
@@ -207,8 +208,8 @@ __device__ __forceinline__ void attention_forward_tc(const T* __restrict__ qkv, 
     if (q0 + r >= l) return;
     const float inv = 1.0f / sum;
     const float* orow = os + r * ldo + half * (c / 2);
-    float* dst = out + (int64_t(image) * l + q0 + r) * c + half * (c / 2);
-    for (int ch = 0; ch < c / 2; ++ch) dst[ch] = orow[ch] * inv;
+    O* dst = out + (int64_t(image) * l + q0 + r) * c + half * (c / 2);
+    for (int ch = 0; ch < c / 2; ++ch) ddpm::store_f32(dst + ch, orow[ch] * inv);
     if (half == 0) lse[int64_t(image) * l + q0 + r] = m + logf(sum);
 }
 
@@ -218,8 +219,8 @@ constexpr int AB_K = 32;   // dkv: keys per block (2 warps of 16)
 constexpr int AB_QT = 64;  // dkv: queries per tile
 }  // namespace
 
-template <class T>
-__device__ __forceinline__ void attention_backward_dq_tc(const T* __restrict__ qkv, const float* __restrict__ out,
+template <class T, class O = float>
+__device__ __forceinline__ void attention_backward_dq_tc(const T* __restrict__ qkv, const O* __restrict__ out,
                                                          const float* __restrict__ lse,
                                                          const float* __restrict__ dout, float* __restrict__ dqkv,
                                                          float* __restrict__ delta, int l, int c) {
@@ -251,7 +252,8 @@ __device__ __forceinline__ void attention_backward_dq_tc(const T* __restrict__ q
     const int64_t pos = img + q0 + r;
     float d = 0.0f, lse_r = 0.0f;
     if (row_valid) {
-        for (int ch = half * (c / 2); ch < (half + 1) * (c / 2); ++ch) d = fmaf(dout[pos * c + ch], out[pos * c + ch], d);
+        for (int ch = half * (c / 2); ch < (half + 1) * (c / 2); ++ch)
+            d = fmaf(dout[pos * c + ch], ddpm::to_f32(out[pos * c + ch]), d);
         lse_r = lse[pos];
     }
     d += __shfl_xor_sync(0xffffffffu, d, 1);
@@ -394,4 +396,18 @@ extern "C" __global__ void __launch_bounds__(64)
                                 const float* __restrict__ dout, const float* __restrict__ delta,
                                 float* __restrict__ dqkv, int l, int c) {
     attention_backward_dkv_tc(qkv, lse, dout, delta, dqkv, l, c);
+}
+
+// _bf16io: qkv and out both stored in bf16, as in attention.cu; dkv's _bf16in twin serves it.
+extern "C" __global__ void __launch_bounds__(32 * AT_WARPS)
+    attention_forward_bf16_bf16io(const __nv_bfloat16* __restrict__ qkv, __nv_bfloat16* __restrict__ out,
+                                  float* __restrict__ lse, int l, int c) {
+    attention_forward_tc(qkv, out, lse, l, c);
+}
+
+extern "C" __global__ void __launch_bounds__(128)
+    attention_backward_dq_bf16_bf16io(const __nv_bfloat16* __restrict__ qkv, const __nv_bfloat16* __restrict__ out,
+                                      const float* __restrict__ lse, const float* __restrict__ dout,
+                                      float* __restrict__ dqkv, float* __restrict__ delta, int l, int c) {
+    attention_backward_dq_tc(qkv, out, lse, dout, dqkv, delta, l, c);
 }

@@ -121,17 +121,24 @@ __device__ __forceinline__ void gather8(const At& at, int valid, float (&v)[8]) 
     for (int t = 0; t < 8; ++t) v[t] = t < valid ? at(t) : 0.0f;
 }
 
-// A(m, k) = p[m * ld + k]: rows of length >= K, k contiguous.
-struct RowsA {
-    const float* p;
+// A(m, k) = p[m * ld + k]: rows of length >= K, k contiguous. T is float, or bf16 for an activation
+// stored so (Backend::stores_bf16_activations): packed, so the tensor-core core copies its runs to shared
+// memory as they are.
+template <class T>
+struct RowsAOf {
+    const T* p;
     int64_t ld;
     int rows;
     static constexpr bool k_fast = true;
-    __device__ float operator()(int m, int k) const { return m < rows ? p[int64_t(m) * ld + k] : 0.0f; }
-    __device__ void load8(int m, int k, int valid, float (&v)[8]) const {
-        load_run8(p + int64_t(m) * ld + k, valid, v);
+    static constexpr bool packed = Storage<T>::packed;
+    __device__ __forceinline__ const T* at(int m, int k) const { return p + int64_t(m) * ld + k; }
+    __device__ float operator()(int m, int k) const { return m < rows ? to_f32(*at(m, k)) : 0.0f; }
+    template <class Run>
+    __device__ void load8(int m, int k, int valid, Run& v) const {
+        load_run8(at(m, k), valid, v);
     }
 };
+using RowsA = RowsAOf<float>;
 
 // A(m, k) = p[k * ld + m]: the transpose of a row-major matrix, m contiguous.
 struct ColsA {

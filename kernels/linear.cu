@@ -1,7 +1,8 @@
 // linear.cu: fully connected layers (the time-embedding MLP, the time projection of every ResBlock and
 // the attention projections, where the rows are the batch's pixels) on the GEMM core of gemm.cuh.
 //   linear_forward_{f32,bf16}          y[m, n] = x[m, k] w[n, k]^T + b[n] (+ residual[m, n] when not null)
-//   linear_forward_bf16_io             the same with the residual and y each stored in fp32 or bf16
+//   linear_forward_bf16_io{,_bf16in}   the same with the residual and y each stored in fp32 or bf16 (and
+//                                      _bf16in x in bf16); linear_backward_weight_bf16_bf16in, dw over it
 //   linear_backward_data_{f32,bf16}    dx[m, k] (+)= dy[m, n] w[n, k]
 //   linear_backward_weight_{f32,bf16}  dw[n, k] = dy[m, n]^T x[m, k]  (split-K partials; gemm_reduce_f32
 //                                      adds them)
@@ -15,12 +16,12 @@
 namespace {
 // y is written in fp32, or in bf16 to y_bf16 when that is not null; the residual is read from
 // residual_bf16 instead when that is not null.
-template <ddpm::Core CORE>
-__device__ __forceinline__ void linear_forward_gemm(const float* x, const ddpm::Weight<CORE>* w, const float* b,
+template <ddpm::Core CORE, class X = float>
+__device__ __forceinline__ void linear_forward_gemm(const X* x, const ddpm::Weight<CORE>* w, const float* b,
                                                     const float* residual, float* y, int m, int k, int n,
                                                     const __nv_bfloat16* residual_bf16 = nullptr,
                                                     __nv_bfloat16* y_bf16 = nullptr) {
-    const ddpm::RowsA a{x, k, m};
+    const ddpm::RowsAOf<X> a{x, k, m};
     const ddpm::ColsB<ddpm::Weight<CORE>> bw{w, k, n};
     const ddpm::Epilogue e{y, n, b, 0, nullptr, nullptr, 1, residual, y_bf16, residual_bf16};
     ddpm::gemm<CORE>(a, bw, m, n, k, k, e);
@@ -36,11 +37,11 @@ __device__ __forceinline__ void linear_backward_data_gemm(const float* dy, const
     ddpm::gemm<CORE>(a, bw, m, k, n, n, e);
 }
 
-template <ddpm::Core CORE>
-__device__ __forceinline__ void linear_backward_weight_gemm(const float* x, const float* dy, float* dw,
+template <ddpm::Core CORE, class X = float>
+__device__ __forceinline__ void linear_backward_weight_gemm(const X* x, const float* dy, float* dw,
                                                             float* workspace, int chunk, int m, int k, int n) {
     const ddpm::ColsA a{dy, n, n};
-    const ddpm::RowsB<float> bx{x, k, k};
+    const ddpm::RowsB<X> bx{x, k, k};
     const ddpm::Epilogue e{dw, k, nullptr, 0, workspace};
     ddpm::gemm<CORE>(a, bx, n, k, m, chunk, e);
 }
@@ -70,16 +71,32 @@ extern "C" __global__ void __launch_bounds__(256)
     linear_forward_gemm<ddpm::Core::Mma>(x, w, b, residual, y, m, k, n);
 }
 
-// The attention block's output projection where the block's input and output are stored in bf16
-// (Backend::stores_bf16_activations; ladder v7): linear_forward_bf16 with the residual read and y written in
-// either storage, chosen per launch: of (residual, residual_bf16) and of (y, y_bf16) the launcher passes
-// one pointer and nulls the other. A bf16 y is rounded in the epilogue, after the bias and the residual.
+// The attention block's output projection where its activations are stored in bf16
+// (Backend::stores_bf16_activations; ladder v7): linear_forward_bf16 with the residual (the block's input)
+// read and y (its output) written in either storage, chosen per launch: of (residual, residual_bf16) and
+// of (y, y_bf16) the launcher passes one pointer and nulls the other. A bf16 y is rounded in the epilogue,
+// after the bias and the residual. _bf16in: x (the attention output) stored in bf16 too, copied to shared
+// memory as it is; and the weight gradient over it.
+#define DDPM_IO_PARAMS                                                                                     \
+    const __nv_bfloat16 *__restrict__ w, const float *__restrict__ b, const float *__restrict__ residual,  \
+        const __nv_bfloat16 *__restrict__ residual_bf16, float *__restrict__ y,                            \
+        __nv_bfloat16 *__restrict__ y_bf16, int m, int k, int n
 extern "C" __global__ void __launch_bounds__(256)
-    linear_forward_bf16_io(const float* __restrict__ x, const __nv_bfloat16* __restrict__ w,
-                           const float* __restrict__ b, const float* __restrict__ residual,
-                           const __nv_bfloat16* __restrict__ residual_bf16, float* __restrict__ y,
-                           __nv_bfloat16* __restrict__ y_bf16, int m, int k, int n) {
+    linear_forward_bf16_io(const float* __restrict__ x, DDPM_IO_PARAMS) {
     linear_forward_gemm<ddpm::Core::Mma>(x, w, b, residual, y, m, k, n, residual_bf16, y_bf16);
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+    linear_forward_bf16_io_bf16in(const __nv_bfloat16* __restrict__ x, DDPM_IO_PARAMS) {
+    linear_forward_gemm<ddpm::Core::Mma>(x, w, b, residual, y, m, k, n, residual_bf16, y_bf16);
+}
+#undef DDPM_IO_PARAMS
+
+extern "C" __global__ void __launch_bounds__(256)
+    linear_backward_weight_bf16_bf16in(const __nv_bfloat16* __restrict__ x, const float* __restrict__ dy,
+                                       float* __restrict__ dw, float* __restrict__ workspace, int chunk, int m,
+                                       int k, int n) {
+    linear_backward_weight_gemm<ddpm::Core::Mma>(x, dy, dw, workspace, chunk, m, k, n);
 }
 
 extern "C" __global__ void __launch_bounds__(256)

@@ -618,8 +618,8 @@ fn bf16_hidden_activations_are_read_and_written_as_their_rounding() {
 /// The ops of the residual stream with each activation they meet stored in fp32 or in bf16
 /// (`Backend::stores_bf16_activations`), on the same bf16-representable values: the convolutions (plain
 /// and normalising; 3x3, 1x1 and the 3x3 stride-2 downsampler) with every storage of input, residual
-/// (none, fp32, bf16) and output, the plain weight gradient, the attention projection with its residual,
-/// and the concatenation and upsampling.
+/// (none, fp32, bf16) and output, the plain weight gradient, the attention projection with every storage
+/// of input, residual and output and its gradients, and the concatenation and upsampling.
 /// - Reading bf16 (an input or a residual): held to 1e-6 of scale against the all-fp32 launch. The values
 ///   are the same, widened exactly; the kernels differ (the `_io` kernels' two pointers, `_bf16in`'s
 ///   loads), which leaves room only for the compiler contracting the arithmetic differently, while a
@@ -747,26 +747,44 @@ fn residual_stream_ops_take_each_activation_in_either_storage() {
         eprintln!("conv {what}: every bf16 output bit for bit");
     }
 
-    // The attention projection: the residual (the block's input) and the output (its output).
-    for (m, k, n) in [(130, 20, 136), (37, 19, 23)] {
+    // The attention projection: its input (the attention output), the residual (the block's input) and
+    // the output (the block's output); and its weight gradient over the input.
+    for (m, k, n) in [(130, 24, 136), (37, 19, 23)] {
         let what = format!("projection {m}x{k} -> {n}");
-        let x = f32_tensor(&mut be, &draw(m * k, 1.0, 0.0));
+        let x = stored(&mut be, &draw(m * k, 1.0, 0.0), 0);
         let w = f32_tensor(&mut be, &draw(n * k, 0.3, 0.0));
         be.keep_weight_copy(w).unwrap();
         let b = f32_tensor(&mut be, &draw(n, 0.5, 0.0));
         let r = stored(&mut be, &draw(m * n, 1.0, 0.0), 1);
-        let run = |be: &mut CudaBackend, r: Tensor, y16: bool| {
+        let run = |be: &mut CudaBackend, x: Tensor, r: Tensor, y16: bool| {
             let y = poisoned(be, m * n, y16, 0);
             be.linear_forward_fused(m, k, n, x, w, b, r, y).unwrap();
             be.download(y).unwrap()
         };
-        let base = run(&mut be, r[0], false);
-        let wide = run(&mut be, r[1], false);
-        same(&format!("{what}: residual bf16"), &wide, &base);
-        for (ri, r) in r.into_iter().enumerate() {
-            let narrow = run(&mut be, r, true);
-            let wide = if ri == 0 { &base } else { &wide };
-            assert_eq!(bits(&narrow), bits(&rounded(wide)), "{what}, y bf16");
+        let base = run(&mut be, x[0], r[0], false);
+        for x in x {
+            for r in r {
+                let how = format!("{what}: x {:?}, residual {:?}", x.dtype, r.dtype);
+                let wide = run(&mut be, x, r, false);
+                same(&how, &wide, &base);
+                let narrow = run(&mut be, x, r, true);
+                assert_eq!(bits(&narrow), bits(&rounded(&wide)), "{how}, y bf16");
+            }
+        }
+        let dy = f32_tensor(&mut be, &draw(m * n, 1.0, 0.0));
+        let grads = |be: &mut CudaBackend, x: Tensor| {
+            let (dx, dw, db) = (
+                be.alloc(m * k).unwrap(),
+                be.alloc(n * k).unwrap(),
+                be.alloc(n).unwrap(),
+            );
+            be.linear_backward(m, k, n, x, w, dy, Some(dx), dw, db, false)
+                .unwrap();
+            [dx, dw, db].map(|t| be.download(t).unwrap())
+        };
+        let (want, got) = (grads(&mut be, x[0]), grads(&mut be, x[1]));
+        for ((name, a), b) in ["dx", "dw", "db"].iter().zip(&got).zip(&want) {
+            same(&format!("{what}: {name}, x bf16"), a, b);
         }
         eprintln!("{what}: bf16 output bit for bit");
     }
@@ -965,7 +983,7 @@ fn bf16_attention_tracks_fp32() {
 /// backward, on the fp32 kernels (fp32 precision, and in bf16 a width the tensor-core kernels do not take)
 /// and the tensor-core ones. The values widen exactly and the arithmetic is the same, so 1e-6 of scale
 /// leaves room only for the two instantiations being compiled apart; reading the wrong half of a word,
-/// or a k or v third from the wrong place, is O(1).
+/// or a k or v third from the wrong place, is O(1). Then the output stored in bf16 as well.
 #[test]
 #[ignore = "needs a CUDA device"]
 fn attention_reads_bf16_qkv_as_its_fp32_values() {
@@ -1006,6 +1024,50 @@ fn attention_reads_bf16_qkv_as_its_fp32_values() {
                 );
             }
         }
+        // And the output stored in bf16 too (`_bf16io`): the forward writes the bf16 rounding of what the
+        // same launch writes in fp32, bit for bit (the same sums, rounded once as stored); the backward
+        // over it matches the backward over those rounded values stored in fp32 (dq reads out for its
+        // row terms), to 1e-6 as above.
+        let qkv16 = bf16_tensor(&mut be, &values, 0);
+        let (out32, lse) = (be.alloc(n * l * c).unwrap(), be.alloc(n * l).unwrap());
+        be.attention_forward(s, qkv16, out32, lse).unwrap();
+        let rounded: Vec<f32> = be
+            .download(out32)
+            .unwrap()
+            .iter()
+            .map(|&v| half::bf16::from_f32(v).to_f32())
+            .collect();
+        let out_rounded = f32_tensor(&mut be, &rounded);
+        let dqkv_want = be.alloc(len).unwrap();
+        be.attention_backward(s, qkv16, out_rounded, lse, dout, dqkv_want)
+            .unwrap();
+        let dqkv_want = be.download(dqkv_want).unwrap();
+        for skew in [0, 1] {
+            let what = format!("{} n{n} l{l} c{c} skew {skew}", p.name());
+            let out16 = bf16_tensor(&mut be, &vec![f32::NAN; n * l * c], skew);
+            let (lse16, dqkv) = (be.alloc(n * l).unwrap(), be.alloc(len).unwrap());
+            be.attention_forward(s, qkv16, out16, lse16).unwrap();
+            let bits = |v: Vec<f32>| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            assert_eq!(
+                bits(be.download(out16).unwrap()),
+                bits(rounded.clone()),
+                "bf16 out {what}"
+            );
+            assert_eq!(
+                bits(be.download(lse16).unwrap()),
+                bits(be.download(lse).unwrap()),
+                "lse {what}"
+            );
+            be.attention_backward(s, qkv16, out16, lse16, dout, dqkv)
+                .unwrap();
+            let e = scaled_error(&be.download(dqkv).unwrap(), &dqkv_want);
+            eprintln!("attention of bf16 qkv and out: dqkv {what:<26} error {e:.2e}");
+            assert!(e <= 1e-6, "attention bf16 out: dqkv {what}: error {e:e}");
+        }
+        // No kernel writes a bf16 output from fp32 q, k, v.
+        let out16 = bf16_tensor(&mut be, &vec![0.0; n * l * c], 0);
+        let e = be.attention_forward(s, qkv32, out16, lse).unwrap_err();
+        assert!(e.to_string().contains("bf16"), "{e}");
     }
 }
 
@@ -1542,11 +1604,12 @@ fn the_profile_times_every_kernel_of_a_training_step() {
         ("conv2d_backward_weight_bf16_bf16in", plain),
         // The time embedding's two layers and each ResNet block's projection of it: fp32 throughout.
         ("linear_forward_bf16", 2 + blocks),
-        ("linear_forward_bf16_io", attention),
+        ("linear_forward_bf16_io_bf16in", attention),
+        ("linear_backward_weight_bf16_bf16in", attention),
         ("concat_forward_bf16", up_blocks),
         ("upsample2x_forward_bf16", upsamplers),
-        ("attention_forward_f32_bf16in", attention),
-        ("attention_backward_dq_f32_bf16in", attention),
+        ("attention_forward_f32_bf16io", attention),
+        ("attention_backward_dq_f32_bf16io", attention),
         ("attention_backward_dkv_f32_bf16in", attention),
     ] {
         assert_eq!(count(k), want, "{k} launches in one step");
@@ -1561,6 +1624,8 @@ fn the_profile_times_every_kernel_of_a_training_step() {
         "concat_forward_f32",
         "upsample2x_forward_f32",
         "attention_forward_f32",
+        "attention_forward_f32_bf16in",
+        "linear_forward_bf16_io",
     ] {
         assert_eq!(count(k), 0, "{k}: no kernel reads an fp32 copy of these");
     }

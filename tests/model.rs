@@ -155,22 +155,20 @@ fn a_fusing_backend_stores_no_normalised_input() {
         for s in net.specs() {
             // In bf16, each half a word per element and 3 words of alignment padding: every block's
             // output (its last convolution's or projection's) and shortcut, a ResNet block's hidden
-            // activation, an attention block's q, k, v, the input convolution's output, the resamplers'
+            // activation, an attention block's q, k, v and output, the input convolution's output, the resamplers'
             // outputs (at half and twice their level's side) and the upsampled maps, and the up path's
             // concatenations (the input of each up block's first normalisation).
             let name = s.name.as_str();
             let side = side(name);
             let ends = |ends: &[&str]| ends.iter().any(|e| name.ends_with(e));
             let tensors: &[(usize, usize)] = match () {
-                _ if ends(&[
-                    ".conv1.bias",
-                    ".conv2.bias",
-                    ".conv_shortcut.bias",
-                    ".to_out.0.bias",
-                ]) || name == "conv_in.bias" =>
+                _ if ends(&[".conv1.bias", ".conv2.bias", ".conv_shortcut.bias"])
+                    || name == "conv_in.bias" =>
                 {
                     &[(side, s.len)]
                 }
+                // The attention output and the block's output.
+                _ if ends(&[".to_out.0.bias"]) => &[(side, s.len), (side, s.len)],
                 _ if ends(&[".to_q.bias"]) => &[(side, 3 * s.len)],
                 _ if ends(&["downsamplers.0.conv.bias"]) => &[(side / 2, s.len)],
                 _ if ends(&["upsamplers.0.conv.bias"]) => &[(2 * side, s.len), (2 * side, s.len)],

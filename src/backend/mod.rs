@@ -668,14 +668,14 @@ pub trait Backend {
     /// so. They are the residual stream (the input convolution's output, every block's output and
     /// shortcut, the resamplers' outputs, the up path's concatenations and upsampled maps), each ResNet
     /// block's hidden activation (its first convolution's output, time embedding added) and each
-    /// attention block's q, k, v. The ops that meet them: [`Backend::conv2d_forward`] and
-    /// [`Backend::group_norm_conv2d_forward`] (input, residual, output),
+    /// attention block's q, k, v and attention output. The ops that meet them: [`Backend::conv2d_forward`]
+    /// and [`Backend::group_norm_conv2d_forward`] (input, residual, output),
     /// [`Backend::conv2d_backward_weight`] and [`Backend::conv2d_backward_weight_normed`] (input),
     /// [`Backend::group_norm_forward`] and [`Backend::group_norm_backward`] (x),
-    /// [`Backend::linear_forward_fused`] (residual, output), [`Backend::concat_forward`] and
-    /// [`Backend::upsample2x_forward`] (all stored alike), [`Backend::attention_forward`] and
-    /// [`Backend::attention_backward`] (qkv). Their gradients, the statistics, the time embedding, the
-    /// attention output and the network's output stay fp32.
+    /// [`Backend::linear_forward_fused`] (input, residual, output) and [`Backend::linear_backward`] (x),
+    /// [`Backend::concat_forward`] and [`Backend::upsample2x_forward`] (all stored alike),
+    /// [`Backend::attention_forward`] and [`Backend::attention_backward`] (qkv, out). Their gradients,
+    /// the statistics, the time embedding and the network's output stay fp32.
     fn stores_bf16_activations(&self) -> bool {
         false
     }

@@ -715,7 +715,8 @@ impl AttnBlock {
             // Read only by the attention kernels, which take it in bf16 too.
             y: b.act16(n * l * 3 * c),
         };
-        let attn = b.act(n * l * c);
+        // Read by the projection and by attention's backward, which take it in bf16 too.
+        let attn = b.act16(n * l * c);
         let lse = b.act(n * l);
         // The projection writes the block's output: the residual is added in its epilogue.
         let out = b.act16_kept(n * l * c);
@@ -1504,8 +1505,8 @@ mod tests {
 
     /// Every activation a net stores, each with whether it should be bf16 in a net placed with bf16
     /// activations: the residual stream, the ResNet blocks' hidden activations and the attention
-    /// blocks' q, k, v are; the timesteps and their embedding, the statistics, the attention output and
-    /// the network's output are not.
+    /// blocks' q, k, v and outputs are; the timesteps and their embedding, the statistics and the
+    /// network's output are not.
     fn stored_activations(net: &UNet) -> Vec<(Tensor, bool)> {
         let mut out = vec![
             (net.input, false),
@@ -1525,7 +1526,7 @@ mod tests {
             out.extend(norm(&a.norm));
             out.extend([
                 (a.qkv.y, true),
-                (a.attn, false),
+                (a.attn, true),
                 (a.lse, false),
                 (a.out, true),
             ]);

@@ -3,29 +3,43 @@
 
 use super::elementwise::dims;
 use super::{launch, CudaBackend, WORKSPACE};
-use crate::backend::{AttentionShape, Dtype, Precision, Tensor};
+use crate::backend::{AttentionShape, Precision, Tensor};
 use crate::error::{Error, Result};
 use cudarc::driver::LaunchConfig;
 
-/// The kernels, each beside its twin reading qkv stored in bf16 (`_bf16in`: the projection's output in
-/// bf16 precision, `Backend::stores_bf16_activations`): the fp32 and bf16 forward, dq and dkv kernels.
-const TWINS: [[&str; 2]; 6] = [
-    ["attention_forward_f32", "attention_forward_f32_bf16in"],
-    ["attention_forward_bf16", "attention_forward_bf16_bf16in"],
+/// The kernels, each beside its twins for activations stored in bf16 (`Backend::stores_bf16_activations`):
+/// qkv in bf16 (`_bf16in`: the projection's output), and qkv and out in bf16 (`_bf16io`: the attention
+/// output too, as the projection after it reads it; the dkv kernels, which do not read out, serve with
+/// their `_bf16in` twin). The fp32 and bf16 forward, dq and dkv kernels.
+const TWINS: [[&str; 3]; 6] = [
+    [
+        "attention_forward_f32",
+        "attention_forward_f32_bf16in",
+        "attention_forward_f32_bf16io",
+    ],
+    [
+        "attention_forward_bf16",
+        "attention_forward_bf16_bf16in",
+        "attention_forward_bf16_bf16io",
+    ],
     [
         "attention_backward_dq_f32",
         "attention_backward_dq_f32_bf16in",
+        "attention_backward_dq_f32_bf16io",
     ],
     [
         "attention_backward_dq_bf16",
         "attention_backward_dq_bf16_bf16in",
+        "attention_backward_dq_bf16_bf16io",
     ],
     [
         "attention_backward_dkv_f32",
         "attention_backward_dkv_f32_bf16in",
+        "attention_backward_dkv_f32_bf16in",
     ],
     [
         "attention_backward_dkv_bf16",
+        "attention_backward_dkv_bf16_bf16in",
         "attention_backward_dkv_bf16_bf16in",
     ],
 ];
@@ -36,12 +50,21 @@ pub(super) fn kernels() -> &'static [&'static str] {
     TWINS.as_flattened()
 }
 
-/// The twin of an attention kernel that reads qkv stored as `qkv.dtype`.
-fn for_qkv(kernel: &'static str, qkv: Tensor) -> &'static str {
-    let twin = TWINS.iter().find(|t| t[0] == kernel);
-    match (qkv.dtype, twin) {
-        (Dtype::Bf16, Some(t)) => t[1],
-        _ => kernel,
+/// The twin of an attention kernel for qkv and out stored as they are; an error for out in bf16 with qkv
+/// in fp32, which no kernel takes (the network stores both in bf16 or neither).
+fn for_storage(kernel: &'static str, qkv: Tensor, out: Tensor) -> Result<&'static str> {
+    let Some(twins) = TWINS.iter().find(|t| t[0] == kernel) else {
+        return Ok(kernel);
+    };
+    match (qkv.is_bf16(), out.is_bf16()) {
+        (false, false) => Ok(twins[0]),
+        (true, false) => Ok(twins[1]),
+        (true, true) => Ok(twins[2]),
+        (false, true) => Err(Error::Invalid(
+            "attention: out is stored in bf16 but qkv in fp32; no kernel takes that (store both in \
+             bf16 or neither)"
+                .into(),
+        )),
     }
 }
 
@@ -131,9 +154,10 @@ impl CudaBackend {
         s: &AttentionShape,
         pass: Pass,
         qkv: Tensor,
+        out: Tensor,
     ) -> Result<(&'static str, LaunchConfig)> {
         let (name, cfg) = self.attention_kernel_f32(s, pass)?;
-        Ok((for_qkv(name, qkv), cfg))
+        Ok((for_storage(name, qkv, out)?, cfg))
     }
 
     /// [`Self::attention_kernel`] for qkv in fp32.
@@ -183,11 +207,11 @@ impl CudaBackend {
             "attention_forward",
             &[("qkv", qkv, s.n * s.l * 3 * s.c)],
             &[("out", out, s.n * s.l * s.c), ("lse", lse, s.n * s.l)],
-            &["qkv"],
+            &["qkv", "out"],
         )?;
         let (pq, po, pl) = (self.ptr(qkv), self.ptr(out), self.ptr(lse));
         let [l, c] = dims([s.l, s.c])?;
-        let (kernel, cfg) = self.attention_kernel(&s, Pass::Forward, qkv)?;
+        let (kernel, cfg) = self.attention_kernel(&s, Pass::Forward, qkv, out)?;
         launch!(self, kernel, cfg, pq, po, pl, l, c)
     }
 
@@ -215,14 +239,14 @@ impl CudaBackend {
                 ("dout", dout, s.n * s.l * s.c),
             ],
             &[("dqkv", dqkv, s.n * s.l * 3 * s.c)],
-            &["qkv"],
+            &["qkv", "out"],
         )?;
         let (pq, po, pl) = (self.ptr(qkv), self.ptr(out), self.ptr(lse));
         let (pdo, pdq, delta) = (self.ptr(dout), self.ptr(dqkv), self.workspace_ptr());
         let [l, c] = dims([s.l, s.c])?;
-        let (kernel, cfg) = self.attention_kernel(&s, Pass::Dq, qkv)?;
+        let (kernel, cfg) = self.attention_kernel(&s, Pass::Dq, qkv, out)?;
         launch!(self, kernel, cfg, pq, po, pl, pdo, pdq, delta, l, c)?;
-        let (kernel, cfg) = self.attention_kernel(&s, Pass::Dkv, qkv)?;
+        let (kernel, cfg) = self.attention_kernel(&s, Pass::Dkv, qkv, out)?;
         launch!(self, kernel, cfg, pq, pl, pdo, delta, pdq, l, c)
     }
 }
@@ -237,15 +261,21 @@ enum Pass {
 
 #[cfg(test)]
 mod tests {
-    use super::{for_qkv, TWINS};
+    use super::{for_storage, TWINS};
     use crate::backend::Tensor;
 
-    /// Each kernel's bf16-qkv twin is its name with `_bf16in` appended; fp32 qkv keeps the kernel.
+    /// Each kernel's bf16-qkv twin is its name with `_bf16in` appended, and its bf16-qkv-and-out twin
+    /// with `_bf16io` (the dkv kernels, which do not read out, keep `_bf16in`); fp32 keeps the kernel; out
+    /// in bf16 with qkv in fp32 is refused.
     #[test]
-    fn every_attention_kernel_has_its_bf16_input_twin() {
-        for [k, _] in &TWINS {
-            assert_eq!(for_qkv(k, Tensor::new(0, 1)), *k);
-            assert_eq!(for_qkv(k, Tensor::bf16(0, 1)), format!("{k}_bf16in"));
+    fn every_attention_kernel_has_its_bf16_twins() {
+        let (f32, bf16) = (Tensor::new(0, 1), Tensor::bf16(0, 1));
+        for [k, ..] in &TWINS {
+            assert_eq!(for_storage(k, f32, f32).unwrap(), *k);
+            assert_eq!(for_storage(k, bf16, f32).unwrap(), format!("{k}_bf16in"));
+            let io = if k.contains("_dkv_") { "in" } else { "io" };
+            assert_eq!(for_storage(k, bf16, bf16).unwrap(), format!("{k}_bf16{io}"));
+            assert!(for_storage(k, f32, bf16).is_err());
         }
     }
 }

@@ -24,37 +24,27 @@ impl CudaBackend {
         if let Some(r) = residual {
             ins.push(("residual", r, m * n));
         }
-        // An attention block's output projection adds the block's input and writes its output, either
-        // of which may be stored in bf16 (see `UNet`).
+        // An attention block's output projection reads the attention output, adds the block's input
+        // and writes its output, any of which may be stored in bf16 (see `UNet`).
         self.args_stored(
             "linear_forward",
             &ins,
             &[("y", y, m * n)],
-            &["residual", "y"],
+            &["x", "residual", "y"],
         )?;
         let (px, pw, pb) = (self.ptr(x), self.weight_ptr(w)?, self.ptr(b));
         let cfg = gemm_cfg(self.tile(), m, n, 1);
         let [mi, ki, ni] = dims([m, k, n])?;
-        let mut stored = vec![y];
+        let mut stored = vec![x, y];
         stored.extend(residual);
         if self.stores_bf16("linear_forward", &stored)? {
             let [pr, pr16] = self.ptr_by_dtype(residual);
             let [py, py16] = self.ptr_by_dtype(Some(y));
-            return launch!(
-                self,
-                "linear_forward_bf16_io",
-                cfg,
-                px,
-                pw,
-                pb,
-                pr,
-                pr16,
-                py,
-                py16,
-                mi,
-                ki,
-                ni
-            );
+            let kernel = match x.is_bf16() {
+                true => "linear_forward_bf16_io_bf16in",
+                false => "linear_forward_bf16_io",
+            };
+            return launch!(self, kernel, cfg, px, pw, pb, pr, pr16, py, py16, mi, ki, ni);
         }
         let (pr, py) = (residual.map_or(0, |r| self.ptr(r)), self.ptr(y));
         let kernel = self.pick("linear_forward_f32", "linear_forward_bf16");
@@ -77,14 +67,20 @@ impl CudaBackend {
     ) -> Result<()> {
         let ins = [("x", x, m * k), ("weight", w, n * k), ("dy", dy, m * n)];
         let grads = [("dweight", dw, n * k), ("dbias", db, n)];
+        // The attention projection's input may be stored in bf16 (see `UNet`).
         match dx {
-            Some(dx) => self.args(
+            Some(dx) => self.args_stored(
                 "linear_backward",
                 &ins,
                 &[grads[0], grads[1], ("dx", dx, m * k)],
+                &["x"],
             )?,
-            None => self.args("linear_backward", &ins, &grads)?,
+            None => self.args_stored("linear_backward", &ins, &grads, &["x"])?,
         }
+        let weight_kernel = match self.stores_bf16("linear_backward", &[x])? {
+            true => "linear_backward_weight_bf16_bf16in",
+            false => self.pick("linear_backward_weight_f32", "linear_backward_weight_bf16"),
+        };
         let [mi, ki, ni] = dims([m, k, n])?;
         if let Some(dx) = dx {
             let (pdy, pw, pdx, acc) = (self.ptr(dy), self.weight_ptr(w)?, self.ptr(dx), acc as i32);
@@ -111,7 +107,7 @@ impl CudaBackend {
         let [chunk_i] = dims([chunk])?;
         launch!(
             self,
-            self.pick("linear_backward_weight_f32", "linear_backward_weight_bf16"),
+            weight_kernel,
             gemm_cfg(self.tile(), n, k, splits),
             px,
             pdy,
