@@ -404,14 +404,18 @@ pub fn rungs<B: Backend>(
     be.set_precision(own)
 }
 
-/// The dominant kernels of the paper's network at `batch`.
+/// Launches timed per kernel row of `ddpm-cuda bench`, after one untimed.
+pub const KERNEL_ITERS: usize = 10;
+
+/// The dominant kernels of the paper's network at `batch`, each timed over `iters` launches after one
+/// untimed (`ddpm-cuda bench`: [`KERNEL_ITERS`]).
 pub fn kernels<B: Backend>(
     be: &mut B,
     batch: usize,
+    iters: usize,
     ceilings: &Ceilings,
     emit: &mut dyn FnMut(Line),
 ) -> Result<()> {
-    let iters = 10;
     let tflop_line = |what: String, ms: f64, flop: f64, p: Precision| {
         let rate = flop / (ms * 1e-3) / 1e12;
         Line {
@@ -720,6 +724,46 @@ pub fn kernels<B: Backend>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `ddpm-cuda bench`'s kernel rows on the CPU backend at batch 1, one timed launch each: every row the
+    /// backend has (fp32 only: no bf16 row, no rung) is a timing, none failed, and each family is there.
+    #[test]
+    fn the_kernel_rows_run_on_the_cpu_backend() {
+        let mut be = crate::backend::cpu::CpuBackend::<f32>::new();
+        let ceilings = Ceilings {
+            copy_gb_s: 1.0,
+            peak_fp32: None,
+            peak_bf16: None,
+        };
+        let mut lines = Vec::new();
+        kernels(&mut be, 1, 1, &ceilings, &mut |l| lines.push(l)).unwrap();
+        for l in &lines {
+            assert!(l.ms > 0.0 && l.ms.is_finite(), "{l}");
+            assert!(l.rate > 0.0 && l.rate.is_finite(), "{l}");
+            assert!(
+                !l.what.contains("bf16") && !l.what.contains("ladder"),
+                "{l}"
+            );
+        }
+        for want in [
+            "conv 3x3 16x16 256->256 fp32, batch 1: forward",
+            "conv 3x3 16x16 256->256 fp32, batch 1: input grad",
+            "conv 3x3 16x16 256->256 fp32, batch 1: weight grad",
+            "conv 3x3 16x16 256->256 fp32, batch 1: group norm + SiLU, then forward",
+            "conv 3x3 16x16 256->256 fp32, batch 1: forward normalising its input",
+            "group norm + SiLU 16x16x256, batch 1",
+            "group norm + SiLU backward, batch 1",
+            "attention l=256 c=256 fp32, batch 1: forward",
+            "attention l=256 c=256 fp32, batch 1: backward",
+            "gradient norm, 35.7 M parameters",
+            "Adam, 35.7 M parameters",
+            "EMA, 35.7 M parameters",
+        ] {
+            let n = lines.iter().filter(|l| l.what == want).count();
+            assert_eq!(n, 1, "rows named {want:?} in {:#?}", lines);
+        }
+        assert_eq!(lines.len(), 12, "{lines:#?}");
+    }
 
     /// Launches are added by kernel, the longest named first with their counts, and the kernels past
     /// [`PROFILE_ROWS`] share one row.

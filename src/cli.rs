@@ -677,7 +677,7 @@ impl Job for BenchArgs {
             bench::model(be, &config, batch, self.steps, &ceilings, &mut emit)?;
         }
         if !self.no_kernels {
-            bench::kernels(be, self.batch[0], &ceilings, &mut emit)?;
+            bench::kernels(be, self.batch[0], bench::KERNEL_ITERS, &ceilings, &mut emit)?;
             // The bf16 bench also times the network on each rung of the convolution ladder, at the
             // largest batch (the sampler's), last: a rung that faults the device takes nothing with it.
             if be.precision() == Precision::Bf16 {

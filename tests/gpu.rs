@@ -1540,6 +1540,53 @@ fn the_bench_times_the_network_on_every_rung() {
     assert_eq!(gpu.precision(), own, "the bench restores the precision");
 }
 
+/// `ddpm-cuda bench`'s kernel rows in bf16 at batch 1, one timed launch each, as the GPU check runs them
+/// first on a device: every row is a timing (finite and positive) and none a `failed` one; both
+/// precisions' convolution rows are there, the rows of the activations stored in bf16 (v7's three and
+/// group norm's two), and at least the forward and input gradient of every rung the device has.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn the_bench_times_every_kernel_row() {
+    let mut gpu = device_in(Precision::Bf16);
+    let ceilings = ddpm_cuda::bench::Ceilings {
+        copy_gb_s: 1.0,
+        peak_fp32: None,
+        peak_bf16: None,
+    };
+    let mut lines = Vec::new();
+    ddpm_cuda::bench::kernels(&mut gpu, 1, 1, &ceilings, &mut |l| lines.push(l)).unwrap();
+    for l in &lines {
+        eprintln!("{l}");
+    }
+    for l in &lines {
+        assert!(
+            l.ms > 0.0 && l.ms.is_finite() && l.rate > 0.0 && l.rate.is_finite(),
+            "{l}"
+        );
+    }
+    let rows = |part: &str| lines.iter().filter(|l| l.what.contains(part)).count();
+    let conv = "conv 3x3 16x16 256->256";
+    assert_eq!(rows(&format!("{conv} fp32, batch 1")), 5, "fp32 (v1) rows");
+    assert_eq!(rows(&format!("{conv} bf16, batch 1")), 5, "bf16 (v3) rows");
+    assert_eq!(rows("bf16 activations (v7)"), 3, "v7 rows");
+    assert_eq!(rows("bf16 input, batch 1"), 2, "group norm rows over bf16");
+    assert_eq!(rows("attention l=256 c=256 bf16"), 2, "attention rows");
+    for want in ["gradient norm", "Adam", "EMA"] {
+        assert_eq!(rows(want), 1, "{want} row");
+    }
+    for r in Rung::ALL {
+        if gpu.set_rung(Some(r)).unwrap() {
+            assert!(rows(r.name()) >= 2, "{} rows", r.name());
+        }
+    }
+    gpu.set_rung(None).unwrap();
+    assert_eq!(
+        gpu.precision(),
+        Precision::Bf16,
+        "the bench restores the precision"
+    );
+}
+
 /// The kernel profile (`Backend::profile_begin` and `profile_end`, which `ddpm-cuda bench`'s "kernels of"
 /// rows report): one training step run op by op gives every launch, each with a time, in the numbers the
 /// step runs them; nothing outside the profile is timed; a recording cannot start inside one; and the
