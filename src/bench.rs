@@ -725,6 +725,39 @@ pub fn kernels<B: Backend>(
 mod tests {
     use super::*;
 
+    /// `ddpm-cuda bench`'s network rows on the CPU backend (the tiny preset at batch 2, one step): the
+    /// training and sampling rows are timings, the memory row a size; the CPU records no graph and times
+    /// no kernel, so there is no launched-one-by-one row and no profile.
+    #[test]
+    fn the_network_rows_run_on_the_cpu_backend() {
+        let mut be = crate::backend::cpu::CpuBackend::<f32>::new();
+        let config = UNetConfig::preset("tiny").unwrap();
+        let ceilings = Ceilings {
+            copy_gb_s: 1.0,
+            peak_fp32: Some(1.0),
+            peak_bf16: None,
+        };
+        let mut lines = Vec::new();
+        model(&mut be, &config, 2, 1, &ceilings, &mut |l| lines.push(l)).unwrap();
+        let what: Vec<&str> = lines.iter().map(|l| l.what.as_str()).collect();
+        assert_eq!(
+            what,
+            [
+                "train step, batch 2",
+                "train step, batch 2 (model FLOPs, fwd + bwd = 3x fwd)",
+                "train memory, batch 2 (tensors + scratch)",
+                "sampling step, batch 2 (1000-step images/s)",
+                "sampling step, batch 2 (model FLOPs)",
+            ]
+        );
+        for l in &lines {
+            assert!(l.rate > 0.0 && l.rate.is_finite(), "{l}");
+            assert!(l.unit == "GiB" || (l.ms > 0.0 && l.ms.is_finite()), "{l}");
+        }
+        // The FLOP rows against the stated peak: rate / 1 TFLOP/s.
+        assert_eq!(lines[1].of_ceiling, Some(lines[1].rate));
+    }
+
     /// `ddpm-cuda bench`'s kernel rows on the CPU backend at batch 1, one timed launch each: every row the
     /// backend has (fp32 only: no bf16 row, no rung) is a timing, none failed, and each family is there.
     #[test]

@@ -1540,6 +1540,40 @@ fn the_bench_times_the_network_on_every_rung() {
     assert_eq!(gpu.precision(), own, "the bench restores the precision");
 }
 
+/// `ddpm-cuda bench`'s network rows in each precision (the wider test U-Net at batch 2, one step), the
+/// first thing the bench runs on a device: the graph-replayed and the launched-one-by-one training step,
+/// the memory, the sampling step, and the two kernel profiles, each row a finite positive figure.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn the_bench_times_the_network_in_each_precision() {
+    let config = wider_config();
+    for p in [Precision::Fp32, Precision::Bf16] {
+        let mut gpu = device_in(p);
+        let ceilings = ddpm_cuda::bench::Ceilings {
+            copy_gb_s: 1.0,
+            peak_fp32: Some(1.0),
+            peak_bf16: Some(1.0),
+        };
+        let mut lines = Vec::new();
+        ddpm_cuda::bench::model(&mut gpu, &config, 2, 1, &ceilings, &mut |l| lines.push(l))
+            .unwrap();
+        for l in &lines {
+            eprintln!("{}: {l}", p.name());
+            assert!(l.rate > 0.0 && l.rate.is_finite(), "{l}");
+            assert!(l.unit == "GiB" || (l.ms > 0.0 && l.ms.is_finite()), "{l}");
+        }
+        let rows = |part: &str| lines.iter().filter(|l| l.what.starts_with(part)).count();
+        assert_eq!(rows("train step, batch 2, ops launched one by one"), 1);
+        assert_eq!(rows("train step, batch 2"), 3, "graph, one by one, FLOPs");
+        assert_eq!(rows("train memory, batch 2"), 1);
+        assert_eq!(rows("sampling step, batch 2"), 2);
+        // Each profile: its total row, then its kernels.
+        assert!(rows("kernels of a train step, batch 2") >= 2);
+        assert!(rows("kernels of a sampling forward, batch 2") >= 2);
+        assert_eq!(gpu.precision(), p);
+    }
+}
+
 /// `ddpm-cuda bench`'s kernel rows in bf16 at batch 1, one timed launch each, as the GPU check runs them
 /// first on a device: every row is a timing (finite and positive) and none a `failed` one; both
 /// precisions' convolution rows are there, the rows of the activations stored in bf16 (v7's three and
