@@ -14,6 +14,10 @@ output equals UNet2DModel's on a batch.
 
     python benches/peer_pytorch.py [--model DIR] [--batch 128,256] [--steps 10] [--configs fp32,bf16,compile]
     python benches/peer_pytorch.py --check-only --device cpu      # the equivalence check alone
+    python benches/peer_pytorch.py --ceilings-only                # copy bandwidth and bf16 matmul rate
+
+Before the configurations it measures the device's ceilings (copy bandwidth, a large bf16 matmul): the
+GPU check reports our model FLOPs against that matmul rate (MFU).
 
 Without --model the weights are drawn at random (the speed does not depend on them).
 """
@@ -204,8 +208,9 @@ def check_against_diffusers(net, cfg, device):
         sys.exit(f"the peer network differs from diffusers' ({d})")
 
 
-def time_cuda(fn, iters):
-    fn()
+def time_cuda(fn, iters, warmup=1):
+    for _ in range(warmup):
+        fn()
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
@@ -214,6 +219,41 @@ def time_cuda(fn, iters):
     end.record()
     torch.cuda.synchronize()
     return start.elapsed_time(end) / iters
+
+
+def time_any(fn, iters, warmup, device):
+    """Milliseconds per call: CUDA events on a GPU, the wall clock elsewhere (the CPU check of this script)."""
+    if device != "cpu":
+        return time_cuda(fn, iters, warmup)
+    for _ in range(warmup):
+        fn()
+    start = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    return (time.perf_counter() - start) * 1e3 / iters
+
+
+def ceilings(device):
+    """The device's two ceilings, measured as a PyTorch user would (docs: METHOD): a device-to-device copy
+    (bytes read plus bytes written) and a large bf16 matrix product on random data through torch.matmul
+    (cuBLAS), which is what the bf16 tensor cores give a real GEMM at this run's clocks; random data
+    because zeros draw less power and read faster. ddpm-cuda bench's own bf16 ceiling is an mma.sync loop
+    (kernels/peak.cu), below the wgmma rate on a Hopper: the GPU check reports MFU against this one.
+    Returns (copy GB/s, bf16 matmul TFLOP/s). Smaller sizes on the CPU, where only the code is checked."""
+    n, words = (8192, 1 << 29) if device != "cpu" else (512, 1 << 22)
+    a = torch.randn(words, device=device)
+    b = torch.empty_like(a)
+    copy = 8 * words / (time_any(lambda: b.copy_(a), 10, 2, device) * 1e-3) / 1e9
+    del a, b
+    x = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    y = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    tflops = 2 * n**3 / (time_any(lambda: x @ y, 10, 3, device) * 1e-3) / 1e12
+    print(f"ceiling copy {copy:.0f} GB/s (device-to-device copy of {4 * words >> 20} MiB, read + written)")
+    print(f"ceiling bf16 matmul {tflops:.1f} TFLOP/s ({n}x{n}x{n}, random data, torch.matmul)")
+    del x, y
+    if device != "cpu":
+        torch.cuda.empty_cache()  # the configurations' peak memory is theirs alone
+    return copy, tflops
 
 
 def bench(cfg, state, batch, steps, mode, device):
@@ -263,7 +303,14 @@ def main():
     ap.add_argument("--configs", default="fp32,bf16,compile")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--check-only", action="store_true")
+    ap.add_argument("--ceilings-only", action="store_true", help="measure the two ceilings and stop")
     args = ap.parse_args()
+    name = torch.cuda.get_device_name() if args.device != "cpu" else "the CPU"
+    print(f"torch {torch.__version__} on {name}")
+    if not args.check_only:
+        ceilings(args.device)
+    if args.ceilings_only:
+        return
     cfg, state = load(args.model) if args.model else (dict(PAPER), None)
     net = UNet(cfg)
     if state is not None:
@@ -273,7 +320,6 @@ def main():
     check_against_diffusers(net.to(args.device), cfg, args.device)
     if args.check_only:
         return
-    print(f"torch {torch.__version__} on {torch.cuda.get_device_name()}")
     print(f"{'config':<10} {'batch':>6} {'train ms':>10} {'train img/s':>12} {'sample ms':>10} "
           f"{'sample img/s (1000 steps)':>26} {'peak GiB':>9}")
     for mode in args.configs.split(","):

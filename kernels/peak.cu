@@ -1,7 +1,10 @@
 // peak.cu: the arithmetic ceilings `ddpm-cuda bench` measures on the device it runs on, so every kernel's
 // rate is reported against what this device reaches with the same instructions, at its clocks today.
 //   peak_fma_f32   fp32 fused multiply-adds on the SIMT lanes (the ceiling of the _f32 GEMM core)
-//   peak_mma_bf16  bf16 m16n16k16 WMMA with fp32 accumulators (the ceiling of the _bf16 core, gemm_tc.cuh)
+//   peak_mma_bf16  bf16 m16n16k16 WMMA with fp32 accumulators (the ceiling of the _bf16 core, gemm_tc.cuh,
+//                  and of mma.sync's, gemm_mma.cuh). Not the device's: on sm_90 wgmma issues more per
+//                  clock than mma.sync, so MFU (scripts/gpu-check.sh) is taken against a large bf16
+//                  matmul on random data that benches/peer_pytorch.py measures in the same run.
 // Both keep everything in registers (no memory traffic in the loop) and run enough independent chains per
 // warp to hide the pipelines' latency. Each thread (each warp, for the mma) writes one result to `out`,
 // so nothing is optimised away.

@@ -161,7 +161,8 @@ last_batch=$(grep -oE "train step, batch [0-9]+" "$work/bench-bf16.txt" 2>/dev/n
 # Ours (each precision) against the best PyTorch configuration at each batch size.
 python3 - "$work/bench-fp32.txt" "$work/bench-bf16.txt" "$work/peer.txt" <<'PY' || true
 import re, sys
-ours, peer, ours_mem, peer_mem = {}, {}, {}, {}
+ours, peer, ours_mem, peer_mem, ours_tflops = {}, {}, {}, {}, {}
+ceiling = None
 for path, precision in ((sys.argv[1], "fp32"), (sys.argv[2], "bf16")):
     try:
         lines = open(path).readlines()
@@ -171,6 +172,9 @@ for path, precision in ((sys.argv[1], "fp32"), (sys.argv[2], "bf16")):
         m = re.match(r"(train|sampling) step, batch (\d+)(?: \(1000-step images/s\))?\s+[\d.]+ ms\s+([\d.]+) images/s", line)
         if m:
             ours[(m.group(1), int(m.group(2)), precision)] = float(m.group(3))
+        m = re.match(r"(train|sampling) step, batch (\d+) \(model FLOPs[^)]*\)\s+[\d.]+ ms\s+([\d.]+) TFLOP/s", line)
+        if m:
+            ours_tflops[(m.group(1), int(m.group(2)), precision)] = float(m.group(3))
         m = re.match(r"train memory, batch (\d+) \(tensors \+ scratch\)\s+-\s+([\d.]+) GiB", line)
         if m:
             ours_mem[(int(m.group(1)), precision)] = float(m.group(2))
@@ -180,6 +184,9 @@ except OSError:
     peer_lines = []
     print("no PyTorch peer figures in this run")
 for line in peer_lines:
+    m = re.match(r"ceiling bf16 matmul ([\d.]+) TFLOP/s", line)
+    if m:
+        ceiling = float(m.group(1))
     f = line.split()
     if len(f) == 7 and f[1].isdigit():
         b = int(f[1])
@@ -199,5 +206,14 @@ for (b, precision), gib in sorted(ours_mem.items()):
     if b in peer_mem:
         v, cfg = peer_mem[b]
         print(f"{'train memory batch ' + str(b) + ' ' + precision:<27}{gib:>12.2f}{v:>12.2f}{cfg:>9}{gib / v:>8.2f}")
+# Model FLOPs against the bf16 matmul the peer measured in this run (MFU; targets: 40% training, 50%
+# sampling).
+if ceiling is None:
+    print("no bf16 matmul ceiling in this run: no MFU")
+else:
+    print(f"{'':<27}{'TFLOP/s':>12}{'bf16 matmul':>12}{'':>9}{'MFU':>8}")
+    for key in sorted(ours_tflops):
+        v = ours_tflops[key]
+        print(f"{key[0] + ' batch ' + str(key[1]) + ' ' + key[2]:<27}{v:>12.1f}{ceiling:>12.1f}{'':>9}{v / ceiling:>8.1%}")
 PY
 finish

@@ -647,8 +647,9 @@ impl Job for BenchArgs {
         println!("device       {}", be.describe());
         let peak = |p: Option<f64>| p.map_or("unknown".into(), |p| format!("{p:.1} TFLOP/s"));
         println!(
-            "ceilings     device copy {:.0} GB/s; fp32 FMA {}; bf16 tensor cores {} (measured where the \
-             backend can, else stated; bench's GEMMs run in {})",
+            "ceilings     device copy {:.0} GB/s; fp32 FMA {}; bf16 mma.sync {} (measured where the \
+             backend can, else stated; bench's GEMMs run in {}; on sm_90 wgmma goes past mma.sync: the \
+             GPU check's MFU is against the peer's bf16 matmul)",
             ceilings.copy_gb_s,
             peak(ceilings.peak_fp32),
             peak(ceilings.peak_bf16),
