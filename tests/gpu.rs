@@ -1540,6 +1540,37 @@ fn the_bench_times_the_network_on_every_rung() {
     assert_eq!(gpu.precision(), own, "the bench restores the precision");
 }
 
+/// The ceilings `ddpm-cuda bench` measures first (`Ceilings::measure`: a device copy and the two peak
+/// loops of `kernels/peak.cu`): each a finite positive rate. On a device that states its peaks, each
+/// measured peak lies between a quarter of the stated one and 5% over it: the stated one is the
+/// instruction's rate at the highest clock, so a loop past it counts its FLOPs wrong (a factor of 2 is
+/// the likely slip), and one under a quarter of it is not the rate of the instruction (the mma.sync loop
+/// reaches about two thirds of the wgmma rate the sm_90 figure states).
+#[test]
+#[ignore = "needs a CUDA device"]
+fn the_bench_measures_its_ceilings() {
+    let mut gpu = device();
+    let c = ddpm_cuda::bench::Ceilings::measure(&mut gpu).unwrap();
+    eprintln!("{c:?}");
+    assert!(c.copy_gb_s > 0.0 && c.copy_gb_s.is_finite(), "{c:?}");
+    for p in [Precision::Fp32, Precision::Bf16] {
+        let peak = c.peak(p).expect("a peak measured in each precision");
+        assert!(peak > 0.0 && peak.is_finite(), "{} peak {peak}", p.name());
+        if let Some(stated) = gpu.stated_peak_tflops(p) {
+            let ratio = peak / stated;
+            eprintln!(
+                "{}: measured {peak:.1} TFLOP/s, stated {stated:.1}: {ratio:.2}",
+                p.name()
+            );
+            assert!(
+                (0.25..=1.05).contains(&ratio),
+                "{} peak {peak} against {stated}",
+                p.name()
+            );
+        }
+    }
+}
+
 /// `ddpm-cuda bench`'s network rows in each precision (the wider test U-Net at batch 2, one step), the
 /// first thing the bench runs on a device: the graph-replayed and the launched-one-by-one training step,
 /// the memory, the sampling step, and the two kernel profiles, each row a finite positive figure.

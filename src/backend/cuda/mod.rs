@@ -1036,7 +1036,10 @@ impl super::Backend for CudaBackend {
             .then(|| f64::from(props.sms) * per_clock * f64::from(props.clock_khz) * 1e3 / 1e12)
     }
 
-    /// Times `kernels/peak.cu` over 4 blocks per SM: fp32 FMAs, or bf16 WMMA.
+    /// Times `kernels/peak.cu` over 4 blocks per SM: fp32 FMAs, or bf16 WMMA. The loop count doubles
+    /// from 256 until one launch takes [`PEAK_LAUNCH_S`] (the launch and the wait are then a rounding
+    /// error of the timing, and the doublings have brought the clocks up; on the emulator it stops
+    /// early), then five launches are timed.
     fn measure_peak_tflops(&mut self, p: Precision) -> Result<Option<f64>> {
         if p == Precision::Bf16 && !self.supports_bf16() {
             return Ok(None);
@@ -1048,26 +1051,34 @@ impl super::Backend for CudaBackend {
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
-        let (kernel, iters, flop) = match p {
-            // Long enough (milliseconds per launch at the expected peaks) that the launch and the wait
-            // are a rounding error of the timing.
-            Precision::Fp32 => ("peak_fma_f32", 65_536i32, 2.0 * 8.0 * 256.0),
-            Precision::Bf16 => ("peak_mma_bf16", 8192i32, 2.0 * 4.0 * 4096.0 * 8.0),
+        // FLOPs per loop iteration of a block: 256 threads x 8 FMAs, or 8 warps x 4 m16n16k16 products.
+        let (kernel, flop) = match p {
+            Precision::Fp32 => ("peak_fma_f32", 2.0 * 8.0 * 256.0),
+            Precision::Bf16 => ("peak_mma_bf16", 2.0 * 4.0 * 4096.0 * 8.0),
         };
-        let flop = flop * f64::from(iters) * f64::from(blocks);
         let (out, seed) = (self.workspace_ptr(), 0.5f32);
-        launch!(self, kernel, cfg, out, seed, iters)?;
+        let timed = |be: &mut Self, iters: i32, runs: u32| -> Result<f64> {
+            let start = std::time::Instant::now();
+            for _ in 0..runs {
+                launch!(be, kernel, cfg, out, seed, iters)?;
+            }
+            be.sync()?;
+            Ok(start.elapsed().as_secs_f64() / f64::from(runs))
+        };
         self.sync()?;
-        let runs = 5;
-        let start = std::time::Instant::now();
-        for _ in 0..runs {
-            launch!(self, kernel, cfg, out, seed, iters)?;
+        let mut iters = 256i32;
+        while timed(self, iters, 1)? < PEAK_LAUNCH_S && iters < 1 << 24 {
+            iters *= 2;
         }
-        self.sync()?;
-        let seconds = start.elapsed().as_secs_f64() / f64::from(runs);
-        Ok(Some(flop / seconds / 1e12))
+        let seconds = timed(self, iters, 5)?;
+        Ok(Some(
+            flop * f64::from(iters) * f64::from(blocks) / seconds / 1e12,
+        ))
     }
 }
+
+/// How long one launch of a peak kernel runs at least ([`CudaBackend::measure_peak_tflops`]).
+const PEAK_LAUNCH_S: f64 = 10e-3;
 
 /// `src` rounded to bf16 (to nearest, ties to even; NaN stays NaN) and packed two to a word, element `2i`
 /// in the low half of word `i`: the layout of a [`Dtype::Bf16`] tensor.
