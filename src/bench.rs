@@ -725,6 +725,13 @@ pub fn kernels<B: Backend>(
 mod tests {
     use super::*;
 
+    /// Ceilings of 1 GB/s and 1 TFLOP/s: a rate's share of them is the rate.
+    const UNIT: Ceilings = Ceilings {
+        copy_gb_s: 1.0,
+        peak_fp32: Some(1.0),
+        peak_bf16: Some(1.0),
+    };
+
     /// `ddpm-cuda bench`'s network rows on the CPU backend (the tiny preset at batch 2, one step): the
     /// training and sampling rows are timings, the memory row a size; the CPU records no graph and times
     /// no kernel, so there is no launched-one-by-one row and no profile.
@@ -732,11 +739,7 @@ mod tests {
     fn the_network_rows_run_on_the_cpu_backend() {
         let mut be = crate::backend::cpu::CpuBackend::<f32>::new();
         let config = UNetConfig::preset("tiny").unwrap();
-        let ceilings = Ceilings {
-            copy_gb_s: 1.0,
-            peak_fp32: Some(1.0),
-            peak_bf16: None,
-        };
+        let ceilings = UNIT;
         let mut lines = Vec::new();
         model(&mut be, &config, 2, 1, &ceilings, &mut |l| lines.push(l)).unwrap();
         let what: Vec<&str> = lines.iter().map(|l| l.what.as_str()).collect();
@@ -763,11 +766,7 @@ mod tests {
     #[test]
     fn the_kernel_rows_run_on_the_cpu_backend() {
         let mut be = crate::backend::cpu::CpuBackend::<f32>::new();
-        let ceilings = Ceilings {
-            copy_gb_s: 1.0,
-            peak_fp32: None,
-            peak_bf16: None,
-        };
+        let ceilings = UNIT;
         let mut lines = Vec::new();
         kernels(&mut be, 1, 1, &ceilings, &mut |l| lines.push(l)).unwrap();
         for l in &lines {

@@ -1499,6 +1499,16 @@ fn ten_bf16_training_steps_on_every_rung_track_the_fp32_losses() {
     }
 }
 
+/// Ceilings of 1 GB/s and 1 TFLOP/s, for tests of the bench's rows: what they check does not depend on
+/// the ceilings, and measuring them on the emulator would take its time for nothing.
+fn unit_ceilings() -> ddpm_cuda::bench::Ceilings {
+    ddpm_cuda::bench::Ceilings {
+        copy_gb_s: 1.0,
+        peak_fp32: Some(1.0),
+        peak_bf16: Some(1.0),
+    }
+}
+
 /// `ddpm-cuda bench`'s ladder rows: the network's training and sampling steps timed on v3 and on every
 /// other rung the device has, re-recording the graphs as the rung changes, each a timing (finite and
 /// positive) and none a `failed` row.
@@ -1508,11 +1518,7 @@ fn the_bench_times_the_network_on_every_rung() {
     let config = wider_config();
     let mut gpu = device();
     let own = gpu.precision();
-    let ceilings = ddpm_cuda::bench::Ceilings {
-        copy_gb_s: 1.0,
-        peak_fp32: None,
-        peak_bf16: None,
-    };
+    let ceilings = unit_ceilings();
     let mut lines = Vec::new();
     ddpm_cuda::bench::rungs(&mut gpu, &config, 2, 1, 2, &ceilings, &mut |l| {
         lines.push(l)
@@ -1580,11 +1586,7 @@ fn the_bench_times_the_network_in_each_precision() {
     let config = wider_config();
     for p in [Precision::Fp32, Precision::Bf16] {
         let mut gpu = device_in(p);
-        let ceilings = ddpm_cuda::bench::Ceilings {
-            copy_gb_s: 1.0,
-            peak_fp32: Some(1.0),
-            peak_bf16: Some(1.0),
-        };
+        let ceilings = unit_ceilings();
         let mut lines = Vec::new();
         ddpm_cuda::bench::model(&mut gpu, &config, 2, 1, &ceilings, &mut |l| lines.push(l))
             .unwrap();
@@ -1613,11 +1615,7 @@ fn the_bench_times_the_network_in_each_precision() {
 #[ignore = "needs a CUDA device"]
 fn the_bench_times_every_kernel_row() {
     let mut gpu = device_in(Precision::Bf16);
-    let ceilings = ddpm_cuda::bench::Ceilings {
-        copy_gb_s: 1.0,
-        peak_fp32: None,
-        peak_bf16: None,
-    };
+    let ceilings = unit_ceilings();
     let mut lines = Vec::new();
     ddpm_cuda::bench::kernels(&mut gpu, 1, 1, &ceilings, &mut |l| lines.push(l)).unwrap();
     for l in &lines {

@@ -66,17 +66,10 @@ impl CudaBackend {
         acc: bool,
     ) -> Result<()> {
         let ins = [("x", x, m * k), ("weight", w, n * k), ("dy", dy, m * n)];
-        let grads = [("dweight", dw, n * k), ("dbias", db, n)];
+        let mut grads = vec![("dweight", dw, n * k), ("dbias", db, n)];
+        grads.extend(dx.map(|dx| ("dx", dx, m * k)));
         // The attention projection's input may be stored in bf16 (see `UNet`).
-        match dx {
-            Some(dx) => self.args_stored(
-                "linear_backward",
-                &ins,
-                &[grads[0], grads[1], ("dx", dx, m * k)],
-                &["x"],
-            )?,
-            None => self.args_stored("linear_backward", &ins, &grads, &["x"])?,
-        }
+        self.args_stored("linear_backward", &ins, &grads, &["x"])?;
         let weight_kernel = match self.stores_bf16("linear_backward", &[x])? {
             true => "linear_backward_weight_bf16_bf16in",
             false => self.pick("linear_backward_weight_f32", "linear_backward_weight_bf16"),
