@@ -25,6 +25,8 @@
 // Statistics in fp32 (the CPU twin accumulates two passes in fp64; they agree to ~1e-6 relative for groups
 // of this size). Every sum has a fixed order, so results are reproducible run to run.
 #include "common.cuh"
+#include "gemm.cuh"
+#include "mma_sync.cuh"
 
 __device__ __forceinline__ int64_t gn_index(int64_t image_base, int e, int cpg, int c, int g) {
     const int p = e / cpg, ch = g * cpg + e % cpg;
@@ -254,3 +256,86 @@ extern "C" __global__ void __launch_bounds__(256)
     const float total = ddpm::column_sum_8warps(src, 0, n, c, ch, ch < c, part);
     if (threadIdx.x < 32 && ch < c) (blockIdx.y == 0 ? dgamma : dbeta)[ch] = total;
 }
+
+// group_norm_apply_bf16{,_bf16in}: y = dropout(silu(GN(x) gamma + beta)) stored in bf16, from statistics
+// group_norm_forward_* computed without writing an output: the normalised input of a convolution in bf16
+// precision, written once into a scratch region the backend reuses for every normalised input (and
+// written again before the weight gradient, not kept), so the convolution reads a plain bf16 activation
+// and its GEMM's main loop does no per-element work (the fused loaders, NormedIm2col in gemm.cuh, did this
+// arithmetic for every element of every tile that read it: 9 taps x the column tiles). The arithmetic is
+// theirs and group_norm_forward_f32's, element for element: z = (x - mean) rstd gamma + beta, then SiLU,
+// then the dropout mask of element i drawn as dropout_forward_f32 draws it (Philox block i / 4, lane
+// i % 4) and its scale 1 / (1 - p) rounded from fp64; then rounded to bf16, as the tensor core would
+// round it. So the result is the bf16 rounding of what the fp32 path writes, bit for bit.
+//
+// Shapes: x [n, hw, c] (c a multiple of 8), mean and rstd [n, groups], gamma and beta [c], y [n, hw, c]
+// bf16. Launch: block (c / 8, rows), each thread one run of 8 channels (fixed: its gamma, beta and group
+// offsets are loaded once) of a pixel, stepping `rows * gridDim.x` pixels; grid a few per SM.
+// Bytes: (4 or 2) + 2 per element, plus the statistics (n groups, cached). Per run of 8: one or two
+// 16-byte loads, one 16-byte store, 8 (mean, rstd) pairs from L1, 2 Philox blocks with dropout.
+template <class X>
+__device__ __forceinline__ void group_norm_apply(const X* __restrict__ x, const float* __restrict__ mean,
+                                                 const float* __restrict__ rstd, const float* __restrict__ gamma,
+                                                 const float* __restrict__ beta, int groups, int silu, float p,
+                                                 uint64_t seed, uint64_t stream, __nv_bfloat16* __restrict__ y,
+                                                 int n, int hw, int c) {
+    const int c0 = 8 * threadIdx.x, cpg = c / groups;
+    const int first = c0 / cpg;
+    float g[8], b[8];
+    int off[8];  // the group of channel c0 + t, less `first`
+#pragma unroll
+    for (int t = 0; t < 8; ++t) {
+        g[t] = gamma[c0 + t];
+        b[t] = beta[c0 + t];
+        off[t] = (c0 + t) / cpg - first;
+    }
+    const float keep = p > 0.0f ? float(1.0 / (1.0 - double(p))) : 1.0f;
+    const int64_t pixels = int64_t(n) * hw, step = int64_t(blockDim.y) * gridDim.x;
+    int64_t px = int64_t(blockIdx.x) * blockDim.y + threadIdx.y;
+    // The image of pixel px, kept as px advances by `step` (no division per pixel).
+    int image = int(px / hw);
+    int64_t image_end = int64_t(image + 1) * hw;
+    for (; px < pixels; px += step) {
+        while (px >= image_end) {
+            ++image;
+            image_end += hw;
+        }
+        const int64_t i = px * c + c0;
+        float v[8];
+        ddpm::load_run8(x + i, 8, v);
+        const int s = image * groups + first;
+        uint4 r0 = make_uint4(0, 0, 0, 0), r1 = r0;
+        if (p > 0.0f) {
+            r0 = ddpm::philox_block(seed, stream, uint64_t(i) >> 2);
+            r1 = ddpm::philox_block(seed, stream, (uint64_t(i) >> 2) + 1);
+        }
+        const uint32_t bits[8] = {r0.x, r0.y, r0.z, r0.w, r1.x, r1.y, r1.z, r1.w};
+        float u[8];
+#pragma unroll
+        for (int t = 0; t < 8; ++t) {
+            const float z = (v[t] - mean[s + off[t]]) * rstd[s + off[t]] * g[t] + b[t];
+            const float a = silu ? z * ddpm::sigmoid(z) : z;
+            u[t] = p > 0.0f ? a * (ddpm::uniform_from_bits(bits[t]) >= p ? keep : 0.0f) : a;
+        }
+        *reinterpret_cast<uint4*>(y + i) = make_uint4(ddpm::pack_bf16x2(u[0], u[1]), ddpm::pack_bf16x2(u[2], u[3]),
+                                                      ddpm::pack_bf16x2(u[4], u[5]), ddpm::pack_bf16x2(u[6], u[7]));
+    }
+}
+
+#define DDPM_APPLY_PARAMS                                                                                   \
+    const float *__restrict__ mean, const float *__restrict__ rstd, const float *__restrict__ gamma,        \
+        const float *__restrict__ beta, int groups, int silu, float p, uint64_t seed, uint64_t stream_base, \
+        uint64_t stream_per_step, const uint64_t *__restrict__ clock, __nv_bfloat16 *__restrict__ y, int n,  \
+        int hw, int c
+
+extern "C" __global__ void __launch_bounds__(256) group_norm_apply_bf16(const float* __restrict__ x, DDPM_APPLY_PARAMS) {
+    group_norm_apply(x, mean, rstd, gamma, beta, groups, silu, p, seed, stream_base + stream_per_step * *clock, y, n,
+                     hw, c);
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+    group_norm_apply_bf16_bf16in(const __nv_bfloat16* __restrict__ x, DDPM_APPLY_PARAMS) {
+    group_norm_apply(x, mean, rstd, gamma, beta, groups, silu, p, seed, stream_base + stream_per_step * *clock, y, n,
+                     hw, c);
+}
+#undef DDPM_APPLY_PARAMS

@@ -19,7 +19,7 @@
 //! on a device it never ran on) keeps what came before.
 
 use crate::backend::{
-    AdamHyper, AttentionShape, Backend, ConvKind, ConvShape, GroupNormShape, NormedInput,
+    AdamHyper, AttentionShape, Backend, ConvKind, ConvShape, GroupNormShape, Launch, NormedInput,
     Precision, Rung, Sequence, Tensor,
 };
 use crate::error::Result;
@@ -227,6 +227,41 @@ pub fn model<B: Backend>(
     profiled(be, &what, emit, |be| net.forward(be, None).map(|_| ()))
 }
 
+/// The launches of one training step and of one sampling forward of `config` at `batch`, in the
+/// bench's options, as [`model`] profiles them ("kernels of a train step", "kernels of a sampling
+/// forward"): for the static model, on a planned device ([`crate::backend::cuda::CudaBackend::planned`]).
+pub fn profile_launches<B: Backend>(
+    be: &mut B,
+    config: &UNetConfig,
+    batch: usize,
+) -> Result<(Vec<Launch>, Vec<Launch>)> {
+    let opts = bench_options(batch);
+    let mut tr = Trainer::new(be, config, Schedule::paper(), opts)?;
+    tr.init(be)?;
+    tr.record = false;
+    let images = vec![0.1f32; batch * (tr.net.input.len / batch)];
+    let train = launches_of(be, |be| tr.step(be, &images).map(|_| ()))?;
+    drop(tr);
+    let mut net = UNet::new_inference(be, config, batch)?;
+    net.init(be, 0)?;
+    let sample = launches_of(be, |be| net.forward(be, None).map(|_| ()))?;
+    Ok((train, sample))
+}
+
+/// The launches `f` makes, profiled.
+fn launches_of<B: Backend>(
+    be: &mut B,
+    f: impl FnOnce(&mut B) -> Result<()>,
+) -> Result<Vec<Launch>> {
+    if !be.profile_begin()? {
+        return Ok(Vec::new());
+    }
+    let ran = f(be);
+    let launches = be.profile_end()?;
+    ran?;
+    Ok(launches)
+}
+
 /// Runs `f` once with every kernel it launches timed, and reports them ([`profile_lines`]); on a backend
 /// without kernels to time, nothing.
 fn profiled<B: Backend>(
@@ -235,14 +270,11 @@ fn profiled<B: Backend>(
     emit: &mut dyn FnMut(Line),
     f: impl FnOnce(&mut B) -> Result<()>,
 ) -> Result<()> {
-    if !be.profile_begin()? {
-        return Ok(());
-    }
-    let ran = f(be);
     // The profile ends even when `f` failed, so the backend is left as it was.
-    let launches = be.profile_end()?;
-    ran?;
-    profile_lines(what, &launches, emit);
+    let launches = launches_of(be, f)?;
+    if !launches.is_empty() {
+        profile_lines(what, &launches, emit);
+    }
     Ok(())
 }
 
@@ -254,9 +286,12 @@ pub const PROFILE_ROWS: usize = 12;
 /// of the total, then the rest in one row. A kernel's time runs from an event recorded before its launch
 /// to one after it, so where the device waits for the host to launch it, that wait counts too (the host
 /// gaps of a step run op by op; a recorded step replays without them).
-pub fn profile_lines(what: &str, launches: &[(&'static str, f64)], emit: &mut dyn FnMut(Line)) {
+pub fn profile_lines(what: &str, launches: &[Launch], emit: &mut dyn FnMut(Line)) {
     let mut kernels: Vec<(&'static str, usize, f64)> = Vec::new();
-    for &(name, ms) in launches {
+    for &Launch {
+        kernel: name, ms, ..
+    } in launches
+    {
         match kernels.iter_mut().find(|k| k.0 == name) {
             Some(k) => (k.1, k.2) = (k.1 + 1, k.2 + ms),
             None => kernels.push((name, 1, ms)),
@@ -805,12 +840,23 @@ mod tests {
             "k0", "k1", "k2", "k3", "k4", "k5", "k6", "k7", "k8", "k9", "k10", "k11", "k12", "k13",
         ];
         // Kernel i launched once for i ms, and k1 three more times (4 ms in all, after k3).
-        let mut launches: Vec<(&'static str, f64)> = NAMES
+        let launch = |kernel, ms| Launch {
+            kernel,
+            ms,
+            blocks: 1,
+            threads: 32,
+            shared: 0,
+            tile: None,
+            flops: 0.0,
+            bytes: 0.0,
+            issued_macs: 0.0,
+        };
+        let mut launches: Vec<Launch> = NAMES
             .iter()
             .enumerate()
-            .map(|(i, &k)| (k, i as f64))
+            .map(|(i, &k)| launch(k, i as f64))
             .collect();
-        launches.extend([("k1", 1.0); 3]);
+        launches.extend([launch("k1", 1.0); 3]);
         let mut lines = Vec::new();
         profile_lines("step", &launches, &mut |l| lines.push(l));
         let total = (0..14).sum::<usize>() as f64 + 3.0;

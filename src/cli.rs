@@ -391,14 +391,16 @@ fn info(cfg: &UNetConfig, name: &str, batch: usize) -> Result<()> {
     let state = 5.0 * params as f64;
     // The CUDA backend also keeps a bf16 copy of the weights for its tensor cores.
     let copy = crate::backend::weight_copy_len(params) as f64;
-    // The CUDA backend applies each group norm as its convolution loads its input, so it stores no
-    // normalised input (the CPU stores them); in bf16 precision (its default on sm_80 and newer) it also
-    // stores each ResNet block's hidden activation and each attention block's q, k, v in bf16.
+    // The CUDA backend stores no normalised input of its own (the CPU stores them): in fp32 each group
+    // norm is applied as its convolution loads its input; in bf16 precision (its default on sm_80 and
+    // newer) every normalised input is written in bf16 into one scratch region the size of the largest,
+    // counted with the activations, and the activations are stored in bf16.
     let lens = |fused, bf16_activations| -> Result<(f64, f64)> {
         let layout = crate::backend::Layout {
             fused,
             weight_copies: fused,
             bf16_activations,
+            norm_scratch: bf16_activations,
         };
         let (acts, grads) = UNet::activation_lens(cfg, batch, layout)?;
         Ok((acts as f64, grads as f64))

@@ -23,6 +23,7 @@ pub mod npy;
 pub mod progress;
 pub mod rng;
 pub mod sample;
+pub mod sass;
 pub mod schedule;
 pub mod train;
 

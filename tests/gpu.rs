@@ -393,6 +393,129 @@ fn normalising_convolutions_match_the_cpu() {
     }
 }
 
+/// In bf16 precision with the normalisation scratch reserved (as every U-Net placed on the device does),
+/// a normalised convolution writes its input once in bf16 into the scratch and convolves that
+/// (`group_norm_apply_*`, then a plain convolution): the scratch holds, bit for bit, the bf16 rounding of
+/// what the separate fp32 ops write (group norm + SiLU, then dropout), and the convolution's output and
+/// weight gradient are bit for bit those of the loaders that normalise as they load (the same operand
+/// values reach the same core in the same order). Shapes whose channels come in runs of 8 (the scratch's
+/// kernels need them), with and without SiLU and dropout, one at the paper's widths; inputs in fp32 and
+/// in bf16 storage.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn normalising_into_the_scratch_is_the_fused_path_bit_for_bit() {
+    let shape = |n, h, w, c, o, kind| ConvShape {
+        n,
+        h,
+        w,
+        c,
+        o,
+        kind,
+    };
+    let cases = [
+        (shape(3, 7, 5, 16, 7, ConvKind::K3S1), 4, true, true),
+        (shape(2, 5, 6, 24, 9, ConvKind::K1), 3, false, false),
+        (shape(2, 9, 6, 8, 11, ConvKind::K3S2), 2, true, false),
+        (shape(2, 16, 16, 128, 256, ConvKind::K3S1), 32, true, true),
+    ];
+    for (s, groups, silu, dropout) in cases {
+        for stored_bf16 in [false, true] {
+            let what =
+                format!("{s:?} groups {groups} silu {silu} dropout {dropout} bf16 x {stored_bf16}");
+            let mut be = device_in(Precision::Bf16);
+            let gn = input_norm(&s, groups);
+            let values: Vec<f32> = (0..s.x_len())
+                .map(|i| 0.3 + 1.5 * rng::normal(3, 1, i as u64))
+                .collect();
+            let x = match stored_bf16 {
+                true => bf16_tensor(&mut be, &values, 0),
+                false => f32_tensor(&mut be, &values),
+            };
+            let param = |be: &mut CudaBackend, len: usize, scale: f32, shift: f32, stream: u64| {
+                let v: Vec<f32> = (0..len)
+                    .map(|i| shift + scale * rng::normal(3, stream, i as u64))
+                    .collect();
+                f32_tensor(be, &v)
+            };
+            let gamma = param(&mut be, s.c, 0.5, 1.0, 2);
+            let beta = param(&mut be, s.c, 0.3, 0.0, 3);
+            let w = param(&mut be, s.w_len(), 0.2, 0.0, 4);
+            let b = param(&mut be, s.o, 0.5, 0.0, 5);
+            let dy = param(&mut be, s.y_len(), 1.0, 0.0, 6);
+            let mean = be.alloc(gn.stats_len()).unwrap();
+            let rstd = be.alloc(gn.stats_len()).unwrap();
+            let stream = Stream::per_step(rng::Purpose::Dropout, 1 << 10, 3);
+            let input = NormedInput {
+                s: gn,
+                x,
+                gamma,
+                beta,
+                mean,
+                rstd,
+                silu,
+                normed: be.alloc(s.x_len()).unwrap(),
+                dropout: dropout.then(|| DropoutAfter {
+                    p: 0.3,
+                    seed: 5,
+                    stream,
+                    dropped: be.alloc(s.x_len()).unwrap(),
+                }),
+            };
+            be.clock_set(17).unwrap();
+            // The separate fp32 ops, for the scratch's contents.
+            let (y32, d32) = (be.alloc(s.x_len()).unwrap(), be.alloc(s.x_len()).unwrap());
+            be.group_norm_forward(gn, x, gamma, beta, y32, mean, rstd, silu)
+                .unwrap();
+            let conv_input = match dropout {
+                true => {
+                    be.dropout_forward(y32, d32, 0.3, 5, stream).unwrap();
+                    d32
+                }
+                false => y32,
+            };
+            let want: Vec<f32> = be
+                .download(conv_input)
+                .unwrap()
+                .iter()
+                .map(|&v| half::bf16::from_f32(v).to_f32())
+                .collect();
+            let run = |be: &mut CudaBackend| {
+                let (y, dw, db) = (
+                    be.alloc(s.y_len()).unwrap(),
+                    be.alloc(s.w_len()).unwrap(),
+                    be.alloc(s.o).unwrap(),
+                );
+                be.group_norm_conv2d_forward(s, input, w, b, None, None, y)
+                    .unwrap();
+                be.conv2d_backward_weight_normed(s, input, dy, dw, db)
+                    .unwrap();
+                (be.download(y).unwrap(), be.download(dw).unwrap())
+            };
+            let fused = run(&mut be);
+            assert!(be.norm_scratch().is_none());
+            be.reserve_norm_scratch(s.x_len()).unwrap();
+            let scratch = be.norm_scratch().expect("a scratch in bf16 precision");
+            be.upload(scratch, &vec![f32::NAN; scratch.len]).unwrap();
+            let through_scratch = run(&mut be);
+            let got = be.download(scratch.slice(0, s.x_len())).unwrap();
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert!(
+                bits(&got) == bits(&want),
+                "the scratch is not the rounding of the fp32 path: {what}"
+            );
+            assert!(
+                bits(&through_scratch.0) == bits(&fused.0),
+                "forward through the scratch differs: {what}"
+            );
+            assert!(
+                bits(&through_scratch.1) == bits(&fused.1),
+                "weight gradient through the scratch differs: {what}"
+            );
+            eprintln!("{what}: scratch, forward and weight gradient bit for bit");
+        }
+    }
+}
+
 #[test]
 #[ignore = "needs a CUDA device"]
 fn group_norm_matches_the_cpu() {
@@ -1670,16 +1793,16 @@ fn the_profile_times_every_kernel_of_a_training_step() {
     assert!(gpu.profile_begin().unwrap(), "the CUDA backend profiles");
     tr.step(&mut gpu, &images).unwrap();
     let launches = gpu.profile_end().unwrap();
-    let count = |k: &str| launches.iter().filter(|l| l.0 == k).count();
+    let count = |k: &str| launches.iter().filter(|l| l.kernel == k).count();
     eprintln!("{} launches of {} kernels", launches.len(), {
-        let mut names: Vec<_> = launches.iter().map(|l| l.0).collect();
+        let mut names: Vec<_> = launches.iter().map(|l| l.kernel).collect();
         names.sort_unstable();
         names.dedup();
         names.len()
     });
     // Events resolve ~0.5 us: a short kernel may read 0.
     for l in &launches {
-        assert!(l.1 >= 0.0 && l.1.is_finite(), "{l:?}");
+        assert!(l.ms >= 0.0 && l.ms.is_finite(), "{l:?}");
     }
     for k in [
         "draw_timesteps_f32",
@@ -1701,17 +1824,36 @@ fn the_profile_times_every_kernel_of_a_training_step() {
     let plain =
         named(&|n| n.ends_with(".conv_shortcut.weight") || n.ends_with("samplers.0.conv.weight"));
     assert!(blocks > 0 && attention > 0 && up_blocks > 0 && upsamplers > 0 && plain > upsamplers);
-    // Two normalisations per ResNet block, one per attention block, and the output's.
+    // Two normalisations per ResNet block, one per attention block, and the output's; those whose
+    // channels come in runs of 8 are written into the scratch (forward, and again for the weight
+    // gradient) and convolved plainly, the others normalised as their convolutions load them.
+    let widths: Vec<usize> = tr
+        .net
+        .specs()
+        .iter()
+        .filter(|s| {
+            [".norm1.weight", ".norm2.weight", ".group_norm.weight"]
+                .iter()
+                .any(|e| s.name.ends_with(e))
+                || s.name == "conv_norm_out.weight"
+        })
+        .map(|s| s.len)
+        .collect();
     let normalising = 2 * blocks + attention + 1;
+    assert_eq!(widths.len(), normalising);
+    let scratch = widths.iter().filter(|c| *c % 8 == 0).count();
+    let fused = normalising - scratch;
+    assert!(scratch > 0 && fused > 0, "the small config has both");
     for (k, want) in [
         ("group_norm_forward_bf16in", normalising),
         ("group_norm_backward_bf16in", normalising),
-        ("conv2d_forward_normed_bf16_io_bf16in", normalising),
-        ("conv2d_backward_weight_normed_bf16_bf16in", normalising),
+        ("group_norm_apply_bf16_bf16in", 2 * scratch),
+        ("conv2d_forward_normed_bf16_io_bf16in", fused),
+        ("conv2d_backward_weight_normed_bf16_bf16in", fused),
         ("conv2d_forward_bf16_io", 1),
         ("conv2d_backward_weight_bf16", 1),
-        ("conv2d_forward_bf16_io_bf16in", plain),
-        ("conv2d_backward_weight_bf16_bf16in", plain),
+        ("conv2d_forward_bf16_io_bf16in", plain + scratch),
+        ("conv2d_backward_weight_bf16_bf16in", plain + scratch),
         // The time embedding's two layers and each ResNet block's projection of it: fp32 throughout.
         ("linear_forward_bf16", 2 + blocks),
         ("linear_forward_bf16_io_bf16in", attention),
@@ -1766,7 +1908,7 @@ fn the_profile_times_every_kernel_of_a_training_step() {
     for l in &lines {
         eprintln!("{l}");
     }
-    let total: f64 = launches.iter().map(|l| l.1).sum();
+    let total: f64 = launches.iter().map(|l| l.ms).sum();
     let rows = &lines[1..];
     let (ms, share) = rows
         .iter()

@@ -151,7 +151,7 @@ fn a_fusing_backend_stores_no_normalised_input() {
             };
             cfg.sample_size >> down
         };
-        let (mut normalised, mut bf16_saved) = (0, 0);
+        let (mut normalised, mut bf16_saved, mut largest) = (0, 0, 0);
         for s in net.specs() {
             // In bf16, each half a word per element and 3 words of alignment padding: every block's
             // output (its last convolution's or projection's) and shortcut, a ResNet block's hidden
@@ -192,6 +192,7 @@ fn a_fusing_backend_stores_no_normalised_input() {
                 1
             };
             normalised += copies * batch * side.pow(2) * s.len;
+            largest = largest.max(batch * side.pow(2) * s.len);
         }
         let layout = |fused, bf16_activations| Layout {
             fused,
@@ -208,6 +209,15 @@ fn a_fusing_backend_stores_no_normalised_input() {
         assert!(bf16_saved > 0, "{preset}");
         assert_eq!(fused - bf16, bf16_saved, "{preset}");
         assert_eq!(bf16_grads, fused_grads, "{preset}");
+        // A backend that normalises into one bf16 scratch region (CUDA in bf16) counts it with the
+        // activations: the largest normalised input, two elements a word, 31 words of alignment.
+        let scratch = Layout {
+            norm_scratch: true,
+            ..layout(true, true)
+        };
+        let (with_scratch, scratch_grads) = lens(scratch);
+        assert_eq!(with_scratch - bf16, largest.div_ceil(2) + 31, "{preset}");
+        assert_eq!(scratch_grads, fused_grads, "{preset}");
         // The CPU stores them: its net is the unfused layout.
         assert_eq!(net.activation_len() * batch, stored, "{preset}");
     }

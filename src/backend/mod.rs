@@ -183,6 +183,9 @@ pub struct Layout {
     pub weight_copies: bool,
     /// Activations in bf16 where their ops take it ([`Backend::stores_bf16_activations`]).
     pub bf16_activations: bool,
+    /// One bf16 region the size of the largest normalised input, which the backend normalises each
+    /// convolution's input into ([`Backend::normalises_into_scratch`]).
+    pub norm_scratch: bool,
 }
 
 impl Layout {
@@ -192,8 +195,15 @@ impl Layout {
             fused: be.fuses_normalisation(),
             weight_copies: be.keeps_weight_copies(),
             bf16_activations: be.stores_bf16_activations(),
+            norm_scratch: be.normalises_into_scratch(),
         }
     }
+}
+
+/// The words [`Backend::reserve_norm_scratch`] takes for a region of `len` bf16 elements: two to a word,
+/// and up to 31 more to start it on a 128-byte boundary (as [`weight_copy_len`]).
+pub fn norm_scratch_len(len: usize) -> usize {
+    len.div_ceil(2) + 31
 }
 
 /// Fails, before anything is allocated, when `need(batch)` elements do not fit in what `be` has left,
@@ -592,6 +602,30 @@ impl Rung {
     }
 }
 
+/// One kernel launch as a profile reports it ([`Backend::profile_end`]): the kernel, the milliseconds it
+/// took (0 where nothing ran: a planned device), its grid and block, and the work its launcher counts for
+/// it: the op's FLOPs (2 per multiply-add of its GEMM, 0 for a kernel that does no matrix product) and
+/// its compulsory bytes (every tensor the op reads or writes crossing the memory bus once, attributed to
+/// the op's first launch; a launcher that moves more, such as split-K partial sums, counts those on the
+/// launch that moves them).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Launch {
+    pub kernel: &'static str,
+    pub ms: f64,
+    pub blocks: u64,
+    pub threads: u32,
+    /// Dynamic shared memory per block, in bytes.
+    pub shared: u32,
+    /// A matrix kernel's tile: the m x n x k multiply-adds one block does per iteration of its main loop
+    /// (for attention, queries x keys x the channels of all its products).
+    pub tile: Option<[u32; 3]>,
+    pub flops: f64,
+    pub bytes: f64,
+    /// The multiply-adds a GEMM launch's tiles issue (its FLOPs / 2 plus padding to whole tiles and any
+    /// structural zeros); 0 for a kernel that does no matrix product.
+    pub issued_macs: f64,
+}
+
 /// The op set. Every method checks its arguments and returns an error rather than panicking.
 pub trait Backend {
     /// A short description for logs ("cpu (2 threads)", "cuda: NVIDIA H100 ...").
@@ -678,6 +712,22 @@ pub trait Backend {
     /// the statistics, the time embedding and the network's output stay fp32.
     fn stores_bf16_activations(&self) -> bool {
         false
+    }
+    /// Whether the backend writes each convolution's normalised input ([`NormedInput`]: group norm, SiLU,
+    /// dropout) in bf16 into one scratch region it keeps for every normalised input of a network (sized by
+    /// [`Backend::reserve_norm_scratch`]) and convolves that, in [`Backend::group_norm_conv2d_forward`]
+    /// and again in [`Backend::conv2d_backward_weight_normed`]: the CUDA backend in bf16 precision, where
+    /// this takes the normalisation out of the GEMMs' main loops. It still stores no normalised input of
+    /// its own ([`Backend::fuses_normalisation`]).
+    fn normalises_into_scratch(&self) -> bool {
+        false
+    }
+    /// Makes the scratch region of [`Backend::normalises_into_scratch`] hold at least `len` bf16
+    /// elements, reserving [`norm_scratch_len`] words like `alloc` does (call it before the first op,
+    /// never while recording). A no-op on a backend that keeps none.
+    fn reserve_norm_scratch(&mut self, len: usize) -> Result<()> {
+        let _ = len;
+        Ok(())
     }
     /// [`Backend::group_norm_forward`] then [`Backend::conv2d_forward_fused`] on its output, the
     /// normalisation fused into the convolution's operand load where the backend can (see
@@ -1030,9 +1080,9 @@ pub trait Backend {
         Ok(false)
     }
     /// Waits for everything queued and returns each kernel launched since [`Backend::profile_begin`], in
-    /// launch order: its name and milliseconds (between events recorded just before and after its launch,
-    /// so including any wait of the device for the host's launch).
-    fn profile_end(&mut self) -> Result<Vec<(&'static str, f64)>> {
+    /// launch order ([`Launch`]: its name and milliseconds, between events recorded just before and after
+    /// its launch, so including any wait of the device for the host's launch).
+    fn profile_end(&mut self) -> Result<Vec<Launch>> {
         Ok(Vec::new())
     }
     /// How many more elements `alloc` can reserve before memory runs out (device memory on a GPU, the

@@ -5,8 +5,8 @@
 use super::config::UNetConfig;
 use super::params::{legacy_name, Kind, NamedTensor, ParamSpec};
 use crate::backend::{
-    weight_copy_len, AttentionShape, Backend, ConvKind, ConvShape, DropoutAfter, GroupNormShape,
-    Layout, NormedInput, Stream, Tensor,
+    norm_scratch_len, weight_copy_len, AttentionShape, Backend, ConvKind, ConvShape, DropoutAfter,
+    GroupNormShape, Layout, NormedInput, Stream, Tensor,
 };
 use crate::error::{Error, Result};
 use crate::rng;
@@ -63,6 +63,8 @@ struct Builder {
     /// unstored handle.
     fused: bool,
     unstored_next: usize,
+    /// The largest normalised input (the scratch region of [`Backend::normalises_into_scratch`]).
+    norm_max: usize,
     /// Whether activations are stored in bf16 where their ops take it
     /// ([`Backend::stores_bf16_activations`]).
     bf16_activations: bool,
@@ -143,6 +145,7 @@ impl Builder {
     /// A normalised input: unstored when the backend fuses normalisations into the convolutions, else
     /// an activation like any other. Its gradient is placed as any activation's.
     fn act_normalised(&mut self, len: usize) -> Tensor {
+        self.norm_max = self.norm_max.max(len);
         if !self.fused {
             return self.act(len);
         }
@@ -806,6 +809,8 @@ pub struct UNet {
     acts: Tensor,
     /// Elements of the activations' gradients, by region.
     grad_lens: GradLens,
+    /// The largest normalised input's elements.
+    norm_max: usize,
     ctx: Ctx,
     temb_sin: Tensor,
     temb1: Linear,
@@ -855,6 +860,7 @@ impl UNet {
         let grad_lens = count.grad_lens;
         let params = be.alloc(np)?;
         be.keep_weight_copy(params)?;
+        be.reserve_norm_scratch(count.norm_max)?;
         if !training {
             let acts = be.alloc(na)?;
             // Gradient handles alias the parameters and activations; `training: false` guards them.
@@ -901,7 +907,7 @@ impl UNet {
         } else {
             np + na
         };
-        Ok((total + copy, np))
+        Ok((total + copy + count.norm_scratch_len(layout), np))
     }
 
     /// The elements of a training net's activations and of their gradients (all their regions: see
@@ -914,7 +920,10 @@ impl UNet {
         config.validate()?;
         Self::size_guard(config, batch)?;
         let count = Self::build(config, batch.max(1), layout, 0, 0, 0, None);
-        Ok((count.acts.len, count.grad_lens.total()))
+        Ok((
+            count.acts.len + count.norm_scratch_len(layout),
+            count.grad_lens.total(),
+        ))
     }
 
     /// Refuses a batch whose arena could not exist: a generous bound on the elements (every layer of
@@ -938,6 +947,15 @@ impl UNet {
                 "batch {batch} of {0}x{0} images with up to {widest} channels is beyond any memory",
                 config.sample_size
             ))),
+        }
+    }
+
+    /// The words the backend's normalisation scratch takes for this net on a backend of `layout`
+    /// ([`Backend::reserve_norm_scratch`]), counted with the activations.
+    fn norm_scratch_len(&self, layout: Layout) -> usize {
+        match layout.norm_scratch {
+            true => norm_scratch_len(self.norm_max),
+            false => 0,
         }
     }
 
@@ -973,6 +991,7 @@ impl UNet {
             grad_of: HashMap::new(),
             fused: layout.fused,
             unstored_next: 0,
+            norm_max: 0,
             bf16_activations: layout.bf16_activations,
         };
         let cfg = config;
@@ -1147,6 +1166,7 @@ impl UNet {
                 up: b.up_max,
                 scratch: b.scratch_max,
             },
+            norm_max: b.norm_max,
             ctx: Ctx {
                 grads: b.grad_of,
                 dropout: None,
@@ -1564,6 +1584,7 @@ mod tests {
                 fused: true,
                 weight_copies: true,
                 bf16_activations,
+                norm_scratch: bf16_activations,
             };
             let count = UNet::build(&config, 3, layout, 0, 0, 0, None);
             let base = 4 * 1000 + 1;

@@ -196,6 +196,20 @@ impl CudaBackend {
         })
     }
 
+    /// What one block of `pass` multiplies per iteration of its main loop (queries x keys x channels of
+    /// its products: 2 in the forward, 3 in dq, 4 in dkv), for the static model.
+    fn attention_tile(&self, s: &AttentionShape, pass: Pass) -> [usize; 3] {
+        let tc = self.attention_on_tensor_cores(s);
+        match (pass, tc) {
+            (Pass::Forward, true) => [TC_QUERIES, TC_QUERIES, 2 * s.c],
+            (Pass::Dq, true) => [TC_QUERIES, TC_DQ_KEYS, 3 * s.c],
+            (Pass::Dkv, true) => [TC_DKV_KEYS, TC_QUERIES, 4 * s.c],
+            (Pass::Forward, false) => [WARPS, TILE, 2 * s.c],
+            (Pass::Dq, false) => [WARPS, TILE, 3 * s.c],
+            (Pass::Dkv, false) => [WARPS, TILE, 4 * s.c],
+        }
+    }
+
     pub(super) fn attention(
         &mut self,
         s: AttentionShape,
@@ -212,6 +226,9 @@ impl CudaBackend {
         let (pq, po, pl) = (self.ptr(qkv), self.ptr(out), self.ptr(lse));
         let [l, c] = dims([s.l, s.c])?;
         let (kernel, cfg) = self.attention_kernel(&s, Pass::Forward, qkv, out)?;
+        // Two products of l x l x c per image: q k^T and p v.
+        let per = s.n * s.l * s.l * s.c;
+        self.count_work(2 * per, 2 * per, self.attention_tile(&s, Pass::Forward));
         launch!(self, kernel, cfg, pq, po, pl, l, c)
     }
 
@@ -245,8 +262,17 @@ impl CudaBackend {
         let (pdo, pdq, delta) = (self.ptr(dout), self.ptr(dqkv), self.workspace_ptr());
         let [l, c] = dims([s.l, s.c])?;
         let (kernel, cfg) = self.attention_kernel(&s, Pass::Dq, qkv, out)?;
+        // The backward's four products (dp = do v^T and dq = ds k in the first kernel, dv = p^T do and
+        // dk = ds^T q in the second), each kernel recomputing s = q k^T (and the second dp too); the
+        // op's bytes split between the two.
+        let per = s.n * s.l * s.l * s.c;
+        let bytes = self.work.bytes;
+        self.count_work(2 * per, 3 * per, self.attention_tile(&s, Pass::Dq));
+        self.count_bytes(bytes as usize / 2);
         launch!(self, kernel, cfg, pq, po, pl, pdo, pdq, delta, l, c)?;
         let (kernel, cfg) = self.attention_kernel(&s, Pass::Dkv, qkv, out)?;
+        self.count_work(2 * per, 4 * per, self.attention_tile(&s, Pass::Dkv));
+        self.count_bytes(bytes as usize / 2);
         launch!(self, kernel, cfg, pq, pl, pdo, delta, pdq, l, c)
     }
 }

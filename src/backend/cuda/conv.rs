@@ -147,6 +147,18 @@ impl CudaBackend {
     /// Adds the tensors of a normalised input to `ins` after checking that it is the convolution's
     /// input (`x` of `s.x_len()` is checked with the other inputs).
     fn normed_ins(s: &ConvShape, n: &NormedInput, ins: &mut Vec<super::Arg>) -> Result<()> {
+        Self::is_input_of(s, n)?;
+        ins.extend([
+            ("gamma", n.gamma, n.s.c),
+            ("beta", n.beta, n.s.c),
+            ("mean", n.mean, n.s.stats_len()),
+            ("rstd", n.rstd, n.s.stats_len()),
+        ]);
+        Ok(())
+    }
+
+    /// Checks that `n` normalises the input of convolution `s`.
+    pub(super) fn is_input_of(s: &ConvShape, n: &NormedInput) -> Result<()> {
         crate::backend::checks::groups(&n.s)?;
         if (n.s.n, n.s.hw, n.s.c) != (s.n, s.h * s.w, s.c) {
             return Err(Error::shape(
@@ -160,19 +172,13 @@ impl CudaBackend {
                 format!("[{}, {}, {}]", n.s.n, n.s.hw, n.s.c),
             ));
         }
-        ins.extend([
-            ("gamma", n.gamma, n.s.c),
-            ("beta", n.beta, n.s.c),
-            ("mean", n.mean, n.s.stats_len()),
-            ("rstd", n.rstd, n.s.stats_len()),
-        ]);
         Ok(())
     }
 
     /// The kernel's first argument, `x`, then with `norm` the normalisation's (mean, rstd, gamma, beta,
     /// groups, silu) and the dropout's after it (p, seed, stream base, stream per step, clock), as the
     /// `_normed` kernels take them after `x`.
-    fn input_args(&self, x: Tensor, norm: Option<&NormedInput>) -> Result<KernelArgs> {
+    pub(super) fn input_args(&self, x: Tensor, norm: Option<&NormedInput>) -> Result<KernelArgs> {
         let mut a = KernelArgs::default();
         a.push(self.ptr(x));
         let Some(n) = norm else {
@@ -378,6 +384,7 @@ impl CudaBackend {
         let pt = image_bias.map_or(0, |t| self.ptr(t));
         let (oh, ow) = s.out_hw();
         let cfg = gemm_cfg(self.tile(), s.n * oh * ow, s.o, 1);
+        self.count_gemm(s.macs(), self.tile(), s.n * oh * ow, s.o, 1, s.k());
         let mut a = self.input_args(x, norm.as_ref())?;
         let tma = match io {
             true => None,
@@ -412,7 +419,8 @@ impl CudaBackend {
         {
             a.push(v);
         }
-        a.launch(&mut self.dev, name, cfg)?;
+        let work = self.take_work();
+        a.launch(&mut self.dev, name, cfg, work)?;
         self.count_tma(tma.as_ref());
         Ok(())
     }
@@ -433,6 +441,8 @@ impl CudaBackend {
         let name = self.conv_kernel(&BACKWARD_DATA);
         let (pdy, pw, pdx) = (self.ptr(dy), self.weight_ptr(w)?, self.ptr(dx));
         let cfg = gemm_cfg(self.tile(), s.n * s.h * s.w, s.c, 1);
+        let kt = s.kind.taps() * s.kind.taps() * s.o;
+        self.count_gemm(s.macs(), self.tile(), s.n * s.h * s.w, s.c, 1, kt);
         let tma = self.tma_weights_transposed(s, pw)?;
         let (name, map) = match &tma {
             Some(t) => (t.kernel, Some(&t.map)),
@@ -449,7 +459,8 @@ impl CudaBackend {
         {
             a.push(v);
         }
-        a.launch(&mut self.dev, name, cfg)?;
+        let work = self.take_work();
+        a.launch(&mut self.dev, name, cfg, work)?;
         self.count_tma(tma.as_ref());
         Ok(())
     }
@@ -480,6 +491,11 @@ impl CudaBackend {
         let pixels = s.n * oh * ow;
         let (splits, chunk) = split_k(self.tile(), s.o, s.k(), pixels, self.props.sms);
         let cfg = gemm_cfg(self.tile(), s.o, s.k(), splits);
+        self.count_gemm(s.macs(), self.tile(), s.o, s.k(), splits, chunk);
+        if splits > 1 {
+            // The partial sums: written here, read by the reduction.
+            self.work.bytes += (4 * splits * s.o * s.k()) as f64;
+        }
         let mut a = self.input_args(x, norm.as_ref())?;
         for v in [pdy, pdw, ws] {
             a.push(v);
@@ -498,7 +514,8 @@ impl CudaBackend {
                 None => &BACKWARD_WEIGHT,
             }),
         };
-        a.launch(&mut self.dev, name, cfg)?;
+        let work = self.take_work();
+        a.launch(&mut self.dev, name, cfg, work)?;
         if splits > 1 {
             self.reduce_splits(splits, s.o, s.k(), pdw, 0, false)?;
         }
@@ -517,6 +534,7 @@ impl CudaBackend {
     ) -> Result<()> {
         let ws = self.workspace_ptr();
         let cfg = self.elementwise_cfg(rows * cols);
+        self.count_bytes(4 * (splits + 1 + acc as usize) * rows * cols);
         let [splits, rows, cols] = dims([splits, rows, cols])?;
         let (ldc, acc) = (cols as i64, acc as i32);
         launch!(
@@ -555,6 +573,7 @@ impl CudaBackend {
         };
         let rows_i = rows as i64;
         let [cols_i, slices_i] = dims([cols, slices])?;
+        self.count_bytes(4 * (rows + slices) * cols);
         launch!(self, "column_sums_partial_f32", cfg, px, rows_i, cols_i, ws)?;
         let cfg = LaunchConfig {
             grid_dim: (cols.div_ceil(32) as u32, 1, 1),

@@ -3,7 +3,7 @@
 //! thread (for testing kernels and launchers on machines without a GPU). Both offer the same few things:
 //! memory, copies, launches by kernel name, recording a sequence of launches and replaying it.
 
-use crate::backend::Sequence;
+use crate::backend::{Launch, Sequence};
 use crate::error::{Error, Result};
 use cudarc::driver::sys::{self, CUdevice_attribute, CUfunction_attribute};
 use cudarc::driver::{
@@ -52,6 +52,28 @@ pub(super) enum Swizzle {
     B64 = 2,
 }
 
+/// The work a launcher counts for one launch (see [`Launch`]): FLOPs of its matrix products and
+/// compulsory bytes.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub(super) struct Work {
+    pub flops: f64,
+    pub bytes: f64,
+    /// The multiply-adds the launch's tiles issue, padding and structural zeros included.
+    pub issued_macs: f64,
+    /// What one block multiplies per iteration of its main loop (see [`Launch::tile`]).
+    pub tile: Option<[u32; 3]>,
+}
+
+/// A GPU the static model (`src/bin/sass-model.rs`) plans launches for: the launchers pick the kernels
+/// they would pick there, and nothing runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Planned {
+    /// An H100 SXM (sm_90a machine code): 132 SMs, 227 KiB of shared memory per block.
+    H100,
+    /// An A100 SXM (sm_80): 108 SMs, 163 KiB.
+    A100,
+}
+
 /// Device memory, freed on drop.
 pub(super) struct DeviceBuffer {
     pub ptr: u64,
@@ -76,8 +98,8 @@ pub(super) struct Gpu {
     module: Arc<CudaModule>,
     stream: Arc<CudaStream>,
     ctx: Arc<CudaContext>,
-    /// While profiling: each launch's kernel and the events recorded on the stream before and after it.
-    profile: Option<Vec<(&'static str, CudaEvent, CudaEvent)>>,
+    /// While profiling: each launch and the events recorded on the stream before and after it.
+    profile: Option<Vec<(Launch, CudaEvent, CudaEvent)>>,
     /// Timing events of earlier profiles, for the next one.
     spare_events: Vec<CudaEvent>,
 }
@@ -86,10 +108,37 @@ pub(super) enum Device {
     Gpu(Gpu),
     #[cfg(feature = "emu")]
     Emu(emu::Emu),
+    Plan(Plan),
 }
 
 unsafe fn gpu_free(ptr: u64) {
     let _ = result::free_sync(ptr);
+}
+
+unsafe fn plan_free(_: u64) {}
+
+/// A device where nothing runs: memory is addresses handed out and never backed, copies do nothing (a
+/// read gives zeros), and a launch is recorded while profiling. For the static model, which needs every
+/// launch of a training step and a sampling forward as the launchers make them for a device it does not
+/// have.
+pub(super) struct Plan {
+    next: std::cell::Cell<u64>,
+    profile: Option<Vec<Launch>>,
+}
+
+fn launch_record(name: &'static str, cfg: &LaunchConfig, ms: f64, work: Work) -> Launch {
+    let (g, b) = (cfg.grid_dim, cfg.block_dim);
+    Launch {
+        kernel: name,
+        ms,
+        blocks: u64::from(g.0) * u64::from(g.1) * u64::from(g.2),
+        threads: b.0 * b.1 * b.2,
+        shared: cfg.shared_mem_bytes,
+        tile: work.tile,
+        flops: work.flops,
+        bytes: work.bytes,
+        issued_macs: work.issued_macs,
+    }
 }
 
 impl Device {
@@ -166,6 +215,41 @@ impl Device {
         Ok((Self::Gpu(gpu), props))
     }
 
+    /// A planned device (see [`Plan`]) with the properties of `gpu`.
+    pub fn planned(gpu: Planned) -> (Self, Properties) {
+        let (name, sms, max_shared, major, clock_khz) = match gpu {
+            Planned::H100 => (
+                "planned H100 SXM (sm_90a, 132 SMs)",
+                132,
+                227 << 10,
+                9,
+                1_830_000,
+            ),
+            Planned::A100 => (
+                "planned A100 SXM (sm_80, 108 SMs)",
+                108,
+                163 << 10,
+                8,
+                1_410_000,
+            ),
+        };
+        let props = Properties {
+            name: name.into(),
+            sms,
+            max_shared,
+            major,
+            clock_khz,
+            sm90a: gpu == Planned::H100,
+        };
+        (
+            Self::Plan(Plan {
+                next: std::cell::Cell::new(1 << 40),
+                profile: None,
+            }),
+            props,
+        )
+    }
+
     /// The CPU emulator (feature `emu`).
     #[cfg(feature = "emu")]
     pub fn emulator() -> (Self, Properties) {
@@ -210,6 +294,15 @@ impl Device {
             }
             #[cfg(feature = "emu")]
             Self::Emu(_) => emu::malloc(bytes, what),
+            Self::Plan(p) => {
+                let ptr = p.next.get();
+                p.next.set(ptr + (bytes as u64).next_multiple_of(1 << 10));
+                Ok(DeviceBuffer {
+                    ptr,
+                    bytes,
+                    free: plan_free,
+                })
+            }
         }
     }
 
@@ -226,6 +319,7 @@ impl Device {
                 std::ptr::copy_nonoverlapping(src.as_ptr(), dst as *mut u8, src.len());
                 Ok(())
             }
+            Self::Plan(_) => Ok(()),
         }
     }
 
@@ -245,6 +339,10 @@ impl Device {
                 std::ptr::copy_nonoverlapping(src as *const u8, dst.as_mut_ptr(), dst.len());
                 Ok(())
             }
+            Self::Plan(_) => {
+                dst.fill(0);
+                Ok(())
+            }
         }
     }
 
@@ -261,6 +359,7 @@ impl Device {
                 e.copy(dst, src, bytes);
                 Ok(())
             }
+            Self::Plan(_) => Ok(()),
         }
     }
 
@@ -275,6 +374,7 @@ impl Device {
                 std::ptr::write_bytes(dst as *mut u8, 0, bytes);
                 Ok(())
             }
+            Self::Plan(_) => Ok(()),
         }
     }
 
@@ -290,6 +390,7 @@ impl Device {
         cfg: LaunchConfig,
         params: &mut [*mut c_void],
         sizes: &[usize],
+        work: Work,
     ) -> Result<()> {
         match self {
             Self::Gpu(g) => {
@@ -311,13 +412,19 @@ impl Device {
                 if let Some(start) = start {
                     let end = g.recorded_event()?;
                     if let Some(list) = &mut g.profile {
-                        list.push((name, start, end));
+                        list.push((launch_record(name, &cfg, 0.0, work), start, end));
                     }
                 }
                 Ok(())
             }
             #[cfg(feature = "emu")]
-            Self::Emu(e) => e.launch(name, cfg, params, sizes),
+            Self::Emu(e) => e.launch(name, cfg, params, sizes, work),
+            Self::Plan(p) => {
+                if let Some(list) = &mut p.profile {
+                    list.push(launch_record(name, &cfg, 0.0, work));
+                }
+                Ok(())
+            }
         }
     }
 
@@ -379,6 +486,7 @@ impl Device {
             #[cfg(feature = "emu")]
             Self::Emu(_) => emu::tensor_map_bf16(base, dims, strides, boxes, swizzle)
                 .map_err(|why| refused(why.into())),
+            Self::Plan(_) => Ok(TensorMap([0; 16])),
         }
     }
 
@@ -390,6 +498,7 @@ impl Device {
                 .map_err(cuda("synchronising the stream")),
             #[cfg(feature = "emu")]
             Self::Emu(_) => Ok(()),
+            Self::Plan(_) => Ok(()),
         }
     }
 
@@ -399,6 +508,7 @@ impl Device {
             Self::Gpu(g) => g.ctx.mem_get_info().map_err(cuda("reading device memory")),
             #[cfg(feature = "emu")]
             Self::Emu(_) => Ok((8 << 30, 8 << 30)),
+            Self::Plan(_) => Ok((80 << 30, 80 << 30)),
         }
     }
 
@@ -415,6 +525,9 @@ impl Device {
                 e.begin(seq);
                 Ok(())
             }
+            Self::Plan(_) => Err(Error::Invalid(format!(
+                "recording {seq:?} on a planned device, where nothing runs"
+            ))),
         }
     }
 
@@ -437,6 +550,7 @@ impl Device {
                 e.end(seq);
                 Ok(())
             }
+            Self::Plan(_) => Ok(()),
         }
     }
 
@@ -448,6 +562,9 @@ impl Device {
             },
             #[cfg(feature = "emu")]
             Self::Emu(e) => e.replay(seq),
+            Self::Plan(_) => Err(Error::Invalid(format!(
+                "replaying {seq:?} on a planned device, where nothing was recorded"
+            ))),
         }
     }
 
@@ -458,6 +575,7 @@ impl Device {
             Self::Gpu(g) => g.profile = Some(Vec::new()),
             #[cfg(feature = "emu")]
             Self::Emu(e) => e.profile = Some(Vec::new()),
+            Self::Plan(p) => p.profile = Some(Vec::new()),
         }
     }
 
@@ -467,12 +585,13 @@ impl Device {
             Self::Gpu(g) => g.profile.is_some(),
             #[cfg(feature = "emu")]
             Self::Emu(e) => e.profile.is_some(),
+            Self::Plan(p) => p.profile.is_some(),
         }
     }
 
-    /// Waits for the stream and returns each launch since [`Device::profile_begin`], in order: the
-    /// kernel and its time in milliseconds (on the emulator, the wall-clock time of running it).
-    pub fn profile_end(&mut self) -> Result<Vec<(&'static str, f64)>> {
+    /// Waits for the stream and returns each launch since [`Device::profile_begin`], in order, with its
+    /// time in milliseconds (on the emulator, the wall-clock time of running it; on a planned device, 0).
+    pub fn profile_end(&mut self) -> Result<Vec<Launch>> {
         match self {
             Self::Gpu(g) => {
                 let list = g.profile.take().unwrap_or_default();
@@ -481,11 +600,14 @@ impl Device {
                     .map_err(cuda("waiting for the profiled kernels"))?;
                 let times = list
                     .iter()
-                    .map(|(name, start, end)| {
+                    .map(|(launch, start, end)| {
                         let ms = start
                             .elapsed_ms(end)
                             .map_err(cuda("reading a kernel's timing events"))?;
-                        Ok((*name, f64::from(ms)))
+                        Ok(Launch {
+                            ms: f64::from(ms),
+                            ..*launch
+                        })
                     })
                     .collect();
                 g.spare_events
@@ -494,6 +616,7 @@ impl Device {
             }
             #[cfg(feature = "emu")]
             Self::Emu(e) => Ok(e.profile.take().unwrap_or_default()),
+            Self::Plan(p) => Ok(p.profile.take().unwrap_or_default()),
         }
     }
 
@@ -504,6 +627,7 @@ impl Device {
             Self::Gpu(g) => g.graphs = Default::default(),
             #[cfg(feature = "emu")]
             Self::Emu(e) => e.forget(),
+            Self::Plan(_) => {}
         }
     }
 }
@@ -543,7 +667,7 @@ mod emu {
     //! The C entry points of `emu/` (built by build.rs with the feature) and the recording of launches.
 
     use super::DeviceBuffer;
-    use crate::backend::Sequence;
+    use crate::backend::{Launch, Sequence};
     use crate::error::{Error, Result};
     use cudarc::driver::LaunchConfig;
     use std::ffi::{c_char, c_void, CString};
@@ -634,8 +758,8 @@ mod emu {
     pub struct Emu {
         recording: Option<Vec<Recorded>>,
         recorded: [Vec<Recorded>; Sequence::COUNT],
-        /// While profiling: each launch's kernel and the milliseconds it took to run.
-        pub profile: Option<Vec<(&'static str, f64)>>,
+        /// While profiling: each launch, with the milliseconds it took to run.
+        pub profile: Option<Vec<Launch>>,
     }
 
     impl Emu {
@@ -669,6 +793,7 @@ mod emu {
             cfg: LaunchConfig,
             params: &mut [*mut c_void],
             sizes: &[usize],
+            work: super::Work,
         ) -> Result<()> {
             let cname = CString::new(name).expect("kernel names have no NUL");
             if let Some(rec) = &mut self.recording {
@@ -687,7 +812,8 @@ mod emu {
             let start = std::time::Instant::now();
             run(&cname, cfg, params)?;
             if let Some(list) = &mut self.profile {
-                list.push((name, start.elapsed().as_secs_f64() * 1e3));
+                let ms = start.elapsed().as_secs_f64() * 1e3;
+                list.push(super::launch_record(name, &cfg, ms, work));
             }
             Ok(())
         }

@@ -34,6 +34,7 @@ impl CudaBackend {
         )?;
         let (px, pw, pb) = (self.ptr(x), self.weight_ptr(w)?, self.ptr(b));
         let cfg = gemm_cfg(self.tile(), m, n, 1);
+        self.count_gemm(m * n * k, self.tile(), m, n, 1, k);
         let [mi, ki, ni] = dims([m, k, n])?;
         let mut stored = vec![x, y];
         stored.extend(residual);
@@ -75,8 +76,12 @@ impl CudaBackend {
             false => self.pick("linear_backward_weight_f32", "linear_backward_weight_bf16"),
         };
         let [mi, ki, ni] = dims([m, k, n])?;
+        // The op's bytes go with its first launch; the weight gradient counts its own GEMM.
+        let bytes = self.work.bytes;
         if let Some(dx) = dx {
             let (pdy, pw, pdx, acc) = (self.ptr(dy), self.weight_ptr(w)?, self.ptr(dx), acc as i32);
+            self.count_gemm(m * n * k, self.tile(), m, k, 1, n);
+            self.count_bytes(bytes as usize);
             launch!(
                 self,
                 self.pick("linear_backward_data_f32", "linear_backward_data_bf16"),
@@ -98,6 +103,13 @@ impl CudaBackend {
         );
         let (splits, chunk) = split_k(self.tile(), n, k, m, self.props.sms);
         let [chunk_i] = dims([chunk])?;
+        self.count_gemm(m * n * k, self.tile(), n, k, splits, chunk);
+        if dx.is_none() {
+            self.count_bytes(bytes as usize);
+        }
+        if splits > 1 {
+            self.work.bytes += (4 * splits * n * k) as f64;
+        }
         launch!(
             self,
             weight_kernel,

@@ -29,7 +29,8 @@ mod norm;
 mod optim;
 mod weights;
 
-use self::device::{gib, Device, DeviceBuffer, Properties};
+pub use self::device::Planned;
+use self::device::{gib, Device, DeviceBuffer, Properties, Work};
 use super::{check_args_stored, AdamHyper, Arg, Dtype, Precision, Sequence, Stream, Tensor};
 use crate::error::{Error, Result};
 use cudarc::driver::LaunchConfig;
@@ -105,6 +106,12 @@ pub struct CudaBackend {
     /// Convolutions launched with a tensor map (`conv.rs`): on ladder version 5's kernels, and on version
     /// 6's (in the 64-byte swizzle).
     tma_launches: [u64; 2],
+    /// The region every normalised input is written into in bf16 precision
+    /// (`Backend::normalises_into_scratch`), once reserved.
+    norm_scratch: Option<Tensor>,
+    /// The work of the next launch (see [`crate::backend::Launch`]): the compulsory bytes of the op whose
+    /// arguments were checked last, and the FLOPs its launcher counts; taken by the launch.
+    work: Work,
     dev: Device,
     props: Properties,
 }
@@ -132,6 +139,13 @@ impl CudaBackend {
         Self::on(dev, props)
     }
 
+    /// The same backend over a device where nothing runs ([`Planned`]): for the static model, which
+    /// reads the launches a profile of a training step or a sampling forward makes there.
+    pub fn planned(gpu: Planned) -> Self {
+        let (dev, props) = Device::planned(gpu);
+        Self::on(dev, props)
+    }
+
     fn on(dev: Device, props: Properties) -> Self {
         Self {
             capturing: None,
@@ -150,6 +164,8 @@ impl CudaBackend {
             stale: Vec::new(),
             loose_roundings: 0,
             tma_launches: [0; 2],
+            work: Work::default(),
+            norm_scratch: None,
             dev,
             props,
         }
@@ -176,6 +192,12 @@ impl CudaBackend {
     /// Free and total device memory, in bytes.
     pub fn memory(&self) -> Result<(usize, usize)> {
         self.dev.memory()
+    }
+
+    /// The bf16 region normalised inputs are written into in bf16 precision, once reserved
+    /// (`Backend::reserve_norm_scratch`).
+    pub fn norm_scratch(&self) -> Option<Tensor> {
+        self.norm_scratch
     }
 
     /// Elements reserved so far (what the arena will hold).
@@ -260,10 +282,54 @@ impl CudaBackend {
         bf16_ok: &[&str],
     ) -> Result<()> {
         check_args_stored(op, self.reserved, "cuda", ins, outs, bf16_ok)?;
+        let bytes = ins.iter().chain(outs).map(|a| bytes_of(a.1)).sum();
+        self.work = Work {
+            bytes,
+            ..Work::default()
+        };
         self.materialise()?;
         self.refresh_copies()?;
         self.mark_written(outs);
         Ok(())
+    }
+
+    /// The work counted for the next launch so far, which it takes (the op's later launches count
+    /// none unless their launchers say).
+    fn take_work(&mut self) -> Work {
+        std::mem::take(&mut self.work)
+    }
+
+    /// Counts a GEMM's work for its launch: `macs` multiply-adds of the op (2 FLOPs each), and what a
+    /// grid of `tile` over a `rows` x `cols` output issues, `splits` slices of `chunk` of the reduction
+    /// each (a reduction of `chunk` when `splits` is 1).
+    fn count_gemm(
+        &mut self,
+        macs: usize,
+        tile: conv::Tile,
+        rows: usize,
+        cols: usize,
+        splits: usize,
+        chunk: usize,
+    ) {
+        let pad = |x: usize, t: usize| x.div_ceil(t) * t;
+        let issued = pad(rows, tile.mn) * pad(cols, tile.mn) * splits * pad(chunk, tile.k);
+        self.work.flops = 2.0 * macs as f64;
+        self.work.issued_macs = issued as f64;
+        self.work.tile = Some([tile.mn as u32, tile.mn as u32, tile.k as u32]);
+    }
+
+    /// Counts `macs` multiply-adds of the op and `issued` that the launch computes, `tile` of them per
+    /// iteration of a block, for a matrix kernel that is not one of the GEMM cores (attention).
+    fn count_work(&mut self, macs: usize, issued: usize, tile: [usize; 3]) {
+        self.work.flops = 2.0 * macs as f64;
+        self.work.issued_macs = issued as f64;
+        self.work.tile = Some(tile.map(|x| x as u32));
+    }
+
+    /// Counts `bytes` for the next launch (one that moves more than its op's tensors, or one after the
+    /// first).
+    fn count_bytes(&mut self, bytes: usize) {
+        self.work.bytes = bytes as f64;
     }
 
     /// The device address of a checked tensor.
@@ -345,7 +411,8 @@ macro_rules! launch {
         let (name, cfg) = ($name, $cfg);
         let mut list = $crate::backend::cuda::KernelArgs::default();
         $( list.push($arg); )*
-        list.launch(&mut $be.dev, name, cfg)
+        let work = $be.take_work();
+        list.launch(&mut $be.dev, name, cfg, work)
     }};
 }
 pub(crate) use launch;
@@ -397,7 +464,13 @@ impl KernelArgs {
     }
 
     /// See [`launch!`] for what makes this sound.
-    fn launch(mut self, dev: &mut Device, name: &'static str, cfg: LaunchConfig) -> Result<()> {
+    fn launch(
+        mut self,
+        dev: &mut Device,
+        name: &'static str,
+        cfg: LaunchConfig,
+        work: Work,
+    ) -> Result<()> {
         let base = self.slots.as_mut_ptr();
         let mut params: Vec<*mut std::ffi::c_void> = self
             .starts
@@ -406,7 +479,7 @@ impl KernelArgs {
             .map(|&i| unsafe { base.add(i) } as *mut std::ffi::c_void)
             .collect();
         // SAFETY: as documented on `launch!`; each pointer is to a live slot holding the value's bytes.
-        unsafe { dev.launch(name, cfg, &mut params, &self.sizes) }
+        unsafe { dev.launch(name, cfg, &mut params, &self.sizes, work) }
     }
 }
 
@@ -520,8 +593,25 @@ impl super::Backend for CudaBackend {
         self.precision == Precision::Bf16
     }
 
-    /// The statistics, then the convolution normalising its operand as it loads it: the normalised input
-    /// is never written (`input.normed` is left alone).
+    /// In bf16 precision.
+    fn normalises_into_scratch(&self) -> bool {
+        self.precision == Precision::Bf16
+    }
+
+    fn reserve_norm_scratch(&mut self, len: usize) -> Result<()> {
+        if self.norm_scratch.is_some_and(|t| t.len >= len) || len == 0 {
+            return Ok(());
+        }
+        let words = self.alloc(super::norm_scratch_len(len))?;
+        // 128-byte aligned: the arena's base is, and a word is 4 bytes.
+        let off = words.off.next_multiple_of(32);
+        self.norm_scratch = Some(Tensor::bf16(off, len));
+        Ok(())
+    }
+
+    /// The statistics; then in bf16 precision the normalised input written once in bf16 into the scratch
+    /// region and a plain convolution of it, elsewhere the convolution normalising its operand as it
+    /// loads it. Either way `input.normed` is left alone.
     fn group_norm_conv2d_forward(
         &mut self,
         s: super::ConvShape,
@@ -534,6 +624,11 @@ impl super::Backend for CudaBackend {
     ) -> Result<()> {
         let n = input;
         self.norm_forward(n.s, n.x, n.gamma, n.beta, None, n.mean, n.rstd, n.silu)?;
+        if let Some(scratch) = self.norm_scratch_for(&n) {
+            Self::is_input_of(&s, &n)?;
+            self.norm_apply(&n, scratch)?;
+            return self.conv_forward(s, scratch, None, w, b, image_bias, residual, y);
+        }
         self.conv_forward(s, n.x, Some(n), w, b, image_bias, residual, y)
     }
 
@@ -545,6 +640,11 @@ impl super::Backend for CudaBackend {
         dw: Tensor,
         db: Tensor,
     ) -> Result<()> {
+        if let Some(scratch) = self.norm_scratch_for(&input) {
+            Self::is_input_of(&s, &input)?;
+            self.norm_apply(&input, scratch)?;
+            return self.conv_backward_weight(s, scratch, None, dy, dw, db);
+        }
         self.conv_backward_weight(s, input.x, Some(input), dy, dw, db)
     }
 
@@ -943,7 +1043,7 @@ impl super::Backend for CudaBackend {
         Ok(true)
     }
 
-    fn profile_end(&mut self) -> Result<Vec<(&'static str, f64)>> {
+    fn profile_end(&mut self) -> Result<Vec<super::Launch>> {
         // The roundings this profile's writes need (the weight copies) are its own.
         let refreshed = self.refresh_copies();
         let launches = self.dev.profile_end();
@@ -1082,6 +1182,15 @@ const PEAK_LAUNCH_S: f64 = 10e-3;
 
 /// `src` rounded to bf16 (to nearest, ties to even; NaN stays NaN) and packed two to a word, element `2i`
 /// in the low half of word `i`: the layout of a [`Dtype::Bf16`] tensor.
+/// The bytes a tensor's elements take.
+fn bytes_of(t: Tensor) -> f64 {
+    let per = match t.dtype {
+        Dtype::F32 => 4.0,
+        Dtype::Bf16 => 2.0,
+    };
+    per * t.len as f64
+}
+
 fn bf16_words(src: &[f32]) -> Vec<u32> {
     let round = |f: f32| -> u32 {
         let u = f.to_bits();

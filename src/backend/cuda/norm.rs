@@ -2,7 +2,7 @@
 
 use super::elementwise::dims;
 use super::{launch, CudaBackend, WORKSPACE};
-use crate::backend::{Dtype, GroupNormShape, Tensor};
+use crate::backend::{Dtype, GroupNormShape, NormedInput, Precision, Tensor};
 use crate::error::{Error, Result};
 use cudarc::driver::LaunchConfig;
 
@@ -35,6 +35,68 @@ fn cfg(s: &GroupNormShape) -> LaunchConfig {
 }
 
 impl CudaBackend {
+    /// Whether `input` is normalised into the scratch region before its convolution
+    /// (`Backend::normalises_into_scratch`): in bf16 precision, where the scratch holds it and its
+    /// channels come in runs of 8 (`group_norm_apply_*`); elsewhere the convolution normalises as it
+    /// loads (`NormedIm2col`).
+    pub(super) fn norm_scratch_for(&self, input: &NormedInput) -> Option<Tensor> {
+        let scratch = self.norm_scratch?;
+        let len = input.s.len();
+        (self.precision == Precision::Bf16 && input.s.c % 8 == 0 && len <= scratch.len)
+            .then(|| scratch.slice(0, len))
+    }
+
+    /// `y = dropout(silu(GN(x) gamma + beta))` in bf16 from the statistics already in `input.mean` and
+    /// `input.rstd` (`group_norm_apply_bf16{,_bf16in}`): the normalised input of a convolution, into the
+    /// scratch region (`y`, from [`CudaBackend::norm_scratch_for`]).
+    pub(super) fn norm_apply(&mut self, input: &NormedInput, y: Tensor) -> Result<()> {
+        let s = input.s;
+        check(&s)?;
+        if s.c % 8 != 0 || s.c / 8 > 256 || !y.is_bf16() {
+            return Err(Error::shape(
+                "normalised input",
+                "channels a multiple of 8 (at most 2048) into bf16",
+                s.c,
+            ));
+        }
+        self.args_stored(
+            "group_norm_apply",
+            &[
+                ("x", input.x, s.len()),
+                ("gamma", input.gamma, s.c),
+                ("beta", input.beta, s.c),
+                ("mean", input.mean, s.stats_len()),
+                ("rstd", input.rstd, s.stats_len()),
+            ],
+            &[("y", y, s.len())],
+            &["x", "y"],
+        )?;
+        let kernel = x_kernel(
+            input.x,
+            "group_norm_apply_bf16",
+            "group_norm_apply_bf16_bf16in",
+        );
+        let runs = s.c / 8;
+        let rows = (256 / runs).max(1);
+        let pixels = s.n * s.hw;
+        let cfg = LaunchConfig {
+            grid_dim: (
+                pixels.div_ceil(rows).clamp(1, 8 * self.props.sms as usize) as u32,
+                1,
+                1,
+            ),
+            block_dim: (runs as u32, rows as u32, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut a = self.input_args(input.x, Some(input))?;
+        a.push(self.ptr(y));
+        for v in dims([s.n, s.hw, s.c])? {
+            a.push(v);
+        }
+        let work = self.take_work();
+        a.launch(&mut self.dev, kernel, cfg, work)
+    }
+
     /// The normalised output to `y`, or with `y` `None` the statistics only (for a convolution that
     /// normalises its input as it loads it).
     pub(super) fn norm_forward(
