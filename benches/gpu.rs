@@ -116,6 +116,9 @@ fn convolutions(c: &mut Criterion) {
                 Rung::Wgmma => "_wgmma",
                 Rung::WgmmaTma => "_wgmma_tma",
                 Rung::WgmmaTmaSwizzled => "_wgmma_tma_sw64",
+                // fp32 activations here: version 8 runs the input gradient (its x must be bf16 for
+                // the forward and the weight gradient, which fall back to version 3).
+                Rung::Pipelined => "_v8",
             });
             let mut g =
                 c.benchmark_group(format!("conv3x3_{hw}x{hw}x{ch}_b128_{}{core}", p.name()));

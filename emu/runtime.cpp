@@ -274,8 +274,8 @@ extern "C" void emu_fiber_main(emu::Fiber* f) {
 
 extern "C" {
 int ddpm_emu_tensor_map(uint64_t* map, uint64_t base, unsigned rank, const uint64_t* dims, const uint64_t* strides,
-                        const unsigned* box, unsigned swizzle) {
-    return ddpm::emu_tma::encode(map, base, rank, dims, strides, box, swizzle);
+                        const unsigned* box, unsigned swizzle, unsigned element) {
+    return ddpm::emu_tma::encode(map, base, rank, dims, strides, box, swizzle, element);
 }
 void* ddpm_emu_malloc(size_t bytes) { return std::aligned_alloc(256, (bytes + 255) / 256 * 256); }
 void ddpm_emu_free(void* p) { std::free(p); }

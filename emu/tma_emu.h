@@ -1,13 +1,15 @@
 // tma_emu.h: the CPU emulator's tensor-memory accelerator and shared-memory barriers (kernels/tma.cuh says
 // what each function does).
 //
-// - The tensor map is the emulator's own encoding of what the driver's holds for a bf16 tensor of rank 1
-//   to 5 (address, extents, byte strides, box), written by encode (ddpm_emu_tensor_map, which the Rust
-//   side calls where the device would call cuTensorMapEncodeTiled) after the driver's checks: a 16-byte
-//   aligned address, strides that are multiples of 16 bytes, box sides of 1 to 256 elements and box rows
-//   a multiple of 16 bytes; with the 64-byte swizzle (the only one modelled), rows of exactly 64 bytes.
+// - The tensor map is the emulator's own encoding of what the driver's holds for a bf16 or fp32 tensor of
+//   rank 1 to 5 (address, extents, byte strides, box), written by encode (ddpm_emu_tensor_map, which the
+//   Rust side calls where the device would call cuTensorMapEncodeTiled) after the driver's checks: a
+//   16-byte aligned address, strides that are multiples of 16 bytes, box sides of 1 to 256 elements and
+//   box rows a multiple of 16 bytes; with the 64- or 128-byte swizzle (the ones modelled), rows of exactly
+//   64 or 128 bytes.
 // - A swizzled copy lands its bytes where the device's would: the 16-byte chunk index within each 64-byte
-//   box row XORed with bits 7-8 of the address, into a destination that must be 512-byte aligned.
+//   box row XORed with bits 7-8 of the address (into a destination 512-byte aligned), or within each
+//   128-byte row with bits 7-9 (1024-byte aligned).
 // - A copy reads its source when it is queued and fills its destination with NaN (all bits set); it lands
 //   when a thread next waits on its barrier. So a kernel that reads a stage before waiting for the copy
 //   into it, or queues a copy into a stage a wgmma still reads, gets NaN there too. A destination not
@@ -36,34 +38,46 @@ struct alignas(8) TensorMap {
 };
 
 namespace emu_tma {
-constexpr uint64_t MAGIC = 0x544d41325f656d75ull;  // "TMA2_emu"
-constexpr uint64_t ELEMENT_BYTES = 2;              // bf16, the only element type the kernels copy
+constexpr uint64_t MAGIC = 0x544d41335f656d75ull;  // "TMA3_emu"
 
 constexpr unsigned MAX_RANK = 5;
 
 // The words of the emulator's map: key, address, rank, extents (innermost first), the byte strides of
-// dimensions 1 and up, and the box's sides, 16 bits each.
-enum Field { KEY, BASE, RANK, DIMS, STRIDES = DIMS + MAX_RANK, BOX = STRIDES + MAX_RANK - 1, SWIZZLE = BOX + 2 };
-static_assert(SWIZZLE + 1 <= 16, "the fields fit the map's 16 words");
+// dimensions 1 and up, the box's sides (16 bits each), the swizzle and the element's bytes (2: bf16, 4:
+// fp32).
+enum Field {
+    KEY,
+    BASE,
+    RANK,
+    DIMS,
+    STRIDES = DIMS + MAX_RANK,
+    BOX = STRIDES + MAX_RANK - 1,
+    SWIZZLE = BOX + 2,
+    ELEMENT
+};
+static_assert(ELEMENT + 1 <= 16, "the fields fit the map's 16 words");
 
-// The swizzle modes (CUtensorMapSwizzle's values) the emulator models.
-constexpr uint64_t SWIZZLE_NONE = 0, SWIZZLE_64B = 2;
+// The swizzle modes (CUtensorMapSwizzle's values) the emulator models, and the row each permutes.
+constexpr uint64_t SWIZZLE_NONE = 0, SWIZZLE_64B = 2, SWIZZLE_128B = 3;
+inline unsigned swizzle_row(uint64_t swizzle) { return swizzle == SWIZZLE_64B ? 64 : swizzle == SWIZZLE_128B ? 128 : 0; }
 
 inline unsigned box_side(const uint64_t* m, unsigned d) { return unsigned(m[BOX + d / 4] >> (16 * (d % 4))) & 0xFFFF; }
 
-// 0, or 1 when the driver would refuse these parameters (bf16 elements, no interleave; with the 64-byte
-// swizzle, box rows of at most 64 bytes), or 2 when the emulator does not model them (another swizzle,
+// 0, or 1 when the driver would refuse these parameters (bf16 or fp32 elements, no interleave; with a
+// swizzle, box rows of at most its row), or 2 when the emulator does not model them (the 32-byte swizzle,
 // a swizzled box row narrower than the swizzle, which the device pads, or a swizzled tensor not 128-byte
 // aligned).
 inline int encode(uint64_t* map, uint64_t base, unsigned rank, const uint64_t* dims, const uint64_t* strides,
-                  const unsigned* box, unsigned swizzle) {
-    if (swizzle != SWIZZLE_NONE && swizzle != SWIZZLE_64B) return 2;
-    if (swizzle == SWIZZLE_64B && rank >= 1 && box[0] * ELEMENT_BYTES < 64) return 2;
+                  const unsigned* box, unsigned swizzle, unsigned element) {
+    if (swizzle != SWIZZLE_NONE && swizzle != SWIZZLE_64B && swizzle != SWIZZLE_128B) return 2;
+    if (element != 2 && element != 4) return 1;
+    const unsigned row = swizzle_row(swizzle);
+    if (row && rank >= 1 && box[0] * element < row) return 2;
     // A swizzled copy's global memory 128-byte aligned: the driver checks 16, but the CUDA programming
     // guide's table of swizzle requirements lists 128, which the kernels keep to.
     if (swizzle != SWIZZLE_NONE && base % 128 != 0) return 2;
-    bool ok = rank >= 1 && rank <= MAX_RANK && base % 16 == 0 && box[0] * ELEMENT_BYTES % 16 == 0 &&
-              (swizzle != SWIZZLE_64B || box[0] * ELEMENT_BYTES <= 64);
+    bool ok = rank >= 1 && rank <= MAX_RANK && base % 16 == 0 && box[0] * element % 16 == 0 &&
+              (!row || box[0] * element <= row);
     for (unsigned d = 0; ok && d < rank; ++d)
         ok = dims[d] >= 1 && dims[d] <= (1ull << 32) && box[d] >= 1 && box[d] <= 256 &&
              (d == 0 || (strides[d - 1] % 16 == 0 && strides[d - 1] < (1ull << 40)));
@@ -78,6 +92,7 @@ inline int encode(uint64_t* map, uint64_t base, unsigned rank, const uint64_t* d
         map[BOX + d / 4] |= uint64_t(box[d]) << (16 * (d % 4));
     }
     map[SWIZZLE] = swizzle;
+    map[ELEMENT] = element;
     return 0;
 }
 
@@ -176,6 +191,12 @@ inline void mbar_arrive_expect_tx(uint64_t* bar, unsigned bytes) {
     emu_tma::complete_if_done(b);
 }
 
+inline void mbar_arrive(uint64_t* bar) {
+    emu_tma::Barrier& b = emu_tma::at_barrier(bar);
+    --b.pending;
+    emu_tma::complete_if_done(b);
+}
+
 inline void mbar_wait(uint64_t* bar, unsigned parity) {
     for (;;) {
         emu_tma::Barrier& b = emu_tma::at_barrier(bar);
@@ -197,11 +218,15 @@ inline void load(void* dst, const TensorMap* map, uint64_t* bar, unsigned rank, 
     if (m[RANK] != rank) fail("a TMA copy of another rank than its tensor map's");
     if (reinterpret_cast<uintptr_t>(dst) % 128) fail("a TMA copy into shared memory not 128-byte aligned");
     // The 64-byte swizzle XORs the address's bits 4-5 (the 16-byte chunk of a 64-byte box row) with its
-    // bits 7-8: its pattern repeats every 512 bytes, and the kernels start a swizzled copy where the
-    // pattern starts (the layout wgmma reads, wgmma.cuh).
-    const bool swizzled = m[SWIZZLE] == SWIZZLE_64B;
-    if (swizzled && reinterpret_cast<uintptr_t>(dst) % 512)
+    // bits 7-8, its pattern repeating every 512 bytes; the 128-byte swizzle XORs bits 4-6 with bits 7-9,
+    // every 1024 bytes. The kernels start a swizzled copy where the pattern starts (the layouts wgmma
+    // reads, wgmma.cuh).
+    const unsigned row = swizzle_row(m[SWIZZLE]);
+    if (row == 64 && reinterpret_cast<uintptr_t>(dst) % 512)
         fail("a TMA copy in the 64-byte swizzle into shared memory not 512-byte aligned");
+    if (row == 128 && reinterpret_cast<uintptr_t>(dst) % 1024)
+        fail("a TMA copy in the 128-byte swizzle into shared memory not 1024-byte aligned");
+    const uint64_t ELEMENT_BYTES = m[ELEMENT];
     uint64_t elements = 1;
     for (unsigned d = 0; d < rank; ++d) elements *= box_side(m, d);
     Copy c;
@@ -218,8 +243,9 @@ inline void load(void* dst, const TensorMap* map, uint64_t* bar, unsigned rank, 
             inside = inside && g >= 0 && g < static_cast<long long>(m[DIMS + d]);
             offset += uint64_t(g) * (d == 0 ? ELEMENT_BYTES : m[STRIDES + d - 1]);
         }
-        uint64_t to = e * ELEMENT_BYTES;  // dense, box row after box row; the dst is 512-byte aligned
-        if (swizzled) to ^= ((to >> 7) & 3) << 4;
+        uint64_t to = e * ELEMENT_BYTES;  // dense, box row after box row; the dst is aligned to the pattern
+        if (row == 64) to ^= ((to >> 7) & 3) << 4;
+        if (row == 128) to ^= ((to >> 7) & 7) << 4;
         if (inside) std::memcpy(&c.bytes[to], base + offset, ELEMENT_BYTES);
     }
     std::memset(dst, 0xff, c.bytes.size());
@@ -234,6 +260,11 @@ inline void load(void* dst, const TensorMap* map, uint64_t* bar, unsigned rank, 
 inline void tma_load_2d(void* dst, const TensorMap* map, uint64_t* bar, int x, int y) {
     const int at[2] = {x, y};
     emu_tma::load(dst, map, bar, 2, at);
+}
+
+inline void tma_load_3d(void* dst, const TensorMap* map, uint64_t* bar, int x, int y, int z) {
+    const int at[3] = {x, y, z};
+    emu_tma::load(dst, map, bar, 3, at);
 }
 
 inline void tma_load_4d(void* dst, const TensorMap* map, uint64_t* bar, int x, int y, int z, int w) {

@@ -13,8 +13,12 @@
 //   (mn, k) at byte 2 (8 (mn % 8) + k % 8) + LBO (k / 8) + SBO (mn / 8) from the start, MN-major at
 //   2 (mn % 8 + 8 (k % 8)) + SBO (mn / 8) + LBO (k / 8); in the 64-byte swizzle, K-major at 2 k +
 //   64 (mn % 8) + SBO (mn / 8) and MN-major at 2 (mn % 32) + 64 (k % 8) + LBO (mn / 32) + SBO (k / 8),
-//   the address's bits 4-5 then XORed with its bits 7-8. The 32- and 128-byte swizzles stop the
-//   emulator: no kernel uses them. Products of bf16 values are exact in fp32; sums run in k order after
+//   the address's bits 4-5 then XORed with its bits 7-8; in the 128-byte swizzle K-major at 2 k +
+//   128 (mn % 8) + SBO (mn / 8) and MN-major at 2 (mn % 64) + 128 (k % 8) + LBO (mn / 64) + SBO (k / 8),
+//   bits 4-6 XORed with bits 7-9. The 32-byte swizzle stops the emulator: no kernel uses it.
+// - A from registers (wgmma_rs_*): the issuing warp's fragments are gathered from its lanes as they issue
+//   (lane 4 g + t holds rows g and g + 8, k 2 t, 2 t + 1, 2 t + 8, 2 t + 9), so each thread's result reads
+//   the other lanes' registers as the hardware does. Products of bf16 values are exact in fp32; sums run in k order after
 //   the accumulator.
 #pragma once
 
@@ -33,6 +37,9 @@ struct Op {
     float* d;
     uint64_t a, b;
     int trans_a, trans_b, accumulate;
+    int n;        // the columns of B and D
+    bool a_regs;  // A from registers: `frags` holds the warp's fragments, lane by lane
+    uint32_t frags[32][4];
 };
 struct Thread {
     std::vector<std::vector<Op>> committed;  // oldest first
@@ -79,22 +86,35 @@ inline uint64_t offset(uint64_t desc, bool mn_major, int mn, int k) {
         const uint64_t in_core = mn_major ? mn % 8 + 8 * (k % 8) : 8 * (mn % 8) + k % 8;
         return 2 * in_core + lbo * (k / 8) + sbo * (mn / 8);
     }
+    case 1:  // 128-byte swizzle: rows of 128 bytes
+        if (mn_major) return 2 * uint64_t(mn % 64) + 128 * uint64_t(k % 8) + lbo * (mn / 64) + sbo * (k / 8);
+        return 2 * uint64_t(k) + 128 * uint64_t(mn % 8) + sbo * (mn / 8);
     case 2:  // 64-byte swizzle: rows of 64 bytes
         if (mn_major) return 2 * uint64_t(mn % 32) + 64 * uint64_t(k % 8) + lbo * (mn / 32) + sbo * (k / 8);
         return 2 * uint64_t(k) + 64 * uint64_t(mn % 8) + sbo * (mn / 8);
     default:
-        fail("a wgmma operand in the 32- or 128-byte swizzle (not modelled)");
+        fail("a wgmma operand in the 32-byte swizzle (not modelled)");
     }
 }
+// The bytes of one swizzled row (0: no swizzle).
+inline unsigned swizzle_row(uint64_t desc) { return desc >> 62 == 1 ? 128 : desc >> 62 == 2 ? 64 : 0; }
 inline uintptr_t swizzle(uint64_t desc, uintptr_t address) {
-    return desc >> 62 == 2 ? address ^ (((address >> 7) & 3) << 4) : address;
+    switch (swizzle_row(desc)) {
+    case 64:
+        return address ^ (((address >> 7) & 3) << 4);
+    case 128:
+        return address ^ (((address >> 7) & 7) << 4);
+    default:
+        return address;
+    }
 }
-// A swizzled operand starts where the pattern does (a multiple of 512 bytes), K-major ones plus the step
-// along k inside a row, so that their 16 k lie in one 64-byte row.
+// A swizzled operand starts where the pattern does (a multiple of 512 or 1024 bytes: 8 rows), K-major
+// ones plus the step along k inside the pattern's first row, so that their 16 k lie in one row.
 inline void check_start(uint64_t desc, bool mn_major, const void* start) {
     const auto a = reinterpret_cast<uintptr_t>(start);
-    if (desc >> 62 == 2 && (mn_major ? a % 512 != 0 : (a % 512) + 32 > 64))
-        fail("a wgmma operand in the 64-byte swizzle that does not start where the pattern does");
+    const unsigned row = swizzle_row(desc);
+    if (row && (mn_major ? a % (8 * row) != 0 : (a % (8 * row)) + 32 > row))
+        fail("a swizzled wgmma operand that does not start where the pattern does");
 }
 
 // The bf16 element (mn, k) of an operand described by `desc`.
@@ -109,12 +129,24 @@ inline float element(uint64_t desc, bool mn_major, int mn, int k) {
     return f;
 }
 
+// Element (row g + 8 h, k) of a warp's A fragments from registers: lane 4 g + (k % 8) / 2, register
+// h + 2 (k / 8), the lower column in the low half.
+inline float fragment_element(const uint32_t (&frags)[32][4], int g, int h, int k) {
+    const uint32_t word = frags[4 * g + (k % 8) / 2][h + 2 * (k / 8)];
+    const uint32_t u = (k % 2 ? word >> 16 : word & 0xFFFF) << 16;
+    float f;
+    std::memcpy(&f, &u, sizeof f);
+    return f;
+}
+
 inline void run(const Op& op) {
     const unsigned t = thread_id() % 128, w = t / 32, g = (t % 32) / 4, q = t % 4;
     float a[2][16];  // this thread's two rows of A
     for (int h = 0; h < 2; ++h)
-        for (int k = 0; k < 16; ++k) a[h][k] = element(op.a, op.trans_a, int(16 * w + g + 8 * h), k);
-    for (int j = 0; j < 16; ++j)
+        for (int k = 0; k < 16; ++k)
+            a[h][k] = op.a_regs ? fragment_element(op.frags, int(g), h, k)
+                                : element(op.a, op.trans_a, int(16 * w + g + 8 * h), k);
+    for (int j = 0; j < op.n / 8; ++j)
         for (int x = 0; x < 4; ++x) {
             const int col = 8 * j + 2 * int(q) + x % 2;
             float s = op.accumulate ? op.d[4 * j + x] : 0.0f;
@@ -136,9 +168,19 @@ inline uint64_t smem_desc_sw64(const void* start, uint32_t lbo_bytes, uint32_t s
     return smem_desc(start, lbo_bytes, sbo_bytes) | SMEM_DESC_SWIZZLE_64B;
 }
 
+inline uint64_t smem_desc_sw128(const void* start, uint32_t lbo_bytes, uint32_t sbo_bytes) {
+    return smem_desc(start, lbo_bytes, sbo_bytes) | SMEM_DESC_SWIZZLE_128B;
+}
+
+// Registers are not modelled: a warpgroup's setmaxnreg changes nothing here.
+template <int N>
+inline void setmaxnreg_dec() {}
+template <int N>
+inline void setmaxnreg_inc() {}
 inline void wgmma_fence() {}
 inline void fence_proxy_async() {}
-inline void fence_operands(float (&)[64]) {}
+template <int N>
+inline void fence_operands(float (&)[N]) {}
 
 namespace emu_wgmma {
 // The bytes an operand of `rows` x 16 covers (its last element is its farthest: every term of the
@@ -149,20 +191,56 @@ inline void check_operand(uint64_t desc, bool mn_major, int rows) {
     const auto* start = static_cast<const unsigned char*>(starts().at(desc & 0x3FFF));
     check_start(desc, mn_major, start);
     const uint64_t last = offset(desc, mn_major, rows - 1, 15);
-    if (desc >> 62 == 0) {
+    const unsigned bytes = swizzle_row(desc);
+    if (!bytes) {
         emu_tma::check_read(start, start + last + 2);
         return;
     }
-    const auto row = [](uintptr_t a) { return reinterpret_cast<const unsigned char*>(a / 64 * 64); };
-    emu_tma::check_read(row(reinterpret_cast<uintptr_t>(start)), row(reinterpret_cast<uintptr_t>(start + last)) + 64);
+    const auto row = [bytes](uintptr_t a) { return reinterpret_cast<const unsigned char*>(a / bytes * bytes); };
+    emu_tma::check_read(row(reinterpret_cast<uintptr_t>(start)),
+                        row(reinterpret_cast<uintptr_t>(start + last)) + bytes);
+}
+
+// Queues a wgmma of N columns, A from shared memory (desc a) or from the warp's registers (frag).
+template <int N>
+inline void issue(float* d, uint64_t a, const uint32_t* frag, uint64_t b, int ta, int tb, int accumulate) {
+    Op op{};
+    op.d = d;
+    op.a = a;
+    op.b = b;
+    op.trans_a = ta;
+    op.trans_b = tb;
+    op.accumulate = accumulate;
+    op.n = N;
+    op.a_regs = frag != nullptr;
+    if (op.a_regs)
+        emu::warp_allgather(frag, 16, op.frags);  // every lane's four registers, in lane order
+    else
+        check_operand(a, ta, 64);
+    check_operand(b, tb, N);
+    state().open.push_back(op);
 }
 }  // namespace emu_wgmma
 
 template <int TA, int TB>
 inline void wgmma_m64n128k16(float (&d)[64], uint64_t a, uint64_t b, int accumulate) {
-    emu_wgmma::check_operand(a, TA, 64);
-    emu_wgmma::check_operand(b, TB, 128);
-    emu_wgmma::state().open.push_back({d, a, b, TA, TB, accumulate});
+    emu_wgmma::issue<128>(d, a, nullptr, b, TA, TB, accumulate);
+}
+template <int TA, int TB>
+inline void wgmma_ss_m64n128k16(float (&d)[64], uint64_t a, uint64_t b, int accumulate) {
+    emu_wgmma::issue<128>(d, a, nullptr, b, TA, TB, accumulate);
+}
+template <int TA, int TB>
+inline void wgmma_ss_m64n256k16(float (&d)[128], uint64_t a, uint64_t b, int accumulate) {
+    emu_wgmma::issue<256>(d, a, nullptr, b, TA, TB, accumulate);
+}
+template <int TB>
+inline void wgmma_rs_m64n128k16(float (&d)[64], const uint32_t (&a)[4], uint64_t b, int accumulate) {
+    emu_wgmma::issue<128>(d, 0, a, b, 0, TB, accumulate);
+}
+template <int TB>
+inline void wgmma_rs_m64n256k16(float (&d)[128], const uint32_t (&a)[4], uint64_t b, int accumulate) {
+    emu_wgmma::issue<256>(d, 0, a, b, 0, TB, accumulate);
 }
 
 inline void wgmma_commit() {

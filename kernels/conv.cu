@@ -402,3 +402,93 @@ extern "C" __global__ void __launch_bounds__(256)
 }
 #undef DDPM_NORM_PARAMS
 #undef DDPM_NORM_ARGS
+
+// Version 8 (sm_90a only; gemm_hopper.cuh): the three convolutions of stride 1 with both operands copied by
+// the tensor-memory accelerator into a pipeline of `stages` stages, a producer warpgroup and two consumer
+// warpgroups (block 384), the tile BN = 128 or 256 columns (_n128, _n256). A tile of M is a rectangle of
+// wt x ht x nt pixels (128; the weight gradient's slices of K are such rectangles of 64). The launcher
+// encodes the maps (src/backend/cuda/hopper.rs says which views and boxes) and runs these only where they
+// describe the convolution: c (and o for the input gradient) multiples of 64, x in bf16 for the forward.
+//   conv2d_forward_v8_*          ma: x (bf16), mb: W; the epilogue of the _io kernels (residual and y in
+//                                either storage)
+//   conv2d_backward_data_v8_*    ma: dy (fp32), mb: W viewed as (c, taps^2, o)
+//   conv2d_backward_weight_v8_n256  ma: dy (fp32), mb: x (bf16); split K as the other cores
+#define DDPM_V8_GEOMETRY int batch, int h, int wd, int c, int o, int taps, int pad, int wt, int ht, int nt, int stages
+
+template <int BN>
+__device__ __forceinline__ void conv_forward_v8(const ddpm::TensorMap& ma, const ddpm::TensorMap& mb, const float* b,
+                                                const float* image_bias, const float* residual,
+                                                const __nv_bfloat16* residual_bf16, float* y, __nv_bfloat16* y_bf16,
+                                                int batch, int h, int wd, int c, int o, int taps, int pad, int wt,
+                                                int ht, int nt, int stages) {
+    namespace hop = ddpm::hop;
+    const hop::PixelTiles tiles = hop::pixel_tiles(batch, h, wd, wt, ht, nt);
+    const hop::ConvForward<BN> p{&ma, &mb, tiles, tiles.origin(blockIdx.x), int(blockIdx.y) * BN, c, taps, pad,
+                                 batch * h * wd, o};
+    const ddpm::Epilogue e{y, o, b, 0, nullptr, image_bias, h * wd, residual, y_bf16, residual_bf16};
+    hop::gemm(p, stages, e);
+}
+
+extern "C" __global__ void __launch_bounds__(384, 1)
+    conv2d_forward_v8_n128(const __grid_constant__ ddpm::TensorMap ma, const __grid_constant__ ddpm::TensorMap mb,
+                           const float* __restrict__ b, const float* __restrict__ image_bias,
+                           const float* __restrict__ residual, const __nv_bfloat16* __restrict__ residual_bf16,
+                           float* __restrict__ y, __nv_bfloat16* __restrict__ y_bf16, DDPM_V8_GEOMETRY) {
+    conv_forward_v8<128>(ma, mb, b, image_bias, residual, residual_bf16, y, y_bf16, batch, h, wd, c, o, taps, pad,
+                         wt, ht, nt, stages);
+}
+
+extern "C" __global__ void __launch_bounds__(384, 1)
+    conv2d_forward_v8_n256(const __grid_constant__ ddpm::TensorMap ma, const __grid_constant__ ddpm::TensorMap mb,
+                           const float* __restrict__ b, const float* __restrict__ image_bias,
+                           const float* __restrict__ residual, const __nv_bfloat16* __restrict__ residual_bf16,
+                           float* __restrict__ y, __nv_bfloat16* __restrict__ y_bf16, DDPM_V8_GEOMETRY) {
+    conv_forward_v8<256>(ma, mb, b, image_bias, residual, residual_bf16, y, y_bf16, batch, h, wd, c, o, taps, pad,
+                         wt, ht, nt, stages);
+}
+
+
+template <int BN>
+__device__ __forceinline__ void conv_backward_data_v8(const ddpm::TensorMap& ma, const ddpm::TensorMap& mb, float* dx,
+                                                      int accumulate, int batch, int h, int wd, int c, int o,
+                                                      int taps, int pad, int wt, int ht, int nt, int stages) {
+    namespace hop = ddpm::hop;
+    const hop::PixelTiles tiles = hop::pixel_tiles(batch, h, wd, wt, ht, nt);
+    const hop::ConvInputGrad<BN> p{&ma, &mb, tiles, tiles.origin(blockIdx.x), int(blockIdx.y) * BN, o, taps, pad,
+                                   batch * h * wd, c};
+    const ddpm::Epilogue e{dx, c, nullptr, accumulate, nullptr};
+    hop::gemm(p, stages, e);
+}
+
+extern "C" __global__ void __launch_bounds__(384, 1)
+    conv2d_backward_data_v8_n128(const __grid_constant__ ddpm::TensorMap ma,
+                                 const __grid_constant__ ddpm::TensorMap mb, float* __restrict__ dx, int accumulate,
+                                 DDPM_V8_GEOMETRY) {
+    conv_backward_data_v8<128>(ma, mb, dx, accumulate, batch, h, wd, c, o, taps, pad, wt, ht, nt, stages);
+}
+
+extern "C" __global__ void __launch_bounds__(384, 1)
+    conv2d_backward_data_v8_n256(const __grid_constant__ ddpm::TensorMap ma,
+                                 const __grid_constant__ ddpm::TensorMap mb, float* __restrict__ dx, int accumulate,
+                                 DDPM_V8_GEOMETRY) {
+    conv_backward_data_v8<256>(ma, mb, dx, accumulate, batch, h, wd, c, o, taps, pad, wt, ht, nt, stages);
+}
+
+
+// Slice z of the reduction over pixels (runs of `chunk` patches of wt x ht x nt = 64) writes
+// workspace[z, o, k] when gridDim.z > 1; gemm_reduce_f32 then writes dw.
+extern "C" __global__ void __launch_bounds__(384, 1)
+    conv2d_backward_weight_v8_n256(const __grid_constant__ ddpm::TensorMap ma, const __grid_constant__ ddpm::TensorMap mb,
+                                   float* __restrict__ dw, float* __restrict__ workspace, int chunk,
+                                   DDPM_V8_GEOMETRY) {
+    namespace hop = ddpm::hop;
+    const hop::PixelTiles tiles = hop::pixel_tiles(batch, h, wd, wt, ht, nt);
+    const int kdim = taps * taps * c;
+    int first, count;
+    hop::split_run(tiles.patches(), chunk, first, count);
+    const hop::ConvWeightGrad<256> p{&ma, &mb, tiles, int(blockIdx.x) * hop::BM, int(blockIdx.y) * 256, c, taps, pad,
+                                     o, kdim, first, count};
+    const ddpm::Epilogue e{dw, kdim, nullptr, 0, workspace};
+    hop::gemm(p, stages, e);
+}
+#undef DDPM_V8_GEOMETRY

@@ -41,6 +41,13 @@ constexpr int GEMM_THREADS = 256;
 // A loader over bf16 storage (the weights' bf16 copy, `packed`) delivers its eight as bf16 in one uint4
 // instead: one 16-byte load, nothing to convert; and it says where they are (`at(i, j)`, the address of
 // element (i, j)), so a core can copy them to shared memory without the registers (cp.async).
+//
+// The tensor-core cores (versions 3 to 6) read each run through a *cursor*: a thread's runs keep their
+// place along the operand's other index from slice to slice and move along k by the slice's depth, so
+// the loader decodes a run's indices once (`cursor(i, j, step)`: the pixel of an im2col row, the tap and
+// channel of a column, with the divisions that takes) and then moves it by additions and compares only
+// (`advance`), and loads from it (`load8(cursor, valid, v)`, `at(cursor)`): no integer division in the
+// main loop. The element-wise API (operator(), load8(i, j, ..)) stays for the other cores.
 
 // v = p[0, 8), 0 past `valid`: two 16-byte loads when all eight are valid and p is 16-byte aligned.
 __device__ __forceinline__ void load_run8(const float* p, int valid, float (&v)[8]) {
@@ -137,6 +144,16 @@ struct RowsAOf {
     __device__ void load8(int m, int k, int valid, Run& v) const {
         load_run8(at(m, k), valid, v);
     }
+    struct Cursor {
+        const T* p;
+    };
+    __device__ __forceinline__ Cursor cursor(int m, int k, int) const { return {at(m, k)}; }
+    __device__ __forceinline__ void advance(Cursor& c, int step) const { c.p += step; }
+    __device__ __forceinline__ const T* at(const Cursor& c) const { return c.p; }
+    template <class Run>
+    __device__ __forceinline__ void load8(const Cursor& c, int valid, Run& v) const {
+        load_run8(c.p, valid, v);
+    }
 };
 using RowsA = RowsAOf<float>;
 
@@ -149,6 +166,14 @@ struct ColsA {
     __device__ float operator()(int m, int k) const { return m < rows ? p[int64_t(k) * ld + m] : 0.0f; }
     __device__ void load8(int m, int k, int valid, float (&v)[8]) const {
         load_run8(p + int64_t(k) * ld + m, valid, v);
+    }
+    struct Cursor {
+        const float* p;
+    };
+    __device__ __forceinline__ Cursor cursor(int m, int k, int) const { return {p + int64_t(k) * ld + m}; }
+    __device__ __forceinline__ void advance(Cursor& c, int step) const { c.p += int64_t(step) * ld; }
+    __device__ __forceinline__ void load8(const Cursor& c, int valid, float (&v)[8]) const {
+        load_run8(c.p, valid, v);
     }
 };
 
@@ -166,6 +191,16 @@ struct RowsB {
     __device__ void load8(int k, int n, int valid, Run& v) const {
         load_run8(at(k, n), valid, v);
     }
+    struct Cursor {
+        const T* p;
+    };
+    __device__ __forceinline__ Cursor cursor(int k, int n, int) const { return {at(k, n)}; }
+    __device__ __forceinline__ void advance(Cursor& c, int step) const { c.p += int64_t(step) * ld; }
+    __device__ __forceinline__ const T* at(const Cursor& c) const { return c.p; }
+    template <class Run>
+    __device__ __forceinline__ void load8(const Cursor& c, int valid, Run& v) const {
+        load_run8(c.p, valid, v);
+    }
 };
 
 // B(k, n) = p[n * ld + k]: the transpose of a row-major matrix (a weight [out, in] used as [in, out]).
@@ -181,6 +216,16 @@ struct ColsB {
     template <class Run>
     __device__ void load8(int k, int n, int valid, Run& v) const {
         load_run8(at(k, n), valid, v);
+    }
+    struct Cursor {
+        const T* p;
+    };
+    __device__ __forceinline__ Cursor cursor(int k, int n, int) const { return {at(k, n)}; }
+    __device__ __forceinline__ void advance(Cursor& c, int step) const { c.p += step; }
+    __device__ __forceinline__ const T* at(const Cursor& c) const { return c.p; }
+    template <class Run>
+    __device__ __forceinline__ void load8(const Cursor& c, int valid, Run& v) const {
+        load_run8(c.p, valid, v);
     }
 };
 
@@ -225,6 +270,46 @@ struct Im2colOf {
         if (g.c % 8 != 0) return gather8([&](int t) { return (*this)(m, k + t); }, valid, v);
         int image;
         const int64_t i = index(m, k, image);
+        if (i < 0) return zero8(v);
+        load_run8(x + i, valid, v);
+    }
+
+    // A thread's run at row m (its output pixel decoded once: the image, the input row and column of tap
+    // (0, 0)) and column k (the tap and channel, kept as k advances).
+    struct Cursor {
+        int m, k;        // the indices, for the element-wise path (c not a multiple of 8)
+        int image, iy0, ix0;
+        int ci, kx, ky;
+    };
+    __device__ __forceinline__ Cursor cursor(int m, int k, int) const {
+        Cursor c;
+        c.m = m, c.k = k;
+        const int ox = m % g.ow, rest = m / g.ow;
+        c.image = rest / g.oh;
+        c.iy0 = (rest % g.oh) * g.stride - g.pad, c.ix0 = ox * g.stride - g.pad;
+        c.ci = k % g.c;
+        const int tap = k / g.c;
+        c.kx = tap % g.taps, c.ky = tap / g.taps;
+        return c;
+    }
+    __device__ __forceinline__ void advance(Cursor& c, int step) const {
+        c.k += step;
+        c.ci += step;
+        while (c.ci >= g.c) {  // once a slice where c >= step
+            c.ci -= g.c;
+            if (++c.kx == g.taps) c.kx = 0, ++c.ky;
+        }
+    }
+    // The offset of the cursor's element in x, or -1 in the padding (the row is in range: the caller
+    // passes only valid runs).
+    __device__ __forceinline__ int64_t offset(const Cursor& c) const {
+        const int iy = c.iy0 + c.ky, ix = c.ix0 + c.kx;
+        if (iy < 0 || iy >= g.h || ix < 0 || ix >= g.w) return -1;
+        return ((int64_t(c.image) * g.h + iy) * g.w + ix) * g.c + c.ci;
+    }
+    __device__ __forceinline__ void load8(const Cursor& c, int valid, float (&v)[8]) const {
+        if (g.c % 8 != 0) return load8(c.m, c.k, valid, v);
+        const int64_t i = offset(c);
         if (i < 0) return zero8(v);
         load_run8(x + i, valid, v);
     }
@@ -277,6 +362,27 @@ struct NormedIm2colOf {
             v[t] = p > 0.0f ? u * (philox_uniform(seed, stream, uint64_t(i + t)) >= p ? keep : 0.0f) : u;
         }
     }
+    // Im2colOf's cursor; the normalisation still reads its statistics and affine parameters per element
+    // (these kernels run where the scratch of group_norm_apply_* does not: fp32 precision, channels not
+    // in runs of 8).
+    using Cursor = typename Im2colOf<X>::Cursor;
+    __device__ __forceinline__ Cursor cursor(int m, int k, int step) const { return a.cursor(m, k, step); }
+    __device__ __forceinline__ void advance(Cursor& c, int step) const { a.advance(c, step); }
+    __device__ __forceinline__ void load8(const Cursor& c, int valid, float (&v)[8]) const {
+        if (a.g.c % 8 != 0) return load8(c.m, c.k, valid, v);
+        const int64_t i = a.offset(c);
+        if (i < 0) return zero8(v);
+        load_run8(a.x + i, valid, v);
+        const int per_group = a.g.c / groups, s0 = c.image * groups;
+#pragma unroll
+        for (int t = 0; t < 8; ++t) {
+            if (t >= valid) break;
+            const int ci = c.ci + t, s = s0 + ci / per_group;
+            const float z = (v[t] - mean[s]) * rstd[s] * gamma[ci] + beta[ci];
+            const float u = silu ? z * sigmoid(z) : z;
+            v[t] = p > 0.0f ? u * (philox_uniform(seed, stream, uint64_t(i + t)) >= p ? keep : 0.0f) : u;
+        }
+    }
 };
 
 // Either gather as the B operand of the weight gradient: B(r, k) = im2col(r, k), k contiguous.
@@ -286,7 +392,55 @@ struct Im2colB {
     static constexpr bool n_fast = true;
     __device__ float operator()(int r, int k) const { return a(r, k); }
     __device__ void load8(int r, int k, int valid, float (&v)[8]) const { a.load8(r, k, valid, v); }
+    // The run's column (tap and channel) stays; its row, a pixel, advances by `step` pixels a slice: the
+    // step's decomposition into images, rows and columns is made once, so the pixel moves by additions
+    // and carries.
+    struct Cursor {
+        typename Gather::Cursor c;
+        int oy, ox, dy, dx, dimg;  // the pixel's output row and column, and the step's parts
+    };
+    __device__ __forceinline__ Cursor cursor(int r, int k, int step) const {
+        const ConvGeom& g = geom();
+        Cursor c;
+        c.c = a.cursor(r, k, step);
+        c.ox = r % g.ow;
+        c.oy = (r / g.ow) % g.oh;
+        c.dx = step % g.ow;
+        c.dy = (step / g.ow) % g.oh;
+        c.dimg = step / (g.ow * g.oh);
+        return c;
+    }
+    __device__ __forceinline__ void advance(Cursor& c, int step) const {
+        const ConvGeom& g = geom();
+        c.c.m += step;
+        c.ox += c.dx;
+        const int carry_x = c.ox >= g.ow;
+        c.ox -= carry_x * g.ow;
+        c.oy += c.dy + carry_x;
+        const int carry_y = c.oy >= g.oh;
+        c.oy -= carry_y * g.oh;
+        c.c.image += c.dimg + carry_y;
+        c.c.iy0 = c.oy * g.stride - g.pad, c.c.ix0 = c.ox * g.stride - g.pad;
+    }
+    __device__ __forceinline__ void load8(const Cursor& c, int valid, float (&v)[8]) const {
+        a.load8(c.c, valid, v);
+    }
+    __device__ __forceinline__ const ConvGeom& geom() const;
 };
+
+// The geometry of either gather (an Im2colOf keeps it, a NormedIm2colOf its Im2colOf).
+template <class X>
+__device__ __forceinline__ const ConvGeom& gather_geom(const Im2colOf<X>& a) {
+    return a.g;
+}
+template <class X>
+__device__ __forceinline__ const ConvGeom& gather_geom(const NormedIm2colOf<X>& a) {
+    return a.a.g;
+}
+template <class Gather>
+__device__ __forceinline__ const ConvGeom& Im2colB<Gather>::geom() const {
+    return gather_geom(a);
+}
 
 // The input gradient's gather: A(m, k) with m = (image, iy, ix) an input pixel, k = (ky, kx, oc): the
 // output gradient at the position that tap (ky, kx) of input pixel (iy, ix) fed, or 0 when there is none
@@ -321,6 +475,42 @@ struct DyGather {
         if (i < 0) return zero8(v);
         load_run8(dy + i, valid, v);
     }
+    // A thread's run at input pixel m (decoded once) and column k (tap and output channel, kept as k
+    // advances).
+    struct Cursor {
+        int m, k;
+        int image, ny0, nx0;  // iy + pad, ix + pad
+        int oc, kx, ky;
+    };
+    __device__ __forceinline__ Cursor cursor(int m, int k, int) const {
+        Cursor c;
+        c.m = m, c.k = k;
+        const int ix = m % g.w, rest = m / g.w;
+        c.ny0 = rest % g.h + g.pad, c.nx0 = ix + g.pad, c.image = rest / g.h;
+        c.oc = k % g.o;
+        const int tap = k / g.o;
+        c.kx = tap % g.taps, c.ky = tap / g.taps;
+        return c;
+    }
+    __device__ __forceinline__ void advance(Cursor& c, int step) const {
+        c.k += step;
+        c.oc += step;
+        while (c.oc >= g.o) {
+            c.oc -= g.o;
+            if (++c.kx == g.taps) c.kx = 0, ++c.ky;
+        }
+    }
+    __device__ __forceinline__ void load8(const Cursor& c, int valid, float (&v)[8]) const {
+        if (g.o % 8 != 0) return load8(c.m, c.k, valid, v);
+        int ny = c.ny0 - c.ky, nx = c.nx0 - c.kx;
+        if (ny < 0 || nx < 0) return zero8(v);
+        if (g.stride == 2) {  // the taps between the strides read nothing
+            if ((ny | nx) & 1) return zero8(v);
+            ny >>= 1, nx >>= 1;
+        }
+        if (ny >= g.oh || nx >= g.ow) return zero8(v);
+        load_run8(dy + ((int64_t(c.image) * g.oh + ny) * g.ow + nx) * g.o + c.oc, valid, v);
+    }
 };
 
 // The weight [o, ky, kx, c] as the B operand of the input gradient: B(k = (ky, kx, oc), ci); fp32 or its
@@ -339,6 +529,22 @@ struct WeightT {
     template <class Run>
     __device__ void load8(int k, int ci, int valid, Run& v) const {
         load_run8(at(k, ci), valid, v);
+    }
+    // A run along ci at row k = (tap, oc): oc and the tap kept as k advances.
+    struct Cursor {
+        int oc, tap, ci;
+    };
+    __device__ __forceinline__ Cursor cursor(int k, int ci, int) const { return {k % g.o, k / g.o, ci}; }
+    __device__ __forceinline__ void advance(Cursor& c, int step) const {
+        c.oc += step;
+        while (c.oc >= g.o) c.oc -= g.o, ++c.tap;
+    }
+    __device__ __forceinline__ const T* at(const Cursor& c) const {
+        return w + (int64_t(c.oc) * g.taps * g.taps + c.tap) * g.c + c.ci;
+    }
+    template <class Run>
+    __device__ __forceinline__ void load8(const Cursor& c, int valid, Run& v) const {
+        load_run8(at(c), valid, v);
     }
 };
 

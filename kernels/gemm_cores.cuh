@@ -4,6 +4,7 @@
 // mma.sync core (v3, gemm_mma.cuh) of the `_bf16` kernels.
 #pragma once
 
+#include "gemm_hopper.cuh"
 #include "gemm_wgmma.cuh"
 
 namespace ddpm {

@@ -98,35 +98,51 @@ struct MmaOperand {
     static constexpr bool packed = packed_runs<Load>(0);
     float v[2][8];
     uint4 raw[2];
+    // The thread's two runs: their place in a stage (dm, dk), their indices in the operand (outer is m
+    // for A, n for B; k moves by a slice each slice) and the loader's cursor there (gemm.cuh), made
+    // once, so the main loop decodes no index.
+    typename Load::Cursor cur[2];
+    int outer[2], k[2];
 
-    // Where the thread's run i of the slice at (outer0, k0) lies: its place in the stage (dm, dk), its
-    // indices in the operand (outer is m for A, n for B, in range below `outer_end`; k below `k_end`),
-    // and how many of its 8 elements are inside the operand (0: none, the run is all zeros).
-    struct Run {
-        int dm, dk, outer, k, valid;
-    };
-    __device__ __forceinline__ static Run locate(int tid, int i, int outer0, int outer_end, int k0, int k_end) {
-        Run r;
-        Slice::run(tid, i, r.dm, r.dk);
-        r.outer = outer0 + r.dm, r.k = k0 + r.dk;
-        const bool inside = k_rows ? r.k < k_end : r.outer < outer_end;
-        r.valid = inside ? max(0, k_rows ? min(8, outer_end - r.outer) : min(8, k_end - r.k)) : 0;
-        return r;
-    }
-
-    // Fetches the thread's runs of the slice at (outer0, k0) into registers (`raw` for a packed
-    // operand, else `v`). Elements outside the operand are 0.
-    __device__ __forceinline__ void fetch(const Load& load, int tid, int outer0, int outer_end, int k0, int k_end) {
+    // The runs of the slice at (outer0, k0), the block's first.
+    __device__ __forceinline__ void start(const Load& load, int tid, int outer0, int k0) {
 #pragma unroll
         for (int i = 0; i < 2; ++i) {
-            const Run r = locate(tid, i, outer0, outer_end, k0, k_end);
+            int dm, dk;
+            Slice::run(tid, i, dm, dk);
+            outer[i] = outer0 + dm, k[i] = k0 + dk;
+            if constexpr (Use == 0)
+                cur[i] = load.cursor(outer[i], k[i], MMA_BK);
+            else
+                cur[i] = load.cursor(k[i], outer[i], MMA_BK);
+        }
+    }
+    // The runs of the next slice.
+    __device__ __forceinline__ void next(const Load& load) {
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+            load.advance(cur[i], MMA_BK);
+            k[i] += MMA_BK;
+        }
+    }
+    // How many of run i's 8 elements are inside the operand (outer below `outer_end`, k below
+    // `k_end`; 0: none, the run is all zeros).
+    __device__ __forceinline__ int valid(int i, int outer_end, int k_end) const {
+        const bool inside = k_rows ? k[i] < k_end : outer[i] < outer_end;
+        return inside ? max(0, k_rows ? min(8, outer_end - outer[i]) : min(8, k_end - k[i])) : 0;
+    }
+
+    // Fetches the thread's runs of the current slice into registers (`raw` for a packed operand, else
+    // `v`). Elements outside the operand are 0.
+    __device__ __forceinline__ void fetch(const Load& load, int outer_end, int k_end) {
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+            const int n = valid(i, outer_end, k_end);
             const auto get = [&](auto& dst) {
-                if (r.valid == 0)
+                if (n == 0)
                     zero8(dst);
-                else if constexpr (Use == 0)
-                    load.load8(r.outer, r.k, r.valid, dst);
                 else
-                    load.load8(r.k, r.outer, r.valid, dst);
+                    load.load8(cur[i], n, dst);
             };
             if constexpr (packed)
                 get(raw[i]);
@@ -135,26 +151,28 @@ struct MmaOperand {
         }
     }
 
-    // A packed operand's runs of the slice at (outer0, k0) straight into `stage` (free: its last reads
-    // were before the caller's last barrier): cp.async for each run of 8 valid elements aligned to 16
-    // bytes, the others through the registers now. cp_async_wait_all and a barrier make them visible.
-    __device__ __forceinline__ void fetch_async(const Load& load, __nv_bfloat16* stage, int tid, int outer0,
-                                                int outer_end, int k0, int k_end) {
+    // A packed operand's runs of the current slice straight into `stage` (free: its last reads were
+    // before the caller's last barrier): cp.async for each run of 8 valid elements aligned to 16 bytes,
+    // the others through the registers now. cp_async_wait_all and a barrier make them visible.
+    __device__ __forceinline__ void fetch_async(const Load& load, __nv_bfloat16* stage, int tid, int outer_end,
+                                                int k_end) {
         static_assert(packed, "only bf16 storage is copied as it is");
 #pragma unroll
         for (int i = 0; i < 2; ++i) {
-            const Run r = locate(tid, i, outer0, outer_end, k0, k_end);
-            uint4* dst = reinterpret_cast<uint4*>(stage + Slice::offset(r.dm, r.dk));
-            if (r.valid == 0) {
+            int dm, dk;
+            Slice::run(tid, i, dm, dk);
+            uint4* dst = reinterpret_cast<uint4*>(stage + Slice::offset(dm, dk));
+            const int n = valid(i, outer_end, k_end);
+            if (n == 0) {
                 *dst = make_uint4(0, 0, 0, 0);
                 continue;
             }
-            const auto* src = Use == 0 ? load.at(r.outer, r.k) : load.at(r.k, r.outer);
-            if (r.valid == 8 && (reinterpret_cast<uintptr_t>(src) & 15) == 0) {
+            const auto* src = load.at(cur[i]);
+            if (n == 8 && (reinterpret_cast<uintptr_t>(src) & 15) == 0) {
                 cp_async16(dst, src);
             } else {
                 uint4 run;
-                load_run8(src, r.valid, run);
+                load_run8(src, n, run);
                 *dst = run;
             }
         }
@@ -249,15 +267,20 @@ __device__ __forceinline__ void gemm_run_mma(const LoadA& a, const LoadB& b, int
     // other goes through the registers (fetched before the math, converted and stored after it).
     OpA opa;
     OpB opb;
-    const auto fetch = [&](int k0, int stage) {
+    opa.start(a, tid, m0, k_begin);
+    opb.start(b, tid, n0, k_begin);
+    // The next slice's runs (each fetch moves the cursors on by a slice).
+    const auto fetch = [&](int stage) {
         if constexpr (OpA::packed)
-            opa.fetch_async(a, As[stage], tid, m0, rows, k0, k_end);
+            opa.fetch_async(a, As[stage], tid, rows, k_end);
         else
-            opa.fetch(a, tid, m0, rows, k0, k_end);
+            opa.fetch(a, rows, k_end);
         if constexpr (OpB::packed)
-            opb.fetch_async(b, Bs[stage], tid, n0, cols, k0, k_end);
+            opb.fetch_async(b, Bs[stage], tid, cols, k_end);
         else
-            opb.fetch(b, tid, n0, cols, k0, k_end);
+            opb.fetch(b, cols, k_end);
+        opa.next(a);
+        opb.next(b);
     };
     const auto store = [&](int stage) {
         if constexpr (!OpA::packed) opa.store(As[stage], tid);
@@ -265,14 +288,14 @@ __device__ __forceinline__ void gemm_run_mma(const LoadA& a, const LoadB& b, int
         if constexpr (OpA::packed || OpB::packed) cp_async_wait_all();
     };
     if (k_begin < k_end) {
-        fetch(k_begin, 0);
+        fetch(0);
         store(0);
     }
     __syncthreads();
     int stage = 0;
     for (int k0 = k_begin; k0 < k_end; k0 += MMA_BK) {
         const bool more = k0 + MMA_BK < k_end;
-        if (more) fetch(k0 + MMA_BK, stage ^ 1);  // in flight while the tensor cores work on this slice
+        if (more) fetch(stage ^ 1);  // in flight while the tensor cores work on this slice
 #pragma unroll
         for (int ks = 0; ks < MMA_BK; ks += 16) {
             uint32_t fa[4][4], fb[2][4];

@@ -110,8 +110,12 @@ __device__ __forceinline__ void gemm_run_wgmma(const LoadA& a, const LoadB& b, i
 
     MmaOperand<0, LoadA, SliceA> opa;
     MmaOperand<1, LoadB, SliceB> opb;
-    opa.fetch(a, tid, m0, rows, k_begin, k_end);
-    opb.fetch(b, tid, n0, cols, k_begin, k_end);
+    opa.start(a, tid, m0, k_begin);
+    opb.start(b, tid, n0, k_begin);
+    opa.fetch(a, rows, k_end);
+    opb.fetch(b, cols, k_end);
+    opa.next(a);
+    opb.next(b);
     opa.store(As[0], tid);
     opb.store(Bs[0], tid);
     fence_proxy_async();
@@ -126,8 +130,10 @@ __device__ __forceinline__ void gemm_run_wgmma(const LoadA& a, const LoadB& b, i
                                          SliceB::desc(Bs[stage], 0, ks), k0 > k_begin || ks > 0);
         wgmma_commit();
         if (more) {  // in flight while the tensor cores work on this slice
-            opa.fetch(a, tid, m0, rows, k0 + MMA_BK, k_end);
-            opb.fetch(b, tid, n0, cols, k0 + MMA_BK, k_end);
+            opa.fetch(a, rows, k_end);
+            opb.fetch(b, cols, k_end);
+            opa.next(a);
+            opb.next(b);
         }
         wgmma_wait<1>();  // the previous slice's wgmma, which read the other stage, is done...
         __syncthreads();  // ...in both warpgroups
@@ -297,13 +303,14 @@ __device__ __forceinline__ void gemm_run_wgmma_tma(const LoadA& a, const TmaB& b
 
     float acc[64];
     MmaOperand<0, LoadA, SliceA> opa;
-    opa.fetch(a, tid, m0, rows, k_begin, k_end);
+    opa.start(a, tid, m0, k_begin);
+    opa.fetch(a, rows, k_end);
+    opa.next(a);
     opa.store(As[0], tid);
     fence_proxy_async();
     __syncthreads();
     int stage = 0;
     for (int i = 0; i < slices; ++i) {
-        const int k0 = k_begin + i * MMA_BK;
         const bool more = i + 1 < slices;
         mbar_wait(&landed[i % STAGES_B], (i / STAGES_B) & 1);
         wgmma_fence();
@@ -313,7 +320,10 @@ __device__ __forceinline__ void gemm_run_wgmma_tma(const LoadA& a, const TmaB& b
                                                 TmaB::Stage::desc(Bs[i % STAGES_B], ks),
                                                 i > 0 || ks > 0);
         wgmma_commit();
-        if (more) opa.fetch(a, tid, m0, rows, k0 + MMA_BK, k_end);
+        if (more) {
+            opa.fetch(a, rows, k_end);
+            opa.next(a);
+        }
         wgmma_wait<1>();  // slice i - 1's wgmma, which read A's other stage and B's stage (i + 2) % 3...
         __syncthreads();  // ...is done in both warpgroups
         if (tid == 0 && i + 2 < slices) queue_b(i + 2);

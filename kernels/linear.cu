@@ -111,3 +111,40 @@ extern "C" __global__ void __launch_bounds__(256)
                                float* __restrict__ workspace, int chunk, int m, int k, int n) {
     linear_backward_weight_gemm<ddpm::Core::Mma>(x, dy, dw, workspace, chunk, m, k, n);
 }
+
+// Version 8 (sm_90a only; gemm_hopper.cuh): the attention projection's three GEMMs with both operands
+// copied by the tensor-memory accelerator (tiles of 128 x 256, block 384, `stages` stages): ma and mb
+// are x [m, k] (bf16) and W [n, k] for the forward, dy [m, n] (fp32) and W for the input gradient, dy and x
+// for the weight gradient (split K, as the other cores). The launcher runs these where in and out are
+// multiples of 64 and the activations bf16.
+extern "C" __global__ void __launch_bounds__(384, 1)
+    linear_forward_v8_n256(const __grid_constant__ ddpm::TensorMap ma, const __grid_constant__ ddpm::TensorMap mb,
+                           const float* __restrict__ b, const float* __restrict__ residual,
+                           const __nv_bfloat16* __restrict__ residual_bf16, float* __restrict__ y,
+                           __nv_bfloat16* __restrict__ y_bf16, int m, int k, int n, int stages) {
+    namespace hop = ddpm::hop;
+    const hop::LinearForward<256> p{&ma, &mb, int(blockIdx.x) * hop::BM, int(blockIdx.y) * 256, k, m, n};
+    const ddpm::Epilogue e{y, n, b, 0, nullptr, nullptr, 1, residual, y_bf16, residual_bf16};
+    hop::gemm(p, stages, e);
+}
+
+extern "C" __global__ void __launch_bounds__(384, 1)
+    linear_backward_data_v8_n256(const __grid_constant__ ddpm::TensorMap ma, const __grid_constant__ ddpm::TensorMap mb,
+                                 float* __restrict__ dx, int accumulate, int m, int k, int n, int stages) {
+    namespace hop = ddpm::hop;
+    const hop::LinearInputGrad<256> p{&ma, &mb, int(blockIdx.x) * hop::BM, int(blockIdx.y) * 256, n, m, k};
+    const ddpm::Epilogue e{dx, k, nullptr, accumulate, nullptr};
+    hop::gemm(p, stages, e);
+}
+
+extern "C" __global__ void __launch_bounds__(384, 1)
+    linear_backward_weight_v8_n256(const __grid_constant__ ddpm::TensorMap ma, const __grid_constant__ ddpm::TensorMap mb,
+                                   float* __restrict__ dw, float* __restrict__ workspace, int chunk, int m, int k,
+                                   int n, int stages) {
+    namespace hop = ddpm::hop;
+    int first, count;
+    hop::split_run((m + hop::BK - 1) / hop::BK, chunk, first, count);
+    const hop::LinearWeightGrad<256> p{&ma, &mb, int(blockIdx.x) * hop::BM, int(blockIdx.y) * 256, n, k, first, count};
+    const ddpm::Epilogue e{dw, k, nullptr, 0, workspace};
+    hop::gemm(p, stages, e);
+}

@@ -3,9 +3,9 @@
 //
 //   TensorMap                     the 128-byte tensor map the host encodes (cuTensorMapEncodeTiled) and
 //                                 passes by value as a `const __grid_constant__` kernel parameter: a bf16
-//                                 tensor in global memory (address, extents, byte strides of each
+//                                 (or, for version 8's fp32 operands, fp32) tensor in global memory (address, extents, byte strides of each
 //                                 dimension, innermost first) and the box one copy moves
-//   tma_load_2d(dst, map, bar, x, y), tma_load_4d(dst, map, bar, x, y, z, w)
+//   tma_load_2d(dst, map, bar, x, y), tma_load_3d(.., z), tma_load_4d(dst, map, bar, x, y, z, w)
 //                                 one thread queues the copy of the box whose first element is at those
 //                                 coordinates (x innermost) into shared `dst`, densely, innermost
 //                                 dimension fastest, with zeros where the box leaves the tensor; when the
@@ -15,6 +15,7 @@
 //   fence_mbar_init()             makes the initialisation visible to the TMA unit (the async proxy),
 //                                 before the barrier that publishes it to the block
 //   mbar_arrive_expect_tx(bar, n) arrives once, announcing n bytes still to land in this phase
+//   mbar_arrive(bar)              arrives once (a consumer releasing a stage)
 //   mbar_wait(bar, parity)        waits until the phase of that parity has completed (phases alternate
 //                                 0, 1, 0, ...: use k of a barrier waits on parity k % 2)
 //
@@ -52,6 +53,9 @@ __device__ __forceinline__ void mbar_arrive_expect_tx(uint64_t* bar, unsigned by
     asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_addr(bar)), "r"(bytes)
                  : "memory");
 }
+__device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_addr(bar)) : "memory");
+}
 __device__ __forceinline__ void mbar_wait(uint64_t* bar, unsigned parity) {
     unsigned done = 0;
     while (!done)
@@ -72,6 +76,13 @@ __device__ __forceinline__ void tma_load_2d(void* dst, const TensorMap* map, uin
         "l"(reinterpret_cast<uint64_t>(map)), "r"(x), "r"(y), "r"(smem_addr(bar))
         : "memory");
 }
+__device__ __forceinline__ void tma_load_3d(void* dst, const TensorMap* map, uint64_t* bar, int x, int y, int z) {
+    asm volatile(
+        "cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4}], "
+        "[%5];\n" ::"r"(smem_addr(dst)),
+        "l"(reinterpret_cast<uint64_t>(map)), "r"(x), "r"(y), "r"(z), "r"(smem_addr(bar))
+        : "memory");
+}
 __device__ __forceinline__ void tma_load_4d(void* dst, const TensorMap* map, uint64_t* bar, int x, int y, int z,
                                             int w) {
     asm volatile(
@@ -85,8 +96,10 @@ __device__ __forceinline__ void tma_load_4d(void* dst, const TensorMap* map, uin
 __device__ __forceinline__ void mbar_init(uint64_t*, unsigned) { __trap(); }
 __device__ __forceinline__ void fence_mbar_init() {}
 __device__ __forceinline__ void mbar_arrive_expect_tx(uint64_t*, unsigned) {}
+__device__ __forceinline__ void mbar_arrive(uint64_t*) {}
 __device__ __forceinline__ void mbar_wait(uint64_t*, unsigned) {}
 __device__ __forceinline__ void tma_load_2d(void*, const TensorMap*, uint64_t*, int, int) {}
+__device__ __forceinline__ void tma_load_3d(void*, const TensorMap*, uint64_t*, int, int, int) {}
 __device__ __forceinline__ void tma_load_4d(void*, const TensorMap*, uint64_t*, int, int, int, int) {}
 #endif
 

@@ -11,6 +11,14 @@
 //                                     MN-major (element (mn, k) at mn % 8 + 8 (k % 8), transposed with
 //                                              imm-trans 1): SBO = the step from mn 0-7 to 8-15, LBO = from
 //                                              k 0-7 to 8-15
+//   smem_desc_sw128(start, lbo, sbo) the same in the 128-byte swizzle (mode 1; ladder version 8,
+//                                   gemm_hopper.cuh): rows of 128 bytes, the 16-byte chunk index (address
+//                                   bits 4-6) XORed with bits 7-9 (Swizzle<3,4,3>, TMA's
+//                                   CU_TENSOR_MAP_SWIZZLE_128B), the pattern repeating every 1024 bytes:
+//                                     K-major  element (mn, k) at byte 2 k + 128 (mn % 8) + SBO (mn / 8),
+//                                              k < 64 (a wgmma's 16 k 32 bytes into the row per step)
+//                                     MN-major element (mn, k) at byte 2 (mn % 64) + 128 (k % 8) +
+//                                              LBO (mn / 64) + SBO (k / 8)
 //   smem_desc_sw64(start, lbo, sbo) the same in the 64-byte swizzle (mode 2 in bits 62-63): the operand is
 //                                   rows of 64 bytes, laid out as below, then each element's address has
 //                                   its bits 4-5 (the 16-byte chunk within the row) XORed with its bits
@@ -37,6 +45,9 @@
 //   fence_proxy_async              fence.proxy.async.shared::cta: makes the thread's ordinary stores to
 //                                   shared memory visible to the wgmma that read it (before the barrier)
 //   fence_operands(d)              keeps the compiler from moving reads of d above a wait
+//   setmaxnreg_dec<N>, setmaxnreg_inc<N>   a warpgroup's registers per thread lowered or raised to N
+//   wgmma_ss_m64nNk16, wgmma_rs_m64nNk16   N = 128 or 256, A from shared memory or registers
+//                                   (wgmma_ops.cuh, generated)
 //
 // From the PTX ISA ("Asynchronous Warpgroup Level Matrix Multiply-Accumulate", "Matrix Descriptor
 // Format", "Shared Memory Matrix Layout"). The CPU emulator (emu/wgmma_emu.h) implements the same
@@ -56,6 +67,7 @@ __device__ __forceinline__ uint64_t smem_desc_fields(uint32_t start, uint32_t lb
 
 // The swizzle mode field (bits 62-63): 0 none, 1 128-byte, 2 64-byte, 3 32-byte.
 constexpr uint64_t SMEM_DESC_SWIZZLE_64B = uint64_t(2) << 62;
+constexpr uint64_t SMEM_DESC_SWIZZLE_128B = uint64_t(1) << 62;
 
 }  // namespace ddpm
 
@@ -72,7 +84,21 @@ __device__ __forceinline__ uint64_t smem_desc_sw64(const void* start, uint32_t l
     return smem_desc(start, lbo_bytes, sbo_bytes) | SMEM_DESC_SWIZZLE_64B;
 }
 
+__device__ __forceinline__ uint64_t smem_desc_sw128(const void* start, uint32_t lbo_bytes, uint32_t sbo_bytes) {
+    return smem_desc(start, lbo_bytes, sbo_bytes) | SMEM_DESC_SWIZZLE_128B;
+}
+
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+// setmaxnreg: a warpgroup gives registers back (producer) or takes them (consumers); the kernel must
+// start with a register cap (__launch_bounds__(threads, 1)).
+template <int N>
+__device__ __forceinline__ void setmaxnreg_dec() {
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(N));
+}
+template <int N>
+__device__ __forceinline__ void setmaxnreg_inc() {
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N));
+}
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
 template <int N>
@@ -106,6 +132,10 @@ __device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], uint64_t a, uin
 }
 #else
 // Only sm_90a has wgmma; the launchers run the kernels that use it only there.
+template <int N>
+__device__ __forceinline__ void setmaxnreg_dec() {}
+template <int N>
+__device__ __forceinline__ void setmaxnreg_inc() {}
 __device__ __forceinline__ void wgmma_fence() { __trap(); }
 __device__ __forceinline__ void wgmma_commit() {}
 template <int N>
@@ -115,12 +145,15 @@ template <int TA, int TB>
 __device__ __forceinline__ void wgmma_m64n128k16(float (&)[64], uint64_t, uint64_t, int) {}
 #endif
 
-__device__ __forceinline__ void fence_operands(float (&d)[64]) {
+template <int N>
+__device__ __forceinline__ void fence_operands(float (&d)[N]) {
 #pragma unroll
-    for (int i = 0; i < 64; ++i) asm volatile("" : "+f"(d[i])::"memory");
+    for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i])::"memory");
 }
 
 }  // namespace ddpm
+
+#include "wgmma_ops.cuh"
 
 #else
 #include "wgmma_emu.h"

@@ -610,16 +610,26 @@ pub fn kernels<B: Backend>(
     be.set_precision(own)?;
     // Version 3 as the U-Net runs it in bf16 (ladder v7): the input read in bf16, the output written in
     // bf16 (the forwards), beside the rows above, which read and write fp32.
-    if be.stores_bf16_activations() {
-        let (x16, y16) = (
+    let activations = match be.stores_bf16_activations() {
+        true => Some((
             bf16_filled(be, s.x_len(), 0.5)?,
             bf16_filled(be, s.y_len(), 0.0)?,
-        );
-        let what = format!("conv 3x3 16x16 256->256 bf16, bf16 activations (v7), batch {batch}");
+        )),
+        false => None,
+    };
+    let bf16_rows = |be: &mut B, emit: &mut dyn FnMut(Line), core: &str| -> Result<()> {
+        let Some((x16, y16)) = activations else {
+            return Ok(());
+        };
+        let what = format!("conv 3x3 16x16 256->256 bf16, bf16 activations{core}, batch {batch}");
         for (op, ms) in [
             (
                 "forward",
                 time(be, iters, |be| be.conv2d_forward(s, x16, w, b, y16))?,
+            ),
+            (
+                "input grad",
+                time(be, iters, |be| be.conv2d_backward_data(s, dy, w, dx, false))?,
             ),
             (
                 "weight grad",
@@ -642,7 +652,9 @@ pub fn kernels<B: Backend>(
                 Precision::Bf16,
             ));
         }
-    }
+        Ok(())
+    };
+    bf16_rows(be, emit, " (v7)")?;
     // The group norm over x in fp32, and where the backend stores bf16 activations over the same x in
     // bf16, as the U-Net stores its activations (`Backend::stores_bf16_activations`). Counted as the
     // traffic the op cannot avoid, so the ratio to the copy bandwidth says how close the kernel comes to
@@ -751,6 +763,10 @@ pub fn kernels<B: Backend>(
     ));
     let rungs: Vec<_> = Rung::ALL.map(|r| (Precision::Bf16, Some(r))).to_vec();
     conv_rows(be, emit, &rungs)?;
+    // Version 8 as the U-Net runs it: its forward and weight gradient need the bf16 activations.
+    if be.set_precision(Precision::Bf16).is_ok() && be.set_rung(Some(Rung::Pipelined))? {
+        bf16_rows(be, emit, &format!(" on {}", Rung::Pipelined.name()))?;
+    }
     be.set_rung(None)?;
     be.set_precision(own)?;
     Ok(())
@@ -847,6 +863,7 @@ mod tests {
             threads: 32,
             shared: 0,
             tile: None,
+            staged: 0.0,
             flops: 0.0,
             bytes: 0.0,
             issued_macs: 0.0,

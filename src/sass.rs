@@ -160,8 +160,8 @@ pub struct Cost {
     /// On the XU pipe (MUFU, I2F, F2I, F2F): 2 SM cycles per warp instruction.
     pub xu: bool,
     pub mufu: bool,
-    /// The start of an integer division's reciprocal sequence (`I2F.*.RP`), or a call (64-bit division
-    /// and the like are subroutines).
+    /// The start of an integer division's reciprocal sequence (`I2F.*.RP`; a call of a subroutine that
+    /// has one, 64-bit division, counts too: [`Mix`]).
     pub division: bool,
     /// An fp32 FMA (`FFMA`), for the SIMT kernels' pipe.
     pub ffma: bool,
@@ -250,7 +250,7 @@ pub fn cost(i: &Instr) -> Cost {
             c.xu = true;
             c.division = base == "I2F" && op.split('.').any(|m| m == "RP");
         }
-        "CALL" => c.division = true,
+
         "FFMA" => c.ffma = true,
         "USETMAXREG" => c.setmaxnreg = true,
         _ => {}
@@ -293,29 +293,60 @@ fn target(f: &Function, i: &Instr) -> Option<usize> {
     f.code.iter().position(|x| x.addr == addr)
 }
 
-/// A loop: the instruction its back branches go to, and the last of them.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// A natural loop: the instruction its back branches go to, those branches, and its body (every
+/// instruction that reaches a back branch without passing the head, the head included), in order. A loop
+/// the compiler closes through code placed far away (the retry of an mbarrier wait, out of line) takes
+/// only what lies on such a path, not the range between.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Loop {
     pub head: usize,
-    pub latch: usize,
+    pub latches: Vec<usize>,
+    pub body: Vec<usize>,
 }
 
-/// Every loop of `f`: each instruction some later branch goes back to, with its last such branch.
+/// The instructions control can go to from `at`: the next one (unless it ends the flow) and a branch's
+/// target.
+fn successors(f: &Function, at: usize) -> impl Iterator<Item = usize> + '_ {
+    let i = &f.code[at];
+    let next = (!ends_flow(i) && at + 1 < f.code.len()).then_some(at + 1);
+    next.into_iter().chain(target(f, i))
+}
+
+/// Every loop of `f`, by head.
 pub fn loops(f: &Function) -> Vec<Loop> {
-    let mut by_head: HashMap<usize, usize> = HashMap::new();
-    for (at, i) in f.code.iter().enumerate() {
-        if let Some(t) = target(f, i) {
-            if t <= at {
-                let latch = by_head.entry(t).or_insert(at);
-                *latch = (*latch).max(at);
+    let n = f.code.len();
+    let mut preds: Vec<Vec<usize>> = vec![Vec::new(); n];
+    let mut latches: HashMap<usize, Vec<usize>> = HashMap::new();
+    for at in 0..n {
+        for to in successors(f, at) {
+            preds[to].push(at);
+            if to <= at && target(f, &f.code[at]) == Some(to) {
+                latches.entry(to).or_default().push(at);
             }
         }
     }
-    let mut out: Vec<Loop> = by_head
+    let mut out: Vec<Loop> = latches
         .into_iter()
-        .map(|(head, latch)| Loop { head, latch })
+        .map(|(head, latches)| {
+            let mut seen = vec![false; n];
+            seen[head] = true;
+            let mut stack: Vec<usize> = latches.clone();
+            while let Some(at) = stack.pop() {
+                if seen[at] {
+                    continue;
+                }
+                seen[at] = true;
+                stack.extend(preds[at].iter().copied().filter(|&p| !seen[p]));
+            }
+            let body = (0..n).filter(|&i| seen[i]).collect();
+            Loop {
+                head,
+                latches,
+                body,
+            }
+        })
         .collect();
-    out.sort_by_key(|l| (l.head, l.latch));
+    out.sort_by_key(|l| l.head);
     out
 }
 
@@ -350,69 +381,61 @@ impl Rank {
     }
 }
 
-/// The typical path (see [`Rank`]) from instruction `lo` to an end within `[lo, hi]`, following forward
-/// edges only (an inner loop's body counted once, a branch leaving the range not followed): `end(at)`
-/// says whether instruction `at` ends it. The instructions on it, in order; empty where no end is
-/// reachable.
-fn typical_path(f: &Function, lo: usize, hi: usize, end: impl Fn(usize) -> bool) -> Vec<usize> {
-    let n = hi - lo + 1;
-    let mut best_to: Vec<Option<Rank>> = vec![None; n];
-    let mut from = vec![usize::MAX; n];
-    best_to[0] = Some(Rank::of(&f.code[lo]));
+/// The typical path (see [`Rank`]) through `nodes` (instruction indices in order, the first where it
+/// starts) to an instruction `end` accepts, following forward edges between them only (an inner loop's
+/// body counted once, a branch leaving them not followed). The instructions on it, in order; empty where
+/// no end is reachable.
+fn typical_path(f: &Function, nodes: &[usize], end: impl Fn(usize) -> bool) -> Vec<usize> {
+    let Some(&start) = nodes.first() else {
+        return Vec::new();
+    };
+    let place: HashMap<usize, usize> = nodes.iter().enumerate().map(|(k, &at)| (at, k)).collect();
+    let mut best_to: Vec<Option<Rank>> = vec![None; nodes.len()];
+    let mut from = vec![usize::MAX; nodes.len()];
+    best_to[0] = Some(Rank::of(&f.code[start]));
     let mut best: Option<(Rank, usize)> = None;
-    for k in 0..n {
+    for (k, &at) in nodes.iter().enumerate() {
         let Some(here) = best_to[k] else { continue };
-        let at = lo + k;
-        let i = &f.code[at];
         if end(at) && best.is_none_or(|(r, _)| here > r) {
             best = Some((here, k));
         }
-        let mut step = |to: usize| {
+        for to in successors(f, at).filter(|&to| to > at) {
+            let Some(&j) = place.get(&to) else { continue };
             let r = here.add(Rank::of(&f.code[to]));
-            if best_to[to - lo].is_none_or(|old| r > old) {
-                best_to[to - lo] = Some(r);
-                from[to - lo] = k;
+            if best_to[j].is_none_or(|old| r > old) {
+                best_to[j] = Some(r);
+                from[j] = k;
             }
-        };
-        if let Some(t) = target(f, i) {
-            if t > at && t <= hi {
-                step(t);
-            }
-        }
-        if !ends_flow(i) && at < hi {
-            step(at + 1);
         }
     }
     let Some((_, mut k)) = best else {
         return Vec::new();
     };
-    let mut path = vec![lo + k];
+    let mut path = vec![nodes[k]];
     while k != 0 {
         k = from[k];
-        path.push(lo + k);
+        path.push(nodes[k]);
     }
     path.reverse();
     path
 }
 
 /// The typical path (see [`Rank`]) through one iteration of `l`: from its head to a back branch to it.
-pub fn iteration_path(f: &Function, l: Loop) -> Vec<usize> {
-    typical_path(f, l.head, l.latch, |at| {
-        target(f, &f.code[at]) == Some(l.head)
-    })
+pub fn iteration_path(f: &Function, l: &Loop) -> Vec<usize> {
+    let mut nodes = vec![l.head];
+    nodes.extend(l.body.iter().copied().filter(|&at| at > l.head));
+    typical_path(f, &nodes, |at| l.latches.contains(&at))
 }
 
 /// The typical path from the function's entry to an exit, for a kernel without loops.
 fn straight_path(f: &Function) -> Vec<usize> {
-    if f.code.is_empty() {
-        return Vec::new();
-    }
-    let path = typical_path(f, 0, f.code.len() - 1, |at| {
+    let nodes: Vec<usize> = (0..f.code.len()).collect();
+    let path = typical_path(f, &nodes, |at| {
         let i = &f.code[at];
         i.op == "EXIT" && !i.predicated
     });
     match path.is_empty() {
-        true => (0..f.code.len()).collect(),
+        true => nodes,
         false => path,
     }
 }
@@ -437,11 +460,39 @@ pub struct Mix {
     pub ffma: f64,
 }
 
+/// Whether the subroutine a `CALL` at `at` enters (up to its `RET`) divides.
+fn calls_division(f: &Function, at: usize) -> bool {
+    let i = &f.code[at];
+    if !i.op.starts_with("CALL") {
+        return false;
+    }
+    let Some(addr) = i
+        .args
+        .split_whitespace()
+        .next()
+        .and_then(|t| u32::from_str_radix(t.strip_prefix("0x")?, 16).ok())
+    else {
+        return false;
+    };
+    let Some(start) = f.code.iter().position(|x| x.addr == addr) else {
+        return false;
+    };
+    // A subroutine returns; a call into code that exits the kernel before any return is how the
+    // compiler closes some loops (`CALL.REL.NOINC` to the next instruction but one, never taken), not a
+    // subroutine.
+    let body: Vec<&Instr> = f.code[start..]
+        .iter()
+        .take_while(|x| !x.op.starts_with("RET"))
+        .collect();
+    body.iter().all(|x| x.op != "EXIT") && body.iter().any(|x| cost(x).division)
+}
+
 impl Mix {
     fn of(f: &Function, path: &[usize]) -> Self {
         let mut m = Mix::default();
         for &at in path {
-            let c = cost(&f.code[at]);
+            let mut c = cost(&f.code[at]);
+            c.division |= calls_division(f, at);
             m.instructions += 1.0;
             if c.macs > 0.0 {
                 m.mma += 1.0;
@@ -483,7 +534,7 @@ pub struct Loops {
 /// The instructions of `f`'s main loop's typical iteration, as text (for `sass-model --path`).
 pub fn main_path(f: &Function) -> Vec<String> {
     let l = main_loop(f);
-    let path = match l {
+    let path = match &l {
         Some(l) => iteration_path(f, l),
         None => straight_path(f),
     };
@@ -505,7 +556,10 @@ pub fn main_path(f: &Function) -> Vec<String> {
 fn loop_mixes(f: &Function) -> Vec<(Loop, Mix)> {
     loops(f)
         .into_iter()
-        .map(|l| (l, Mix::of(f, &iteration_path(f, l))))
+        .map(|l| {
+            let m = Mix::of(f, &iteration_path(f, &l));
+            (l, m)
+        })
         .filter(|(_, m)| m.instructions > 0.0)
         .collect()
 }
@@ -531,7 +585,7 @@ fn pick_main(mixes: &[(Loop, Mix)]) -> Option<&(Loop, Mix)> {
 
 /// The main loop of `f` (see [`pick_main`]), if it has loops.
 fn main_loop(f: &Function) -> Option<Loop> {
-    pick_main(&loop_mixes(f)).map(|(l, _)| *l)
+    pick_main(&loop_mixes(f)).map(|(l, _)| l.clone())
 }
 
 /// Finds `f`'s main loop (and producer loop) and counts what one iteration issues.
@@ -548,7 +602,7 @@ pub fn read_loops(f: &Function) -> Loops {
             straight: true,
         };
     };
-    let body = (ml.latch - ml.head + 1) as f64 / mm.instructions.max(1.0);
+    let body = ml.body.len() as f64 / mm.instructions.max(1.0);
     // The producer's loop: outside the main one, moving operands (TMA, cp.async, loads and stores to
     // shared memory) and doing no tensor work.
     let producer = specialised
@@ -556,7 +610,7 @@ pub fn read_loops(f: &Function) -> Loops {
             paths
                 .iter()
                 .filter(|(l, m)| {
-                    (l.latch < ml.head || l.head > ml.latch)
+                    !l.body.iter().any(|at| ml.body.binary_search(at).is_ok())
                         && m.macs == 0.0
                         && (m.tma + m.cp_async > 0.0 || m.smem_write > 0.0)
                 })
@@ -691,6 +745,7 @@ impl KernelModel {
         threads: u32,
         dynamic: u32,
         tile: Option<Tile>,
+        staged_bytes: f64,
     ) -> Self {
         let loops = read_loops(f);
         let all = f64::from(threads.div_ceil(32));
@@ -715,11 +770,18 @@ impl KernelModel {
         let tensor = macs / rate;
         let dense = macs / m.dense_macs;
         let issue = (main.instructions * warps + prod.instructions * producer_warps) / 4.0;
-        // Bytes TMA writes: the tile's operands less what instructions stage.
+        // Bytes TMA writes: the tile's operands (`staged_bytes` where the launcher says, else bf16 of the
+        // tile's sizes) for as many tiles' work as the iteration does (a loop unrolled over stages does
+        // several), less what instructions stage.
         let staged = (main.smem_write * warps) + prod.smem_write * producer_warps;
         let tma_bytes = match tile {
             Some([tm, tn, tk]) if main.tma + prod.tma > 0.0 => {
-                (2.0 * f64::from(tk) * f64::from(tm + tn) - staged).max(0.0)
+                let tiles = macs / (f64::from(tm) * f64::from(tn) * f64::from(tk));
+                let per_tile = match staged_bytes > 0.0 {
+                    true => staged_bytes,
+                    false => 2.0 * f64::from(tk) * f64::from(tm + tn),
+                };
+                (tiles * per_tile - staged).max(0.0)
             }
             _ => 0.0,
         };
@@ -851,8 +913,10 @@ mod tests {
         /*00d0*/                   EXIT ;
 ");
         let ls = loops(&k);
-        assert_eq!(ls, vec![Loop { head: 1, latch: 12 }]);
-        assert_eq!(iteration_path(&k, ls[0]), vec![1, 2, 10, 11, 12]);
+        assert_eq!(ls.len(), 1);
+        assert_eq!((ls[0].head, &ls[0].latches), (1, &vec![12]));
+        assert_eq!(ls[0].body, (1..=12).collect::<Vec<_>>());
+        assert_eq!(iteration_path(&k, &ls[0]), vec![1, 2, 10, 11, 12]);
         let l = read_loops(&k);
         assert_eq!(l.main.macs, 2048.0);
         assert_eq!((l.main.global_load, l.main.smem_read), (512.0, 512.0));
@@ -870,7 +934,30 @@ mod tests {
         /*0040*/                   EXIT ;
 ",
         );
-        assert_eq!(iteration_path(&k, loops(&k)[0]), vec![0, 1, 2, 3]);
+        assert_eq!(iteration_path(&k, &loops(&k)[0]), vec![0, 1, 2, 3]);
+
+        // A wait whose retry the compiler put out of line, past the function's end: the main loop's
+        // path does not go through the retry, and the retry's own loop holds only the wait and itself.
+        let k = f("        /*0000*/                   MOV R1, R2 ;
+        /*0010*/                   SYNCS.PHASECHK.TRANS64.TRYWAIT P0, [UR4], R9 ;
+        /*0020*/              @!P0 BRA 0x80 ;
+        /*0030*/                   HGMMA.64x256x16.F32.BF16 R24, gdesc[UR16], R24 ;
+        /*0040*/                   STG.E.128 desc[UR4][R2.64], R8 ;
+        /*0050*/               @P1 BRA 0x10 ;
+        /*0060*/                   EXIT ;
+        /*0070*/                   BRA 0x70 ;
+        /*0080*/                   SYNCS.PHASECHK.TRANS64.TRYWAIT P0, [UR4], R9 ;
+        /*0090*/              @!P0 BRA 0x80 ;
+        /*00a0*/                   BRA 0x10 ;
+");
+        let ls = loops(&k);
+        let heads: Vec<usize> = ls.iter().map(|l| l.head).collect();
+        assert_eq!(heads, vec![1, 7, 8]);
+        assert_eq!(ls[0].body, vec![1, 2, 3, 4, 5, 8, 9, 10]);
+        assert_eq!(iteration_path(&k, &ls[0]), vec![1, 2, 3, 4, 5]);
+        assert_eq!(ls[2].body, vec![8, 9]);
+        let l = read_loops(&k);
+        assert_eq!((l.main.mma, l.main.instructions), (1.0, 5.0));
     }
 
     /// An iteration whose only path goes through a division and a narrow load counts both, and the model
@@ -884,7 +971,7 @@ mod tests {
         /*0040*/               @P1 BRA 0x0 ;
         /*0050*/                   EXIT ;
 ");
-        let m = KernelModel::new(&Machine::H100, &k, Resources::default(), 128, 0, None);
+        let m = KernelModel::new(&Machine::H100, &k, Resources::default(), 128, 0, None, 0.0);
         assert_eq!(m.loops.main.divisions, 1.0);
         assert_eq!(m.loops.main.narrow_loads, 1.0);
         assert!(m.per_element_work());

@@ -287,6 +287,229 @@ fn bf16_convolutions_are_exact_on_bf16_inputs_and_close_on_any() {
     }
 }
 
+/// `values` on the device at a 128-byte boundary (where version 8's swizzled copies may read), in bf16
+/// or fp32.
+fn aligned_tensor(be: &mut CudaBackend, values: &[f32], bf16: bool) -> Tensor {
+    let words = match bf16 {
+        true => values.len().div_ceil(2),
+        false => values.len(),
+    };
+    let region = be.alloc(words + 32).unwrap();
+    let off = region.off.next_multiple_of(32);
+    let t = match bf16 {
+        true => Tensor::bf16(off, values.len()),
+        false => Tensor::new(off, values.len()),
+    };
+    be.upload(t, values).unwrap();
+    t
+}
+
+/// `len` normal draws (stream `stream`) times `scale`, rounded to bf16 numbers.
+fn bf16_values(len: usize, scale: f32, stream: u64) -> Vec<f32> {
+    (0..len)
+        .map(|i| half::bf16::from_f32(scale * rng::normal(11, stream, i as u64)).to_f32())
+        .collect()
+}
+
+/// Version 8 (`Rung::Pipelined`: both operands by TMA, a warp-specialised wgmma pipeline) against the
+/// CPU on operands that are bf16 numbers, where no operand is rounded: the stride-1 convolutions' forward
+/// (from a bf16 input, with the time-embedding and residual adds, the output in fp32 and in bf16), input
+/// gradient (overwriting and accumulating) and weight gradient (split K), and the attention projection's
+/// three GEMMs, at shapes its maps take (channels multiples of 64) with patches that cover a partial
+/// image, tiles of 128 and 256 columns, and pipelines that wrap their stages; each must run on version 8
+/// (its launches are counted), within TOL_BF16_EXACT. A fragment, swizzle or barrier phase out of place is
+/// an O(1) error.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn v8_gemms_are_exact_on_bf16_inputs() {
+    let shape = |n, h, w, c, o, kind| ConvShape {
+        n,
+        h,
+        w,
+        c,
+        o,
+        kind,
+    };
+    let mut gpu = device_in(Precision::Bf16);
+    if !gpu.set_rung(Some(Rung::Pipelined)).unwrap() {
+        eprintln!("version 8: not on this device");
+        return;
+    }
+    for s in [
+        shape(2, 5, 6, 64, 128, ConvKind::K3S1),
+        shape(2, 5, 6, 128, 128, ConvKind::K3S1),
+        shape(2, 8, 8, 128, 256, ConvKind::K3S1),
+        shape(3, 4, 4, 192, 128, ConvKind::K1),
+    ] {
+        let what = format!("{s:?}");
+        let mut cpu = CpuBackend::<f32>::new();
+        let (x, w) = (
+            bf16_values(s.x_len(), 1.0, 1),
+            bf16_values(s.w_len(), 0.1, 2),
+        );
+        let (b, t) = (bf16_values(s.o, 0.5, 3), bf16_values(s.n * s.o, 0.5, 4));
+        let (r, dy) = (
+            bf16_values(s.y_len(), 1.0, 5),
+            bf16_values(s.y_len(), 1.0, 6),
+        );
+        let dx0 = bf16_values(s.x_len(), 1.0, 7);
+        let up = |be: &mut dyn Backend, v: &[f32]| {
+            let t = be.alloc(v.len()).unwrap();
+            be.upload(t, v).unwrap();
+            t
+        };
+        let (cx, cw, cb, ct, cr, cdy) = (
+            up(&mut cpu, &x),
+            up(&mut cpu, &w),
+            up(&mut cpu, &b),
+            up(&mut cpu, &t),
+            up(&mut cpu, &r),
+            up(&mut cpu, &dy),
+        );
+        let (cy, cdx, cdw, cdb) = (
+            cpu.alloc(s.y_len()).unwrap(),
+            up(&mut cpu, &dx0),
+            cpu.alloc(s.w_len()).unwrap(),
+            cpu.alloc(s.o).unwrap(),
+        );
+        cpu.conv2d_forward_fused(s, cx, cw, cb, Some(ct), Some(cr), cy)
+            .unwrap();
+        cpu.conv2d_backward_data(s, cdy, cw, cdx, true).unwrap();
+        cpu.conv2d_backward_weight(s, cx, cdy, cdw, cdb).unwrap();
+
+        let gx = aligned_tensor(&mut gpu, &x, true);
+        let gw = aligned_tensor(&mut gpu, &w, false);
+        let gb = aligned_tensor(&mut gpu, &b, false);
+        let gt = aligned_tensor(&mut gpu, &t, false);
+        let gr = aligned_tensor(&mut gpu, &r, false);
+        let gdy = aligned_tensor(&mut gpu, &dy, false);
+        let gdx = aligned_tensor(&mut gpu, &dx0, false);
+        let nan = vec![f32::NAN; s.y_len()];
+        let gy = aligned_tensor(&mut gpu, &nan, false);
+        let gy16 = aligned_tensor(&mut gpu, &nan, true);
+        let gdw = aligned_tensor(&mut gpu, &vec![f32::NAN; s.w_len()], false);
+        let gdb = aligned_tensor(&mut gpu, &vec![f32::NAN; s.o], false);
+        let before = gpu.v8_launches();
+        gpu.conv2d_forward_fused(s, gx, gw, gb, Some(gt), Some(gr), gy)
+            .unwrap();
+        gpu.conv2d_forward_fused(s, gx, gw, gb, Some(gt), Some(gr), gy16)
+            .unwrap();
+        gpu.conv2d_backward_data(s, gdy, gw, gdx, true).unwrap();
+        gpu.conv2d_backward_weight(s, gx, gdy, gdw, gdb).unwrap();
+        // Both forwards and the weight gradient; the input gradient where c is a multiple of 128 (its
+        // tile's columns), else on version 3.
+        let want = 3 + u64::from(s.c % 128 == 0);
+        assert_eq!(
+            gpu.v8_launches() - before,
+            want,
+            "version 8's GEMMs of {what}"
+        );
+        let err = |gpu: &mut CudaBackend, cpu: &mut CpuBackend<f32>, g: Tensor, c: Tensor| {
+            scaled_error(&gpu.download(g).unwrap(), &cpu.download(c).unwrap())
+        };
+        let want_y16: Vec<f32> = cpu
+            .download(cy)
+            .unwrap()
+            .iter()
+            .map(|&v| half::bf16::from_f32(v).to_f32())
+            .collect();
+        for (name, e, tol) in [
+            ("forward", err(&mut gpu, &mut cpu, gy, cy), TOL_BF16_EXACT),
+            // Rounded to bf16 in the epilogue: within one bf16 rounding of the CPU's rounding.
+            (
+                "forward, bf16 output",
+                scaled_error(&gpu.download(gy16).unwrap(), &want_y16),
+                1e-2,
+            ),
+            (
+                "input gradient",
+                err(&mut gpu, &mut cpu, gdx, cdx),
+                TOL_BF16_EXACT,
+            ),
+            (
+                "weight gradient",
+                err(&mut gpu, &mut cpu, gdw, cdw),
+                TOL_BF16_EXACT,
+            ),
+            (
+                "bias gradient",
+                err(&mut gpu, &mut cpu, gdb, cdb),
+                TOL_BF16_EXACT,
+            ),
+        ] {
+            eprintln!("v8 {what} {name}: error {e:.2e}");
+            assert!(
+                e <= tol,
+                "v8 {what} {name}: error {e:e} (tolerance {tol:e})"
+            );
+        }
+    }
+    // The attention projection: m pixels x c channels, in and out.
+    for (m, c) in [(200, 128), (256, 256)] {
+        let mut cpu = CpuBackend::<f32>::new();
+        let (x, w) = (bf16_values(m * c, 1.0, 8), bf16_values(c * c, 0.1, 9));
+        let (b, r, dy) = (
+            bf16_values(c, 0.5, 10),
+            bf16_values(m * c, 1.0, 11),
+            bf16_values(m * c, 1.0, 12),
+        );
+        let up = |be: &mut dyn Backend, v: &[f32]| {
+            let t = be.alloc(v.len()).unwrap();
+            be.upload(t, v).unwrap();
+            t
+        };
+        let (cx, cw, cb, cr, cdy) = (
+            up(&mut cpu, &x),
+            up(&mut cpu, &w),
+            up(&mut cpu, &b),
+            up(&mut cpu, &r),
+            up(&mut cpu, &dy),
+        );
+        let (cy, cdx, cdw, cdb) = (
+            cpu.alloc(m * c).unwrap(),
+            cpu.alloc(m * c).unwrap(),
+            cpu.alloc(c * c).unwrap(),
+            cpu.alloc(c).unwrap(),
+        );
+        cpu.linear_forward_fused(m, c, c, cx, cw, cb, cr, cy)
+            .unwrap();
+        cpu.linear_backward(m, c, c, cx, cw, cdy, Some(cdx), cdw, cdb, false)
+            .unwrap();
+        let gx = aligned_tensor(&mut gpu, &x, true);
+        let gw = aligned_tensor(&mut gpu, &w, false);
+        let gb = aligned_tensor(&mut gpu, &b, false);
+        let gr = aligned_tensor(&mut gpu, &r, true);
+        let gdy = aligned_tensor(&mut gpu, &dy, false);
+        let gy = aligned_tensor(&mut gpu, &vec![f32::NAN; m * c], false);
+        let gdx = aligned_tensor(&mut gpu, &vec![f32::NAN; m * c], false);
+        let gdw = aligned_tensor(&mut gpu, &vec![f32::NAN; c * c], false);
+        let gdb = aligned_tensor(&mut gpu, &vec![f32::NAN; c], false);
+        let before = gpu.v8_launches();
+        gpu.linear_forward_fused(m, c, c, gx, gw, gb, gr, gy)
+            .unwrap();
+        gpu.linear_backward(m, c, c, gx, gw, gdy, Some(gdx), gdw, gdb, false)
+            .unwrap();
+        assert_eq!(
+            gpu.v8_launches() - before,
+            3,
+            "version 8 ran the projection {m} x {c}"
+        );
+        for (name, g, cc) in [
+            ("forward", gy, cy),
+            ("input gradient", gdx, cdx),
+            ("weight gradient", gdw, cdw),
+            ("bias gradient", gdb, cdb),
+        ] {
+            let e = scaled_error(&gpu.download(g).unwrap(), &cpu.download(cc).unwrap());
+            eprintln!("v8 projection {m} x {c} {name}: error {e:.2e}");
+            assert!(
+                e <= TOL_BF16_EXACT,
+                "v8 projection {m} x {c} {name}: error {e:e}"
+            );
+        }
+    }
+}
+
 /// A group norm of `groups` groups over the input of convolution `s`.
 fn input_norm(s: &ConvShape, groups: usize) -> GroupNormShape {
     GroupNormShape {
@@ -1754,7 +1977,13 @@ fn the_bench_times_every_kernel_row() {
     let conv = "conv 3x3 16x16 256->256";
     assert_eq!(rows(&format!("{conv} fp32, batch 1")), 5, "fp32 (v1) rows");
     assert_eq!(rows(&format!("{conv} bf16, batch 1")), 5, "bf16 (v3) rows");
-    assert_eq!(rows("bf16 activations (v7)"), 3, "v7 rows");
+    assert_eq!(rows("bf16 activations (v7)"), 4, "v7 rows");
+    // Version 8 as the U-Net runs it, where the device has it, its GEMMs really on version 8.
+    let v8 = format!("bf16 activations on {}", Rung::Pipelined.name());
+    if gpu.set_rung(Some(Rung::Pipelined)).unwrap() {
+        assert_eq!(rows(&v8), 4, "v8 rows");
+        assert!(gpu.v8_launches() > 0, "the v8 rows ran version 8");
+    }
     assert_eq!(rows("bf16 input, batch 1"), 2, "group norm rows over bf16");
     assert_eq!(rows("attention l=256 c=256 bf16"), 2, "attention rows");
     for want in ["gradient norm", "Adam", "EMA"] {

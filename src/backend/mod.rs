@@ -89,6 +89,9 @@ impl Tensor {
     }
 }
 
+/// The words every allocation starts on a multiple of ([`Backend::alloc`]): 128 bytes.
+pub const ALLOC_ALIGN: usize = 32;
+
 /// One argument of an op: its name (for errors), its handle, and the length the op expects.
 pub type Arg = (&'static str, Tensor, usize);
 
@@ -572,14 +575,20 @@ pub enum Rung {
     /// Version 6 is version 5 with each slice of the weights one copy in the 64-byte swizzle (its input
     /// gradient where c and o are multiples of 32; else version 5's).
     WgmmaTmaSwizzled,
+    /// Version 8: both operands copied by TMA into a pipeline of stages, a producer warpgroup and two
+    /// consumer warpgroups (sm_90a): the stride-1 convolutions (forward from bf16 activations, input and
+    /// weight gradients) where the channels are multiples of 64, and the attention projection; the others
+    /// run on version 3 there.
+    Pipelined,
 }
 
 impl Rung {
-    pub const ALL: [Rung; 4] = [
+    pub const ALL: [Rung; 5] = [
         Rung::Wmma,
         Rung::Wgmma,
         Rung::WgmmaTma,
         Rung::WgmmaTmaSwizzled,
+        Rung::Pipelined,
     ];
 
     pub fn name(self) -> &'static str {
@@ -588,15 +597,21 @@ impl Rung {
             Self::Wgmma => "wgmma (ladder v4)",
             Self::WgmmaTma => "wgmma + TMA (ladder v5)",
             Self::WgmmaTmaSwizzled => "wgmma + swizzled TMA (ladder v6)",
+            Self::Pipelined => "TMA + wgmma pipeline, warp-specialised (ladder v8)",
         }
     }
 
     /// The rungs that only a Hopper (sm_90a) has.
     pub fn needs_sm90a(self) -> bool {
-        matches!(self, Self::Wgmma | Self::WgmmaTma | Self::WgmmaTmaSwizzled)
+        matches!(
+            self,
+            Self::Wgmma | Self::WgmmaTma | Self::WgmmaTmaSwizzled | Self::Pipelined
+        )
     }
 
-    /// The rungs that copy some convolutions' weights by the tensor-memory accelerator.
+    /// The rungs that copy some convolutions' weights by the tensor-memory accelerator with the register
+    /// path for the activations (versions 5 and 6; version 8 copies both operands and counts its own
+    /// launches).
     pub fn uses_tma(self) -> bool {
         matches!(self, Self::WgmmaTma | Self::WgmmaTmaSwizzled)
     }
@@ -619,6 +634,9 @@ pub struct Launch {
     /// A matrix kernel's tile: the m x n x k multiply-adds one block does per iteration of its main loop
     /// (for attention, queries x keys x the channels of all its products).
     pub tile: Option<[u32; 3]>,
+    /// The bytes one tile's operands take in shared memory per iteration where the launcher knows them
+    /// (an operand copied in fp32); 0 for bf16 operands of the tile's sizes.
+    pub staged: f64,
     pub flops: f64,
     pub bytes: f64,
     /// The multiply-adds a GEMM launch's tiles issue (its FLOPs / 2 plus padding to whole tiles and any
@@ -632,8 +650,10 @@ pub trait Backend {
     fn describe(&self) -> String;
 
     // --- buffers -----------------------------------------------------------------------------------------
-    /// Reserves `len` elements (zero-initialised); an error, before anything is allocated, when they do
-    /// not fit in [`Backend::memory_available`].
+    /// Reserves `len` elements (zero-initialised) from the next multiple of [`ALLOC_ALIGN`] words, so a
+    /// tensor at the start of an allocation is 128-byte aligned on every backend (the same handles on
+    /// all of them); an error, before anything is allocated, when they do not fit in
+    /// [`Backend::memory_available`].
     fn alloc(&mut self, len: usize) -> Result<Tensor>;
     fn upload(&mut self, dst: Tensor, src: &[f32]) -> Result<()>;
     fn download(&mut self, src: Tensor) -> Result<Vec<f32>>;

@@ -147,7 +147,7 @@ impl Models<'_> {
                 )
             })?;
             let res = self.resources.get(l.kernel).copied().unwrap_or_default();
-            let k = KernelModel::new(self.m, f, res, l.threads, l.shared, l.tile);
+            let k = KernelModel::new(self.m, f, res, l.threads, l.shared, l.tile, l.staged);
             self.made.insert(key.clone(), k);
         }
         Ok(&self.made[&key])
@@ -341,6 +341,34 @@ fn report(
             println!("\nnetwork ceiling ({}): training {:.0}%, sampling {:.0}%  (batch {}; upper bounds from instruction counts, not measurements)\n", m.arch, 100.0 * tr, 100.0 * sa, args.batches[0]);
         }
     }
+    println!("\nWhere each plan's modelled time goes (batch {}; the 8 longest kernels, their launches, share of the step's time, and achieved share of the dense peak):\n", args.batches[0]);
+    for p in &plans {
+        for (what, launches) in [("training", &p.train[0]), ("sampling", &p.sample[0])] {
+            let t = times(&mut models, launches)?;
+            let total: f64 = t.iter().map(|x| x.0).sum();
+            let mut by: Vec<(&'static str, usize, f64, f64)> = Vec::new();
+            for (l, &(secs, flops)) in launches.iter().zip(&t) {
+                match by.iter_mut().find(|k| k.0 == l.kernel) {
+                    Some(k) => (k.1, k.2, k.3) = (k.1 + 1, k.2 + secs, k.3 + flops),
+                    None => by.push((l.kernel, 1, secs, flops)),
+                }
+            }
+            by.sort_by(|a, b| b.2.total_cmp(&a.2));
+            let peak = 2.0 * m.dense_macs * f64::from(m.sms) * m.clock_ghz * 1e9;
+            let rows: Vec<String> = by
+                .iter()
+                .take(8)
+                .map(|(k, n, secs, flops)| {
+                    format!(
+                        "{k} x{n} {:.0}% ({:.0}%)",
+                        100.0 * secs / total,
+                        100.0 * flops / (peak * secs.max(1e-30))
+                    )
+                })
+                .collect();
+            println!("- {} {what}: {}", p.label, rows.join(", "));
+        }
+    }
     problems.extend(known_answers(m, &functions, &resources));
     Ok(problems)
 }
@@ -363,6 +391,7 @@ fn known_answers(
                 256,
                 0,
                 None,
+                0.0,
             )
         })
     };

@@ -86,6 +86,11 @@ impl GradLens {
     }
 }
 
+/// The alignment, in words (128 bytes), of the activations stored in bf16 and of every activation's
+/// gradient: what the swizzled copies of ladder version 8 need of a tensor's start (backends start every
+/// allocation so aligned: [`Backend::alloc`]).
+const ALIGN: usize = 32;
+
 /// Where unstored activations' handles start: past any arena (`UNet::size_guard` keeps arenas under
 /// 2^50 elements), so an op handed one by mistake refuses it as outside the backend's memory.
 const UNSTORED: usize = 1 << 60;
@@ -122,9 +127,10 @@ impl Builder {
         t
     }
     /// An activation every op that meets it takes in bf16 (see [`Backend::stores_bf16_activations`]):
-    /// in bf16 where the backend stores those so, 16-byte aligned for the kernels' vector loads; inside a
-    /// block, one whose gradient is the block's own. The 3 words of padding are reserved wherever the
-    /// arena starts, so a counting build and the real one agree on every size.
+    /// in bf16 where the backend stores those so, 128-byte aligned ([`ALIGN`] words) for the kernels'
+    /// vector loads and swizzled copies; inside a block, one whose gradient is the block's own. The 31
+    /// words of padding are reserved wherever the arena starts, so a counting build and the real one agree
+    /// on every size.
     fn act16(&mut self, len: usize) -> Tensor {
         self.act16_in(len, self.in_block)
     }
@@ -137,8 +143,8 @@ impl Builder {
             return self.act_in(len, scratch);
         }
         let start = self.acts + self.act_next;
-        let t = Tensor::bf16(start.next_multiple_of(4), len);
-        self.act_next += t.words() + 3;
+        let t = Tensor::bf16(start.next_multiple_of(ALIGN), len);
+        self.act_next += t.words() + ALIGN - 1;
         self.grad_for(t, scratch);
         t
     }
@@ -159,20 +165,23 @@ impl Builder {
     fn grad_for(&mut self, t: Tensor, scratch: bool) {
         let base = self.grad_base.unwrap_or(0);
         let s = self.sizes;
+        // Each gradient takes a whole number of ALIGN words, so every one starts 128-byte aligned when
+        // the gradients do (the kernels' swizzled copies read them).
+        let len = t.len.next_multiple_of(ALIGN);
         let grad = if scratch {
             let g = base + s.own + s.up[0] + s.up[1] + self.scratch_next;
-            self.scratch_next += t.len;
+            self.scratch_next += len;
             self.scratch_max = self.scratch_max.max(self.scratch_next);
             g
         } else if let Some(unit) = self.up_unit {
             let parity = unit % 2;
             let g = base + s.own + parity * s.up[0] + self.up_next;
-            self.up_next += t.len;
+            self.up_next += len;
             self.up_max[parity] = self.up_max[parity].max(self.up_next);
             g
         } else {
             let g = base + self.grad_next;
-            self.grad_next += t.len;
+            self.grad_next += len;
             g
         };
         if self.grad_base.is_some() {

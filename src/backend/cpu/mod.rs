@@ -12,7 +12,7 @@ pub mod reduce;
 use self::real::Real;
 use super::{
     check_arg, check_args, checks, AdamHyper, Arg, AttentionShape, Backend, ConvShape,
-    GroupNormShape, SamplerRow, Stream, Tensor,
+    GroupNormShape, SamplerRow, Stream, Tensor, ALLOC_ALIGN,
 };
 use crate::error::{Error, Result};
 use crate::rng;
@@ -102,7 +102,7 @@ impl<T: Real> Backend for CpuBackend<T> {
     }
 
     fn alloc(&mut self, len: usize) -> Result<Tensor> {
-        let t = Tensor::new(self.data.len(), len);
+        let t = Tensor::new(self.data.len().next_multiple_of(ALLOC_ALIGN), len);
         let bytes = len.saturating_mul(std::mem::size_of::<T>());
         let short = |avail: usize| {
             Error::Memory(format!(
@@ -116,7 +116,9 @@ impl<T: Real> Backend for CpuBackend<T> {
                 return Err(short(avail));
             }
         }
-        self.data.try_reserve_exact(len).map_err(|_| short(0))?;
+        self.data
+            .try_reserve_exact(t.end() - self.data.len())
+            .map_err(|_| short(0))?;
         self.data.resize(t.end(), T::ZERO);
         Ok(t)
     }

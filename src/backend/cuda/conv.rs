@@ -218,6 +218,8 @@ impl CudaBackend {
             // Versions 5 and 6 have kernels of their own for some convolutions, chosen by
             // `conv_forward` and `conv_backward_data`, where their tensor maps can be made.
             Rung::Wgmma | Rung::WgmmaTma | Rung::WgmmaTmaSwizzled => k.wgmma,
+            // Version 8's kernels are tried first (`hopper.rs`); what they cannot take runs on version 3.
+            Rung::Pipelined => None,
         };
         kernel.unwrap_or(k.bf16)
     }
@@ -382,6 +384,13 @@ impl CudaBackend {
         };
         let (pw, pb) = (self.weight_ptr(w)?, self.ptr(b));
         let pt = image_bias.map_or(0, |t| self.ptr(t));
+        if io && norm.is_none() {
+            let [pr, pr16] = self.ptr_by_dtype(residual);
+            let [py, py16] = self.ptr_by_dtype(Some(y));
+            if self.v8_conv_forward(&s, x, pw, [pb, pt, pr, pr16, py, py16])? {
+                return Ok(());
+            }
+        }
         let (oh, ow) = s.out_hw();
         let cfg = gemm_cfg(self.tile(), s.n * oh * ow, s.o, 1);
         self.count_gemm(s.macs(), self.tile(), s.n * oh * ow, s.o, 1, s.k());
@@ -440,6 +449,9 @@ impl CudaBackend {
         )?;
         let name = self.conv_kernel(&BACKWARD_DATA);
         let (pdy, pw, pdx) = (self.ptr(dy), self.weight_ptr(w)?, self.ptr(dx));
+        if self.v8_conv_backward_data(&s, dy, pw, dx, acc)? {
+            return Ok(());
+        }
         let cfg = gemm_cfg(self.tile(), s.n * s.h * s.w, s.c, 1);
         let kt = s.kind.taps() * s.kind.taps() * s.o;
         self.count_gemm(s.macs(), self.tile(), s.n * s.h * s.w, s.c, 1, kt);
@@ -489,6 +501,9 @@ impl CudaBackend {
         let (pdy, pdw, ws) = (self.ptr(dy), self.ptr(dw), self.workspace_ptr());
         let (oh, ow) = s.out_hw();
         let pixels = s.n * oh * ow;
+        if norm.is_none() && self.v8_conv_backward_weight(&s, x, dy, pdw)? {
+            return self.column_sums(dy, pixels, s.o, db);
+        }
         let (splits, chunk) = split_k(self.tile(), s.o, s.k(), pixels, self.props.sms);
         let cfg = gemm_cfg(self.tile(), s.o, s.k(), splits);
         self.count_gemm(s.macs(), self.tile(), s.o, s.k(), splits, chunk);

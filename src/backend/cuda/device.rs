@@ -50,6 +50,25 @@ pub(super) struct TensorMap(pub [u64; 16]);
 pub(super) enum Swizzle {
     None = 0,
     B64 = 2,
+    /// Each 128-byte box row's 16-byte chunks permuted by the 128-byte swizzle (ladder version 8).
+    B128 = 3,
+}
+
+/// The element type of a tensor map: the bf16 weights and activations, or an fp32 gradient (ladder
+/// version 8's A operands).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Element {
+    Bf16,
+    F32,
+}
+
+impl Element {
+    pub fn bytes(self) -> u64 {
+        match self {
+            Self::Bf16 => 2,
+            Self::F32 => 4,
+        }
+    }
 }
 
 /// The work a launcher counts for one launch (see [`Launch`]): FLOPs of its matrix products and
@@ -62,6 +81,8 @@ pub(super) struct Work {
     pub issued_macs: f64,
     /// What one block multiplies per iteration of its main loop (see [`Launch::tile`]).
     pub tile: Option<[u32; 3]>,
+    /// See [`Launch::staged`].
+    pub staged: f64,
 }
 
 /// A GPU the static model (`src/bin/sass-model.rs`) plans launches for: the launchers pick the kernels
@@ -135,6 +156,7 @@ fn launch_record(name: &'static str, cfg: &LaunchConfig, ms: f64, work: Work) ->
         threads: b.0 * b.1 * b.2,
         shared: cfg.shared_mem_bytes,
         tile: work.tile,
+        staged: work.staged,
         flops: work.flops,
         bytes: work.bytes,
         issued_macs: work.issued_macs,
@@ -428,11 +450,7 @@ impl Device {
         }
     }
 
-    /// The tensor map of a bf16 tensor at `base`: extents `dims` (innermost first, 1 to 5 of them),
-    /// `strides` the byte steps of dimensions 1 and up, copied in boxes of `boxes` elements with zeros
-    /// where a box leaves the tensor, laid out in shared memory with `swizzle`. An error where the driver
-    /// refuses it (`base` or a stride not a multiple of 16 bytes, a box side over 256, a box row not a
-    /// multiple of 16 bytes, or wider than the swizzle).
+    /// [`Device::tensor_map`] of a bf16 tensor.
     pub fn tensor_map_bf16(
         &self,
         base: u64,
@@ -441,10 +459,27 @@ impl Device {
         boxes: &[u32],
         swizzle: Swizzle,
     ) -> Result<TensorMap> {
+        self.tensor_map(Element::Bf16, base, dims, strides, boxes, swizzle)
+    }
+
+    /// The tensor map of a tensor of `element`s at `base`: extents `dims` (innermost first, 1 to 5 of
+    /// them), `strides` the byte steps of dimensions 1 and up, copied in boxes of `boxes` elements with
+    /// zeros where a box leaves the tensor, laid out in shared memory with `swizzle`. An error where the
+    /// driver refuses it (`base` or a stride not a multiple of 16 bytes, a box side over 256, a box row
+    /// not a multiple of 16 bytes, or wider than the swizzle).
+    pub fn tensor_map(
+        &self,
+        element: Element,
+        base: u64,
+        dims: &[u64],
+        strides: &[u64],
+        boxes: &[u32],
+        swizzle: Swizzle,
+    ) -> Result<TensorMap> {
         let refused = |why: String| {
             Error::Cuda(format!(
-                "encoding the tensor map of a bf16 tensor of extents {dims:?}, byte strides {strides:?} \
-                 at {base:#x}, boxes of {boxes:?}, {swizzle:?}: {why}"
+                "encoding the tensor map of a {element:?} tensor of extents {dims:?}, byte strides \
+                 {strides:?} at {base:#x}, boxes of {boxes:?}, {swizzle:?}: {why}"
             ))
         };
         let rank = dims.len();
@@ -463,7 +498,14 @@ impl Device {
                 unsafe {
                     sys::cuTensorMapEncodeTiled(
                         map.as_mut_ptr(),
-                        sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+                        match element {
+                            Element::Bf16 => {
+                                sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
+                            }
+                            Element::F32 => {
+                                sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_FLOAT32
+                            }
+                        },
                         rank as u32,
                         base as *mut c_void,
                         dims.as_ptr(),
@@ -474,6 +516,7 @@ impl Device {
                         match swizzle {
                             Swizzle::None => sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_NONE,
                             Swizzle::B64 => sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_64B,
+                            Swizzle::B128 => sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
                         },
                         sys::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
                         sys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
@@ -484,7 +527,7 @@ impl Device {
                 }
             }
             #[cfg(feature = "emu")]
-            Self::Emu(_) => emu::tensor_map_bf16(base, dims, strides, boxes, swizzle)
+            Self::Emu(_) => emu::tensor_map(element, base, dims, strides, boxes, swizzle)
                 .map_err(|why| refused(why.into())),
             Self::Plan(_) => Ok(TensorMap([0; 16])),
         }
@@ -689,6 +732,7 @@ mod emu {
             strides: *const u64,
             boxes: *const u32,
             swizzle: u32,
+            element: u32,
         ) -> i32;
         fn ddpm_emu_free(ptr: *mut c_void);
     }
@@ -696,7 +740,8 @@ mod emu {
     /// The emulator's encoding of a tensor map (`emu/tma_emu.h`); the error says whether the driver would
     /// refuse it or the emulator does not model it. The caller checked the lengths (rank 1 to 5, one
     /// stride fewer).
-    pub fn tensor_map_bf16(
+    pub fn tensor_map(
+        element: super::Element,
         base: u64,
         dims: &[u64],
         strides: &[u64],
@@ -715,6 +760,7 @@ mod emu {
                 strides.as_ptr(),
                 boxes.as_ptr(),
                 swizzle as u32,
+                element.bytes() as u32,
             )
         };
         match r {

@@ -41,6 +41,9 @@ impl CudaBackend {
         if self.stores_bf16("linear_forward", &stored)? {
             let [pr, pr16] = self.ptr_by_dtype(residual);
             let [py, py16] = self.ptr_by_dtype(Some(y));
+            if self.v8_linear([m, k, n], x, pw, [pb, pr, pr16, py, py16])? {
+                return Ok(());
+            }
             let kernel = match x.is_bf16() {
                 true => "linear_forward_bf16_io_bf16in",
                 false => "linear_forward_bf16_io",
@@ -79,21 +82,25 @@ impl CudaBackend {
         // The op's bytes go with its first launch; the weight gradient counts its own GEMM.
         let bytes = self.work.bytes;
         if let Some(dx) = dx {
-            let (pdy, pw, pdx, acc) = (self.ptr(dy), self.weight_ptr(w)?, self.ptr(dx), acc as i32);
-            self.count_gemm(m * n * k, self.tile(), m, k, 1, n);
+            let (pdy, pw, pdx) = (self.ptr(dy), self.weight_ptr(w)?, self.ptr(dx));
             self.count_bytes(bytes as usize);
-            launch!(
-                self,
-                self.pick("linear_backward_data_f32", "linear_backward_data_bf16"),
-                gemm_cfg(self.tile(), m, k, 1),
-                pdy,
-                pw,
-                pdx,
-                mi,
-                ki,
-                ni,
-                acc
-            )?;
+            if !self.v8_linear_backward_data([m, k, n], dy, pw, dx, acc)? {
+                self.count_gemm(m * n * k, self.tile(), m, k, 1, n);
+                self.count_bytes(bytes as usize);
+                let acc = acc as i32;
+                launch!(
+                    self,
+                    self.pick("linear_backward_data_f32", "linear_backward_data_bf16"),
+                    gemm_cfg(self.tile(), m, k, 1),
+                    pdy,
+                    pw,
+                    pdx,
+                    mi,
+                    ki,
+                    ni,
+                    acc
+                )?;
+            }
         }
         let (px, pdy, pdw, ws) = (
             self.ptr(x),
@@ -101,6 +108,12 @@ impl CudaBackend {
             self.ptr(dw),
             self.workspace_ptr(),
         );
+        if dx.is_none() {
+            self.count_bytes(bytes as usize);
+        }
+        if self.v8_linear_backward_weight([m, k, n], x, dy, pdw)? {
+            return self.column_sums(dy, m, n, db);
+        }
         let (splits, chunk) = split_k(self.tile(), n, k, m, self.props.sms);
         let [chunk_i] = dims([chunk])?;
         self.count_gemm(m * n * k, self.tile(), n, k, splits, chunk);

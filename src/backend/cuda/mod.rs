@@ -24,6 +24,7 @@ mod conv;
 mod device;
 mod diffusion;
 mod elementwise;
+mod hopper;
 mod linear;
 mod norm;
 mod optim;
@@ -106,6 +107,8 @@ pub struct CudaBackend {
     /// Convolutions launched with a tensor map (`conv.rs`): on ladder version 5's kernels, and on version
     /// 6's (in the 64-byte swizzle).
     tma_launches: [u64; 2],
+    /// GEMMs launched on ladder version 8 (`hopper.rs`).
+    v8_launches: u64,
     /// The region every normalised input is written into in bf16 precision
     /// (`Backend::normalises_into_scratch`), once reserved.
     norm_scratch: Option<Tensor>,
@@ -128,7 +131,12 @@ impl CudaBackend {
             ));
         };
         let archs = kernel_archs().unwrap_or("?");
-        let (dev, props) = Device::gpu(fatbin, archs, &kernel_names(), attention::kernels())?;
+        let large: Vec<&'static str> = attention::kernels()
+            .iter()
+            .copied()
+            .chain(hopper::KERNELS)
+            .collect();
+        let (dev, props) = Device::gpu(fatbin, archs, &kernel_names(), &large)?;
         Ok(Self::on(dev, props))
     }
 
@@ -164,6 +172,7 @@ impl CudaBackend {
             stale: Vec::new(),
             loose_roundings: 0,
             tma_launches: [0; 2],
+            v8_launches: 0,
             work: Work::default(),
             norm_scratch: None,
             dev,
@@ -192,6 +201,11 @@ impl CudaBackend {
     /// Free and total device memory, in bytes.
     pub fn memory(&self) -> Result<(usize, usize)> {
         self.dev.memory()
+    }
+
+    /// How many GEMMs ran on ladder version 8 (`Rung::Pipelined`).
+    pub fn v8_launches(&self) -> u64 {
+        self.v8_launches
     }
 
     /// The bf16 region normalised inputs are written into in bf16 precision, once reserved
@@ -499,7 +513,7 @@ impl super::Backend for CudaBackend {
                 )));
             }
         }
-        let t = Tensor::new(self.reserved, len);
+        let t = Tensor::new(self.reserved.next_multiple_of(super::ALLOC_ALIGN), len);
         self.reserved = t.end();
         Ok(t)
     }
