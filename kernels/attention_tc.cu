@@ -1,30 +1,10 @@
-// attention_tc.cu: attention on bf16 tensor cores (version 2; version 1 is attention.cu's fp32 kernels,
-// which the channel counts these do not take still use). Same arguments and results as their fp32 twins:
-//   attention_forward_bf16        out = softmax(q k^T / sqrt(c)) v and lse
+// attention_tc.cu: the attention backward on bf16 tensor cores (version 2; version 1 is attention.cu's
+// fp32 kernels, which the channel counts these do not take still use; version 2's forward was replaced by
+// attention_mma.cu's, version 3). Same arguments and results as their fp32 twins:
 //   attention_backward_dq_bf16    dq, and delta_i = dout_i . out_i (for the next kernel)
 //   attention_backward_dkv_bf16   dk and dv
-//   attention_*_bf16_bf16in       the same with qkv stored in bf16 (staged as it is)
-//   attention_{forward,backward_dq}_bf16_bf16io   and with out stored in bf16 too
-//
-// The forward:
-// Flash-style (Dao et al. 2022): a block owns 64 queries of one image and streams the keys and values
-// through shared memory 64 at a time, so the l x l scores are never stored. Per key tile, each of the 4
-// warps (16 queries each):
-//   1. S = Q K^T for its 16 x 64 scores: WMMA m16n16k16 over the c channels, q and k rounded to bf16,
-//      fp32 sums, written to shared memory;
-//   2. the online softmax in fp32: two lanes per query row (32 keys each, interleaved so the warp's
-//      shared-memory accesses hit 32 distinct banks: spread()) update the row maximum m and the
-//      row sum, write P = exp(S / sqrt(c) - m) as bf16, and rescale the row's output accumulator by
-//      exp(m_old - m_new);
-//   3. O += P V: the warp's 16 x c accumulator, kept in shared memory in fp32 (WMMA's accumulator layout
-//      is opaque, so the per-row rescaling of step 2 needs it there), loaded, updated by 4 mma per 16
-//      channels and stored back.
-// At the end each row is divided by its sum and lse = m + log(sum) is written (fp32), as the fp32
-// backward pass expects.
-//
-// Shared memory, every region 32-byte aligned and row strides padded against bank conflicts:
-//   Q, K, V tiles  3 x 64 x (c + 8) bf16;  S 64 x 68 fp32;  P 64 x 72 bf16;  O 64 x (c + 4) fp32.
-// Launch: block 128 (4 warps), grid (ceil(l / 64), n). FLOPs: 4 n l^2 c, on tensor cores.
+//   attention_backward_*_bf16_bf16in   the same with qkv stored in bf16 (staged as it is)
+//   attention_backward_dq_bf16_bf16io  and with out stored in bf16 too
 //
 // The backward (P rebuilt from lse; dP = dO V^T, dS = P (dP - delta), dq = dS K / sqrt(c),
 // dk = dS^T Q / sqrt(c), dv = P^T dO), as two kernels so that no gradient needs atomics (results are
@@ -40,8 +20,7 @@
 //       (ceil(l / 32), n). FLOPs of the two: 10 n l^2 c (S is recomputed in each).
 //
 // Requirements (the launcher checks them and otherwise runs the fp32 kernels): c a multiple of 16, and the
-// shared memory within the device's limit (c = 256: 190, 187 and 190 KB; the backend opts in to the
-// maximum). Every size here is mirrored by src/backend/cuda/attention.rs.
+// shared memory within the device's limit (c = 256: 187 and 190 KB; the backend opts in to the maximum). Every size here is mirrored by src/backend/cuda/attention.rs.
 #include <cuda_bf16.h>
 #include <mma.h>
 
@@ -50,12 +29,9 @@
 #include "common.cuh"
 
 namespace {
-constexpr int AT_Q = 64;   // queries per block
-constexpr int AT_KV = 64;  // keys per tile
-constexpr int AT_WARPS = 4;  // 16 queries each
+constexpr int AT_Q = 64;     // queries per block of the dq kernel, per tile of the dkv kernel's stream
+constexpr int AT_WARPS = 4;  // dq: 16 queries each
 static_assert(AT_Q == 16 * AT_WARPS, "each warp owns 16 query rows");
-constexpr int AT_LDS = AT_KV + 4;  // S row stride (fp32)
-constexpr int AT_LDP = AT_KV + 8;  // P row stride (bf16)
 
 __device__ __forceinline__ size_t align32(size_t bytes) { return (bytes + 31) / 32 * 32; }
 
@@ -132,86 +108,6 @@ __device__ __forceinline__ void mma_accumulate(float* d, int ldd, const __nv_bfl
     }
 }
 }  // namespace
-
-template <class T, class O = float>
-__device__ __forceinline__ void attention_forward_tc(const T* __restrict__ qkv, O* __restrict__ out,
-                                                     float* __restrict__ lse, int l, int c) {
-    extern __shared__ float smem[];
-    const int ldt = c + 8, ldo = c + 4;
-    Carver carve{reinterpret_cast<char*>(smem)};
-    __nv_bfloat16* qs = carve.take<__nv_bfloat16>(AT_Q * ldt);
-    __nv_bfloat16* ks = carve.take<__nv_bfloat16>(AT_KV * ldt);
-    __nv_bfloat16* vs = carve.take<__nv_bfloat16>(AT_KV * ldt);
-    float* ss = carve.take<float>(AT_Q * AT_LDS);
-    __nv_bfloat16* ps = carve.take<__nv_bfloat16>(AT_Q * AT_LDP);
-    float* os = carve.take<float>(AT_Q * ldo);
-
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const int image = blockIdx.y, q0 = blockIdx.x * AT_Q;
-    const int64_t row = 3 * int64_t(c);
-    const T* src = qkv + int64_t(image) * l * row;
-    const float scale = ddpm::attention_scale(c);
-
-    // Stage the block's queries (zero past the end), clear the output accumulators.
-    stage_bf16(qs, ldt, src + q0 * row, row, AT_Q, min(AT_Q, l - q0), c);
-    zero_rows(os, ldo, AT_Q, c);
-
-    // Lanes 2r and 2r + 1 of warp w own query row 16 w + r of the block: half of each tile's keys and half
-    // of the output's channels each (interleaved by spread(); the final write takes contiguous halves).
-    const int r = 16 * warp + lane / 2, half = lane % 2;
-    float m = -INFINITY, sum = 0.0f;
-    __nv_bfloat16* qw = qs + 16 * warp * ldt;
-    float* sw = ss + 16 * warp * AT_LDS;
-    __nv_bfloat16* pw = ps + 16 * warp * AT_LDP;
-    float* ow = os + 16 * warp * ldo;
-
-    for (int j0 = 0; j0 < l; j0 += AT_KV) {
-        __syncthreads();  // every warp is done with the previous K and V tiles (and, first, Q is staged)
-        stage_bf16(ks, ldt, src + j0 * row + c, row, AT_KV, min(AT_KV, l - j0), c);
-        stage_bf16(vs, ldt, src + j0 * row + 2 * c, row, AT_KV, min(AT_KV, l - j0), c);
-        __syncthreads();
-
-        // 1. S = Q K^T for the warp's 16 rows: K stored [key][channel] is K^T in column-major order.
-        for (int n = 0; n < AT_KV; n += 16) mma_tile<true>(sw + n, AT_LDS, qw, ldt, ks + n * ldt, ldt, c);
-        __syncwarp();
-
-        // 2. The online softmax of row r over this tile's keys (past the end of the sequence: -inf).
-        const float* srow = ss + r * AT_LDS;
-        float tile_max = -INFINITY;
-        for (int i = 0; i < AT_KV / 2; ++i) {
-            const int j = spread(i, r, AT_KV / 2, half);
-            if (j0 + j < l) tile_max = fmaxf(tile_max, srow[j] * scale);
-        }
-        tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
-        const float m_new = fmaxf(m, tile_max);  // finite: every tile holds at least one key
-        const float corr = expf(m - m_new);
-        float part = 0.0f;
-        __nv_bfloat16* prow = ps + r * AT_LDP;
-        for (int i = 0; i < AT_KV / 2; ++i) {
-            const int j = spread(i, r, AT_KV / 2, half);
-            const float p = j0 + j < l ? expf(srow[j] * scale - m_new) : 0.0f;
-            prow[j] = __float2bfloat16_rn(p);
-            part += p;
-        }
-        part += __shfl_xor_sync(0xffffffffu, part, 1);
-        sum = sum * corr + part;
-        m = m_new;
-        float* orow = os + r * ldo;
-        for (int i = 0; i < c / 2; ++i) orow[spread(i, r, c / 2, half)] *= corr;
-        __syncwarp();
-
-        // 3. O += P V (V row-major: [key][channel] is (k, n)).
-        mma_accumulate(ow, ldo, pw, AT_LDP, vs, ldt, AT_KV, c);
-        __syncwarp();
-    }
-
-    if (q0 + r >= l) return;
-    const float inv = 1.0f / sum;
-    const float* orow = os + r * ldo + half * (c / 2);
-    O* dst = out + (int64_t(image) * l + q0 + r) * c + half * (c / 2);
-    for (int ch = 0; ch < c / 2; ++ch) ddpm::store_f32(dst + ch, orow[ch] * inv);
-    if (half == 0) lse[int64_t(image) * l + q0 + r] = m + logf(sum);
-}
 
 namespace {
 constexpr int AB_KT = 32;  // dq: keys per tile
@@ -358,12 +254,6 @@ __device__ __forceinline__ void attention_backward_dkv_tc(const T* __restrict__ 
 
 // The entry points: qkv in fp32, and (_bf16in) in bf16 (the projection's output stored so in bf16
 // precision, Backend::stores_bf16_activations); the same arguments otherwise.
-extern "C" __global__ void __launch_bounds__(32 * AT_WARPS)
-    attention_forward_bf16(const float* __restrict__ qkv, float* __restrict__ out, float* __restrict__ lse,
-                           int l, int c) {
-    attention_forward_tc(qkv, out, lse, l, c);
-}
-
 extern "C" __global__ void __launch_bounds__(128)
     attention_backward_dq_bf16(const float* __restrict__ qkv, const float* __restrict__ out,
                                const float* __restrict__ lse, const float* __restrict__ dout,
@@ -376,12 +266,6 @@ extern "C" __global__ void __launch_bounds__(64)
                                 const float* __restrict__ dout, const float* __restrict__ delta,
                                 float* __restrict__ dqkv, int l, int c) {
     attention_backward_dkv_tc(qkv, lse, dout, delta, dqkv, l, c);
-}
-
-extern "C" __global__ void __launch_bounds__(32 * AT_WARPS)
-    attention_forward_bf16_bf16in(const __nv_bfloat16* __restrict__ qkv, float* __restrict__ out,
-                                  float* __restrict__ lse, int l, int c) {
-    attention_forward_tc(qkv, out, lse, l, c);
 }
 
 extern "C" __global__ void __launch_bounds__(128)
@@ -399,12 +283,6 @@ extern "C" __global__ void __launch_bounds__(64)
 }
 
 // _bf16io: qkv and out both stored in bf16, as in attention.cu; dkv's _bf16in twin serves it.
-extern "C" __global__ void __launch_bounds__(32 * AT_WARPS)
-    attention_forward_bf16_bf16io(const __nv_bfloat16* __restrict__ qkv, __nv_bfloat16* __restrict__ out,
-                                  float* __restrict__ lse, int l, int c) {
-    attention_forward_tc(qkv, out, lse, l, c);
-}
-
 extern "C" __global__ void __launch_bounds__(128)
     attention_backward_dq_bf16_bf16io(const __nv_bfloat16* __restrict__ qkv, const __nv_bfloat16* __restrict__ out,
                                       const float* __restrict__ lse, const float* __restrict__ dout,

@@ -72,8 +72,12 @@ fn for_storage(kernel: &'static str, qkv: Tensor, out: Tensor) -> Result<&'stati
 const WARPS: usize = 8;
 const TILE: usize = 8;
 
-/// The bf16 kernels (`kernels/attention_tc.cu`): queries per block of the forward and the dq kernel, keys
-/// per tile of the dq kernel, keys per block of the dkv kernel.
+/// The bf16 kernels (`kernels/attention_mma.cu`, the forward: queries per block, keys per block of its
+/// stream, the widest c; `kernels/attention_tc.cu`, the backward: queries per block of the dq kernel, keys
+/// per tile of the dq kernel, keys per block of the dkv kernel).
+const MMA_QUERIES: usize = 128;
+const MMA_KEYS: usize = 32;
+const MMA_WIDEST: usize = 256;
 const TC_QUERIES: usize = 64;
 const TC_DQ_KEYS: usize = 32;
 const TC_DKV_KEYS: usize = 32;
@@ -85,8 +89,8 @@ fn tc_shared_bytes(c: usize) -> [usize; 3] {
     let (ldt, ldo) = (c + 8, c + 4);
     let (q, kt, kb) = (TC_QUERIES, TC_DQ_KEYS, TC_DKV_KEYS);
     [
-        // Q, K, V tiles; S; P; O.
-        3 * r(q * ldt, 2) + r(q * (q + 4), 4) + r(q * (q + 8), 2) + r(q * ldo, 4),
+        // Q; K and V, double-buffered (rows of c + 8 bf16, packed).
+        (MMA_QUERIES + 4 * MMA_KEYS) * ldt * 2,
         // Q, dO; K, V; S, dP; dS; dq.
         2 * r(q * ldt, 2)
             + 2 * r(kt * ldt, 2)
@@ -118,6 +122,7 @@ impl CudaBackend {
     fn attention_on_tensor_cores(&self, s: &AttentionShape) -> bool {
         self.precision == Precision::Bf16
             && s.c % 16 == 0
+            && s.c <= MMA_WIDEST
             && s.n <= 65_535
             && tc_shared_bytes(s.c)
                 .iter()
@@ -171,7 +176,7 @@ impl CudaBackend {
             return Ok(match pass {
                 Pass::Forward => (
                     "attention_forward_bf16",
-                    tc_cfg(s, TC_QUERIES, 128, forward),
+                    tc_cfg(s, MMA_QUERIES, 256, forward),
                 ),
                 Pass::Dq => ("attention_backward_dq_bf16", tc_cfg(s, TC_QUERIES, 128, dq)),
                 Pass::Dkv => (
@@ -201,7 +206,7 @@ impl CudaBackend {
     fn attention_tile(&self, s: &AttentionShape, pass: Pass) -> [usize; 3] {
         let tc = self.attention_on_tensor_cores(s);
         match (pass, tc) {
-            (Pass::Forward, true) => [TC_QUERIES, TC_QUERIES, 2 * s.c],
+            (Pass::Forward, true) => [MMA_QUERIES, MMA_KEYS, 2 * s.c],
             (Pass::Dq, true) => [TC_QUERIES, TC_DQ_KEYS, 3 * s.c],
             (Pass::Dkv, true) => [TC_DKV_KEYS, TC_QUERIES, 4 * s.c],
             (Pass::Forward, false) => [WARPS, TILE, 2 * s.c],
