@@ -33,28 +33,30 @@ constexpr int AM_Q = 16 * AM_WARPS;  // queries per block
 constexpr int AM_KV = 32;            // keys per block of the stream
 constexpr int AM_C = 256;            // the widest c
 
+// The runs of 8 channels a thread stages: one channel run `ch` of rows first, first + step, ... (the
+// block's threads cover c / 8 runs by 256 / (c / 8) rows a pass), decided once.
+struct Share {
+    int ch, first, step;
+};
+
 // `rows` rows of c channels of part `part` (0 q, 1 k, 2 v) of qkv from position `pos0` (rows past `valid`
-// zero) into shared rows of stride ldt: cp.async for 16-byte runs of a bf16 source where aligned (the caller
-// commits and waits), the registers otherwise (a fp32 source, rounded to bf16 as the other bf16 kernels
-// round it).
-template <class T>
+// zero) into shared rows of stride ldt: cp.async for 16-byte runs of a bf16 source (ALIGNED: its base and
+// c make every run 16-byte aligned; the caller commits and waits), the registers otherwise (a fp32
+// source rounded to bf16, as the other bf16 kernels round it, or an unaligned bf16 one).
+template <class T, bool ALIGNED>
 __device__ __forceinline__ void stage(__nv_bfloat16* dst, int ldt, const T* src, int pos0, int rows, int valid,
-                                      int part, int c) {
-    const int runs = c / 8;
+                                      int part, int c, Share sh) {
     const int64_t row = 3 * int64_t(c);
-    for (int e = threadIdx.x; e < rows * runs; e += blockDim.x) {
-        const int r = e / runs, ch = 8 * (e % runs);
-        uint4* to = reinterpret_cast<uint4*>(dst + r * ldt + ch);
+    for (int r = sh.first; r < rows; r += sh.step) {
+        uint4* to = reinterpret_cast<uint4*>(dst + r * ldt + sh.ch);
         if (r >= valid) {
             *to = make_uint4(0, 0, 0, 0);
             continue;
         }
-        const T* from = src + (int64_t(pos0 + r)) * row + part * c + ch;
-        if constexpr (ddpm::Storage<T>::packed) {
-            if ((reinterpret_cast<uintptr_t>(from) & 15) == 0) {
-                ddpm::cp_async16(to, from);
-                continue;
-            }
+        const T* from = src + (int64_t(pos0 + r)) * row + part * c + sh.ch;
+        if constexpr (ALIGNED) {
+            ddpm::cp_async16(to, from);
+        } else if constexpr (ddpm::Storage<T>::packed) {
             uint4 v;
             ddpm::load_run8(from, 8, v);
             *to = v;
@@ -76,9 +78,9 @@ __device__ __forceinline__ void store_pair(__nv_bfloat16* p, float v0, float v1)
 }
 }  // namespace
 
-template <class T, class O>
-__device__ __forceinline__ void attention_forward_mma(const T* __restrict__ qkv, O* __restrict__ out,
-                                                      float* __restrict__ lse, int l, int c) {
+template <class T, class O, bool ALIGNED>
+__device__ __forceinline__ void attention_forward_body(const T* __restrict__ qkv, O* __restrict__ out,
+                                                       float* __restrict__ lse, int l, int c) {
     extern __shared__ float smem[];
     const int ldt = c + 8;
     __nv_bfloat16* qs = reinterpret_cast<__nv_bfloat16*>(smem);
@@ -92,10 +94,13 @@ __device__ __forceinline__ void attention_forward_mma(const T* __restrict__ qkv,
     const T* src = qkv + int64_t(image) * l * 3 * c;
     const float sl2 = ddpm::attention_scale(c) * 1.4426950408889634f;  // scale x log2 e
     const int blocks = (l + AM_KV - 1) / AM_KV;
+    const int runs = c / 8;
+    const int step = int(blockDim.x) / runs, tid = int(threadIdx.x);
+    const Share sh{8 * (tid % runs), tid < runs * step ? tid / runs : AM_Q, step};  // the rest idle
 
-    stage(qs, ldt, src, q0, AM_Q, min(AM_Q, l - q0), 0, c);
-    stage(ks(0), ldt, src, 0, AM_KV, min(AM_KV, l), 1, c);
-    stage(vs(0), ldt, src, 0, AM_KV, min(AM_KV, l), 2, c);
+    stage<T, ALIGNED>(qs, ldt, src, q0, AM_Q, min(AM_Q, l - q0), 0, c, sh);
+    stage<T, ALIGNED>(ks(0), ldt, src, 0, AM_KV, min(AM_KV, l), 1, c, sh);
+    stage<T, ALIGNED>(vs(0), ldt, src, 0, AM_KV, min(AM_KV, l), 2, c, sh);
     ddpm::cp_async_commit();
 
     float o[AM_C / 8][4];
@@ -108,8 +113,8 @@ __device__ __forceinline__ void attention_forward_mma(const T* __restrict__ qkv,
         const int b = jb & 1, j0 = jb * AM_KV;
         if (jb + 1 < blocks) {  // the next block into the other buffer, read last in block jb - 1
             const int j1 = j0 + AM_KV;
-            stage(ks(b ^ 1), ldt, src, j1, AM_KV, min(AM_KV, l - j1), 1, c);
-            stage(vs(b ^ 1), ldt, src, j1, AM_KV, min(AM_KV, l - j1), 2, c);
+            stage<T, ALIGNED>(ks(b ^ 1), ldt, src, j1, AM_KV, min(AM_KV, l - j1), 1, c, sh);
+            stage<T, ALIGNED>(vs(b ^ 1), ldt, src, j1, AM_KV, min(AM_KV, l - j1), 2, c, sh);
             ddpm::cp_async_commit();
             ddpm::cp_async_wait<1>();
         } else {
@@ -204,6 +209,17 @@ __device__ __forceinline__ void attention_forward_mma(const T* __restrict__ qkv,
             if (8 * j < c) store_pair(dst + 8 * j, o[j][2 * h] * inv, o[j][2 * h + 1] * inv);
         if (t == 0) lse[int64_t(image) * l + r] = (m[h] + log2f(sum[h])) * 0.6931471805599453f;
     }
+}
+
+// The body for qkv's storage: copied by cp.async where it is bf16 and every run is 16-byte aligned.
+template <class T, class O>
+__device__ __forceinline__ void attention_forward_mma(const T* __restrict__ qkv, O* __restrict__ out,
+                                                      float* __restrict__ lse, int l, int c) {
+    if constexpr (ddpm::Storage<T>::packed) {
+        if ((reinterpret_cast<uintptr_t>(qkv) & 15) == 0 && c % 8 == 0)
+            return attention_forward_body<T, O, true>(qkv, out, lse, l, c);
+    }
+    attention_forward_body<T, O, false>(qkv, out, lse, l, c);
 }
 
 extern "C" __global__ void __launch_bounds__(32 * AM_WARPS, 1)

@@ -385,7 +385,12 @@ impl Rank {
 /// starts) to an instruction `end` accepts, following forward edges between them only (an inner loop's
 /// body counted once, a branch leaving them not followed). The instructions on it, in order; empty where
 /// no end is reachable.
-fn typical_path(f: &Function, nodes: &[usize], end: impl Fn(usize) -> bool) -> Vec<usize> {
+fn typical_path(
+    f: &Function,
+    nodes: &[usize],
+    exits: &HashMap<usize, usize>,
+    end: impl Fn(usize) -> bool,
+) -> Vec<usize> {
     let Some(&start) = nodes.first() else {
         return Vec::new();
     };
@@ -399,7 +404,13 @@ fn typical_path(f: &Function, nodes: &[usize], end: impl Fn(usize) -> bool) -> V
         if end(at) && best.is_none_or(|(r, _)| here > r) {
             best = Some((here, k));
         }
-        for to in successors(f, at).filter(|&to| to > at) {
+        // A back branch to an inner loop's head goes on after that loop instead (its body counted once,
+        // whichever way an iteration of it went).
+        let next = successors(f, at).filter_map(|to| match to > at {
+            true => Some(to),
+            false => exits.get(&to).copied().filter(|&e| e > at),
+        });
+        for to in next {
             let Some(&j) = place.get(&to) else { continue };
             let r = here.add(Rank::of(&f.code[to]));
             if best_to[j].is_none_or(|old| r > old) {
@@ -424,13 +435,19 @@ fn typical_path(f: &Function, nodes: &[usize], end: impl Fn(usize) -> bool) -> V
 pub fn iteration_path(f: &Function, l: &Loop) -> Vec<usize> {
     let mut nodes = vec![l.head];
     nodes.extend(l.body.iter().copied().filter(|&at| at > l.head));
-    typical_path(f, &nodes, |at| l.latches.contains(&at))
+    // The loops inside this one: each head and the instruction after its last back branch.
+    let exits: HashMap<usize, usize> = loops(f)
+        .into_iter()
+        .filter(|inner| inner.head != l.head && l.body.binary_search(&inner.head).is_ok())
+        .filter_map(|inner| Some((inner.head, inner.latches.iter().max()? + 1)))
+        .collect();
+    typical_path(f, &nodes, &exits, |at| l.latches.contains(&at))
 }
 
 /// The typical path from the function's entry to an exit, for a kernel without loops.
 fn straight_path(f: &Function) -> Vec<usize> {
     let nodes: Vec<usize> = (0..f.code.len()).collect();
-    let path = typical_path(f, &nodes, |at| {
+    let path = typical_path(f, &nodes, &HashMap::new(), |at| {
         let i = &f.code[at];
         i.op == "EXIT" && !i.predicated
     });
@@ -531,6 +548,26 @@ pub struct Loops {
     pub straight: bool,
 }
 
+/// Every loop of `f` with its typical iteration's size, tensor work and bytes, as text (for
+/// `sass-model --path`).
+pub fn loop_summary(f: &Function) -> Vec<String> {
+    loop_mixes(f)
+        .iter()
+        .map(|(l, m)| {
+            format!(
+                "loop at {:05x}: body {} instructions, iteration {} ({} MMA, {} MACs, global {} B, shared {} B)",
+                f.code[l.head].addr,
+                l.body.len(),
+                m.instructions,
+                m.mma,
+                m.macs,
+                m.global(),
+                m.smem_read + m.smem_write
+            )
+        })
+        .collect()
+}
+
 /// The instructions of `f`'s main loop's typical iteration, as text (for `sass-model --path`).
 pub fn main_path(f: &Function) -> Vec<String> {
     let l = main_loop(f);
@@ -564,17 +601,18 @@ fn loop_mixes(f: &Function) -> Vec<(Loop, Mix)> {
         .collect()
 }
 
-/// The main loop among `mixes`: the most tensor work, then the most memory traffic, then the fewest
-/// instructions (of a loop the compiler made twice, for a fast case and a slow one decided outside it,
-/// the fast one).
+/// The main loop among `mixes`: the most tensor work, and of loops with as much the fewest instructions (of
+/// a loop the compiler made twice, for a fast case and a slow one decided outside it, the fast one);
+/// without tensor work, the most FMAs, then the most memory traffic, then the fewest instructions.
 fn pick_main(mixes: &[(Loop, Mix)]) -> Option<&(Loop, Mix)> {
-    let key = |m: &Mix| {
-        (
-            m.macs,
+    let key = |m: &Mix| match m.macs > 0.0 {
+        true => (m.macs, 0.0, 0.0, -m.instructions),
+        false => (
+            0.0,
             m.ffma,
             m.global() + m.smem_read + m.smem_write,
             -m.instructions,
-        )
+        ),
     };
     mixes.iter().max_by(|a, b| {
         key(&a.1)

@@ -24,6 +24,8 @@ struct Args {
     check: bool,
     /// Print this kernel's main-loop path (sm_90a and sm_80) and stop.
     path: Option<String>,
+    /// Also list every launch of the plans whose label contains this (the first batch).
+    launches: Option<String>,
 }
 
 fn args() -> Result<Args, String> {
@@ -32,6 +34,7 @@ fn args() -> Result<Args, String> {
         batches: vec![128, 256],
         check: false,
         path: None,
+        launches: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -50,6 +53,7 @@ fn args() -> Result<Args, String> {
             }
             "--check" => a.check = true,
             "--path" => a.path = Some(it.next().ok_or("--path needs a kernel")?),
+            "--launches" => a.launches = Some(it.next().ok_or("--launches needs a plan's name")?),
             "-h" | "--help" => {
                 return Err(
                     "usage: sass-model [--cuobjdump PATH] [--batch 128,256] [--check]".into(),
@@ -369,6 +373,23 @@ fn report(
             println!("- {} {what}: {}", p.label, rows.join(", "));
         }
     }
+    if let Some(want) = &args.launches {
+        for p in plans.iter().filter(|p| p.label.contains(want.as_str())) {
+            for (what, launches) in [("training", &p.train[0]), ("sampling", &p.sample[0])] {
+                println!("\n{} {what}, every launch (blocks, GFLOP, modelled us, at the copy bandwidth us):", p.label);
+                for (l, (secs, flops)) in launches.iter().zip(times(&mut models, launches)?) {
+                    println!(
+                        "  {} {} {:.2} {:.1} {:.1}",
+                        l.kernel,
+                        l.blocks,
+                        flops * 1e-9,
+                        secs * 1e6,
+                        l.bytes / m.copy_bytes_per_s * 1e6
+                    );
+                }
+            }
+        }
+    }
     problems.extend(known_answers(m, &functions, &resources));
     Ok(problems)
 }
@@ -427,6 +448,30 @@ fn known_answers(
         )),
         None => problems.push(format!("{}: no SASS for peak_fma_f32", m.arch)),
     }
+    // A deliberately slow loader: version 3's convolution that normalises its input as it loads it (the
+    // statistics, gamma and beta read per element, a sigmoid per element) beside the same kernel over a
+    // plain input. The model must see the per-element loads and put it well below the plain one.
+    match (model("conv2d_forward_normed_bf16_io_bf16in"), model("conv2d_forward_bf16_io_bf16in")) {
+        (Some(slow), Some(plain))
+            if slow.loops.main.narrow_loads > 0.0 && slow.ceiling() < 0.6 * plain.ceiling() =>
+        {
+            println!(
+                "known answer: the normalising loader is flagged ({:.0} per-element loads, {:.0} MUFU an iteration) and modelled at {:.0}% against the plain loader's {:.0}%",
+                slow.loops.main.narrow_loads,
+                slow.loops.main.mufu,
+                100.0 * slow.ceiling(),
+                100.0 * plain.ceiling()
+            )
+        }
+        (Some(slow), Some(plain)) => problems.push(format!(
+            "{}: the normalising loader modelled at {:.0}% with {} per-element loads, the plain one at {:.0}%",
+            m.arch,
+            100.0 * slow.ceiling(),
+            slow.loops.main.narrow_loads,
+            100.0 * plain.ceiling()
+        )),
+        _ => problems.push(format!("{}: no SASS for version 3's forwards", m.arch)),
+    }
     problems
 }
 
@@ -455,6 +500,9 @@ fn main() -> ExitCode {
             match disassemble(&args.cuobjdump, &path, m.arch) {
                 Ok((functions, _)) => match functions.get(kernel) {
                     Some(f) => {
+                        for line in sass::loop_summary(f) {
+                            println!("{} {kernel} {line}", m.arch);
+                        }
                         println!("{} {kernel}, main loop's typical iteration:", m.arch);
                         for line in sass::main_path(f) {
                             println!("  {line}");
