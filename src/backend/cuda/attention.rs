@@ -117,16 +117,21 @@ fn tc_cfg(s: &AttentionShape, per_block: usize, threads: u32, bytes: usize) -> L
 }
 
 impl CudaBackend {
-    /// Whether attention of shape `s` runs on the bf16 kernels: in bf16 precision, for widths they take (a
-    /// multiple of 16, every kernel's shared memory within the device's limit). The fp32 kernels otherwise.
-    fn attention_on_tensor_cores(&self, s: &AttentionShape) -> bool {
+    /// Whether `pass` of attention of shape `s` runs on the bf16 kernels: in bf16 precision, for widths
+    /// they take (a multiple of 16, at most 256) and where the pass's shared memory fits the device (the
+    /// backward's two kernels together: the dq kernel's row terms are the dkv kernel's). The fp32 kernels
+    /// otherwise: on an A100 (163 KiB) the forward runs on tensor cores, the backward in fp32.
+    fn attention_on_tensor_cores(&self, s: &AttentionShape, pass: Pass) -> bool {
+        let [forward, dq, dkv] = tc_shared_bytes(s.c);
+        let need = match pass {
+            Pass::Forward => forward,
+            Pass::Dq | Pass::Dkv => dq.max(dkv),
+        };
         self.precision == Precision::Bf16
             && s.c % 16 == 0
             && s.c <= MMA_WIDEST
             && s.n <= 65_535
-            && tc_shared_bytes(s.c)
-                .iter()
-                .all(|&b| b <= self.props.max_shared as usize)
+            && need <= self.props.max_shared as usize
     }
 
     fn attention_cfg(&self, s: &AttentionShape, floats: usize) -> Result<LaunchConfig> {
@@ -171,7 +176,7 @@ impl CudaBackend {
         s: &AttentionShape,
         pass: Pass,
     ) -> Result<(&'static str, LaunchConfig)> {
-        if self.attention_on_tensor_cores(s) {
+        if self.attention_on_tensor_cores(s, pass) {
             let [forward, dq, dkv] = tc_shared_bytes(s.c);
             return Ok(match pass {
                 Pass::Forward => (
@@ -204,7 +209,7 @@ impl CudaBackend {
     /// What one block of `pass` multiplies per iteration of its main loop (queries x keys x channels of
     /// its products: 2 in the forward, 3 in dq, 4 in dkv), for the static model.
     fn attention_tile(&self, s: &AttentionShape, pass: Pass) -> [usize; 3] {
-        let tc = self.attention_on_tensor_cores(s);
+        let tc = self.attention_on_tensor_cores(s, pass);
         match (pass, tc) {
             (Pass::Forward, true) => [MMA_QUERIES, MMA_KEYS, 2 * s.c],
             (Pass::Dq, true) => [TC_QUERIES, TC_DQ_KEYS, 3 * s.c],
@@ -283,7 +288,7 @@ impl CudaBackend {
 }
 
 /// The three kernels of attention: the forward, and the backward's two.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 enum Pass {
     Forward,
     Dq,

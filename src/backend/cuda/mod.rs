@@ -203,6 +203,13 @@ impl CudaBackend {
         self.dev.memory()
     }
 
+    /// Launches from now on as a device allowing at most `bytes` of shared memory per block would (never
+    /// more than this one allows): every launcher picks the path that fits, as it does on an A100 (163 KiB)
+    /// or an sm_86 / sm_89 card (99 KiB). For tests of those choices on the emulator.
+    pub fn limit_shared_memory(&mut self, bytes: u32) {
+        self.props.max_shared = self.props.max_shared.min(bytes);
+    }
+
     /// How many GEMMs ran on ladder version 8 (`Rung::Pipelined`).
     pub fn v8_launches(&self) -> u64 {
         self.v8_launches
