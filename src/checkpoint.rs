@@ -9,15 +9,17 @@
 //! DIR/training_state.safetensors            raw weights, EMA, Adam moments (flat, our layout), and in its
 //!                                           metadata the step, the options and the data spec
 //! ```
+//!
+//! Files are written through [`crate::files::write_atomic`].
 
 use crate::error::{Error, Result};
+use crate::files::write_atomic;
 use crate::model::params::{
     parse_safetensors, write_safetensors_as, write_safetensors_bytes, StoredDtype,
 };
 use crate::model::{NamedTensor, UNet, UNetConfig};
 use crate::sample::Variance;
 use crate::schedule::BetaSchedule;
-use crate::train::TrainOptions;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use std::collections::HashMap;
@@ -30,78 +32,37 @@ pub const STATE: &str = "training_state.safetensors";
 /// The version of the training-state layout; a file of another version is refused, not misread.
 pub const STATE_FORMAT: u64 = 2;
 
-/// Writes `bytes` to `path` through a temporary file in the same directory, `fsync` and a rename, then syncs
-/// the directory. The directory must exist: an output path in a missing directory is an error, not a
-/// silently created tree.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    if !dir.is_dir() {
-        return Err(Error::format(
-            path,
-            format!(
-                "cannot write: the directory {} does not exist",
-                dir.display()
-            ),
-        ));
-    }
-    let name = path
-        .file_name()
-        .ok_or_else(|| Error::Invalid(format!("{} is not a file path", path.display())))?;
-    let tmp = dir.join(format!(
-        ".{}.tmp-{}",
-        name.to_string_lossy(),
-        std::process::id()
-    ));
-    let result = (|| {
-        use std::io::Write;
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)?;
-        // Make the rename itself durable (best effort: not every platform can open a directory).
-        if let Ok(d) = std::fs::File::open(dir) {
-            let _ = d.sync_all();
-        }
-        Ok::<(), std::io::Error>(())
-    })();
-    if let Err(e) = result {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(Error::io(path, e));
-    }
-    Ok(())
+/// Training options (saved with the training state, so a resumed run uses the same).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrainOptions {
+    pub batch: usize,
+    pub lr: f32,
+    pub warmup: u64,
+    pub max_grad_norm: f32,
+    pub ema_decay: f32,
+    pub flip: bool,
+    pub seed: u64,
 }
 
-/// Removes the temporary files [`write_atomic`] leaves when a process dies mid-write (`.NAME.tmp-PID`);
-/// the files they were to replace are intact. Best effort: a file that cannot be removed stays.
-pub fn remove_stale_temporaries(dir: &Path) {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return;
-    };
-    for e in entries.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        if name.starts_with('.') && name.contains(".tmp-") {
-            let _ = std::fs::remove_file(e.path());
+impl TrainOptions {
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::Invalid(m));
+        if self.batch == 0 {
+            return bad("--batch must be at least 1".into());
         }
-    }
-}
-
-/// Fails early, before any long work, when `path`'s directory does not exist.
-pub fn check_output_path(path: &Path, flag: &str) -> Result<()> {
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    if dir.is_dir() {
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            return bad(format!("--lr {} must be a positive number", self.lr));
+        }
+        if !(0.0..1.0).contains(&self.ema_decay) {
+            return bad(format!("--ema-decay {} must be in [0, 1)", self.ema_decay));
+        }
+        if !(self.max_grad_norm.is_finite() && self.max_grad_norm >= 0.0) {
+            return bad(format!(
+                "--max-grad-norm {} must be 0 (off) or positive",
+                self.max_grad_norm
+            ));
+        }
         Ok(())
-    } else {
-        Err(Error::Invalid(format!(
-            "{flag} {}: the directory {} does not exist",
-            path.display(),
-            dir.display()
-        )))
     }
 }
 

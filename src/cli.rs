@@ -7,12 +7,13 @@ use crate::bench;
 use crate::checkpoint::{self, SchedulerConfig};
 use crate::data::Dataset;
 use crate::eval;
+use crate::files;
 use crate::image;
 use crate::model::params::StoredDtype;
 use crate::model::{UNet, UNetConfig};
-use crate::npy;
 use crate::rng;
 use crate::sample::{self, Sampler, Variance};
+use crate::sample_files::{absolute, fingerprint, InitNoise, Outputs, SampleJob, GRID_MAX};
 use crate::train::{self, TrainOptions};
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -249,13 +250,15 @@ struct SampleArgs {
     /// x_T from a float32 .npy of shape (N, C, H, W) instead of drawing it.
     #[arg(long)]
     init_noise: Option<PathBuf>,
-    /// The grid PNG.
+    /// The grid PNG, of the first 64 images at most. An interrupted run leaves OUT.partial.json beside
+    /// it; the same command then continues where it stopped.
     #[arg(long, default_value = "samples.png")]
     out: PathBuf,
     /// Also write one PNG per image into this folder (created if needed).
     #[arg(long)]
     each: Option<PathBuf>,
-    /// Also write the float samples as a float32 .npy of shape (N, C, H, W).
+    /// Also write the float samples as a float32 .npy of shape (N, C, H, W), grown on disk batch by batch
+    /// (a complete .npy of the images so far after each).
     #[arg(long)]
     out_npy: Option<PathBuf>,
     #[arg(long, value_enum, default_value = "auto")]
@@ -528,20 +531,18 @@ impl Job for SampleArgs {
     fn run<B: Backend>(self, be: &mut B) -> Result<()> {
         let m = checkpoint::load_model(&self.model)?;
         let (size, c) = (m.config.sample_size, m.config.in_channels);
-        let init = match &self.init_noise {
-            Some(p) => Some(read_init_noise(p, self.n, c, size)?),
+        let mut init = match &self.init_noise {
+            Some(p) => Some(InitNoise::open(p, self.n, c, size)?),
             None => None,
         };
-        let n = init
-            .as_ref()
-            .map_or(self.n.unwrap_or(16), |x| x.len() / (c * size * size));
+        let n = init.as_ref().map_or(self.n.unwrap_or(16), |(_, n)| *n);
         if n == 0 || self.batch == 0 {
             bail!("-n and --batch must be at least 1");
         }
         // Every output location is checked before the long part.
-        checkpoint::check_output_path(&self.out, "--out")?;
+        files::check_output_path(&self.out, "--out")?;
         if let Some(p) = &self.out_npy {
-            checkpoint::check_output_path(p, "--out-npy")?;
+            files::check_output_path(p, "--out-npy")?;
         }
         if let Some(d) = &self.each {
             std::fs::create_dir_all(d)
@@ -555,45 +556,84 @@ impl Job for SampleArgs {
         let variance = self.variance.unwrap_or(m.scheduler.variance_type);
         let rows = sample::table(&schedule, self.sampler, steps, variance, self.eta)?;
         let clip = m.scheduler.clip_sample && !self.no_clip;
-        let batch = self.batch.min(n);
+        let how = match self.sampler {
+            Sampler::Ddpm => format!("ddpm, {}", variance.name()),
+            Sampler::Ddim => format!("ddim, eta {}", self.eta),
+        };
+        let job = SampleJob {
+            model: absolute(&self.model),
+            weights: fingerprint(&m.weights),
+            n,
+            seed: self.seed,
+            sampler: format!("{steps} steps ({how}, clip {clip})"),
+            init_noise: self.init_noise.as_deref().map(absolute),
+            out_npy: self.out_npy.as_deref().map(absolute),
+            each: self.each.as_deref().map(absolute),
+            image: [m.config.out_channels, size, size],
+        };
+        let mut outputs = Outputs::open(job, &self.out, &m.config)?;
+        outputs.check_disk(self.out_npy.as_deref())?;
+        let from = outputs.done();
+        if from == n {
+            eprintln!(
+                "all {n} images are written already ({} records them)",
+                outputs.record_path().display()
+            );
+            return Ok(outputs.finish()?);
+        }
+        let batch = self.batch.min(n - from);
         let layout = Layout::of(be);
         crate::backend::check_fits(be, "sampling", batch, |b| {
             UNet::arena_len(&m.config, b, false, layout).map(|(len, _)| len)
         })?;
         let mut net = UNet::new_inference(be, &m.config, batch)?;
         be.upload(net.params, &m.flat_weights(&net)?)?;
-        let how = match self.sampler {
-            Sampler::Ddpm => format!("ddpm, {}", variance.name()),
-            Sampler::Ddim => format!("ddim, eta {}", self.eta),
-        };
-        eprintln!("sampling {n} images, {steps} steps ({how}, clip {clip})");
-        let all = sample::many(be, &mut net, &rows, n, self.seed, clip, init.as_deref())?;
-        let done = all.len() / (c * size * size);
-        if done == 0 {
-            return Err(crate::Error::Interrupted("no image was complete".into()).into());
+        if from > 0 {
+            eprintln!(
+                "continuing the interrupted run {} records, from image {from}",
+                outputs.record_path().display()
+            );
         }
-        let (out, each, npy) = (&self.out, self.each.as_deref(), self.out_npy.as_deref());
-        write_samples(&all, done, &m.config, out, each, npy)?;
+        eprintln!("sampling {n} images, {steps} steps ({how}, clip {clip})");
+        let mut read = |first: usize, count: usize| match init.as_mut() {
+            Some((noise, _)) => noise.batch(first, count),
+            None => Ok(Vec::new()),
+        };
+        let given = self.init_noise.is_some();
+        let init_fn: Option<&mut dyn FnMut(usize, usize) -> crate::Result<Vec<f32>>> =
+            if given { Some(&mut read) } else { None };
+        let mut sink = |first: usize, images: &[f32]| outputs.add(first, images);
+        let done = sample::many(
+            be, &mut net, &rows, n, from, self.seed, clip, init_fn, &mut sink,
+        )?;
         if done < n {
-            let msg = format!("wrote the {done} of {n} images that were complete");
+            let record = outputs.record_path().display().to_string();
+            if !outputs.stop()? {
+                return Err(crate::Error::Interrupted("no image was complete".into()).into());
+            }
+            let msg = format!(
+                "wrote the {done} of {n} images that were complete (the grid shows those it can); the \
+                 same command continues from image {done} ({record})"
+            );
             return Err(crate::Error::Interrupted(msg).into());
+        }
+        outputs.finish()?;
+        eprintln!(
+            "wrote {} (a grid of the first {})",
+            self.out.display(),
+            n.min(GRID_MAX)
+        );
+        if let Some(p) = &self.out_npy {
+            eprintln!(
+                "wrote {} (float32, shape ({n}, {c}, {size}, {size}))",
+                p.display()
+            );
+        }
+        if let Some(d) = &self.each {
+            eprintln!("wrote {n} images into {}", d.display());
         }
         Ok(())
     }
-}
-
-/// `--init-noise`: a float32 (N, C, H, W) array for this model, returned NHWC.
-fn read_init_noise(path: &Path, n: Option<usize>, c: usize, size: usize) -> Result<Vec<f32>> {
-    let (shape, data) = npy::read(path)?;
-    let fits = shape.len() == 4 && shape[1..] == [c, size, size] && shape[0] > 0;
-    if !fits || n.is_some_and(|n| n != shape[0]) {
-        bail!(
-            "--init-noise {}: shape {shape:?} does not fit: expected (N, {c}, {size}, {size}){}",
-            path.display(),
-            n.map_or(String::new(), |n| format!(" with N = -n = {n}"))
-        );
-    }
-    Ok(crate::model::nchw_to_nhwc(&data, shape[0], c, size, size))
 }
 
 impl Job for EvalArgs {
@@ -750,37 +790,6 @@ fn fresh_state(weights: Vec<f32>) -> checkpoint::TrainState {
     }
 }
 
-/// The grid, optionally one PNG per image, optionally the floats as (N, C, H, W) float32 .npy.
-fn write_samples(
-    all: &[f32],
-    n: usize,
-    config: &UNetConfig,
-    out: &Path,
-    each: Option<&Path>,
-    npy_path: Option<&Path>,
-) -> Result<()> {
-    let (size, c) = (config.sample_size, config.out_channels);
-    let per = size * size * c;
-    image::save_grid(all, n, config, out)?;
-    eprintln!("wrote {}", out.display());
-    if let Some(d) = each {
-        for i in 0..n {
-            image::grid(&all[i * per..(i + 1) * per], 1, size, c, 1)
-                .save_png(&d.join(format!("{i:05}.png")))?;
-        }
-        eprintln!("wrote {n} images into {}", d.display());
-    }
-    if let Some(p) = npy_path {
-        let nchw = crate::model::nhwc_to_nchw(all, n, c, size, size);
-        checkpoint::write_atomic(p, &npy::to_bytes(&nchw, &[n, c, size, size]))?;
-        eprintln!(
-            "wrote {} (float32, shape ({n}, {c}, {size}, {size}))",
-            p.display()
-        );
-    }
-    Ok(())
-}
-
 fn diffuse(path: &Path, ts: &[usize], size: usize, seed: u64, out: &Path) -> Result<()> {
     let sched = SchedulerConfig::default().schedule();
     if let Some(bad) = ts.iter().find(|&&t| t >= sched.len()) {
@@ -789,7 +798,7 @@ fn diffuse(path: &Path, ts: &[usize], size: usize, seed: u64, out: &Path) -> Res
     if !(1..=4096).contains(&size) {
         bail!("--size {size} must be in 1..=4096");
     }
-    checkpoint::check_output_path(out, "--out")?;
+    files::check_output_path(out, "--out")?;
     let x0 = image::load_image(path, size)?;
     // One noise draw for every column, so the strip shows one path of the forward process.
     let mut noise = vec![0.0f32; x0.len()];

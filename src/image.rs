@@ -53,7 +53,7 @@ impl Canvas {
             image::ImageFormat::Png,
         )
         .map_err(|e| Error::format(path, format!("encoding PNG: {e}")))?;
-        crate::checkpoint::write_atomic(path, &bytes)
+        crate::files::write_atomic(path, &bytes)
     }
 }
 

@@ -289,32 +289,33 @@ pub fn images<B: Backend>(
     be.download(x)
 }
 
-/// Samples `n` images in batches of `net.batch` (the last batch may be partial): NHWC, back to back.
-/// Image `i` is the same whatever the batch size. `init` (NHWC, `n` images) replaces the drawn `x_T`.
-/// After a stop request (SIGINT, SIGTERM) it returns the images of the batches that finished.
+/// Samples images `from .. n` in batches of `net.batch` (the last may be partial), handing each finished
+/// batch to `sink` (the number of its first image, its images NHWC) before the next starts, so memory
+/// holds one batch. `init` gives x_T of images (first, count), NHWC, in place of the drawn one. Image `i`
+/// is the same whatever the batch size, and whichever run samples it. Returns how many images are
+/// complete: `n`, or fewer after a stop request (SIGINT, SIGTERM), the finished batches' end.
 pub fn many<B: Backend>(
     be: &mut B,
     net: &mut UNet,
     rows: &[SamplerRow],
     n: usize,
+    from: usize,
     seed: u64,
     clip: bool,
-    init: Option<&[f32]>,
-) -> Result<Vec<f32>> {
+    mut init: Option<&mut dyn FnMut(usize, usize) -> Result<Vec<f32>>>,
+    sink: &mut dyn FnMut(usize, &[f32]) -> Result<()>,
+) -> Result<usize> {
     let per_image = net.input.len / net.batch;
-    if let Some(x) = init {
-        if x.len() != n * per_image {
-            return Err(Error::shape("initial noise", n * per_image, x.len()));
-        }
-    }
-    let mut all = Vec::with_capacity(n * per_image);
-    let batches = n.div_ceil(net.batch);
+    let batches = n.saturating_sub(from).div_ceil(net.batch);
     for b in 0..batches {
-        let first = b * net.batch;
+        let first = from + b * net.batch;
         let take = (n - first).min(net.batch);
-        let start = match init {
-            Some(x) => {
-                let mut batch = x[first * per_image..(first + take) * per_image].to_vec();
+        let start = match init.as_mut() {
+            Some(read) => {
+                let mut batch = read(first, take)?;
+                if batch.len() != take * per_image {
+                    return Err(Error::shape("initial noise", take * per_image, batch.len()));
+                }
                 batch.resize(net.input.len, 0.0);
                 be.upload(net.input, &batch)?;
                 Start::Given
@@ -330,12 +331,45 @@ pub fn many<B: Backend>(
         };
         let label = format!("batch {}/{batches}", b + 1);
         match images(be, net, rows, draw, &label) {
-            Ok(imgs) => all.extend_from_slice(&imgs[..take * per_image]),
-            // A stop request: the images of the finished batches are returned (fewer than `n`).
-            Err(Error::Interrupted(_)) => break,
+            Ok(imgs) => sink(first, &imgs[..take * per_image])?,
+            // A stop request: the finished batches are written.
+            Err(Error::Interrupted(_)) => return Ok(first),
             Err(e) => return Err(e),
         }
     }
+    Ok(n.max(from))
+}
+
+/// [`many`] for images `0 .. n` collected in memory (NHWC, back to back), `init` the x_T of all of them
+/// (NHWC) where given: for tests and small runs. After a stop request, the finished batches' images.
+pub fn collect<B: Backend>(
+    be: &mut B,
+    net: &mut UNet,
+    rows: &[SamplerRow],
+    n: usize,
+    seed: u64,
+    clip: bool,
+    init: Option<&[f32]>,
+) -> Result<Vec<f32>> {
+    let per_image = net.input.len / net.batch;
+    if let Some(x) = init {
+        if x.len() != n * per_image {
+            return Err(Error::shape("initial noise", n * per_image, x.len()));
+        }
+    }
+    let mut read = |first: usize, count: usize| -> Result<Vec<f32>> {
+        let x = init.unwrap_or(&[]);
+        Ok(x[first * per_image..(first + count) * per_image].to_vec())
+    };
+    let read: Option<&mut dyn FnMut(usize, usize) -> Result<Vec<f32>>> = match init {
+        Some(_) => Some(&mut read),
+        None => None,
+    };
+    let mut all = Vec::new();
+    many(be, net, rows, n, 0, seed, clip, read, &mut |_, imgs| {
+        all.extend_from_slice(imgs);
+        Ok(())
+    })?;
     Ok(all)
 }
 

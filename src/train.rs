@@ -12,51 +12,19 @@ use crate::backend::{AdamHyper, Backend, Layout, Sequence, Stream, Tensor};
 use crate::checkpoint::{self, SchedulerConfig, TrainState};
 use crate::data::Dataset;
 use crate::error::{Error, Result};
+use crate::files;
 use crate::image;
 use crate::model::{UNet, UNetConfig};
 use crate::progress::Progress;
 use crate::rng::Purpose;
 use crate::sample::{self, Draw};
 use crate::schedule::Schedule;
-use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
 /// Steps whose losses are kept on the backend between reads.
 pub const LOSS_CHUNK: u64 = 25;
 
-/// Training options (saved with the training state, so a resumed run uses the same).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct TrainOptions {
-    pub batch: usize,
-    pub lr: f32,
-    pub warmup: u64,
-    pub max_grad_norm: f32,
-    pub ema_decay: f32,
-    pub flip: bool,
-    pub seed: u64,
-}
-
-impl TrainOptions {
-    pub fn validate(&self) -> Result<()> {
-        let bad = |m: String| Err(Error::Invalid(m));
-        if self.batch == 0 {
-            return bad("--batch must be at least 1".into());
-        }
-        if !(self.lr.is_finite() && self.lr > 0.0) {
-            return bad(format!("--lr {} must be a positive number", self.lr));
-        }
-        if !(0.0..1.0).contains(&self.ema_decay) {
-            return bad(format!("--ema-decay {} must be in [0, 1)", self.ema_decay));
-        }
-        if !(self.max_grad_norm.is_finite() && self.max_grad_norm >= 0.0) {
-            return bad(format!(
-                "--max-grad-norm {} must be 0 (off) or positive",
-                self.max_grad_norm
-            ));
-        }
-        Ok(())
-    }
-}
+pub use crate::checkpoint::TrainOptions;
 
 /// The optimizer state and the network, placed in one backend.
 pub struct Trainer {
@@ -347,7 +315,7 @@ pub fn train<B: Backend>(
         opts.ema_decay
     );
     std::fs::create_dir_all(&run.out).map_err(|e| Error::io(&run.out, e))?;
-    checkpoint::remove_stale_temporaries(&run.out);
+    files::remove_stale_temporaries(&run.out);
     let mut log = Log::new(run, start);
     let rows = sample::ddpm_table(&tr.schedule, scheduler.variance_type);
     let mut bar = Progress::new("train", "img", run.steps.saturating_sub(start));
@@ -473,7 +441,7 @@ impl Log {
         for (s, l, n) in &self.rows {
             csv.push_str(&format!("{s},{l},{n}\n"));
         }
-        checkpoint::write_atomic(path, csv.as_bytes())
+        files::write_atomic(path, csv.as_bytes())
     }
 
     fn finish(&self, out: &Path) -> Result<()> {

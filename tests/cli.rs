@@ -573,3 +573,92 @@ fn bad_input_is_a_clear_error_and_destroys_nothing() {
     assert_eq!(std::fs::read(&sentinel).unwrap(), b"the user's file");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Sampling at FID scale: a request whose `.npy` cannot fit on its disk is refused before anything runs
+/// (and before any memory is taken for it: a billion images of the micro model are 768 GB); x_T with
+/// a value that is not finite is refused, naming the first; the grid shows the first 64 images while the
+/// `.npy` and `--each` hold them all.
+#[test]
+fn sampling_at_scale_is_checked_before_it_starts_and_streams() {
+    let dir = scratch("scale");
+    train(&dir, "run", 1, &[]);
+    let e = fails(
+        &dir,
+        &[
+            "sample",
+            "--model",
+            "run",
+            "-n",
+            "1000000000",
+            "--out-npy",
+            "big.npy",
+            "--device",
+            "cpu",
+        ],
+    );
+    assert!(
+        e.contains("--out-npy big.npy") && e.contains("GB free"),
+        "{e}"
+    );
+    assert!(!dir.join("big.npy").exists() && !dir.join("samples.png").exists());
+
+    let mut x = vec![0.5f32; 2 * 3 * 8 * 8];
+    // Image 1, channel 2, row 3, column 4 (NCHW), and a later one.
+    x[3 * 64 + 2 * 64 + 3 * 8 + 4] = f32::NAN;
+    x[3 * 64 + 2 * 64 + 3 * 8 + 6] = f32::INFINITY;
+    std::fs::write(
+        dir.join("nan.npy"),
+        ddpm_cuda::npy::to_bytes(&x, &[2, 3, 8, 8]),
+    )
+    .unwrap();
+    let e = fails(
+        &dir,
+        &[
+            "sample",
+            "--model",
+            "run",
+            "--init-noise",
+            "nan.npy",
+            "--device",
+            "cpu",
+        ],
+    );
+    assert!(
+        e.contains("nan.npy")
+            && e.contains("image 1, channel 2, row 3, column 4")
+            && e.contains("NaN"),
+        "{e}"
+    );
+
+    ok(
+        &dir,
+        &[
+            "sample",
+            "--model",
+            "run",
+            "-n",
+            "70",
+            "--batch",
+            "35",
+            "--sampler",
+            "ddim",
+            "--steps",
+            "2",
+            "--out",
+            "g.png",
+            "--out-npy",
+            "g.npy",
+            "--each",
+            "g",
+            "--device",
+            "cpu",
+        ],
+    );
+    // 8 x 8 cells of 8 pixels with 2-pixel gaps, scaled up 16x.
+    assert_eq!(png_size(&dir.join("g.png")), (16 * 82, 16 * 82));
+    let (shape, _) = ddpm_cuda::npy::read(&dir.join("g.npy")).unwrap();
+    assert_eq!(shape, vec![70, 3, 8, 8]);
+    assert!(dir.join("g/00069.png").is_file());
+    assert!(!dir.join("g.png.partial.json").exists());
+    std::fs::remove_dir_all(&dir).unwrap();
+}

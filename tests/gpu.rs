@@ -2452,7 +2452,7 @@ fn graph_sampling_matches_the_cpu() {
     ) -> Vec<f32> {
         let mut net = UNet::new_inference(be, config, 3).unwrap();
         be.upload(net.params, w).unwrap();
-        ddpm_cuda::sample::many(be, &mut net, rows, 5, 9, true, None).unwrap()
+        ddpm_cuda::sample::collect(be, &mut net, rows, 5, 9, true, None).unwrap()
     }
     let cpu = run(&mut CpuBackend::<f32>::new(), &config, &weights, &rows);
     // fp32: the same arithmetic in another order, 1e-4. bf16: each step's noise prediction is within

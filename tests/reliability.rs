@@ -159,6 +159,93 @@ fn sigint_during_sampling_keeps_the_complete_images() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// A sampling run stopped by SIGINT continues, when the same command is run again, from the first image it
+/// had not written, and ends with exactly the images of a run never stopped (every output byte for byte,
+/// though each run used another batch size); the record of the stopped run refuses a command with
+/// other options, naming them, and leaves every file as it was; when the run completes its record goes.
+#[test]
+fn an_interrupted_sampling_run_continues_to_the_same_images() {
+    fn run(args: &[String]) -> Vec<&str> {
+        args.iter().map(String::as_str).collect()
+    }
+    let dir = scratch("continue");
+    train(&dir, "run", 1, &[]);
+    let sample = |out: &str, batch: &'static str, seed: &'static str| -> Vec<String> {
+        [
+            "sample", "--model", "run", "-n", "12", "--batch", batch, "--seed", seed, "--device",
+            "cpu",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .chain([
+            "--out".into(),
+            format!("{out}.png"),
+            "--out-npy".into(),
+            format!("{out}.npy"),
+            "--each".into(),
+            out.to_string(),
+        ])
+        .collect()
+    };
+    ok(&dir, &run(&sample("ref", "4", "3")));
+
+    let mut child = spawn(&dir, &run(&sample("s", "2", "3")));
+    let rx = lines(&mut child);
+    wait_for(&rx, "batch 3/6", Duration::from_secs(120));
+    signal(&child, "-INT");
+    let status = child.wait().unwrap();
+    let rest: Vec<String> = rx.iter().collect();
+    assert_eq!(status.code(), Some(130), "{}", rest.join("\n"));
+    assert!(
+        rest.iter()
+            .any(|l| l.contains("the same command continues")),
+        "{rest:?}"
+    );
+    let record = dir.join("s.png.partial.json");
+    assert!(record.is_file(), "the stopped run is recorded");
+    let (shape, _) = ddpm_cuda::npy::read(&dir.join("s.npy")).unwrap();
+    let k = shape[0];
+    assert!((4..12).contains(&k) && k % 2 == 0, "{k} complete images");
+    let snapshot = |names: &[&str]| -> Vec<Vec<u8>> {
+        names
+            .iter()
+            .map(|n| std::fs::read(dir.join(n)).unwrap())
+            .collect()
+    };
+    let files = ["s.npy", "s.png", "s.png.partial.json", "s.png.partial.npy"];
+    let before = snapshot(&files);
+
+    let e = fails(&dir, &run(&sample("s", "2", "4")));
+    assert!(
+        e.contains("s.png.partial.json") && e.contains("--seed 3 there, 4 here"),
+        "{e}"
+    );
+    assert!(
+        snapshot(&files) == before,
+        "a refused command touches nothing"
+    );
+
+    let log = ok(&dir, &run(&sample("s", "5", "3")));
+    assert!(log.contains(&format!("from image {k}")), "{log}");
+    let same = |a: &str, b: &str| {
+        std::fs::read(dir.join(a)).unwrap() == std::fs::read(dir.join(b)).unwrap()
+    };
+    assert!(
+        same("s.npy", "ref.npy"),
+        "the continued run's .npy is the uninterrupted run's"
+    );
+    assert!(same("s.png", "ref.png"), "and so is its grid");
+    for i in 0..12 {
+        let name = format!("{i:05}.png");
+        assert!(
+            same(&format!("s/{name}"), &format!("ref/{name}")),
+            "image {i}"
+        );
+    }
+    assert!(!record.exists() && !dir.join("s.png.partial.npy").exists());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// SIGKILL at random moments of a run that checkpoints every step (so often in the middle of a write):
 /// every time, what is on disk loads, and `--resume` continues. Bounded by count and time.
 #[test]
