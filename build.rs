@@ -29,6 +29,7 @@ fn main() {
         "PATH",
         "DDPM_REQUIRE_NVCC",
         "DDPM_CUDA_ARCHS",
+        "DDPM_PTXAS",
     ] {
         println!("cargo:rerun-if-env-changed={var}");
     }
@@ -54,31 +55,48 @@ fn main() {
     let archs = env::var("DDPM_CUDA_ARCHS").unwrap_or_else(|_| DEFAULT_ARCHS.to_string());
     let fatbin = out_dir.join("kernels.fatbin");
 
-    let mut cmd = Command::new(&nvcc);
-    cmd.arg("--fatbin")
-        .args(["-O3", "-std=c++17", "-lineinfo"])
-        .args(["--Werror", "all-warnings"])
-        .args(["-Xptxas", "-v,-warn-spills,-warn-lmem-usage"])
-        .arg("-I")
-        .arg(&kernel_dir)
-        .args(gencode_flags(&archs))
-        .arg("-o")
-        .arg(&fatbin)
-        .arg(&unit);
-    let output = cmd
-        .output()
-        .unwrap_or_else(|e| fail(&format!("could not run {}: {e}", nvcc.display())));
-    let report = String::from_utf8_lossy(&output.stderr).into_owned();
+    let flags = |c: &mut Command| {
+        c.args(["-O3", "-std=c++17", "-lineinfo"])
+            .args(["--Werror", "all-warnings"])
+            .arg("-I")
+            .arg(&kernel_dir);
+    };
+    let ptxas12 = find_ptxas12(&nvcc);
+    let (report, toolkit, min_cuda) = match &ptxas12 {
+        // Machine code by a CUDA 12 ptxas: nvcc (13) writes PTX per architecture, ptxas 12.9 assembles
+        // it, and CUDA 13's fatbinary packs the images uncompressed.
+        Some(ptxas) => {
+            let report = split_build(&nvcc, ptxas, &archs, &unit, &out_dir, &fatbin, &flags);
+            (
+                report,
+                format!(
+                    "ptxas {PTXAS12_RELEASE} (machine code), nvcc {} (front end)",
+                    release(&nvcc)
+                ),
+                12020,
+            )
+        }
+        None => {
+            let mut cmd = Command::new(&nvcc);
+            cmd.arg("--fatbin");
+            flags(&mut cmd);
+            cmd.args(["-Xptxas", "-v,-warn-spills,-warn-lmem-usage"])
+                .args(gencode_flags(&archs))
+                .arg("-o")
+                .arg(&fatbin)
+                .arg(&unit);
+            let report = run(&mut cmd, &nvcc);
+            let r = release(&nvcc);
+            let major: u32 = r
+                .split('.')
+                .next()
+                .and_then(|m| m.parse().ok())
+                .unwrap_or(13);
+            (report, format!("nvcc {r}"), major.max(12) * 1000)
+        }
+    };
     fs::write(out_dir.join("ptxas-report.txt"), &report)
         .unwrap_or_else(|e| fail(&format!("writing ptxas report: {e}")));
-    if !output.status.success() {
-        fail(&format!(
-            "nvcc failed ({}):\n{}{}",
-            output.status,
-            String::from_utf8_lossy(&output.stdout),
-            report
-        ));
-    }
     if let Some(spill) = report.lines().find(|l| spills(l)) {
         fail(&format!(
             "a kernel spills registers (see {}):\n{spill}",
@@ -103,6 +121,190 @@ fn main() {
     println!("cargo:rustc-env=DDPM_KERNEL_NAMES={}", names.join(","));
     println!("cargo:rustc-env=DDPM_KERNELS_FATBIN={}", fatbin.display());
     println!("cargo:rustc-env=DDPM_KERNELS_ARCHS={archs}");
+    println!("cargo:rustc-env=DDPM_KERNELS_TOOLKIT={toolkit}");
+    println!("cargo:rustc-env=DDPM_KERNELS_MIN_CUDA={min_cuda}");
+}
+
+/// The release of the pinned CUDA 12 ptxas, and the PTX ISA it reads.
+const PTXAS12_RELEASE: &str = "12.9";
+const PTX_ISA_12: &str = "8.8";
+
+/// The CUDA 12 ptxas: `DDPM_PTXAS`, else the one scripts/install-nvcc.sh installs beside nvcc
+/// (`site-packages/nvidia/cuda_nvcc/bin/ptxas`, from the `nvidia-cuda-nvcc-cu12` wheel, which carries
+/// ptxas but no nvcc). `DDPM_PTXAS=none` builds with nvcc alone (CUDA 13 machine code, driver R580+).
+fn find_ptxas12(nvcc: &Path) -> Option<PathBuf> {
+    match env::var("DDPM_PTXAS") {
+        Ok(v) if v == "none" => return None,
+        Ok(v) => {
+            let p = PathBuf::from(v);
+            if !p.is_file() {
+                fail(&format!("DDPM_PTXAS={} is not a file", p.display()));
+            }
+            return Some(p);
+        }
+        Err(_) => {}
+    }
+    // nvcc is .../site-packages/nvidia/cu13/bin/nvcc; the CUDA 12 wheel is .../nvidia/cuda_nvcc.
+    let nvidia = nvcc.parent()?.parent()?.parent()?;
+    let p = nvidia.join("cuda_nvcc").join("bin").join("ptxas");
+    p.is_file().then_some(p)
+}
+
+/// `release X.Y` from a tool's `--version`.
+fn release(tool: &Path) -> String {
+    let out = Command::new(tool).arg("--version").output();
+    let text = out
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    text.split("release ")
+        .nth(1)
+        .and_then(|r| r.split(',').next())
+        .unwrap_or("?")
+        .to_string()
+}
+
+/// Runs a tool; its stderr (the ptxas report), or the build fails with its output.
+fn run(cmd: &mut Command, tool: &Path) -> String {
+    let output = cmd
+        .output()
+        .unwrap_or_else(|e| fail(&format!("could not run {}: {e}", tool.display())));
+    let report = String::from_utf8_lossy(&output.stderr).into_owned();
+    if !output.status.success() {
+        fail(&format!(
+            "{} failed ({}):\n{}{}",
+            tool.display(),
+            output.status,
+            String::from_utf8_lossy(&output.stdout),
+            report
+        ));
+    }
+    report
+}
+
+/// The fatbin from machine code assembled by the CUDA 12 ptxas: for each `sm_XX[a]`, nvcc writes the
+/// PTX of `compute_XX[a]`, its `.version` is set to the ISA ptxas 12.9 reads (nvcc 13 writes 9.0; the
+/// kernels use nothing newer than 8.x, and ptxas would reject anything it does not know), and ptxas
+/// assembles it with the spill checks; each `compute_XX` is kept as PTX of that ISA. fatbinary (CUDA
+/// 13's) packs the images uncompressed, in the container format every driver reads. The nvcc runs go
+/// in parallel, then the ptxas runs. Returns ptxas's report.
+fn split_build(
+    nvcc: &Path,
+    ptxas: &Path,
+    archs: &str,
+    unit: &Path,
+    out_dir: &Path,
+    fatbin: &Path,
+    flags: &dyn Fn(&mut Command),
+) -> String {
+    let release12 = release(ptxas);
+    if release12 != PTXAS12_RELEASE {
+        fail(&format!(
+            "{} is ptxas {release12}; the build pins {PTXAS12_RELEASE} (scripts/install-nvcc.sh installs it)",
+            ptxas.display()
+        ));
+    }
+    let list: Vec<&str> = archs
+        .split(',')
+        .map(str::trim)
+        .filter(|a| !a.is_empty())
+        .collect();
+    let mut jobs = Vec::new();
+    for arch in &list {
+        let virt = match (arch.strip_prefix("sm_"), arch.strip_prefix("compute_")) {
+            (Some(n), _) | (_, Some(n)) => format!("compute_{n}"),
+            _ => fail(&format!(
+                "DDPM_CUDA_ARCHS: `{arch}` is neither sm_XX nor compute_XX"
+            )),
+        };
+        let ptx = out_dir.join(format!("kernels_{arch}.ptx"));
+        let mut c = Command::new(nvcc);
+        c.arg("-ptx");
+        flags(&mut c);
+        c.arg(format!("-arch={virt}")).arg("-o").arg(&ptx).arg(unit);
+        let child = c
+            .stderr(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| fail(&format!("could not run {}: {e}", nvcc.display())));
+        jobs.push((arch.to_string(), ptx, child));
+    }
+    let mut ptxs = Vec::new();
+    for (arch, ptx, child) in jobs {
+        let out = child
+            .wait_with_output()
+            .unwrap_or_else(|e| fail(&format!("nvcc: {e}")));
+        if !out.status.success() {
+            fail(&format!(
+                "nvcc -ptx for {arch} failed ({}):\n{}{}",
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        let text = fs::read_to_string(&ptx)
+            .unwrap_or_else(|e| fail(&format!("reading {}: {e}", ptx.display())));
+        let Some(at) = text.find("\n.version ") else {
+            fail(&format!("{}: no .version line", ptx.display()));
+        };
+        let end = text[at + 1..].find('\n').map_or(text.len(), |e| at + 1 + e);
+        let edited = format!("{}\n.version {PTX_ISA_12}{}", &text[..at], &text[end..]);
+        fs::write(&ptx, edited)
+            .unwrap_or_else(|e| fail(&format!("writing {}: {e}", ptx.display())));
+        ptxs.push((arch, ptx));
+    }
+    let mut report = String::new();
+    let mut children = Vec::new();
+    let mut images = Vec::new();
+    for (arch, ptx) in &ptxs {
+        if let Some(num) = arch.strip_prefix("sm_") {
+            let cubin = out_dir.join(format!("kernels_{arch}.cubin"));
+            let child = Command::new(ptxas)
+                .args([
+                    "-O3",
+                    "-v",
+                    "-warn-spills",
+                    "-warn-lmem-usage",
+                    "-lineinfo",
+                    "-Werror",
+                ])
+                .arg(format!("-arch={arch}"))
+                .arg("-o")
+                .arg(&cubin)
+                .arg(ptx)
+                .stderr(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .unwrap_or_else(|e| fail(&format!("could not run {}: {e}", ptxas.display())));
+            children.push((arch.clone(), child));
+            images.push(format!(
+                "--image3=kind=elf,sm={num},file={}",
+                cubin.display()
+            ));
+        } else if let Some(num) = arch.strip_prefix("compute_") {
+            images.push(format!("--image3=kind=ptx,sm={num},file={}", ptx.display()));
+        }
+    }
+    for (arch, child) in children {
+        let out = child
+            .wait_with_output()
+            .unwrap_or_else(|e| fail(&format!("ptxas: {e}")));
+        let text = String::from_utf8_lossy(&out.stderr).into_owned();
+        if !out.status.success() {
+            fail(&format!(
+                "ptxas {PTXAS12_RELEASE} for {arch} failed ({}):\n{text}",
+                out.status
+            ));
+        }
+        report.push_str(&text);
+    }
+    let fatbinary = nvcc.with_file_name("fatbinary");
+    let mut c = Command::new(&fatbinary);
+    c.arg(format!("--create={}", fatbin.display()))
+        .arg("-64")
+        .arg("--compress=false")
+        .args(&images);
+    run(&mut c, &fatbinary);
+    report
 }
 
 /// `NVCC`, then `$CUDA_HOME/bin/nvcc`, `$CUDA_PATH/bin/nvcc`, then the first `nvcc` on `PATH`.

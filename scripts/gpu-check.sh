@@ -38,6 +38,11 @@ case $part in
 esac
 deadline=$(( $(date +%s) + ${DEADLINE:-$default_deadline} ))
 carry=${GPU_CARRY:-gpu-carry}
+# gpu-prepare.sh gzips the binaries (each embeds ~50 MB of machine code; the carry is limited to 64 MiB).
+for f in "$carry"/*.gz; do
+  [ -e "$f" ] || continue
+  gunzip -f "$f" && chmod +x "${f%.gz}"
+done
 bin=$carry/ddpm-cuda
 log=${OUT:-/tmp}/gpu-check-$(date -u +%Y-%m-%d)-$part.log
 work=$(mktemp -d)

@@ -5,7 +5,7 @@
 #   scripts/gpu-prepare.sh            # then, on the GPU machine: scripts/gpu-check.sh
 #
 # gpu-carry/ holds the ddpm-cuda binary (kernels embedded), the GPU test binary, the criterion GPU bench
-# binary (benches/gpu.rs), and COMMIT (the commit and whether the tree had uncommitted changes).
+# binary (benches/gpu.rs), each gzipped, and COMMIT (the commit and whether the tree had uncommitted changes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 NVCC=${NVCC:-$(scripts/install-nvcc.sh | tail -n 1)}
@@ -21,8 +21,12 @@ rm -rf gpu-carry && mkdir -p gpu-carry
 cp target/release/ddpm-cuda gpu-carry/
 cp "$tests" gpu-carry/gpu-tests
 cp "$benches" gpu-carry/gpu-bench
+# Each binary embeds the kernels' ~50 MB fatbin (machine code for sm_80 and sm_90a, PTX); gzipped, the three
+# fit the device tool's 64 MiB carry with room to spare. gpu-check.sh unpacks them.
+gzip -6 -f gpu-carry/ddpm-cuda gpu-carry/gpu-tests gpu-carry/gpu-bench
 {
   git rev-parse HEAD 2>/dev/null || echo unknown
   git status --porcelain 2>/dev/null | grep -q . && echo "with uncommitted changes" || echo "clean tree"
 } > gpu-carry/COMMIT
 ls -la gpu-carry
+du -sh gpu-carry

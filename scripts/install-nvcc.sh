@@ -10,7 +10,10 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 venv=${DDPM_NVCC_VENV:-$root/.venv-nvcc}
 python=${PYTHON:-python3}
 
+# nvidia-cuda-nvcc-cu12 carries CUDA 12.9's ptxas (and no nvcc): build.rs assembles the machine code with it,
+# so the kernels load on every driver from R535 (CUDA 12.2) on, where CUDA 13's machine code needs R580.
 wheels=(
+  nvidia-cuda-nvcc-cu12==12.9.86
   nvidia-cuda-nvcc==13.0.88
   nvidia-nvvm==13.0.88
   nvidia-cuda-crt==13.0.88
@@ -23,9 +26,10 @@ find_nvcc() {
 }
 
 nvcc=$(find_nvcc)
-if [ -z "$nvcc" ]; then
+ptxas12=$({ find "$venv" -path '*/nvidia/cuda_nvcc/bin/ptxas' -type f 2>/dev/null || true; } | head -n 1)
+if [ -z "$nvcc" ] || [ -z "$ptxas12" ]; then
   echo "installing ${wheels[*]} into $venv" >&2
-  "$python" -m venv "$venv" >&2
+  [ -x "$venv/bin/python" ] || "$python" -m venv "$venv" >&2
   "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "${wheels[@]}" >&2
   nvcc=$(find_nvcc)
 fi

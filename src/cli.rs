@@ -8,6 +8,7 @@ use crate::checkpoint::{self, SchedulerConfig};
 use crate::data::Dataset;
 use crate::eval;
 use crate::files;
+use crate::hub;
 use crate::image;
 use crate::model::params::StoredDtype;
 use crate::model::{UNet, UNetConfig};
@@ -29,6 +30,9 @@ use std::process::ExitCode;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Resolve `--model owner/name[@revision]` from the Hugging Face cache only, as HF_HUB_OFFLINE=1 does.
+    #[arg(long, global = true)]
+    offline: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -81,17 +85,22 @@ enum Command {
         /// A preset: ddpm-cifar10 or tiny.
         #[arg(long, default_value = "ddpm-cifar10", conflicts_with = "model")]
         preset: String,
-        /// A model directory (diffusers layout).
+        /// A model directory (diffusers layout) or a Hugging Face repository, owner/name[@revision].
         #[arg(long)]
         model: Option<PathBuf>,
         /// Batch size for the memory estimate.
         #[arg(long, default_value_t = 128)]
         batch: usize,
+        /// cuda: also the driver and its CUDA version, the device, the toolkit that built the kernels,
+        /// and which kernels and rungs run there (cpu, the default: the model only).
+        #[arg(long, value_enum, default_value = "cpu")]
+        device: Device,
     },
     /// Copy a model to a plain diffusers directory (dropping the training state) or to a training directory
     /// (`--training-state`, for `train --resume`), with the weights stored as f32, bf16 or f16.
     Convert {
-        /// The model directory to read (diffusers, pipeline or training layout).
+        /// The model to read: a directory (diffusers, pipeline or training layout) or a Hugging Face
+        /// repository, owner/name[@revision].
         #[arg(long)]
         model: PathBuf,
         /// The directory to write.
@@ -131,7 +140,7 @@ struct BenchArgs {
 
 #[derive(clap::Args)]
 struct EvalArgs {
-    /// A model directory (diffusers layout).
+    /// A model directory (diffusers layout) or a Hugging Face repository, owner/name[@revision].
     #[arg(long)]
     model: PathBuf,
     /// synthetic, CIFAR-10 .bin file(s) (e.g. test_batch.bin), or a folder of PNG/JPEG images.
@@ -220,8 +229,9 @@ struct TrainArgs {
 
 #[derive(clap::Args)]
 struct SampleArgs {
-    /// A model directory in diffusers layout (config.json + diffusion_pytorch_model.safetensors), or a
-    /// pipeline directory (unet/, scheduler/).
+    /// A model directory in diffusers layout (config.json + diffusion_pytorch_model.safetensors), a
+    /// pipeline directory (unet/, scheduler/), or a Hugging Face repository, owner/name[@revision],
+    /// downloaded into the Hugging Face cache when missing (HF_ENDPOINT, HF_TOKEN, HF_HUB_OFFLINE).
     #[arg(long)]
     model: PathBuf,
     /// Number of images [default: 16, or the N of --init-noise].
@@ -343,18 +353,25 @@ fn run(cli: Cli) -> Result<()> {
             preset,
             model,
             batch,
-        } => match model {
-            Some(dir) => {
-                let m = checkpoint::load_model(&dir)?;
-                info(&m.config, &dir.display().to_string(), batch)
+            device,
+        } => {
+            if device != Device::Cpu {
+                cuda_info(device == Device::Cuda)?;
             }
-            None => info(&UNetConfig::preset(&preset)?, &preset, batch),
-        },
+            match model {
+                Some(dir) => {
+                    let m = checkpoint::load_model(&hub::locate(&dir, cli.offline)?)?;
+                    info(&m.config, &dir.display().to_string(), batch)
+                }
+                None => info(&UNetConfig::preset(&preset)?, &preset, batch),
+            }
+        }
         Command::Train(args) => {
             let (device, precision) = (args.device, args.precision);
             dispatch(device, precision, args)
         }
-        Command::Sample(args) => {
+        Command::Sample(mut args) => {
+            args.model = hub::locate(&args.model, cli.offline)?;
             let (device, precision) = (args.device, args.precision);
             dispatch(device, precision, args)
         }
@@ -365,7 +382,8 @@ fn run(cli: Cli) -> Result<()> {
             seed,
             out,
         } => diffuse(&image, &t, size, seed, &out),
-        Command::Eval(args) => {
+        Command::Eval(mut args) => {
+            args.model = hub::locate(&args.model, cli.offline)?;
             let (device, precision) = (args.device, args.precision);
             dispatch(device, precision, args)
         }
@@ -378,7 +396,52 @@ fn run(cli: Cli) -> Result<()> {
             out,
             dtype,
             training_state,
-        } => convert(&model, &out, dtype, training_state),
+        } => convert(
+            &hub::locate(&model, cli.offline)?,
+            &out,
+            dtype,
+            training_state,
+        ),
+    }
+}
+
+/// `info --device cuda`: the driver, the device, the kernels' toolkit and the paths they take; an error
+/// when no CUDA device can be used (`required`), else a line saying why.
+fn cuda_info(required: bool) -> Result<()> {
+    use crate::backend::cuda::{
+        cuda_version, driver_cuda_version, kernel_toolkit, min_driver_cuda,
+    };
+    let need = cuda_version(min_driver_cuda());
+    match driver_cuda_version() {
+        Some(v) => println!(
+            "driver       supports CUDA {} (the kernels need {need} or newer)",
+            cuda_version(v)
+        ),
+        None => println!("driver       none (libcuda could not be loaded)"),
+    }
+    println!(
+        "toolkit      {}",
+        kernel_toolkit().unwrap_or("none: this binary was built without kernels")
+    );
+    match CudaBackend::new() {
+        Ok(be) => {
+            println!("device       {}", be.device_name());
+            for (label, text) in be.describe_paths() {
+                println!("{label:<12} {text}");
+            }
+            if !crate::backend::cuda::VERIFIED {
+                println!(
+                    "status       the CUDA backend has not passed its GPU tests yet: --device auto keeps to \
+                     the CPU, --device cuda runs it"
+                );
+            }
+            Ok(())
+        }
+        Err(e) if required => Err(anyhow::anyhow!("--device cuda: {e}")),
+        Err(e) => {
+            println!("device       none usable: {e}");
+            Ok(())
+        }
     }
 }
 

@@ -17,6 +17,7 @@ pub mod data;
 pub mod error;
 pub mod eval;
 pub mod files;
+pub mod hub;
 pub mod image;
 pub mod interrupt;
 pub mod model;

@@ -14,7 +14,7 @@ const LAYERS: &[&[&str]] = &[
         "files",
         "sass",
     ],
-    &["backend", "npy"],
+    &["backend", "npy", "hub"],
     &["model"],
     &["image", "data"],
     &["sample"],

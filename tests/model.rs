@@ -35,6 +35,38 @@ fn paper_network_has_the_published_size() {
     assert!((gflop - 12.44).abs() < 0.01, "{gflop} GFLOP");
 }
 
+/// The config.json of the hub's 256x256 models (google/ddpm-ema-church-256, -bedroom-256, -cat-256,
+/// -celebahq-256 share it), typed in from the published file: six levels (channel multipliers 1, 1, 2, 2,
+/// 4, 4 of 128), attention at 16x16, two ResNet blocks a level. Its model card gives 113.7M parameters.
+const DDPM_256: &str = r#"{"_class_name": "UNet2DModel", "act_fn": "silu", "attention_head_dim": null,
+  "block_out_channels": [128, 128, 256, 256, 512, 512], "center_input_sample": false,
+  "down_block_types": ["DownBlock2D", "DownBlock2D", "DownBlock2D", "DownBlock2D", "AttnDownBlock2D", "DownBlock2D"],
+  "downsample_padding": 0, "flip_sin_to_cos": false, "freq_shift": 1, "in_channels": 3, "layers_per_block": 2,
+  "mid_block_scale_factor": 1, "norm_eps": 1e-06, "norm_num_groups": 32, "out_channels": 3,
+  "resnet_time_scale_shift": "default", "sample_size": 256, "time_embedding_type": "positional",
+  "up_block_types": ["UpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D"]}"#;
+
+/// The 256x256 family's config loads and builds a network of the published size (113.7M, to the model
+/// card's rounding), with the attention at 16x16 as the paper has it.
+#[test]
+fn the_256_family_builds_at_its_published_size() {
+    let cfg = UNetConfig::from_json(DDPM_256, std::path::Path::new("config.json")).unwrap();
+    let mut be = CpuBackend::<f32>::new();
+    let net = UNet::new_inference(&mut be, &cfg, 1).unwrap();
+    let m = (net.num_params() as f64 / 1e5).round() / 10.0;
+    assert_eq!(m, 113.7, "{} parameters", net.num_params());
+    let names: Vec<&str> = net.specs().iter().map(|s| s.name.as_str()).collect();
+    assert!(
+        names
+            .iter()
+            .any(|n| n.starts_with("down_blocks.4.attentions.1.")),
+        "attention at level 4 (16x16)"
+    );
+    assert!(!names
+        .iter()
+        .any(|n| n.starts_with("down_blocks.3.attentions.")));
+}
+
 /// The paper's initialisation: variance-scaling uniform weights with limit sqrt(3 / fan_avg), the layers
 /// that start as identity paths (conv2, attention output, conv_out) at scale 1e-10, biases 0, norm scales 1.
 #[test]

@@ -134,6 +134,30 @@ impl CudaBackend {
             && need <= self.props.max_shared as usize
     }
 
+    /// The widths up to which bf16 attention runs each pass on tensor cores here, for `info`.
+    pub(super) fn attention_fit(&self) -> String {
+        let widest = |pass: usize| {
+            (16..=MMA_WIDEST)
+                .step_by(16)
+                .filter(|&c| {
+                    let [f, dq, dkv] = tc_shared_bytes(c);
+                    let need = if pass == 0 { f } else { dq.max(dkv) };
+                    need <= self.props.max_shared as usize
+                })
+                .max()
+        };
+        let say = |w: Option<usize>| match w {
+            Some(c) if c == MMA_WIDEST => format!("on tensor cores at every width up to {c}"),
+            Some(c) => format!("on tensor cores up to {c} channels, wider in fp32"),
+            None => "in fp32 (no width fits the shared memory)".into(),
+        };
+        format!(
+            "in bf16 precision the forward {}, the backward {}",
+            say(widest(0)),
+            say(widest(1))
+        )
+    }
+
     fn attention_cfg(&self, s: &AttentionShape, floats: usize) -> Result<LaunchConfig> {
         let bytes = 4 * floats;
         if bytes > self.props.max_shared as usize {

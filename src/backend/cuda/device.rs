@@ -22,6 +22,23 @@ pub(super) fn gib(bytes: usize) -> f64 {
     bytes as f64 / (1u64 << 30) as f64
 }
 
+/// The CUDA version the installed driver supports (12020 for 12.2), or `None` without a driver.
+pub fn driver_cuda_version() -> Option<u32> {
+    // SAFETY: only tries to dlopen libcuda and reports whether it loaded.
+    if !unsafe { sys::is_culib_present() } {
+        return None;
+    }
+    let mut v: std::ffi::c_int = 0;
+    // SAFETY: writes one int; needs neither cuInit nor a context.
+    let r = unsafe { sys::cuDriverGetVersion(&mut v) };
+    (r == sys::CUresult::CUDA_SUCCESS && v > 0).then_some(v as u32)
+}
+
+/// 12020 as "12.2".
+pub fn cuda_version(v: u32) -> String {
+    format!("{}.{}", v / 1000, v % 1000 / 10)
+}
+
 /// What the launchers need to know about the device.
 pub(super) struct Properties {
     /// "NVIDIA H100 80GB HBM3 (sm_90, 132 SMs)".
@@ -31,6 +48,7 @@ pub(super) struct Properties {
     pub max_shared: u32,
     /// Compute capability major version and the SM clock (kHz), for the arithmetic peak (0: unknown).
     pub major: i32,
+    pub minor: i32,
     pub clock_khz: i32,
     /// Whether the sm_90a kernels (wgmma) run here: compute capability 9.0 and kernels built for
     /// sm_90a (elsewhere their bodies are empty).
@@ -173,12 +191,21 @@ impl Device {
         kernels: &[&'static str],
         dynamic_shared: &[&'static str],
     ) -> Result<(Self, Properties)> {
-        // SAFETY: only tries to dlopen libcuda and reports whether it loaded.
-        if !unsafe { sys::is_culib_present() } {
+        let Some(driver) = driver_cuda_version() else {
             return Err(Error::Cuda(
                 "the CUDA driver library (libcuda) could not be loaded: no NVIDIA driver on this machine"
                     .into(),
             ));
+        };
+        let need = super::min_driver_cuda();
+        if driver < need {
+            return Err(Error::Cuda(format!(
+                "the NVIDIA driver supports CUDA {}, and these kernels need CUDA {} or newer (a driver \
+                 from {}): update the driver",
+                cuda_version(driver),
+                cuda_version(need),
+                if need >= 13000 { "R580" } else { "R535" }
+            )));
         }
         let count = CudaContext::device_count().map_err(cuda("counting devices"))?;
         if count == 0 {
@@ -231,6 +258,7 @@ impl Device {
             sms,
             max_shared,
             major,
+            minor,
             clock_khz,
             sm90a: (major, minor) == (9, 0) && archs.split(',').any(|a| a.trim() == "sm_90a"),
         };
@@ -260,6 +288,7 @@ impl Device {
             sms,
             max_shared,
             major,
+            minor: 0,
             clock_khz,
             sm90a: gpu == Planned::H100,
         };
@@ -280,6 +309,7 @@ impl Device {
             sms: 4,
             max_shared: 227 << 10,
             major: 9,
+            minor: 0,
             clock_khz: 0,
             sm90a: true, // the emulator runs every kernel as written
         };

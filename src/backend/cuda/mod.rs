@@ -30,7 +30,7 @@ mod norm;
 mod optim;
 mod weights;
 
-pub use self::device::Planned;
+pub use self::device::{cuda_version, driver_cuda_version, Planned};
 use self::device::{gib, Device, DeviceBuffer, Properties, Work};
 use super::{check_args_stored, AdamHyper, Arg, Dtype, Precision, Sequence, Stream, Tensor};
 use crate::error::{Error, Result};
@@ -63,6 +63,64 @@ pub fn kernel_archs() -> Option<&'static str> {
     #[cfg(not(ddpm_kernels))]
     {
         None
+    }
+}
+
+/// What built the embedded kernels (build.rs): "ptxas 12.9 (machine code), nvcc 13.0 (front end)", or
+/// "nvcc 13.0" where the CUDA 12 ptxas was not used.
+pub fn kernel_toolkit() -> Option<&'static str> {
+    #[cfg(ddpm_kernels)]
+    {
+        Some(env!("DDPM_KERNELS_TOOLKIT"))
+    }
+    #[cfg(not(ddpm_kernels))]
+    {
+        None
+    }
+}
+
+/// The oldest CUDA version a driver must support to run the embedded kernels (12020 for 12.2): machine
+/// code of a CUDA 12 toolkit loads on any driver of CUDA 12 (minor-version compatibility), and the driver
+/// API this engine calls is 12.2's (cudarc's `cuda-12020` bindings), so R535 and newer; CUDA 13's
+/// machine code needs a CUDA 13 driver (R580).
+pub fn min_driver_cuda() -> u32 {
+    #[cfg(ddpm_kernels)]
+    {
+        env!("DDPM_KERNELS_MIN_CUDA").parse().unwrap_or(13000)
+    }
+    #[cfg(not(ddpm_kernels))]
+    {
+        12020
+    }
+}
+
+/// Which of the embedded images a device of compute capability `major.minor` runs, for kernels built for
+/// `archs`: its own machine code (sm_90a runs only on 9.0), the machine code of an earlier minor of its
+/// major (sm_80's runs on 8.6 and 8.9), else the PTX, compiled by the driver.
+pub fn image_for(major: i32, minor: i32, archs: &str) -> String {
+    let list: Vec<&str> = archs.split(',').map(str::trim).collect();
+    let own = [format!("sm_{major}{minor}a"), format!("sm_{major}{minor}")];
+    if let Some(a) = own.iter().find(|a| list.contains(&a.as_str())) {
+        return format!("its own machine code ({a})");
+    }
+    let earlier = list.iter().filter_map(|a| {
+        let n: i32 = a.strip_prefix("sm_")?.parse().ok()?;
+        (n / 10 == major && n % 10 <= minor).then_some((n, *a))
+    });
+    if let Some((_, a)) = earlier.max() {
+        return format!("the machine code of {a}");
+    }
+    let ptx = list.iter().filter_map(|a| {
+        let n: i32 = a
+            .strip_prefix("compute_")?
+            .trim_end_matches('a')
+            .parse()
+            .ok()?;
+        (n <= 10 * major + minor && !a.ends_with('a')).then_some((n, *a))
+    });
+    match ptx.max() {
+        Some((_, p)) => format!("the PTX of {p}, compiled by the driver at load"),
+        None => "nothing: no image fits this device".into(),
     }
 }
 
@@ -208,6 +266,42 @@ impl CudaBackend {
     /// or an sm_86 / sm_89 card (99 KiB). For tests of those choices on the emulator.
     pub fn limit_shared_memory(&mut self, bytes: u32) {
         self.props.max_shared = self.props.max_shared.min(bytes);
+    }
+
+    /// What this backend runs here, for `ddpm-cuda info --device cuda`: (label, text) lines on the
+    /// machine code loaded, the GEMMs' rung, attention, and the shared memory that decides them.
+    pub fn describe_paths(&self) -> Vec<(&'static str, String)> {
+        let p = &self.props;
+        let archs = kernel_archs().unwrap_or("?");
+        let kib = p.max_shared / 1024;
+        let mut out = vec![
+            (
+                "kernels",
+                format!(
+                    "built by {} for {archs}; this device runs {}",
+                    kernel_toolkit().unwrap_or("?"),
+                    image_for(p.major, p.minor, archs)
+                ),
+            ),
+            (
+                "shared mem",
+                format!("{kib} KiB per block (the launchers take the kernels that fit)"),
+            ),
+        ];
+        let gemm = if !self.supports_bf16() {
+            "fp32 (ladder v1: no bf16 tensor cores before sm_80)".to_string()
+        } else if p.sm90a {
+            "bf16 on ladder v3 (mma.sync) by default; v8 (TMA + wgmma, warp-specialised) selectable \
+             (Backend::set_rung) and benched, the default once a GPU run shows it correct"
+                .to_string()
+        } else {
+            "bf16 on ladder v3 (mma.sync, cp.async)".to_string()
+        };
+        out.push(("GEMMs", gemm));
+        if self.supports_bf16() {
+            out.push(("attention", self.attention_fit()));
+        }
+        out
     }
 
     /// How many GEMMs ran on ladder version 8 (`Rung::Pipelined`).
