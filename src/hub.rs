@@ -205,12 +205,21 @@ impl Hub {
         (complete(&FLAT) || complete(&PIPELINE[1..])).then_some(snap)
     }
 
+    /// An agent that returns redirects instead of following them: the hub answers a large (LFS) file
+    /// with a redirect to its storage whose headers carry what the cache needs (`X-Linked-Etag`, the
+    /// file's sha256, names its blob as huggingface_hub names it; `X-Linked-Size`; `X-Repo-Commit`),
+    /// which the storage's own answer does not.
     fn agent(&self) -> ureq::Agent {
+        Self::agent_following(0)
+    }
+
+    fn agent_following(redirects: u32) -> ureq::Agent {
         ureq::Agent::config_builder()
             .timeout_connect(Some(Duration::from_secs(20)))
             .timeout_recv_response(Some(Duration::from_secs(60)))
             .timeout_recv_body(Some(Duration::from_secs(60)))
             .http_status_as_error(false)
+            .max_redirects(redirects)
             .build()
             .into()
     }
@@ -318,7 +327,8 @@ impl Hub {
                 *commit = r.header("x-repo-commit");
             }
             match r.status() {
-                200 => Ok(true),
+                // A large file answers with a redirect to its storage.
+                200..=399 => Ok(true),
                 404 => Ok(false),
                 401 | 403 => Err(self.refused(repo, r.status(), &url)),
                 s => Err(Error::Invalid(format!(
@@ -398,9 +408,35 @@ impl Hub {
         dest: &Path,
     ) -> Result<()> {
         let url = self.resolve_url(repo, path);
-        let r = self
+        let mut r = self
             .get(agent, &url)
             .map_err(|e| e.into_error(repo, &self.endpoint))?;
+        let (linked_etag, linked_size) = (r.header("x-linked-etag"), r.header("x-linked-size"));
+        if (300..400).contains(&r.status()) {
+            // To the storage (its URL is signed: no token), or within the hub (a renamed repository).
+            let Some(loc) = r.header("location") else {
+                return Err(Error::Invalid(format!(
+                    "--model {repo}: {url} redirected without a location"
+                )));
+            };
+            let within = loc.starts_with('/') || loc.starts_with(&self.endpoint);
+            let next = if loc.starts_with('/') {
+                format!("{}{loc}", self.endpoint)
+            } else {
+                loc
+            };
+            let follow = Self::agent_following(8);
+            let sent = if within {
+                self.get(&follow, &next)
+            } else {
+                follow
+                    .get(&next)
+                    .call()
+                    .map_err(|e| Fetch::Unreachable(e.to_string()))
+                    .map(Response)
+            };
+            r = sent.map_err(|e| e.into_error(repo, &self.endpoint))?;
+        }
         match r.status() {
             200 => {}
             401 | 403 => return Err(self.refused(repo, r.status(), &url)),
@@ -415,13 +451,11 @@ impl Hub {
                 )))
             }
         }
-        let etag = r
-            .header("x-linked-etag")
+        let etag = linked_etag
             .or_else(|| r.header("etag"))
             .map(|e| e.trim_start_matches("W/").trim_matches('"').to_string())
             .filter(|e| !e.is_empty() && e.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'));
-        let length: Option<u64> = r
-            .header("x-linked-size")
+        let length: Option<u64> = linked_size
             .or_else(|| r.header("content-length"))
             .and_then(|s| s.parse().ok());
         let blobs = root.join("blobs");

@@ -2,7 +2,7 @@
 //! `/{owner}/{name}/resolve/{revision}/{path}` from a directory of repositories, as the hub (or any static
 //! file server) does: downloads into the Hugging Face cache layout, a second run from the cache with the
 //! server gone and offline, a download cut off halfway, 404 and 401, pickle-only weights, the pipeline
-//! layout, and the hub's listing API with its commit.
+//! layout, the hub's listing API with its commit, and large files answered by a redirect to storage.
 
 mod common;
 
@@ -55,7 +55,7 @@ impl Server {
                 match listener.accept() {
                     Ok((conn, _)) => {
                         r.fetch_add(1, Ordering::SeqCst);
-                        let _ = answer(conn, &root, &m);
+                        let _ = answer(conn, &root, &m, port);
                     }
                     Err(_) => std::thread::sleep(std::time::Duration::from_millis(5)),
                 }
@@ -113,7 +113,11 @@ fn files_of(dir: &Path, base: &Path, out: &mut Vec<String>) {
 /// Writes a response: status, headers, the body (of which `send` bytes go out).
 type Respond<'a> = dyn FnMut(&str, &[(String, String)], &[u8], usize) -> std::io::Result<()> + 'a;
 
-fn answer(mut conn: TcpStream, root: &Path, mode: &Mutex<Mode>) -> std::io::Result<()> {
+/// Files above this size are answered as the hub answers LFS files: a redirect to the storage (`/cdn/...`
+/// here, which needs no token), with the file's ETag and size in `X-Linked-Etag` and `X-Linked-Size`.
+const LFS: usize = 64 << 10;
+
+fn answer(mut conn: TcpStream, root: &Path, mode: &Mutex<Mode>, port: u16) -> std::io::Result<()> {
     conn.set_nonblocking(false)?;
     let mut reader = BufReader::new(conn.try_clone()?);
     let mut line = String::new();
@@ -180,6 +184,21 @@ fn answer(mut conn: TcpStream, root: &Path, mode: &Mutex<Mode>) -> std::io::Resu
             _ => not_found(&mut respond),
         };
     }
+    // The storage a large file redirects to: the file, with an ETag of the storage's own.
+    if segs.len() >= 4 && segs[0] == "cdn" {
+        let Ok(body) = std::fs::read(root.join(segs[1..].join("/"))) else {
+            return not_found(&mut respond);
+        };
+        let send = match mode.lock().unwrap().cut_after {
+            Some(n) if (body.len() as u64) > n => n as usize,
+            _ => body.len(),
+        };
+        let headers = [
+            ("Content-Length".to_string(), body.len().to_string()),
+            ("ETag".to_string(), "\"storage-etag-1\"".to_string()),
+        ];
+        return respond("200 OK", &headers, &body, send);
+    }
     if segs.len() < 5 || segs[2] != "resolve" {
         return not_found(&mut respond);
     }
@@ -202,6 +221,26 @@ fn answer(mut conn: TcpStream, root: &Path, mode: &Mutex<Mode>) -> std::io::Resu
         let m = mode.lock().unwrap();
         (m.cut_after, m.api_commit.clone())
     };
+    if body.len() > LFS {
+        let mut headers = vec![
+            (
+                "Location".to_string(),
+                format!(
+                    "http://127.0.0.1:{port}/cdn/{}/{}/{}",
+                    segs[0],
+                    segs[1],
+                    segs[4..].join("/")
+                ),
+            ),
+            ("X-Linked-Etag".to_string(), format!("\"{}\"", etag(&body))),
+            ("X-Linked-Size".to_string(), body.len().to_string()),
+            ("Content-Length".to_string(), "0".to_string()),
+        ];
+        if let Some(sha) = commit {
+            headers.push(("X-Repo-Commit".into(), sha));
+        }
+        return respond("302 Found", &headers, b"", 0);
+    }
     let send = match cut {
         Some(n) if (body.len() as u64) > n => n as usize,
         _ => body.len(),
@@ -363,10 +402,14 @@ fn models_by_name_come_through_the_cache() {
         let target = std::fs::read_link(&p).expect("a snapshot file links to its blob");
         assert!(target.starts_with("../../blobs"), "{}", target.display());
     }
-    assert_eq!(
-        std::fs::read(snap.join(WEIGHTS)).unwrap(),
-        std::fs::read(run.join(WEIGHTS)).unwrap()
+    let weights = std::fs::read(run.join(WEIGHTS)).unwrap();
+    assert!(
+        weights.len() > LFS,
+        "the weights come through the storage redirect"
     );
+    assert!(std::fs::read(snap.join(WEIGHTS)).unwrap() == weights);
+    // The blob is named by the hub's X-Linked-Etag, as huggingface_hub names it, not by the storage's.
+    assert!(cache.join("blobs").join(etag(&weights)).is_file());
 
     // The pipeline layout, through the same endpoint.
     let info = ok(&dir, &ep, &[], &["info", "--model", "test/micro-pipe"]);
