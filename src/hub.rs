@@ -588,7 +588,12 @@ pub fn locate(model: &Path, offline: bool) -> Result<PathBuf> {
         return Ok(model.to_path_buf()); // the loader says it is no model directory
     };
     let hub = Hub::from_env(offline);
-    hub.snapshot(&repo)
+    hub.snapshot(&repo).map_err(|e| {
+        Error::Invalid(format!(
+            "{e} (--model {}: no such local directory either)",
+            model.display()
+        ))
+    })
 }
 
 #[cfg(test)]

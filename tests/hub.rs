@@ -424,7 +424,9 @@ fn models_by_name_come_through_the_cache() {
     // 404, 401 (and the token that opens it), pickles only.
     let e = fails(&dir, &ep, &[], &sample_args("test/nothing", "b.npy"));
     assert!(
-        e.contains("no repository test/nothing") && e.contains("404"),
+        e.contains("no repository test/nothing")
+            && e.contains("404")
+            && e.contains("no such local directory"),
         "{e}"
     );
     let e = fails(&dir, &ep, &[], &sample_args("test/gated", "b.npy"));
