@@ -1,7 +1,7 @@
 //! Models by name (`--model owner/name[@revision]`, src/hub.rs) against a loopback HTTP server that serves
 //! `/{owner}/{name}/resolve/{revision}/{path}` from a directory of repositories, as the hub (or any static
 //! file server) does: downloads into the Hugging Face cache layout, a second run from the cache with the
-//! server gone and offline, a download cut off halfway, 404 and 401, pickle-only weights, the pipeline
+//! server gone and offline, a download cut off halfway and one killed halfway (SIGKILL), 404 and 401, pickle-only weights, the pipeline
 //! layout, the hub's listing API with its commit, and large files answered by a redirect to storage.
 
 mod common;
@@ -22,6 +22,8 @@ struct Mode {
     api_commit: Option<String>,
     /// Send only this many bytes of the body of any file larger than it, then close the connection.
     cut_after: Option<u64>,
+    /// Send bodies 4 KiB at a time, 50 ms apart (a download slow enough to be killed in the middle).
+    slow: bool,
 }
 
 struct Server {
@@ -136,6 +138,7 @@ fn answer(mut conn: TcpStream, root: &Path, mode: &Mutex<Mode>, port: u16) -> st
             }
         }
     }
+    let slow = mode.lock().unwrap().slow;
     let mut respond = |status: &str, headers: &[(String, String)], body: &[u8], send: usize| {
         let mut head = format!("HTTP/1.1 {status}\r\nConnection: close\r\n");
         for (k, v) in headers {
@@ -144,7 +147,13 @@ fn answer(mut conn: TcpStream, root: &Path, mode: &Mutex<Mode>, port: u16) -> st
         head.push_str("\r\n");
         conn.write_all(head.as_bytes())?;
         if method != "HEAD" {
-            conn.write_all(&body[..send.min(body.len())])?;
+            for chunk in body[..send.min(body.len())].chunks(if slow { 4096 } else { 1 << 20 }) {
+                conn.write_all(chunk)?;
+                if slow {
+                    conn.flush()?;
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+            }
         }
         conn.flush()
     };
@@ -389,8 +398,46 @@ fn models_by_name_come_through_the_cache() {
     );
     assert!(!dir.join("a.npy").exists());
 
-    // Served whole: downloaded into the cache layout, and the same samples as the local directory.
+    // A download killed in the middle (SIGKILL while the weights arrive): nothing that looks complete.
     server.mode.lock().unwrap().cut_after = None;
+    server.mode.lock().unwrap().slow = true;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ddpm-cuda"))
+        .args(sample_args("test/micro", "a.npy"))
+        .current_dir(&dir)
+        .env("HF_ENDPOINT", &ep)
+        .env("HF_HUB_CACHE", dir.join("cache"))
+        .env_remove("HF_TOKEN")
+        .env_remove("HF_HUB_OFFLINE")
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let partial = |cache: &Path| -> u64 {
+        std::fs::read_dir(cache.join("blobs"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".incomplete"))
+            .filter_map(|e| e.metadata().ok())
+            .map(|m| m.len())
+            .max()
+            .unwrap_or(0)
+    };
+    let before = partial(&cache);
+    let start = std::time::Instant::now();
+    while partial(&cache) <= before.max(8192) && start.elapsed().as_secs() < 60 {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let got = partial(&cache);
+    assert!(got > 0 && got < size, "killed with {got} of {size} bytes");
+    assert!(
+        !snap.join(WEIGHTS).exists(),
+        "no complete-looking weights after a killed download"
+    );
+    server.mode.lock().unwrap().slow = false;
+
+    // Served whole: downloaded into the cache layout, and the same samples as the local directory.
     ok(&dir, &ep, &[], &sample_args("test/micro", "a.npy"));
     assert!(
         std::fs::read(dir.join("a.npy")).unwrap() == local,
