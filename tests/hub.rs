@@ -1,8 +1,9 @@
 //! Models by name (`--model owner/name[@revision]`, src/hub.rs) against a loopback HTTP server that serves
 //! `/{owner}/{name}/resolve/{revision}/{path}` from a directory of repositories, as the hub (or any static
-//! file server) does: downloads into the Hugging Face cache layout, a second run from the cache with the
-//! server gone and offline, a download cut off halfway and one killed halfway (SIGKILL), 404 and 401, pickle-only weights, the pipeline
-//! layout, the hub's listing API with its commit, and large files answered by a redirect to storage.
+//! file server) does: downloads into the Hugging Face cache layout; a second run from the cache with the
+//! server gone, and offline; a download cut off halfway, and one killed halfway (SIGKILL); 404 and 401;
+//! pickle-only weights; the pipeline layout; the hub's listing API with its commit; and large files
+//! answered by a redirect to storage.
 
 mod common;
 
