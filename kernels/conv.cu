@@ -448,6 +448,21 @@ extern "C" __global__ void __launch_bounds__(384, 1)
 }
 
 
+// The forward transposed (hop::ConvForwardT): grid (pixel patches of 256, o / 128); the maps as the other
+// forwards take them (ma: x, mb: W), the problem reading W as its A.
+extern "C" __global__ void __launch_bounds__(384, 1)
+    conv2d_forward_v8_t256(const __grid_constant__ ddpm::TensorMap ma, const __grid_constant__ ddpm::TensorMap mb,
+                           const float* __restrict__ b, const float* __restrict__ image_bias,
+                           const float* __restrict__ residual, const __nv_bfloat16* __restrict__ residual_bf16,
+                           float* __restrict__ y, __nv_bfloat16* __restrict__ y_bf16, DDPM_V8_GEOMETRY) {
+    namespace hop = ddpm::hop;
+    const hop::PixelTiles tiles = hop::pixel_tiles(batch, h, wd, wt, ht, nt);
+    const hop::ConvForwardT<256> p{&mb, &ma, tiles, tiles.origin(blockIdx.x), int(blockIdx.y) * hop::BM, c, taps, pad,
+                                   batch * h * wd, o};
+    const ddpm::Epilogue e{y, o, b, 0, nullptr, image_bias, h * wd, residual, y_bf16, residual_bf16};
+    hop::gemm(p, stages, e);
+}
+
 template <int BN>
 __device__ __forceinline__ void conv_backward_data_v8(const ddpm::TensorMap& ma, const ddpm::TensorMap& mb, float* dx,
                                                       int accumulate, int batch, int h, int wd, int c, int o,

@@ -33,6 +33,7 @@
 //
 // What each GEMM reads (P: the problem; A K-major "rows" or MN-major "cols", B K-major or MN-major):
 //   conv forward       A = x window (bf16, rows), B = W [o, taps c] (K-major)
+//   conv forward (T)   A = W [o, taps c] (rows), B = x window (K-major): C^T, for o < 256
 //   conv input grad.   A = dy window (fp32, rows), B = W as [taps, c] per output channel (MN-major)
 //   conv weight grad.  A = dy^T (fp32, cols: M = o, K = pixels), B = x window per tap (MN-major)
 //   linear forward     A = x [m, k] (bf16, rows), B = W [n, k] (K-major)
@@ -245,9 +246,21 @@ __device__ __forceinline__ void gemm(const P& p, int stages, const Epilogue& e) 
         for (int j = 0; j < P::BN / 8; ++j)
 #pragma unroll
             for (int x = 0; x < 4; x += 2) {
-                const int r = 64 * cg + 16 * warp + g + 4 * x, n = p.n0 + 8 * j + 2 * t;
-                const int64_t m = p.row(r);
-                if (m >= 0 && n < p.cols) store_pair(e, p.rows, p.cols, int(m), n, value(4 * j + x), value(4 * j + x + 1));
+                const int r = 64 * cg + 16 * warp + g + 4 * x;
+                if constexpr (P::TRANSPOSED) {
+                    // C^T: tile row r is output channel m0 + r, column i the patch's pixel i.
+                    const int ch = p.m0 + r;
+#pragma unroll
+                    for (int q = 0; q < 2; ++q) {
+                        const int64_t px = p.col(8 * j + 2 * t + q);
+                        if (px >= 0 && ch < p.cols) e.store(p.rows, p.cols, int(px), ch, value(4 * j + x + q));
+                    }
+                } else {
+                    const int n = p.n0 + 8 * j + 2 * t;
+                    const int64_t m = p.row(r);
+                    if (m >= 0 && n < p.cols)
+                        store_pair(e, p.rows, p.cols, int(m), n, value(4 * j + x), value(4 * j + x + 1));
+                }
             }
     };
     if (slices == 0) {  // an empty split of K: its partial sums are 0
@@ -281,7 +294,8 @@ __device__ __forceinline__ void gemm(const P& p, int stages, const Epilogue& e) 
 //
 // Each says: BN, how A comes (A) and whether B is MN-major (B_MN); this block's slices of K (slices());
 // a cursor over them (start(), advance()); the copies of one slice into a stage (issue(), thread 0 of the
-// producer); and where tile row r goes (row(r)), with n0, rows and cols of the output.
+// producer); and where tile row r goes (row(r)), with n0, rows and cols of the output, or, for a problem
+// computed transposed (TRANSPOSED), where column i goes (col(i)), with m0.
 
 // The convolution forward, stride 1: M = the output pixels in patches of 128, N = o, K = taps^2 c in
 // slices of one tap's 64 channels. ma: x [n, h, w, c] bf16 as (c, w, h, n), boxes (64, wt, ht, nt);
@@ -291,6 +305,7 @@ struct ConvForward {
     static constexpr int BN = BN_;
     static constexpr AKind A = AKind::Smem;
     static constexpr bool B_MN = false;
+    static constexpr bool TRANSPOSED = false;
     const TensorMap* ma;
     const TensorMap* mb;
     PixelTiles tiles;
@@ -315,6 +330,41 @@ struct ConvForward {
     __device__ int64_t row(int r) const { return tiles.row(at, r); }
 };
 
+// The convolution forward computed transposed, for outputs of fewer than 256 channels: C^T = W x^T, so the
+// tile is 128 output channels (M) by a patch of 256 pixels (N) and each stage's wgmma is m64n256, whose
+// shared-memory reads per multiply-add are those of ConvForward<256> (ConvForward<128> re-reads its B for
+// every 64 rows: the model puts it at 80% of the peak by shared memory). K is ConvForward's. ma: W
+// [o, taps^2 c] bf16 as (taps^2 c, o), boxes (64, 128); mb: x [n, h, w, c] bf16 as (c, w, h, n), boxes
+// (64, wt, ht, nt) with wt ht nt = 256. The epilogue writes column i (pixel) of row r (channel) to
+// y[pixel, channel] one value at a time (an epilogue's share of the time; the main loop is the point).
+template <int BN_>
+struct ConvForwardT {
+    static constexpr int BN = BN_;
+    static constexpr AKind A = AKind::Smem;
+    static constexpr bool B_MN = false;
+    static constexpr bool TRANSPOSED = true;
+    const TensorMap* ma;
+    const TensorMap* mb;
+    PixelTiles tiles;
+    Pixel at;
+    int m0, c, taps, pad, rows, cols;
+    using Cursor = typename ConvForward<BN_>::Cursor;
+    __device__ int slices() const { return taps * taps * (c / BK); }
+    __device__ Cursor start() const { return {0, 0, 0}; }
+    __device__ void advance(Cursor& k) const {
+        if (++k.cb * BK < c) return;
+        k.cb = 0;
+        if (++k.kx < taps) return;
+        k.kx = 0;
+        ++k.ky;
+    }
+    __device__ void issue(const Cursor& k, unsigned char* a, unsigned char* b, uint64_t* bar) const {
+        tma_load_2d(a, ma, bar, (k.ky * taps + k.kx) * c + k.cb * BK, m0);
+        tma_load_4d(b, mb, bar, k.cb * BK, at.x + k.kx - pad, at.y + k.ky - pad, at.n);
+    }
+    __device__ int64_t col(int i) const { return tiles.row(at, i); }
+};
+
 // The convolution's input gradient, stride 1: M = the input pixels, N = c, K = taps^2 o in slices of one
 // tap's 64 output channels; dy at (y + pad - ky, x + pad - kx). ma: dy [n, h, w, o] fp32 as (o, w, h, n),
 // boxes (32, wt, ht, nt), two a slice; mb: W [o, taps^2, c] bf16 as (c, taps^2, o), boxes (64, 1, 64),
@@ -324,6 +374,7 @@ struct ConvInputGrad {
     static constexpr int BN = BN_;
     static constexpr AKind A = AKind::RegRows;
     static constexpr bool B_MN = true;
+    static constexpr bool TRANSPOSED = false;
     const TensorMap* ma;
     const TensorMap* mb;
     PixelTiles tiles;
@@ -362,6 +413,7 @@ struct ConvWeightGrad {
     static constexpr int BN = BN_;
     static constexpr AKind A = AKind::RegCols;
     static constexpr bool B_MN = true;
+    static constexpr bool TRANSPOSED = false;
     const TensorMap* ma;
     const TensorMap* mb;
     PixelTiles tiles;
@@ -388,6 +440,7 @@ struct LinearForward {
     static constexpr int BN = BN_;
     static constexpr AKind A = AKind::Smem;
     static constexpr bool B_MN = false;
+    static constexpr bool TRANSPOSED = false;
     const TensorMap* ma;
     const TensorMap* mb;
     int m0, n0, k, rows, cols;
@@ -409,6 +462,7 @@ struct LinearInputGrad {
     static constexpr int BN = BN_;
     static constexpr AKind A = AKind::RegRows;
     static constexpr bool B_MN = true;
+    static constexpr bool TRANSPOSED = false;
     const TensorMap* ma;
     const TensorMap* mb;
     int m0, n0, k, rows, cols;
@@ -432,6 +486,7 @@ struct LinearWeightGrad {
     static constexpr int BN = BN_;
     static constexpr AKind A = AKind::RegCols;
     static constexpr bool B_MN = true;
+    static constexpr bool TRANSPOSED = false;
     const TensorMap* ma;
     const TensorMap* mb;
     int m0, n0, rows, cols, first, count;

@@ -9,14 +9,16 @@
 //! | GEMM | A | B |
 //! |---|---|---|
 //! | conv forward | x bf16 (c, w, h, n), box (64, wt, ht, nt) | W (taps^2 c, o), box (64, BN) |
+//! | conv forward, transposed (C^T, o < 256) | W (taps^2 c, o), box (64, 128) | x bf16 (c, w, h, n), box (64, wt, ht, nt) of 256 |
 //! | conv input gradient | dy fp32 (o, w, h, n), box (32, wt, ht, nt) | W (c, taps^2, o), box (64, 1, 64) |
 //! | conv weight gradient | dy fp32 (o, w, h, n), box (32, 64 pixels) | x bf16 (c, w, h, n), box (64, 64 pixels) |
 //! | linear forward | x bf16 (k, m), box (64, 128) | W (k, n), box (64, 256) |
 //! | linear input gradient | dy fp32 (n, m), box (32, 128) | W (k, n), box (64, 64) |
 //! | linear weight gradient | dy fp32 (n, m), box (32, 64) | x bf16 (k, m), box (64, 64) |
 //!
-//! A tile of M is 128 rows: for a convolution, a rectangle of wt x ht x nt output pixels ([`patch`]); the
-//! weight gradient's slices of K are rectangles of 64.
+//! A tile of M is 128 rows: for a convolution, a rectangle of wt x ht x nt output pixels ([`patch`]) (the
+//! transposed forward's tile of N is such a rectangle of 256); the weight gradient's slices of K are
+//! rectangles of 64.
 
 use super::device::{Element, Swizzle, TensorMap};
 use super::elementwise::dims;
@@ -35,9 +37,10 @@ const MAX_STAGES: usize = 8;
 const ALIGN: u64 = 128;
 
 /// Every version-8 kernel: each may use the device's maximum of dynamic shared memory.
-pub(super) const KERNELS: [&str; 8] = [
+pub(super) const KERNELS: [&str; 9] = [
     "conv2d_forward_v8_n128",
     "conv2d_forward_v8_n256",
+    "conv2d_forward_v8_t256",
     "conv2d_backward_data_v8_n128",
     "conv2d_backward_data_v8_n256",
     "conv2d_backward_weight_v8_n256",
@@ -253,7 +256,19 @@ impl CudaBackend {
         }
         let p = patch(s.h, s.w, BM);
         let m_tiles = patches(s.n, s.h, s.w, p);
-        let bn = tile_cols(s.o, m_tiles, self.props.sms as usize);
+        let sms = self.props.sms as usize;
+        let bn = tile_cols(s.o, m_tiles, sms);
+        let k = s.k();
+        if bn == 128 && s.o % 256 != 0 {
+            // 128 columns re-read B for every 64 rows (the model's 80% by shared memory): computed
+            // transposed instead, 128 channels by 256 pixels, where its waves keep the SMs as busy.
+            let pt = patch(s.h, s.w, 256);
+            let t_tiles = patches(s.n, s.h, s.w, pt);
+            let (t, n) = (t_tiles * (s.o / 128), m_tiles * (s.o / 128));
+            if wave_efficiency(t, sms) >= 0.8 * wave_efficiency(n, sms) {
+                return self.v8_conv_forward_transposed(s, x, pw, epilogue, pt, t_tiles);
+            }
+        }
         let ma = self.nhwc_map(
             Element::Bf16,
             self.ptr(x),
@@ -261,7 +276,6 @@ impl CudaBackend {
             BK as u32,
             p,
         )?;
-        let k = s.k();
         let mb = self.matrix_map(Element::Bf16, pw, s.o, k, [BK as u32, bn as u32])?;
         let mut a = KernelArgs::default();
         a.push_tensor_map(&ma);
@@ -281,6 +295,46 @@ impl CudaBackend {
         self.v8_launch(
             kernel,
             (m_tiles as u32, (s.o / bn) as u32, 1),
+            stage,
+            stages,
+            a,
+        )?;
+        Ok(true)
+    }
+
+    /// [`Self::v8_conv_forward`] computed transposed (`conv2d_forward_v8_t256`): tiles of 128 output
+    /// channels by a patch `p` of 256 pixels, `t_tiles` patches.
+    fn v8_conv_forward_transposed(
+        &mut self,
+        s: &ConvShape,
+        x: Tensor,
+        pw: u64,
+        epilogue: [u64; 6],
+        p: [usize; 3],
+        t_tiles: usize,
+    ) -> Result<bool> {
+        let ma = self.nhwc_map(
+            Element::Bf16,
+            self.ptr(x),
+            [s.n, s.h, s.w, s.c],
+            BK as u32,
+            p,
+        )?;
+        let k = s.k();
+        let mb = self.matrix_map(Element::Bf16, pw, s.o, k, [BK as u32, BM as u32])?;
+        let mut a = KernelArgs::default();
+        a.push_tensor_map(&ma);
+        a.push_tensor_map(&mb);
+        for v in epilogue {
+            a.push(v);
+        }
+        Self::v8_geometry(&mut a, s, p)?;
+        let stage = BM * BK * 2 + 256 * BK * 2;
+        self.count_v8(s.macs(), [s.o / BM, t_tiles, 256], k, stage);
+        let stages = self.v8_stages(stage);
+        self.v8_launch(
+            "conv2d_forward_v8_t256",
+            (t_tiles as u32, (s.o / BM) as u32, 1),
             stage,
             stages,
             a,
