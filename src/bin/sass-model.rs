@@ -518,6 +518,11 @@ fn main() -> ExitCode {
     }
     println!("# Static SASS model of the kernels\n");
     println!("Upper bounds from instruction counts, not measurements (`src/sass.rs` says what is counted and what is not).");
+    println!(
+        "\nMachine code by {} (for {}).",
+        ddpm_cuda::backend::cuda::kernel_toolkit().unwrap_or("?"),
+        ddpm_cuda::backend::cuda::kernel_archs().unwrap_or("?")
+    );
     let mut problems = Vec::new();
     for (m, gpu) in [
         (Machine::H100, Planned::H100),
