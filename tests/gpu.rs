@@ -618,10 +618,12 @@ fn normalising_convolutions_match_the_cpu() {
 
 /// In bf16 precision with the normalisation scratch reserved (as every U-Net placed on the device does),
 /// a normalised convolution writes its input once in bf16 into the scratch and convolves that
-/// (`group_norm_apply_*`, then a plain convolution): the scratch holds, bit for bit, the bf16 rounding of
-/// what the separate fp32 ops write (group norm + SiLU, then dropout), and the convolution's output and
-/// weight gradient are bit for bit those of the loaders that normalise as they load (the same operand
-/// values reach the same core in the same order). Shapes whose channels come in runs of 8 (the scratch's
+/// (`group_norm_forward_*` for the statistics, `group_norm_apply_*`, then a plain convolution): the
+/// scratch holds, bit for bit, the bf16 rounding of what the separate fp32 ops write (group norm + SiLU,
+/// then dropout), the statistics it writes (poisoned before; the backward reads them) are those of the
+/// path that normalises as it loads, and the convolution's output and weight gradient are bit for bit
+/// those of the loaders that normalise as they load (the same operand values reach the same core in the
+/// same order). Shapes whose channels come in runs of 8 (the scratch's
 /// kernels need them), with and without SiLU and dropout, one at the paper's widths; inputs in fp32 and
 /// in bf16 storage.
 #[test]
@@ -715,11 +717,25 @@ fn normalising_into_the_scratch_is_the_fused_path_bit_for_bit() {
                 (be.download(y).unwrap(), be.download(dw).unwrap())
             };
             let fused = run(&mut be);
+            let stats =
+                |be: &mut CudaBackend| (be.download(mean).unwrap(), be.download(rstd).unwrap());
+            let fused_stats = stats(&mut be);
             assert!(be.norm_scratch().is_none());
             be.reserve_norm_scratch(s.x_len()).unwrap();
             let scratch = be.norm_scratch().expect("a scratch in bf16 precision");
             be.upload(scratch, &vec![f32::NAN; scratch.len]).unwrap();
+            // The statistics too: the path through the scratch must write them, as the backward reads them.
+            for t in [mean, rstd] {
+                be.upload(t, &vec![f32::NAN; t.len]).unwrap();
+            }
             let through_scratch = run(&mut be);
+            let scratch_stats = stats(&mut be);
+            let bits_of = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert!(
+                bits_of(&scratch_stats.0) == bits_of(&fused_stats.0)
+                    && bits_of(&scratch_stats.1) == bits_of(&fused_stats.1),
+                "the statistics through the scratch differ: {what}"
+            );
             let got = be.download(scratch.slice(0, s.x_len())).unwrap();
             let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
             assert!(
