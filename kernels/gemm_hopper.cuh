@@ -297,6 +297,21 @@ __device__ __forceinline__ void gemm(const P& p, int stages, const Epilogue& e) 
 // producer); and where tile row r goes (row(r)), with n0, rows and cols of the output, or, for a problem
 // computed transposed (TRANSPOSED), where column i goes (col(i)), with m0.
 
+// The slices of K of a stride-1 convolution's GEMMs: taps^2 taps of `ch / BK` blocks of 64 channels (the
+// forward's input channels, the input gradient's output channels), the channel block fastest, then kx,
+// then ky: a cursor stepped by additions.
+struct TapCursor {
+    int cb, ky, kx;
+};
+__device__ __forceinline__ int tap_slices(int taps, int ch) { return taps * taps * (ch / BK); }
+__device__ __forceinline__ void tap_advance(TapCursor& k, int taps, int ch) {
+    if (++k.cb * BK < ch) return;
+    k.cb = 0;
+    if (++k.kx < taps) return;
+    k.kx = 0;
+    ++k.ky;
+}
+
 // The convolution forward, stride 1: M = the output pixels in patches of 128, N = o, K = taps^2 c in
 // slices of one tap's 64 channels. ma: x [n, h, w, c] bf16 as (c, w, h, n), boxes (64, wt, ht, nt);
 // mb: W [o, taps^2 c] bf16 as (taps^2 c, o), boxes (64, BN).
@@ -311,18 +326,10 @@ struct ConvForward {
     PixelTiles tiles;
     Pixel at;
     int n0, c, taps, pad, rows, cols;
-    struct Cursor {
-        int cb, ky, kx;
-    };
-    __device__ int slices() const { return taps * taps * (c / BK); }
+    using Cursor = TapCursor;
+    __device__ int slices() const { return tap_slices(taps, c); }
     __device__ Cursor start() const { return {0, 0, 0}; }
-    __device__ void advance(Cursor& k) const {
-        if (++k.cb * BK < c) return;
-        k.cb = 0;
-        if (++k.kx < taps) return;
-        k.kx = 0;
-        ++k.ky;
-    }
+    __device__ void advance(Cursor& k) const { tap_advance(k, taps, c); }
     __device__ void issue(const Cursor& k, unsigned char* a, unsigned char* b, uint64_t* bar) const {
         tma_load_4d(a, ma, bar, k.cb * BK, at.x + k.kx - pad, at.y + k.ky - pad, at.n);
         tma_load_2d(b, mb, bar, (k.ky * taps + k.kx) * c + k.cb * BK, n0);
@@ -348,16 +355,10 @@ struct ConvForwardT {
     PixelTiles tiles;
     Pixel at;
     int m0, c, taps, pad, rows, cols;
-    using Cursor = typename ConvForward<BN_>::Cursor;
-    __device__ int slices() const { return taps * taps * (c / BK); }
+    using Cursor = TapCursor;
+    __device__ int slices() const { return tap_slices(taps, c); }
     __device__ Cursor start() const { return {0, 0, 0}; }
-    __device__ void advance(Cursor& k) const {
-        if (++k.cb * BK < c) return;
-        k.cb = 0;
-        if (++k.kx < taps) return;
-        k.kx = 0;
-        ++k.ky;
-    }
+    __device__ void advance(Cursor& k) const { tap_advance(k, taps, c); }
     __device__ void issue(const Cursor& k, unsigned char* a, unsigned char* b, uint64_t* bar) const {
         tma_load_2d(a, ma, bar, (k.ky * taps + k.kx) * c + k.cb * BK, m0);
         tma_load_4d(b, mb, bar, k.cb * BK, at.x + k.kx - pad, at.y + k.ky - pad, at.n);
@@ -380,25 +381,17 @@ struct ConvInputGrad {
     PixelTiles tiles;
     Pixel at;
     int n0, o, taps, pad, rows, cols;
-    struct Cursor {
-        int ob, ky, kx;
-    };
-    __device__ int slices() const { return taps * taps * (o / BK); }
+    using Cursor = TapCursor;  // cb: the block of 64 output channels
+    __device__ int slices() const { return tap_slices(taps, o); }
     __device__ Cursor start() const { return {0, 0, 0}; }
-    __device__ void advance(Cursor& k) const {
-        if (++k.ob * BK < o) return;
-        k.ob = 0;
-        if (++k.kx < taps) return;
-        k.kx = 0;
-        ++k.ky;
-    }
+    __device__ void advance(Cursor& k) const { tap_advance(k, taps, o); }
     __device__ void issue(const Cursor& k, unsigned char* a, unsigned char* b, uint64_t* bar) const {
         const int x = at.x + pad - k.kx, y = at.y + pad - k.ky;
-        tma_load_4d(a, ma, bar, k.ob * BK, x, y, at.n);
-        tma_load_4d(a + BM * 128, ma, bar, k.ob * BK + 32, x, y, at.n);
+        tma_load_4d(a, ma, bar, k.cb * BK, x, y, at.n);
+        tma_load_4d(a + BM * 128, ma, bar, k.cb * BK + 32, x, y, at.n);
 #pragma unroll
         for (int j = 0; j < BN / 64; ++j)
-            tma_load_3d(b + j * (BK * 128), mb, bar, n0 + 64 * j, k.ky * taps + k.kx, k.ob * BK);
+            tma_load_3d(b + j * (BK * 128), mb, bar, n0 + 64 * j, k.ky * taps + k.kx, k.cb * BK);
     }
     __device__ int64_t row(int r) const { return tiles.row(at, r); }
 };

@@ -9,14 +9,25 @@ const MAGIC: &[u8] = b"\x93NUMPY";
 
 /// A `.npy` (format 1.0) file of little-endian float32 in C order.
 pub fn to_bytes(data: &[f32], shape: &[usize]) -> Vec<u8> {
+    let mut out = preamble(shape, 0);
+    out.extend(data.iter().flat_map(|v| v.to_le_bytes()));
+    out
+}
+
+/// The magic, version and header of an array of `shape`: padded with spaces (the header ends in a
+/// newline) to a multiple of 64 bytes, and to at least `at_least` bytes.
+fn preamble(shape: &[usize], at_least: usize) -> Vec<u8> {
     let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
     let shape_s = match dims.len() {
         1 => format!("({},)", dims[0]),
         _ => format!("({})", dims.join(", ")),
     };
     let mut header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': {shape_s}, }}");
-    // The header (with its newline) pads the preamble to a multiple of 64 bytes.
-    while (MAGIC.len() + 4 + header.len() + 1) % 64 != 0 {
+    let len = (MAGIC.len() + 4 + header.len() + 1)
+        .max(at_least)
+        .div_ceil(64)
+        * 64;
+    while MAGIC.len() + 4 + header.len() + 1 < len {
         header.push(' ');
     }
     header.push('\n');
@@ -24,7 +35,6 @@ pub fn to_bytes(data: &[f32], shape: &[usize]) -> Vec<u8> {
     out.extend([1u8, 0]);
     out.extend((header.len() as u16).to_le_bytes());
     out.extend(header.as_bytes());
-    out.extend(data.iter().flat_map(|v| v.to_le_bytes()));
     out
 }
 
@@ -118,22 +128,16 @@ pub struct Reader {
 
 impl Reader {
     pub fn open(path: &Path) -> Result<Self> {
-        use std::io::Read;
         let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
         let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
-        let mut head = Vec::new();
-        (&file)
-            .take(HEADER_MAX.min(len))
-            .read_to_end(&mut head)
-            .map_err(|e| Error::io(path, e))?;
-        let (shape, end) = parse_header(&head, path)?;
+        let (shape, offset) = read_header(&file, path)?;
         let count = elements(&shape, path)? as u64;
-        if len - end as u64 != 4 * count {
+        if len - offset != 4 * count {
             return Err(Error::format(
                 path,
                 format!(
                     "shape {shape:?} needs {count} float32 values, the file holds {} bytes of data",
-                    len - end as u64
+                    len - offset
                 ),
             ));
         }
@@ -141,7 +145,7 @@ impl Reader {
             file,
             path: path.to_path_buf(),
             shape,
-            offset: end as u64,
+            offset,
         })
     }
 
@@ -191,35 +195,8 @@ pub struct Growing {
 impl Growing {
     /// The header of `count` items, padded to the length any count's takes.
     fn header(item: &[usize], count: usize) -> Vec<u8> {
-        let dims = |n: usize| -> String {
-            let all: Vec<String> = std::iter::once(n)
-                .chain(item.iter().copied())
-                .map(|d| d.to_string())
-                .collect();
-            match all.len() {
-                1 => format!("({},)", all[0]),
-                _ => format!("({})", all.join(", ")),
-            }
-        };
-        let dict = |n: usize| {
-            format!(
-                "{{'descr': '<f4', 'fortran_order': False, 'shape': {}, }}",
-                dims(n)
-            )
-        };
-        let longest = dict(usize::MAX).len();
-        let mut len = MAGIC.len() + 4 + longest + 1;
-        len = len.div_ceil(64) * 64;
-        let mut header = dict(count);
-        while MAGIC.len() + 4 + header.len() + 1 < len {
-            header.push(' ');
-        }
-        header.push('\n');
-        let mut out = MAGIC.to_vec();
-        out.extend([1u8, 0]);
-        out.extend((header.len() as u16).to_le_bytes());
-        out.extend(header.as_bytes());
-        out
+        let shape = |n| [&[n][..], item].concat();
+        preamble(&shape(count), preamble(&shape(usize::MAX), 0).len())
     }
 
     /// A new file at `path` holding `first` (whole items), written under a temporary name and renamed,
@@ -240,8 +217,12 @@ impl Growing {
     /// Opens a file this type wrote, keeping its first `keep` items (its header must say at least as
     /// many, for items of shape `item`): the data after them is cut off and the header rewritten.
     pub fn open(path: &Path, item: &[usize], keep: usize) -> Result<Self> {
-        let reader = Reader::open_prefix(path)?;
-        let (shape, offset) = (reader.0, reader.1);
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(|e| Error::io(path, e))?;
+        let (shape, offset) = read_header(&file, path)?;
         if shape.len() != item.len() + 1 || shape[1..] != *item || shape[0] < keep {
             return Err(Error::format(
                 path,
@@ -251,11 +232,6 @@ impl Growing {
                 ),
             ));
         }
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(path)
-            .map_err(|e| Error::io(path, e))?;
         let per: usize = item.iter().product();
         let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
         let need = offset + 4 * (keep * per) as u64;
@@ -324,19 +300,16 @@ impl Growing {
     }
 }
 
-impl Reader {
-    /// The shape and data offset of the `.npy` at `path`, from its header alone (the data may be longer
-    /// or shorter than the shape says).
-    fn open_prefix(path: &Path) -> Result<(Vec<usize>, u64)> {
-        use std::io::Read;
-        let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-        let mut head = Vec::new();
-        file.take(HEADER_MAX)
-            .read_to_end(&mut head)
-            .map_err(|e| Error::io(path, e))?;
-        let (shape, end) = parse_header(&head, path)?;
-        Ok((shape, end as u64))
-    }
+/// The shape and data offset of the `.npy` open as `file` (at its start), from its header alone (the data
+/// may be longer or shorter than the shape says).
+fn read_header(file: &std::fs::File, path: &Path) -> Result<(Vec<usize>, u64)> {
+    use std::io::Read;
+    let mut head = Vec::new();
+    file.take(HEADER_MAX)
+        .read_to_end(&mut head)
+        .map_err(|e| Error::io(path, e))?;
+    let (shape, end) = parse_header(&head, path)?;
+    Ok((shape, end as u64))
 }
 
 pub fn read(path: &Path) -> Result<(Vec<usize>, Vec<f32>)> {

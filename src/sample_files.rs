@@ -131,8 +131,6 @@ pub struct Outputs {
     grid_path: PathBuf,
     record_path: PathBuf,
     grid_npy_path: PathBuf,
-    size: usize,
-    channels: usize,
     config: UNetConfig,
     npy: Option<npy::Growing>,
     /// The grid's images so far (NHWC), and their file, until the grid is written.
@@ -153,8 +151,6 @@ impl Outputs {
             grid_path: grid_path.to_path_buf(),
             record_path,
             grid_npy_path,
-            size: config.sample_size,
-            channels: config.out_channels,
             config: config.clone(),
             npy: None,
             grid: Vec::new(),
@@ -279,14 +275,8 @@ impl Outputs {
         }
         if let Some(d) = &self.job.each {
             for i in 0..count {
-                image::grid(
-                    &nhwc[i * per..(i + 1) * per],
-                    1,
-                    self.size,
-                    self.channels,
-                    1,
-                )
-                .save_png(&Path::new(d).join(format!("{:05}.png", first + i)))?;
+                image::grid(&nhwc[i * per..(i + 1) * per], 1, h, c, 1)
+                    .save_png(&Path::new(d).join(format!("{:05}.png", first + i)))?;
             }
         }
         let want = self.grid_len();

@@ -258,17 +258,22 @@ impl CudaBackend {
         let m_tiles = patches(s.n, s.h, s.w, p);
         let sms = self.props.sms as usize;
         let bn = tile_cols(s.o, m_tiles, sms);
-        let k = s.k();
-        if bn == 128 && s.o % 256 != 0 {
-            // 128 columns re-read B for every 64 rows (the model's 80% by shared memory): computed
-            // transposed instead, 128 channels by 256 pixels, where its waves keep the SMs as busy.
-            let pt = patch(s.h, s.w, 256);
-            let t_tiles = patches(s.n, s.h, s.w, pt);
-            let (t, n) = (t_tiles * (s.o / 128), m_tiles * (s.o / 128));
-            if wave_efficiency(t, sms) >= 0.8 * wave_efficiency(n, sms) {
-                return self.v8_conv_forward_transposed(s, x, pw, epilogue, pt, t_tiles);
-            }
-        }
+        // 128 columns re-read B for every 64 rows (the model's 80% by shared memory): computed transposed
+        // instead (`conv2d_forward_v8_t256`: 128 channels by a patch of 256 pixels), where its waves keep
+        // the SMs as busy.
+        let pt = patch(s.h, s.w, 256);
+        let t_tiles = patches(s.n, s.h, s.w, pt);
+        let transposed = bn == 128
+            && s.o % 256 != 0
+            && wave_efficiency(t_tiles * (s.o / 128), sms)
+                >= 0.8 * wave_efficiency(m_tiles * (s.o / 128), sms);
+        // The kernel, its pixel patch and their count, the output channels of a tile, and the pixels of a
+        // tile (the stage holds 128 rows of A and that many of B, or the other way round).
+        let (kernel, p, pixel_tiles, o_tile, pixels) = match (transposed, bn) {
+            (true, _) => ("conv2d_forward_v8_t256", pt, t_tiles, BM, 256),
+            (false, 256) => ("conv2d_forward_v8_n256", p, m_tiles, 256, BM),
+            _ => ("conv2d_forward_v8_n128", p, m_tiles, 128, BM),
+        };
         let ma = self.nhwc_map(
             Element::Bf16,
             self.ptr(x),
@@ -276,7 +281,8 @@ impl CudaBackend {
             BK as u32,
             p,
         )?;
-        let mb = self.matrix_map(Element::Bf16, pw, s.o, k, [BK as u32, bn as u32])?;
+        let k = s.k();
+        let mb = self.matrix_map(Element::Bf16, pw, s.o, k, [BK as u32, o_tile as u32])?;
         let mut a = KernelArgs::default();
         a.push_tensor_map(&ma);
         a.push_tensor_map(&mb);
@@ -284,57 +290,17 @@ impl CudaBackend {
             a.push(v);
         }
         Self::v8_geometry(&mut a, s, p)?;
-        let stage = BM * BK * 2 + bn * BK * 2;
-        self.count_v8(s.macs(), [m_tiles, s.o / bn, bn], k, stage);
-        let kernel = if bn == 256 {
-            "conv2d_forward_v8_n256"
-        } else {
-            "conv2d_forward_v8_n128"
+        let stage = (pixels + o_tile) * BK * 2;
+        let o_tiles = s.o / o_tile;
+        let tiles = match transposed {
+            true => [o_tiles, pixel_tiles, pixels],
+            false => [pixel_tiles, o_tiles, o_tile],
         };
+        self.count_v8(s.macs(), tiles, k, stage);
         let stages = self.v8_stages(stage);
         self.v8_launch(
             kernel,
-            (m_tiles as u32, (s.o / bn) as u32, 1),
-            stage,
-            stages,
-            a,
-        )?;
-        Ok(true)
-    }
-
-    /// [`Self::v8_conv_forward`] computed transposed (`conv2d_forward_v8_t256`): tiles of 128 output
-    /// channels by a patch `p` of 256 pixels, `t_tiles` patches.
-    fn v8_conv_forward_transposed(
-        &mut self,
-        s: &ConvShape,
-        x: Tensor,
-        pw: u64,
-        epilogue: [u64; 6],
-        p: [usize; 3],
-        t_tiles: usize,
-    ) -> Result<bool> {
-        let ma = self.nhwc_map(
-            Element::Bf16,
-            self.ptr(x),
-            [s.n, s.h, s.w, s.c],
-            BK as u32,
-            p,
-        )?;
-        let k = s.k();
-        let mb = self.matrix_map(Element::Bf16, pw, s.o, k, [BK as u32, BM as u32])?;
-        let mut a = KernelArgs::default();
-        a.push_tensor_map(&ma);
-        a.push_tensor_map(&mb);
-        for v in epilogue {
-            a.push(v);
-        }
-        Self::v8_geometry(&mut a, s, p)?;
-        let stage = BM * BK * 2 + 256 * BK * 2;
-        self.count_v8(s.macs(), [s.o / BM, t_tiles, 256], k, stage);
-        let stages = self.v8_stages(stage);
-        self.v8_launch(
-            "conv2d_forward_v8_t256",
-            (t_tiles as u32, (s.o / BM) as u32, 1),
+            (pixel_tiles as u32, o_tiles as u32, 1),
             stage,
             stages,
             a,
