@@ -2,7 +2,7 @@
 //   noise_add_f32          q(x_t | x_0) for a training batch, drawing its own eps
 //   draw_timesteps_f32     the training batch's timesteps, uniform over [0, T)
 //   log_at_clock_f32       a step's loss and gradient norm into the log ring, at the clock's slot
-//   sampler_step_f32       one reverse step x_t -> x_{t-1} (DDPM ancestral, respaced DDPM or DDIM),
+//   sampler_step_f32       one reverse step x_t -> x_{t-1} (DDPM ancestral, respaced DDPM or DDIM, guided or not),
 //                          coefficients read from a device table at a device-side step index
 //   sampler_timesteps_f32  fills the model's timestep input from that table and index
 //   sampler_advance        moves the device-side step index to the next row
@@ -84,12 +84,15 @@ extern "C" __global__ void log_at_clock_f32(const float* __restrict__ src, float
 // One reverse step, in place or not (x_prev may be x_t: each element is read before it is written by the
 // same thread). Row `*step` of `table` (`rows` rows; a step outside them, after the last advance, does
 // nothing); noise from Philox (seed, stream_base + *step, first_element + i).
-// Shapes: x_t, eps_hat, x_prev: `total` elements (NHWC images back to back).
-// Launch: one thread per Philox block (4 elements), grid-stride. Bytes: 12 per element.
+// Shapes: x_t, eps_hat, x_prev: `total` elements (NHWC images back to back), or with `guided` 2 * total:
+// the images with their classes, then the same images with the null class. Guided, the step takes
+// eps = eps_null + w (eps_class - eps_null) (classifier-free guidance, fused here so a guided step costs
+// one more read of eps and one more write of x) and writes its result into both halves.
+// Launch: one thread per Philox block (4 elements), grid-stride. Bytes: 12 per element (20 guided).
 extern "C" __global__ void sampler_step_f32(const float* x_t, const float* __restrict__ eps_hat,
                                             const SamplerRow* __restrict__ table, const int* __restrict__ step,
                                             float* x_prev, int64_t total, int64_t first_element, int clip,
-                                            uint64_t seed, uint64_t stream_base, int rows) {
+                                            uint64_t seed, uint64_t stream_base, int rows, int guided, float w) {
     const int s = *step;
     if (s < 0 || s >= rows) return;
     const SamplerRow row = table[s];
@@ -106,10 +109,17 @@ extern "C" __global__ void sampler_step_f32(const float* x_t, const float* __res
         for (int lane = 0; lane < 4; ++lane) {
             const int64_t i = ((first_block + b) << 2) + lane - first_element;
             if (i < 0 || i >= total) continue;
-            const float x = x_t[i], e = eps_hat[i];
+            const float x = x_t[i];
+            float e = eps_hat[i];
+            if (guided) {
+                const float null = eps_hat[total + i];
+                e = null + w * (e - null);
+            }
             float x0 = row.x0_from_xt * x - row.x0_from_eps * e;
             if (clip) x0 = fminf(fmaxf(x0, -1.0f), 1.0f);
-            x_prev[i] = row.c_x0 * x0 + row.c_xt * x + row.c_eps * e + row.sigma * draws[lane];
+            const float next = row.c_x0 * x0 + row.c_xt * x + row.c_eps * e + row.sigma * draws[lane];
+            x_prev[i] = next;
+            if (guided) x_prev[total + i] = next;
         }
     }
 }

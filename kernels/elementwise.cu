@@ -8,6 +8,7 @@
 //                                           the two forwards over block outputs stored in bf16 (ladder v7)
 //   add_image_bias_f32, image_bias_backward_f32   y[n, p, c] += bias[n, c] (time embedding) and its sum
 //   timestep_embedding_f32                  [sin(t f_i), cos(t f_i)], computed in fp64 and rounded once
+//   class_embedding_add_f32 / _backward_f32 y[i, :] += table[label_i, :] (class conditioning) and its sum
 //   dropout_forward_f32 / _backward_f32     inverted dropout with a Philox mask (no mask is stored)
 //   normal_f32                              Philox standard normal draws
 // All are grid-stride loops with 64-bit indices: any grid gives the same result. Each moves 4-12 bytes
@@ -165,6 +166,38 @@ extern "C" __global__ void __launch_bounds__(256)
     const int64_t img = blockIdx.y;
     const float total = ddpm::column_sum_8warps(dy, img * hw, (img + 1) * hw, c, ch, ch < c, part);
     if (threadIdx.x < 32 && ch < c) dbias[img * c + ch] = total;
+}
+
+// The row of a label stored as a float, or -1 when it is not an integer in [0, classes).
+__device__ __forceinline__ int class_row(float label, int classes) {
+    if (!(label >= 0.0f && label < float(classes))) return -1;  // NaN included
+    const int k = int(label);
+    return float(k) == label ? k : -1;
+}
+
+// y[i, j] += table[labels[i], j] for n images; a label outside [0, classes) adds nothing (the host checks
+// them). One thread per element of y. Bytes: 12 per element.
+extern "C" __global__ void class_embedding_add_f32(const float* __restrict__ table, const float* __restrict__ labels,
+                                                   float* __restrict__ y, int n, int classes, int dim) {
+    const int64_t total = int64_t(n) * dim;
+    for (int64_t i = ddpm::global_thread(); i < total; i += ddpm::grid_threads()) {
+        const int k = class_row(labels[i / dim], classes);
+        if (k >= 0) y[i] += table[int64_t(k) * dim + i % dim];
+    }
+}
+
+// dtable[k, j] = sum over the images i with labels[i] = k of dy[i, j], in image order; rows no image has are
+// zero. One thread per column j: it zeroes its column, then walks the images in order (no atomics, the same
+// sums as the CPU's). Work: classes * dim writes and n * dim reads, a few microseconds for any batch.
+extern "C" __global__ void class_embedding_backward_f32(const float* __restrict__ labels, const float* __restrict__ dy,
+                                                        float* __restrict__ dtable, int n, int classes, int dim) {
+    for (int64_t j = ddpm::global_thread(); j < dim; j += ddpm::grid_threads()) {
+        for (int k = 0; k < classes; ++k) dtable[int64_t(k) * dim + j] = 0.0f;
+        for (int i = 0; i < n; ++i) {
+            const int k = class_row(labels[i], classes);
+            if (k >= 0) dtable[int64_t(k) * dim + j] += dy[int64_t(i) * dim + j];
+        }
+    }
 }
 
 // y[i, j] = sin(t_i f_j) and y[i, half + j] = cos(t_i f_j), f_j = exp(-ln(10000) j / (half - 1)), in fp64

@@ -4,6 +4,8 @@
 tests/fixtures/unet_small.safetensors: a small diffusers UNet2DModel of the paper's family with random
 weights, an input batch, timesteps, a target, the output, the MSE loss and every parameter gradient.
 
+tests/fixtures/unet_cond.safetensors: the same with a class embedding and class labels (see unet_cond).
+
 tests/fixtures/schedulers.safetensors: the schedule tables as diffusers computes them (float32), add_noise
 outputs, DDPMScheduler.step outputs for given model output, sample and noise (both variance types,
 clipping on and off, all 1000 steps and respaced to 10), and DDIM eta-0 samples of another small model
@@ -103,6 +105,54 @@ def unet_small():
     return model, root
 
 
+def unet_cond(root):
+    """tests/fixtures/unet_cond.safetensors: unet_small's configuration with a class embedding
+    (num_class_embeds 4: three classes and the null class, as this engine trains them), random weights,
+    a batch with class labels, the output, the loss and every parameter gradient."""
+    torch.manual_seed(20261203)
+    model = UNet2DModel(**CONFIG, num_class_embeds=4)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+            elif name.endswith("bias"):
+                p.copy_(0.1 * torch.randn_like(p))
+            elif name == "class_embedding.weight":
+                p.copy_(torch.randn_like(p))
+            else:
+                p.copy_(torch.randn_like(p) / math.sqrt(p[0].numel()))
+    model = model.to(torch.float32).to(torch.float64)
+    x = torch.randn(3, 3, 8, 8, dtype=torch.float32).to(torch.float64)
+    t = torch.tensor([3, 500, 777], dtype=torch.int64)
+    # Two images of class 2 (their embedding gradients add) and one of the null class; classes 0 and 1 get
+    # no gradient, and a second forward pass with them checks their rows.
+    labels = torch.tensor([2, 3, 2], dtype=torch.int64)
+    target = torch.randn(3, 3, 8, 8, dtype=torch.float32).to(torch.float64)
+    out = model(x, t, class_labels=labels).sample
+    loss = torch.mean((out - target) ** 2)
+    loss.backward()
+    other = torch.tensor([0, 1, 3], dtype=torch.int64)
+    with torch.no_grad():
+        out_other = model(x, t, class_labels=other).sample
+    tensors = {}
+    for name, p in model.named_parameters():
+        tensors[f"param.{name}"] = p.detach().to(torch.float32).contiguous()
+        tensors[f"grad.{name}"] = p.grad.detach().to(torch.float32).contiguous()
+    tensors["input"] = x.to(torch.float32)
+    tensors["timesteps"] = t.to(torch.float32)
+    tensors["labels"] = labels.to(torch.float32)
+    tensors["target"] = target.to(torch.float32)
+    tensors["output"] = out.detach().to(torch.float32)
+    tensors["loss"] = loss.detach().reshape(1).to(torch.float32)
+    tensors["other_labels"] = other.to(torch.float32)
+    tensors["other_output"] = out_other.to(torch.float32)
+    meta = {"config": json.dumps(model.config), "torch": torch.__version__, "diffusers": diffusers.__version__}
+    path = os.path.join(root, "unet_cond.safetensors")
+    save_file(tensors, path, metadata=meta)
+    n = sum(p.numel() for p in model.parameters())
+    print(f"wrote {path}: {n} parameters, {os.path.getsize(path)} bytes, loss {loss.item():.6f}")
+
+
 def schedulers(root):
     torch.manual_seed(7)
     out = {}
@@ -182,5 +232,13 @@ def schedulers(root):
 
 
 if __name__ == "__main__":
-    _, root = unet_small()
-    schedulers(root)
+    import sys
+    # `make_fixtures.py unet_cond` writes that fixture alone (the others stay as committed).
+    only = sys.argv[1:]
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "fixtures")
+    if not only or "unet_small" in only:
+        _, root = unet_small()
+    if not only or "unet_cond" in only:
+        unet_cond(root)
+    if not only or "schedulers" in only:
+        schedulers(root)

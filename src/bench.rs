@@ -136,6 +136,7 @@ fn bench_options(batch: usize) -> TrainOptions {
         max_grad_norm: 1.0,
         ema_decay: 0.9999,
         flip: true,
+        cond_drop: 0.0,
         seed: 0,
     }
 }
@@ -357,6 +358,7 @@ fn sampling_step_ms<B: Backend>(
         per_image,
         clip: true,
         start: Start::Noise,
+        guidance: None,
     };
     let (x, eps, ts) = (net.input, net.output(), net.timesteps);
     let run_ms = time(be, 1, |be| {

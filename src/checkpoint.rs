@@ -41,6 +41,11 @@ pub struct TrainOptions {
     pub max_grad_norm: f32,
     pub ema_decay: f32,
     pub flip: bool,
+    /// A class-conditional model's label dropout: each image's label becomes the null class with this
+    /// probability (`uniform(seed, stream(CondDrop, 0), global image index) < p`), so the model also
+    /// learns the unconditional prediction classifier-free guidance needs.
+    #[serde(default)]
+    pub cond_drop: f32,
     pub seed: u64,
 }
 
@@ -55,6 +60,9 @@ impl TrainOptions {
         }
         if !(0.0..1.0).contains(&self.ema_decay) {
             return bad(format!("--ema-decay {} must be in [0, 1)", self.ema_decay));
+        }
+        if !(0.0..1.0).contains(&self.cond_drop) {
+            return bad(format!("--cond-drop {} must be in [0, 1)", self.cond_drop));
         }
         if !(self.max_grad_norm.is_finite() && self.max_grad_norm >= 0.0) {
             return bad(format!(

@@ -201,6 +201,14 @@ struct TrainArgs {
     /// No random horizontal flips.
     #[arg(long)]
     no_flip: bool,
+    /// Train a class-conditional model on the data's labels (CIFAR-10's, an image folder's class
+    /// subfolders, the synthetic set's 12 colour-shape classes), with a null class for guidance.
+    #[arg(long)]
+    conditional: bool,
+    /// Probability that an image's label is replaced by the null class (classifier-free guidance's
+    /// unconditional training) [default: 0.1 with --conditional].
+    #[arg(long)]
+    cond_drop: Option<f32>,
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Output directory (model in diffusers layout, training state, pictures).
@@ -216,7 +224,8 @@ struct TrainArgs {
     #[arg(long, default_value_t = 50)]
     max_bad_steps: u64,
     /// Continue the run saved in this directory (--steps is the new end). It keeps its saved options; --data,
-    /// --batch, --lr, --warmup, --ema-decay and --max-grad-norm given here replace them.
+    /// --batch, --lr, --warmup, --ema-decay, --max-grad-norm and --cond-drop given here replace
+    /// them.
     #[arg(long)]
     resume: Option<PathBuf>,
     #[arg(long, value_enum, default_value = "auto")]
@@ -257,6 +266,14 @@ struct SampleArgs {
     no_clip: bool,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// A class-conditional model's class: a name from its config, a number, or all (the classes in turn,
+    /// one grid row each) [default: all].
+    #[arg(long)]
+    class: Option<String>,
+    /// Classifier-free guidance's scale w: eps = eps_null + w (eps_class - eps_null). 1 is the class
+    /// alone (no unconditional pass), 0 the unconditional model, above 1 more of the class.
+    #[arg(long)]
+    guidance: Option<f32>,
     /// x_T from a float32 .npy of shape (N, C, H, W) instead of drawing it.
     #[arg(long)]
     init_noise: Option<PathBuf>,
@@ -531,6 +548,13 @@ impl Job for TrainArgs {
                         0.995
                     }),
                     flip: !self.no_flip,
+                    cond_drop: self.cond_drop.unwrap_or(
+                        if self.conditional || config.classes.is_some() {
+                            0.1
+                        } else {
+                            0.0
+                        },
+                    ),
                     seed: self.seed,
                 };
                 let data = self.data.clone().unwrap_or_else(|| "synthetic".into());
@@ -545,6 +569,7 @@ impl Job for TrainArgs {
             every: self.every.unwrap_or((self.steps / 2).max(1)),
             grid: self.grid,
             max_bad_steps: self.max_bad_steps,
+            conditional: self.conditional,
         };
         train::train(be, &run, opts, resume)?;
         Ok(())
@@ -581,6 +606,10 @@ impl TrainArgs {
             o.max_grad_norm = v;
             changed.push(format!("--max-grad-norm {v}"));
         }
+        if let Some(v) = self.cond_drop {
+            o.cond_drop = v;
+            changed.push(format!("--cond-drop {v}"));
+        }
         if !changed.is_empty() {
             eprintln!(
                 "resume: replacing saved options with {}",
@@ -598,7 +627,15 @@ impl Job for SampleArgs {
             Some(p) => Some(InitNoise::open(p, self.n, c, size)?),
             None => None,
         };
-        let n = init.as_ref().map_or(self.n.unwrap_or(16), |(_, n)| *n);
+        let cond = conditioning(&m.config, self.class.as_deref(), self.guidance)?;
+        // Every class in turn: by default as many of each as fill the grid's 64 places.
+        let default_n = match cond {
+            Some(c) if c.class.is_none() => c.real * (GRID_MAX / c.real).max(1),
+            _ => 16,
+        };
+        let n = init
+            .as_ref()
+            .map_or(self.n.unwrap_or(default_n), |(_, n)| *n);
         if n == 0 || self.batch == 0 {
             bail!("-n and --batch must be at least 1");
         }
@@ -628,13 +665,17 @@ impl Job for SampleArgs {
             weights: fingerprint(&m.weights),
             n,
             seed: self.seed,
-            sampler: format!("{steps} steps ({how}, clip {clip})"),
+            sampler: format!(
+                "{steps} steps ({how}, clip {clip}{})",
+                describe(cond.as_ref())
+            ),
             init_noise: self.init_noise.as_deref().map(absolute),
             out_npy: self.out_npy.as_deref().map(absolute),
             each: self.each.as_deref().map(absolute),
             image: [m.config.out_channels, size, size],
         };
-        let mut outputs = Outputs::open(job, &self.out, &m.config)?;
+        let class_rows = cond.filter(|c| c.class.is_none()).map(|c| c.real);
+        let mut outputs = Outputs::open(job, &self.out, &m.config, class_rows)?;
         outputs.check_disk(self.out_npy.as_deref())?;
         let from = outputs.done();
         if from == n {
@@ -644,7 +685,13 @@ impl Job for SampleArgs {
             );
             return Ok(outputs.finish()?);
         }
-        let batch = self.batch.min(n - from);
+        // A guided batch runs each image twice: with its class and with the null class.
+        let twice = if cond.is_some_and(|c| c.guidance.is_some()) {
+            2
+        } else {
+            1
+        };
+        let batch = self.batch.min(n - from) * twice;
         let layout = Layout::of(be);
         crate::backend::check_fits(be, "sampling", batch, |b| {
             UNet::arena_len(&m.config, b, false, layout).map(|(len, _)| len)
@@ -657,7 +704,10 @@ impl Job for SampleArgs {
                 outputs.record_path().display()
             );
         }
-        eprintln!("sampling {n} images, {steps} steps ({how}, clip {clip})");
+        eprintln!(
+            "sampling {n} images, {steps} steps ({how}, clip {clip}{})",
+            describe(cond.as_ref())
+        );
         let mut read = |first: usize, count: usize| match init.as_mut() {
             Some((noise, _)) => noise.batch(first, count),
             None => Ok(Vec::new()),
@@ -667,7 +717,16 @@ impl Job for SampleArgs {
             if given { Some(&mut read) } else { None };
         let mut sink = |first: usize, images: &[f32]| outputs.add(first, images);
         let done = sample::many(
-            be, &mut net, &rows, n, from, self.seed, clip, init_fn, &mut sink,
+            be,
+            &mut net,
+            &rows,
+            n,
+            from,
+            self.seed,
+            clip,
+            cond.as_ref(),
+            init_fn,
+            &mut sink,
         )?;
         if done < n {
             let record = outputs.record_path().display().to_string();
@@ -680,12 +739,9 @@ impl Job for SampleArgs {
             );
             return Err(crate::Error::Interrupted(msg).into());
         }
+        let shown = outputs.grid_len();
         outputs.finish()?;
-        eprintln!(
-            "wrote {} (a grid of the first {})",
-            self.out.display(),
-            n.min(GRID_MAX)
-        );
+        eprintln!("wrote {} (a grid of the first {shown})", self.out.display());
         if let Some(p) = &self.out_npy {
             eprintln!(
                 "wrote {} (float32, shape ({n}, {c}, {size}, {size}))",
@@ -696,6 +752,58 @@ impl Job for SampleArgs {
             eprintln!("wrote {n} images into {}", d.display());
         }
         Ok(())
+    }
+}
+
+/// The classes a sampling run asks of its model (`--class`, `--guidance`), checked against its config.
+fn conditioning(
+    config: &UNetConfig,
+    class: Option<&str>,
+    guidance: Option<f32>,
+) -> Result<Option<sample::Conditioning>> {
+    let Some(c) = &config.classes else {
+        if class.is_some() || guidance.is_some() {
+            bail!("--class and --guidance are for class-conditional models; this model has no classes (its config has no num_class_embeds)");
+        }
+        return Ok(None);
+    };
+    let class = match class.unwrap_or("all") {
+        "all" => None,
+        name => Some(c.label(name)?),
+    };
+    let w = guidance.unwrap_or(1.0);
+    if !w.is_finite() {
+        bail!("--guidance {w} must be a finite number");
+    }
+    let guidance = if w == 1.0 {
+        None
+    } else {
+        match c.null() {
+            Some(null) => Some((w, null)),
+            None => bail!(
+                "--guidance {w} needs the model's unconditional prediction, and this model has no null class (num_class_embeds {} = _num_real_classes): only --guidance 1 works",
+                c.embeds
+            ),
+        }
+    };
+    Ok(Some(sample::Conditioning {
+        class,
+        real: c.real,
+        guidance,
+    }))
+}
+
+/// How a run's conditioning prints: `, class cat, guidance 3`.
+fn describe(cond: Option<&sample::Conditioning>) -> String {
+    match cond {
+        None => String::new(),
+        Some(c) => {
+            let class = c
+                .class
+                .map_or("every class in turn".to_string(), |k| format!("class {k}"));
+            let w = c.guidance.map_or(1.0, |(w, _)| w);
+            format!(", {class}, guidance {w}")
+        }
     }
 }
 
@@ -843,6 +951,7 @@ fn fresh_state(weights: Vec<f32>) -> checkpoint::TrainState {
             max_grad_norm: 1.0,
             ema_decay: 0.9999,
             flip: true,
+            cond_drop: 0.0,
             seed: 0,
         },
         data: "synthetic".into(),
@@ -881,4 +990,55 @@ fn diffuse(path: &Path, ts: &[usize], size: usize, seed: u64, out: &Path) -> Res
     image::grid(&strip, ts.len(), size, 3, ts.len()).save_png(out)?;
     eprintln!("wrote {} (t = {ts:?})", out.display());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Classes;
+
+    fn with(classes: Option<Classes>) -> UNetConfig {
+        UNetConfig {
+            classes,
+            ..UNetConfig::preset("tiny").unwrap()
+        }
+    }
+
+    /// `--class` and `--guidance` as `sample` reads them, for a model with a null class, one without
+    /// (a diffusers config with `num_class_embeds` and no `_num_real_classes`: every row a real class),
+    /// and an unconditional one.
+    #[test]
+    fn class_and_guidance_flags() {
+        let names = vec!["cat".to_string(), "dog".to_string()];
+        let nulled = with(Some(Classes::with_null(2, Some(names.clone()))));
+        let c = conditioning(&nulled, Some("dog"), Some(4.0))
+            .unwrap()
+            .unwrap();
+        assert_eq!((c.class, c.real, c.guidance), (Some(1), 2, Some((4.0, 2))));
+        let c = conditioning(&nulled, None, None).unwrap().unwrap();
+        assert_eq!(
+            (c.class, c.guidance),
+            (None, None),
+            "all classes, w = 1: no null pass"
+        );
+        assert!(
+            conditioning(&nulled, Some("2"), None).is_err(),
+            "the null class is no --class"
+        );
+        let full = with(Some(Classes {
+            embeds: 2,
+            real: 2,
+            names,
+        }));
+        assert!(conditioning(&full, Some("cat"), None).unwrap().is_some());
+        let e = conditioning(&full, Some("cat"), Some(2.0))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no null class"), "{e}");
+        let e = conditioning(&with(None), None, Some(2.0))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no classes"), "{e}");
+        assert_eq!(conditioning(&with(None), None, None).unwrap(), None);
+    }
 }

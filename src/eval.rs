@@ -233,6 +233,7 @@ impl Evaluator {
 /// The bound of the first `limit` images of `data` (all when `None`) under the U-Net in `net` (its
 /// weights loaded), in batches of `net.batch`, with a progress bar. Returns one bound per image (after a
 /// stop request, those of the batches that finished).
+/// A class-conditional model is evaluated for each image's label in the data.
 pub fn evaluate<B: Backend>(
     be: &mut B,
     net: &mut UNet,
@@ -245,6 +246,27 @@ pub fn evaluate<B: Backend>(
         return Err(Error::Invalid("no images to evaluate".into()));
     }
     let dims = net.input.len / net.batch;
+    // A class-conditional model is evaluated for the data's own labels: the bound of p(x | class).
+    let labels = match &net.config.classes {
+        None => None,
+        Some(c) => match &data.labels {
+            Some(l) if data.classes() == c.real => Some(l),
+            Some(_) => {
+                return Err(Error::Invalid(format!(
+                    "the model has {} classes and the data ({}) has {}",
+                    c.real,
+                    data.description,
+                    data.classes()
+                )))
+            }
+            None => {
+                return Err(Error::Invalid(format!(
+                    "the model is class-conditional and the data ({}) has no labels",
+                    data.description
+                )))
+            }
+        },
+    };
     let batches = count.div_ceil(net.batch);
     let mut bar = Progress::new("eval", "steps", (batches * ev.timesteps()) as u64);
     let mut done = 0u64;
@@ -255,6 +277,11 @@ pub fn evaluate<B: Backend>(
         let x0: Vec<f32> = (first..first + take)
             .flat_map(|i| data.image(i).to_vec())
             .collect();
+        if let Some(l) = labels {
+            let mut batch: Vec<usize> = (first..first + take).map(|i| l[i] as usize).collect();
+            batch.resize(net.batch, 0);
+            net.set_labels(be, &batch)?;
+        }
         let (input, timesteps, output, batch) = (net.input, net.timesteps, net.output(), net.batch);
         let bounds = match ev.batch(
             &x0,

@@ -98,6 +98,38 @@ pub fn save_grid(
     upscale(&g, (128 / size).max(1)).save_png(path)
 }
 
+/// A grid of a class-conditional model's images with one row per class: image `i` has class
+/// `i % classes` (sampling every class in turn), so it goes to row
+/// `i % classes`, column `i / classes`. Scaled up as [`save_grid`].
+pub fn save_class_grid(
+    images: &[f32],
+    n: usize,
+    classes: usize,
+    config: &crate::model::UNetConfig,
+    path: &Path,
+) -> Result<()> {
+    let (size, channels) = (config.sample_size, config.out_channels);
+    let per = size * size * channels;
+    let rows = classes.clamp(1, n.max(1));
+    let cols = n.div_ceil(rows);
+    let gap = 2;
+    let mut c = Canvas::new(
+        cols * (size + gap) + gap,
+        rows * (size + gap) + gap,
+        [255, 255, 255],
+    );
+    for i in 0..n {
+        c.paste(
+            gap + (i / rows) * (size + gap),
+            gap + (i % rows) * (size + gap),
+            &images[i * per..(i + 1) * per],
+            size,
+            channels,
+        );
+    }
+    upscale(&c, (128 / size).max(1)).save_png(path)
+}
+
 /// Scales a canvas up by an integer factor (nearest), so 16x16 samples are visible.
 pub fn upscale(c: &Canvas, factor: usize) -> Canvas {
     let mut out = Canvas::new(c.width * factor, c.height * factor, [0, 0, 0]);

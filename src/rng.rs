@@ -32,6 +32,9 @@ pub enum Purpose {
     Diffuse = 8,
     /// The x_t draws of the variational bound (`ddpm-cuda eval`); index = timestep.
     Eval = 9,
+    /// Label dropout of class-conditional training (`--cond-drop`); index 0, element = global image
+    /// index (step * batch + image).
+    CondDrop = 10,
 }
 
 /// A stream id: `purpose` in the top byte, `index` in the low 56 bits.

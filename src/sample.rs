@@ -2,7 +2,7 @@
 //! them over a backend. One table format serves the 1000-step ancestral sampler, a respaced one and DDIM,
 //! so the device runs every sampler with one fused kernel.
 
-use crate::backend::{Backend, SamplerRow, Sequence, Tensor};
+use crate::backend::{Backend, ReverseStep, SamplerRow, Sequence, Tensor};
 use crate::error::{Error, Result};
 use crate::model::UNet;
 use crate::progress::Progress;
@@ -170,6 +170,42 @@ pub struct Draw {
     pub per_image: usize,
     pub clip: bool,
     pub start: Start,
+    /// Classifier-free guidance's scale: the batch is doubled (see [`ReverseStep`]); `x` and the eps
+    /// tensor hold each image twice, and only the first half is drawn or given.
+    pub guidance: Option<f32>,
+}
+
+/// How a class-conditional model is asked for classes in a sampling run.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Conditioning {
+    /// Every image of this class, or (`None`) the real classes in turn: image `i` has class `i % real`.
+    pub class: Option<usize>,
+    /// The model's real classes.
+    pub real: usize,
+    /// Classifier-free guidance: the scale `w` and the null class's label. `None` asks for the class
+    /// alone (`w = 1`, no unconditional pass).
+    pub guidance: Option<(f32, usize)>,
+}
+
+impl Conditioning {
+    /// The class of image `i`.
+    pub fn label(&self, i: usize) -> usize {
+        self.class.unwrap_or(i % self.real.max(1))
+    }
+
+    /// The labels of a batch of `count` images from image `first`, for a net of `batch` images: the
+    /// classes, then (guided) the null class for the second half.
+    pub fn batch_labels(&self, first: usize, batch: usize) -> Vec<usize> {
+        match self.guidance {
+            None => (0..batch).map(|j| self.label(first + j)).collect(),
+            Some((_, null)) => {
+                let half = batch / 2;
+                let mut l: Vec<usize> = (0..half).map(|j| self.label(first + j)).collect();
+                l.resize(batch, null);
+                l
+            }
+        }
+    }
 }
 
 /// Runs a sampler table over a backend: `x` gets `x_T ~ N(0, I)` (unless `draw.start` says it is in
@@ -215,19 +251,29 @@ fn drive<B: Backend>(
     mut progress: impl FnMut(usize, usize),
 ) -> Result<()> {
     let first = draw.first_image * draw.per_image as u64;
+    let rs = ReverseStep {
+        first_element: first,
+        clip: draw.clip,
+        seed: draw.seed,
+        stream_base: rng::stream(rng::Purpose::SamplerNoise, 0),
+        guidance: draw.guidance,
+    };
+    let half = rs.images_len(x.len)?;
     if draw.start == Start::Noise {
         be.normal(
-            x,
+            x.slice(0, half),
             first,
             draw.seed,
             rng::stream(rng::Purpose::SamplerStart, 0),
         )?;
     }
+    if half < x.len {
+        be.copy(x.slice(0, half), x.slice(half, half))?;
+    }
     be.sampler_load(rows)?;
-    let base = rng::stream(rng::Purpose::SamplerNoise, 0);
     let mut step = |be: &mut B| -> Result<()> {
         denoise(be)?;
-        be.sampler_step(x, eps, x, first, draw.clip, draw.seed, base)?;
+        be.sampler_step(x, eps, x, rs)?;
         be.sampler_advance()
     };
     let recorded = record && be.capture_begin(Sequence::Sampling)?;
@@ -263,8 +309,8 @@ fn drive<B: Backend>(
     Ok(())
 }
 
-/// Samples one batch with a U-Net: `net.batch` images (numbers `draw.first_image ..` of the seed), with a
-/// progress bar over the steps. Returns them NHWC.
+/// Samples one batch with a U-Net: `net.batch` images (numbers `draw.first_image ..` of the seed; half as
+/// many, each twice, when guided), with a progress bar over the steps. Returns them NHWC.
 pub fn images<B: Backend>(
     be: &mut B,
     net: &mut UNet,
@@ -286,14 +332,20 @@ pub fn images<B: Backend>(
         },
         |done, _| bar.update(done as u64, 1.0, ""),
     )?;
-    be.download(x)
+    let mut out = be.download(x)?;
+    if draw.guidance.is_some() {
+        out.truncate(x.len / 2);
+    }
+    Ok(out)
 }
 
-/// Samples images `from .. n` in batches of `net.batch` (the last may be partial), handing each finished
-/// batch to `sink` (the number of its first image, its images NHWC) before the next starts, so memory
-/// holds one batch. `init` gives x_T of images (first, count), NHWC, in place of the drawn one. Image `i`
-/// is the same whatever the batch size, and whichever run samples it. Returns how many images are
-/// complete: `n`, or fewer after a stop request (SIGINT, SIGTERM), the finished batches' end.
+/// Samples images `from .. n` in batches of `net.batch` (the last may be partial; half as many when
+/// `cond` guides, each image run with its class and with the null class), handing each finished batch to
+/// `sink` (the number of its first image, its images NHWC) before the next starts, so memory holds one
+/// batch. `init` gives x_T of images (first, count), NHWC, in place of the drawn one. Image `i` is the
+/// same whatever the batch size, and whichever run samples it. Returns how many images are complete:
+/// `n`, or fewer after a stop request (SIGINT, SIGTERM), the finished batches' end.
+#[allow(clippy::too_many_arguments)]
 pub fn many<B: Backend>(
     be: &mut B,
     net: &mut UNet,
@@ -302,14 +354,35 @@ pub fn many<B: Backend>(
     from: usize,
     seed: u64,
     clip: bool,
+    cond: Option<&Conditioning>,
     mut init: Option<&mut dyn FnMut(usize, usize) -> Result<Vec<f32>>>,
     sink: &mut dyn FnMut(usize, &[f32]) -> Result<()>,
 ) -> Result<usize> {
     let per_image = net.input.len / net.batch;
-    let batches = n.saturating_sub(from).div_ceil(net.batch);
+    let guidance = cond.and_then(|c| c.guidance).map(|(w, _)| w);
+    let per_batch = match guidance {
+        Some(_) if net.batch % 2 == 0 => net.batch / 2,
+        Some(_) => {
+            return Err(Error::Invalid(format!(
+                "a guided run needs a net of an even batch (each image twice), not {}",
+                net.batch
+            )))
+        }
+        None => net.batch,
+    };
+    if cond.is_some() != net.labels.is_some() {
+        return Err(Error::Invalid(match cond {
+            Some(_) => "classes asked of a model without classes".into(),
+            None => "a class-conditional model needs its classes (--class)".into(),
+        }));
+    }
+    let batches = n.saturating_sub(from).div_ceil(per_batch);
     for b in 0..batches {
-        let first = from + b * net.batch;
-        let take = (n - first).min(net.batch);
+        let first = from + b * per_batch;
+        let take = (n - first).min(per_batch);
+        if let Some(c) = cond {
+            net.set_labels(be, &c.batch_labels(first, net.batch))?;
+        }
         let start = match init.as_mut() {
             Some(read) => {
                 let mut batch = read(first, take)?;
@@ -328,6 +401,7 @@ pub fn many<B: Backend>(
             per_image,
             clip,
             start,
+            guidance,
         };
         let label = format!("batch {}/{batches}", b + 1);
         match images(be, net, rows, draw, &label) {
@@ -340,8 +414,10 @@ pub fn many<B: Backend>(
     Ok(n.max(from))
 }
 
-/// [`many`] for images `0 .. n` collected in memory (NHWC, back to back), `init` the x_T of all of them
-/// (NHWC) where given: for tests and small runs. After a stop request, the finished batches' images.
+/// [`many`] for images `0 .. n` collected in memory (NHWC, back to back), of the classes `cond` asks
+/// for where the model is class-conditional, `init` the x_T of all of them (NHWC) where given: for tests
+/// and small runs. After a stop request, the finished batches' images.
+#[allow(clippy::too_many_arguments)]
 pub fn collect<B: Backend>(
     be: &mut B,
     net: &mut UNet,
@@ -349,6 +425,7 @@ pub fn collect<B: Backend>(
     n: usize,
     seed: u64,
     clip: bool,
+    cond: Option<&Conditioning>,
     init: Option<&[f32]>,
 ) -> Result<Vec<f32>> {
     let per_image = net.input.len / net.batch;
@@ -366,10 +443,21 @@ pub fn collect<B: Backend>(
         None => None,
     };
     let mut all = Vec::new();
-    many(be, net, rows, n, 0, seed, clip, read, &mut |_, imgs| {
-        all.extend_from_slice(imgs);
-        Ok(())
-    })?;
+    many(
+        be,
+        net,
+        rows,
+        n,
+        0,
+        seed,
+        clip,
+        cond,
+        read,
+        &mut |_, imgs| {
+            all.extend_from_slice(imgs);
+            Ok(())
+        },
+    )?;
     Ok(all)
 }
 

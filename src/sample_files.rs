@@ -137,14 +137,22 @@ pub struct Outputs {
     grid: Vec<f32>,
     grid_npy: Option<npy::Growing>,
     grid_written: bool,
+    /// One grid row per class, image `i` in row `i % k`.
+    class_rows: Option<usize>,
     done: usize,
 }
 
 impl Outputs {
     /// The outputs of `job`, its grid at `grid_path`: continuing the run recorded beside the grid when
     /// it is the same job (what it wrote is checked), starting fresh when none is recorded; an error,
-    /// naming the record and the options that differ, when another job is.
-    pub fn open(job: SampleJob, grid_path: &Path, config: &UNetConfig) -> Result<Self> {
+    /// naming the record and the options that differ, when another job is. With `class_rows: Some(k)`
+    /// the grid has one row per class: image `i` has class `i % k`.
+    pub fn open(
+        job: SampleJob,
+        grid_path: &Path,
+        config: &UNetConfig,
+        class_rows: Option<usize>,
+    ) -> Result<Self> {
         let record_path = beside(grid_path, ".partial.json");
         let grid_npy_path = beside(grid_path, ".partial.npy");
         let mut out = Self {
@@ -156,6 +164,7 @@ impl Outputs {
             grid: Vec::new(),
             grid_npy: None,
             grid_written: false,
+            class_rows,
             done: 0,
             job,
         };
@@ -218,9 +227,14 @@ impl Outputs {
         self.job.image.to_vec()
     }
 
-    /// Images the grid shows.
-    fn grid_len(&self) -> usize {
-        self.job.n.min(GRID_MAX)
+    /// Images the grid shows: the first [`GRID_MAX`], or by class as many whole columns (one image of
+    /// each class) as fit in that.
+    pub fn grid_len(&self) -> usize {
+        let most = match self.class_rows {
+            Some(k) if (1..=GRID_MAX).contains(&k) => GRID_MAX / k * k,
+            _ => GRID_MAX,
+        };
+        self.job.n.min(most)
     }
 
     /// Images already written (a continued run starts after them).
@@ -300,7 +314,7 @@ impl Outputs {
         }
         self.done += count;
         if !self.grid_written && self.grid.len() == want * per {
-            image::save_grid(&self.grid, want, &self.config, &self.grid_path)?;
+            self.save_grid(want)?;
             self.grid_written = true;
             self.grid = Vec::new();
         }
@@ -316,6 +330,16 @@ impl Outputs {
             remove_if_there(&self.grid_npy_path)?;
         }
         Ok(())
+    }
+
+    /// The grid of the first `k` images: one row per class where the images cycle through the classes.
+    fn save_grid(&self, k: usize) -> Result<()> {
+        match self.class_rows {
+            Some(classes) => {
+                image::save_class_grid(&self.grid, k, classes, &self.config, &self.grid_path)
+            }
+            None => image::save_grid(&self.grid, k, &self.config, &self.grid_path),
+        }
     }
 
     /// Ends a run that wrote every image: the record goes.
@@ -335,7 +359,7 @@ impl Outputs {
     pub fn stop(self) -> Result<bool> {
         if !self.grid_written && self.done > 0 {
             let k = self.grid.len() / self.per();
-            image::save_grid(&self.grid, k, &self.config, &self.grid_path)?;
+            self.save_grid(k)?;
         }
         Ok(self.done > 0)
     }

@@ -14,7 +14,7 @@ use crate::data::Dataset;
 use crate::error::{Error, Result};
 use crate::files;
 use crate::image;
-use crate::model::{UNet, UNetConfig};
+use crate::model::{Classes, UNet, UNetConfig};
 use crate::progress::Progress;
 use crate::rng::Purpose;
 use crate::sample::{self, Draw};
@@ -268,6 +268,60 @@ pub struct Run {
     pub grid: usize,
     /// Stop after this many consecutive steps with a non-finite loss or gradient (each one skipped).
     pub max_bad_steps: u64,
+    /// Train a class-conditional model on the data's labels (`--conditional`), with one embedding row
+    /// per class and one for the null class. A config that already has classes is conditional anyway.
+    pub conditional: bool,
+}
+
+/// The config a run trains: `run.config`, given the data's classes where the run is conditional, checked
+/// against them where the config has classes already.
+fn conditioned(run: &Run, data: &Dataset, opts: &TrainOptions) -> Result<UNetConfig> {
+    let mut config = run.config.clone();
+    let have = data.classes();
+    match &config.classes {
+        Some(c) => {
+            if have == 0 {
+                return Err(Error::Invalid(format!(
+                    "the model is class-conditional ({} classes) but --data {} has no labels",
+                    c.real, run.data
+                )));
+            }
+            if have != c.real {
+                return Err(Error::Invalid(format!(
+                    "the model has {} classes but --data {} has {have}",
+                    c.real, run.data
+                )));
+            }
+            if c.null().is_none() && opts.cond_drop > 0.0 {
+                return Err(Error::Invalid(
+                    "--cond-drop needs a null class, and this model's config has none (its num_class_embeds equals _num_real_classes)".into(),
+                ));
+            }
+        }
+        None if run.conditional => {
+            if have == 0 {
+                return Err(Error::Invalid(format!(
+                    "--conditional needs labelled data; --data {} has none (CIFAR-10 binaries, an image folder of class subfolders, or synthetic have)",
+                    run.data
+                )));
+            }
+            config.classes = Some(Classes::with_null(have, Some(data.class_names.clone())));
+            config.validate()?;
+        }
+        None if opts.cond_drop > 0.0 => {
+            return Err(Error::Invalid(
+                "--cond-drop is for class-conditional training: add --conditional".into(),
+            ));
+        }
+        None => {}
+    }
+    Ok(config)
+}
+
+/// The labels of a sample grid of `n` images of a conditional model: the real classes in turn.
+pub fn grid_labels(config: &UNetConfig, n: usize) -> Option<Vec<usize>> {
+    let c = config.classes.as_ref()?;
+    Some((0..n).map(|i| i % c.real).collect())
 }
 
 /// Trains from scratch, or from `resume`, until `run.steps`: progress bar, `loss.csv`, a sample grid from
@@ -289,14 +343,35 @@ pub fn train<B: Backend>(
     let scheduler = SchedulerConfig::default();
     let timesteps = scheduler.num_train_timesteps;
     let layout = Layout::of(be);
-    crate::backend::check_fits(be, "training", opts.batch, |b| {
-        arena_len(&run.config, b, run.grid, timesteps, layout)
-    })?;
+    let fits = |be: &mut B, config: &UNetConfig| {
+        crate::backend::check_fits(be, "training", opts.batch, |b| {
+            arena_len(config, b, run.grid, timesteps, layout)
+        })
+    };
+    // Before the data is read: a run that cannot fit is refused first.
+    fits(be, &run.config)?;
     let data = Dataset::open(&run.data, run.config.sample_size, opts.seed)?;
     eprintln!("data: {}", data.description);
-    let mut tr = Trainer::new(be, &run.config, scheduler.schedule(), opts.clone())?;
+    let config = conditioned(run, &data, &opts)?;
+    if config != run.config {
+        // The class embedding the data's labels add.
+        fits(be, &config)?;
+    }
+    let mut tr = Trainer::new(be, &config, scheduler.schedule(), opts.clone())?;
     // The sampler for the grids, placed now: everything is reserved before the first step.
-    let mut grid_net = UNet::new_inference(be, &run.config, run.grid)?;
+    let mut grid_net = UNet::new_inference(be, &config, run.grid)?;
+    if let Some(labels) = grid_labels(&config, run.grid) {
+        grid_net.set_labels(be, &labels)?;
+    }
+    let null = config.classes.as_ref().and_then(|c| c.null()).unwrap_or(0);
+    if let Some(c) = &config.classes {
+        eprintln!(
+            "classes: {} ({}), label dropout {}",
+            c.real,
+            c.names.join(", "),
+            opts.cond_drop
+        );
+    }
     match &resume {
         Some(s) => {
             tr.restore(be, s)?;
@@ -321,6 +396,12 @@ pub fn train<B: Backend>(
     let mut bar = Progress::new("train", "img", run.steps.saturating_sub(start));
     while tr.step < run.steps {
         let images = data.batch(opts.seed, tr.step, opts.batch, opts.flip);
+        if config.classes.is_some() {
+            let labels = data
+                .batch_labels(opts.seed, tr.step, opts.batch, opts.cond_drop, null)
+                .expect("conditioned() checked the data has labels");
+            tr.net.set_labels(be, &labels)?;
+        }
         tr.step(be, &images)?;
         let stop = crate::interrupt::requested();
         let checkpoint = stop || tr.step % run.every == 0 || tr.step == run.steps;
@@ -353,9 +434,13 @@ pub fn train<B: Backend>(
                 per_image: grid_net.input.len / grid_net.batch,
                 clip: scheduler.clip_sample,
                 start: sample::Start::Noise,
+                guidance: None,
             };
             match sample::images(be, &mut grid_net, &rows, draw, "sample") {
-                Ok(images) => image::save_grid(&images, run.grid, &run.config, &path)?,
+                Ok(images) => match &config.classes {
+                    Some(c) => image::save_class_grid(&images, run.grid, c.real, &config, &path)?,
+                    None => image::save_grid(&images, run.grid, &config, &path)?,
+                },
                 // A stop during the grid: the checkpoint is written; the next step's check stops.
                 Err(Error::Interrupted(_)) => continue,
                 Err(e) => return Err(e),

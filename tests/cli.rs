@@ -425,7 +425,7 @@ fn bad_input_is_a_clear_error_and_destroys_nothing() {
     let before = std::fs::read(good.join(checkpoint::STATE)).unwrap();
     for (data, needle) in [
         ("short.bin", "3073"),
-        ("empty", "no CIFAR-10 .bin files and no .png/.jpg images"),
+        ("empty", "no CIFAR-10 .bin files, no .png/.jpg images"),
         ("fake", "a.png: not a readable PNG/JPEG image"),
         ("nowhere", "no such file or directory"),
     ] {
@@ -660,5 +660,132 @@ fn sampling_at_scale_is_checked_before_it_starts_and_streams() {
     assert_eq!(shape, vec![70, 3, 8, 8]);
     assert!(dir.join("g/00069.png").is_file());
     assert!(!dir.join("g.png.partial.json").exists());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A class-conditional run end to end: `train --conditional` saves the classes (a null one besides),
+/// `sample --class` takes a name, a number or `all` (a row per class) with or without guidance, `eval`
+/// takes the model with the data's labels, and every misuse of the flags is a clear error.
+#[test]
+fn class_conditional_train_sample_and_eval() {
+    let dir = scratch("conditional");
+    train(&dir, "cond", 3, &["--conditional"]);
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("cond/config.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        config["num_class_embeds"], 13,
+        "12 classes and the null class"
+    );
+    assert_eq!(config["_num_real_classes"], 12);
+    assert_eq!(config["_class_names"][3], "green-square");
+    // The training grid of 4 has a row per class: 4 rows of one 8x8 sample, scaled 16x.
+    assert_eq!(
+        png_size(&dir.join("cond/samples_0000003.png")),
+        (16 * 12, 16 * 42)
+    );
+    let sample = |extra: &[&'static str]| {
+        let mut args = vec![
+            "sample",
+            "--model",
+            "cond",
+            "--sampler",
+            "ddim",
+            "--steps",
+            "3",
+            "--device",
+            "cpu",
+        ];
+        args.extend_from_slice(extra);
+        args
+    };
+    // Every class in turn, guided: 24 images in 12 rows of 2.
+    let out = ok(
+        &dir,
+        &sample(&["--guidance", "3", "-n", "24", "--out", "all.png"]),
+    );
+    assert!(out.contains("guidance 3"), "{out}");
+    assert_eq!(png_size(&dir.join("all.png")), (16 * 22, 16 * 122));
+    // One class by name and by number: the same images, other than the null class's.
+    let npy = |name: &str| ddpm_cuda::npy::read(&dir.join(name)).unwrap().1;
+    ok(
+        &dir,
+        &sample(&["--class", "blue-disk", "-n", "3", "--out-npy", "a.npy"]),
+    );
+    ok(
+        &dir,
+        &sample(&["--class", "4", "-n", "3", "--out-npy", "b.npy"]),
+    );
+    ok(
+        &dir,
+        &sample(&[
+            "--class",
+            "4",
+            "-n",
+            "3",
+            "--guidance",
+            "0",
+            "--out-npy",
+            "c.npy",
+        ]),
+    );
+    assert_eq!(npy("a.npy"), npy("b.npy"));
+    assert_ne!(npy("a.npy"), npy("c.npy"));
+    let e = fails(&dir, &sample(&["--class", "purple-disk", "-n", "1"]));
+    assert!(e.contains("purple-disk") && e.contains("red-disk"), "{e}");
+    let e = fails(&dir, &sample(&["--class", "12", "-n", "1"]));
+    assert!(e.contains("below 12"), "{e}");
+    let e = fails(&dir, &sample(&["--guidance", "inf", "-n", "1"]));
+    assert!(e.contains("--guidance"), "{e}");
+    let out = ok(
+        &dir,
+        &[
+            "eval",
+            "--model",
+            "cond",
+            "--data",
+            "synthetic",
+            "--limit",
+            "2",
+            "--device",
+            "cpu",
+        ],
+    );
+    assert!(out.contains("bits/dim"), "{out}");
+
+    // An unconditional model refuses the flags; so does training without labels or --conditional.
+    train(&dir, "plain", 1, &[]);
+    for flags in [["--class", "3"], ["--guidance", "2"]] {
+        let args = ["sample", "--model", "plain", "-n", "1", "--device", "cpu"];
+        let e = fails(&dir, &[&args[..], &flags[..]].concat());
+        assert!(e.contains("no classes"), "{e}");
+    }
+    let micro = [
+        "train",
+        "--config",
+        "micro.json",
+        "--steps",
+        "1",
+        "--device",
+        "cpu",
+    ];
+    let e = fails(
+        &dir,
+        &[&micro[..], &["--cond-drop", "0.1", "--out", "x"]].concat(),
+    );
+    assert!(e.contains("--conditional"), "{e}");
+    std::fs::create_dir_all(dir.join("pics")).unwrap();
+    ddpm_cuda::image::Canvas::new(8, 8, [9, 9, 9])
+        .save_png(&dir.join("pics/a.png"))
+        .unwrap();
+    let e = fails(
+        &dir,
+        &[
+            &micro[..],
+            &["--conditional", "--data", "pics", "--out", "y"],
+        ]
+        .concat(),
+    );
+    assert!(e.contains("labelled") && e.contains("pics"), "{e}");
     std::fs::remove_dir_all(&dir).unwrap();
 }

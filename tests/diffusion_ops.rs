@@ -2,7 +2,7 @@
 //! make (same seed, stream and element numbering), and independent of how a batch is split.
 
 use ddpm_cuda::backend::cpu::CpuBackend;
-use ddpm_cuda::backend::{AdamHyper, Backend, SamplerRow, Stream};
+use ddpm_cuda::backend::{AdamHyper, Backend, ReverseStep, SamplerRow, Stream};
 use ddpm_cuda::rng;
 use ddpm_cuda::schedule::Schedule;
 
@@ -95,7 +95,14 @@ fn sampler_step_applies_its_row_and_walks_the_table_down() {
     be.sampler_timesteps(ts).unwrap();
     assert_eq!(be.download(ts).unwrap(), vec![7.0, 7.0]);
     let (seed, base) = (5, rng::stream(rng::Purpose::SamplerNoise, 0));
-    be.sampler_step(x, e, x, 10, true, seed, base).unwrap();
+    let rs = |first_element, clip| ReverseStep {
+        first_element,
+        clip,
+        seed,
+        stream_base: base,
+        guidance: None,
+    };
+    be.sampler_step(x, e, x, rs(10, true)).unwrap();
     let got = be.download(x).unwrap();
     for i in 0..5 {
         let x0 = (2.0 * xv[i] - 0.5 * ev[i]).clamp(-1.0, 1.0);
@@ -107,7 +114,7 @@ fn sampler_step_applies_its_row_and_walks_the_table_down() {
     assert_eq!(be.sampler_position().unwrap(), Some(0));
     // Last row: sigma = 0, no noise; clipping off.
     be.upload(x, &xv).unwrap();
-    be.sampler_step(x, e, x, 0, false, seed, base).unwrap();
+    be.sampler_step(x, e, x, rs(0, false)).unwrap();
     let got = be.download(x).unwrap();
     for i in 0..5 {
         let want = 0.25 * (2.0 * xv[i] - 0.5 * ev[i]) + 0.5 * xv[i] + 0.125 * ev[i];
@@ -115,7 +122,7 @@ fn sampler_step_applies_its_row_and_walks_the_table_down() {
     }
     be.sampler_advance().unwrap();
     assert_eq!(be.sampler_position().unwrap(), None);
-    assert!(be.sampler_step(x, e, x, 0, false, seed, base).is_err());
+    assert!(be.sampler_step(x, e, x, rs(0, false)).is_err());
 }
 
 fn hyper(lr: f32, warmup: u64, max_grad_norm: f32) -> AdamHyper {

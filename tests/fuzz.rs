@@ -5,6 +5,8 @@
 //! from Philox with fixed seeds, so a failure is reproducible from the case number it prints; the count
 //! bounds the time (a few seconds in all). Then the headers that claim absurd sizes, one by one.
 
+mod common;
+
 use ddpm_cuda::backend::Layout;
 use ddpm_cuda::checkpoint::{self, SchedulerConfig};
 use ddpm_cuda::data::Dataset;
@@ -75,18 +77,7 @@ fn fuzz(what: &str, stream: u64, valid: &[u8], read: impl Fn(&[u8])) {
 }
 
 fn micro() -> UNetConfig {
-    UNetConfig {
-        sample_size: 8,
-        in_channels: 3,
-        out_channels: 3,
-        block_out_channels: vec![8, 16],
-        down_block_types: vec!["DownBlock2D".into(), "AttnDownBlock2D".into()],
-        up_block_types: vec!["AttnUpBlock2D".into(), "UpBlock2D".into()],
-        layers_per_block: 1,
-        norm_num_groups: 4,
-        norm_eps: 1e-6,
-        dropout: 0.0,
-    }
+    common::two_level(8, [8, 16], 1, 4, 0.0)
 }
 
 #[test]
@@ -117,6 +108,7 @@ fn training_states_never_panic() {
             max_grad_norm: 1.0,
             ema_decay: 0.9,
             flip: true,
+            cond_drop: 0.0,
             seed: 1,
         },
         data: "synthetic".into(),

@@ -18,8 +18,9 @@ mod common;
 use ddpm_cuda::backend::cpu::CpuBackend;
 use ddpm_cuda::backend::cuda::CudaBackend;
 use ddpm_cuda::backend::{
-    AdamHyper, AttentionShape, Backend, ConvKind, ConvShape, DropoutAfter, GroupNormShape, Layout,
-    NormedInput, Precision, Rung, SamplerRow, Sequence, Stream, Tensor,
+    AdamHyper, AttentionShape, Backend, ClassEmbedShape, ConvKind, ConvShape, DropoutAfter,
+    GroupNormShape, Layout, NormedInput, Precision, ReverseStep, Rung, SamplerRow, Sequence,
+    Stream, Tensor,
 };
 use ddpm_cuda::model::{UNet, UNetConfig};
 use ddpm_cuda::rng;
@@ -1667,9 +1668,16 @@ fn loss_optimizer_and_diffusion_ops_match_the_cpu() {
         );
         p.run(|be| {
             be.sampler_load(&rows)?;
-            be.sampler_step(x, e, out, 5, clip, 3, 1 << 40)?;
+            let rs = ReverseStep {
+                first_element: 5,
+                clip,
+                seed: 3,
+                stream_base: 1 << 40,
+                guidance: None,
+            };
+            be.sampler_step(x, e, out, rs)?;
             be.sampler_advance()?;
-            be.sampler_step(out, e, out, 5, clip, 3, 1 << 40)
+            be.sampler_step(out, e, out, rs)
         });
         p.check(&format!("two sampler steps, clip {clip}"), out, 1e-5);
         let t = p.output(4);
@@ -1682,18 +1690,7 @@ fn loss_optimizer_and_diffusion_ops_match_the_cpu() {
 /// A small model of the paper's family with every code path: two levels, attention at the second,
 /// odd group sizes, dropout.
 fn small_config() -> UNetConfig {
-    UNetConfig {
-        sample_size: 8,
-        in_channels: 3,
-        out_channels: 3,
-        block_out_channels: vec![12, 24],
-        down_block_types: vec!["DownBlock2D".into(), "AttnDownBlock2D".into()],
-        up_block_types: vec!["AttnUpBlock2D".into(), "UpBlock2D".into()],
-        layers_per_block: 2,
-        norm_num_groups: 4,
-        norm_eps: 1e-6,
-        dropout: 0.1,
-    }
+    common::two_level(8, [12, 24], 2, 4, 0.1)
 }
 
 /// small_config at widths 16 and 32: multiples of 8 and 16 (the tensor-core attention takes them, and
@@ -1733,6 +1730,12 @@ fn unet_case(p: &mut Pair, config: &UNetConfig, out_tol: f64, grad_tol: f64) {
         be.upload(net.params, &weights).unwrap();
         be.copy(input, net.input).unwrap();
         be.upload(net.timesteps, &ts).unwrap();
+    }
+    if let Some(c) = &config.classes {
+        // Two images of the first class (their embedding gradients add) and one of the last row.
+        let labels = [0, c.embeds - 1, 0];
+        net_cpu.set_labels(&mut p.cpu, &labels).unwrap();
+        net_gpu.set_labels(&mut p.gpu, &labels).unwrap();
     }
     p.gpu.fill(net_gpu.output(), f32::NAN).unwrap();
     p.gpu.fill(net_gpu.grads, f32::NAN).unwrap();
@@ -1789,6 +1792,67 @@ fn unet_output_and_every_gradient_match_the_cpu() {
     }
 }
 
+/// Class conditioning on the device: the embedding's add and its gradient (a batch where classes repeat
+/// and one is absent), the whole conditional network with every gradient, and the guided reverse step,
+/// whose fused guidance combination must be the CPU's.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn class_conditioning_and_the_guided_step_match_the_cpu() {
+    let mut p = Pair::new();
+    let s = ClassEmbedShape {
+        n: 5,
+        classes: 4,
+        dim: 24,
+    };
+    let table = p.input(s.classes * s.dim, 1.0, 0.0);
+    let labels = p.alloc(s.n);
+    for be in [&mut p.cpu as &mut dyn Backend, &mut p.gpu] {
+        be.upload(labels, &[2.0, 0.0, 2.0, 3.0, 2.0]).unwrap();
+    }
+    let y = p.input(s.n * s.dim, 1.0, 0.0);
+    p.run(|be| be.class_embedding_add(s, table, labels, y));
+    // An add of two f32 values: the same rounding on both sides.
+    p.check("class embedding add", y, 0.0);
+    let (dy, dtable) = (p.input(s.n * s.dim, 1.0, 0.0), p.output(s.classes * s.dim));
+    p.run(|be| be.class_embedding_backward(s, labels, dy, dtable));
+    // The same sums in the same (image) order: exact.
+    p.check("class embedding gradient", dtable, 0.0);
+
+    let sched = Schedule::paper();
+    let rows = ddpm_table(&sched, Variance::FixedLarge);
+    let len = 3 * 1000 + 2;
+    for w in [0.0f32, 3.0] {
+        let (x, e) = (p.input(2 * len, 1.0, 0.0), p.input(2 * len, 1.0, 0.0));
+        p.run(|be| {
+            be.sampler_load(&rows)?;
+            let rs = ReverseStep {
+                first_element: 7,
+                clip: true,
+                seed: 3,
+                stream_base: 1 << 40,
+                guidance: Some(w),
+            };
+            be.sampler_step(x, e, x, rs)?;
+            be.sampler_advance()?;
+            be.sampler_step(x, e, x, rs)
+        });
+        // Two steps of a few flops each in the same order; the noise draw's log and sqrt differ in the
+        // last bits between the device's and the host's libm: 1e-5 as for the unguided step.
+        p.check(&format!("two guided sampler steps, w {w}"), x, 1e-5);
+        let both = p.gpu.download(x).unwrap();
+        assert_eq!(
+            both[..len],
+            both[len..],
+            "both halves get the guided step's result"
+        );
+    }
+
+    // Last: the nets of each side lay out their tensors differently, so handles part after this.
+    let mut config = small_config();
+    config.classes = Some(ddpm_cuda::model::Classes::with_null(3, None));
+    unet_case(&mut p, &config, TOL, 1e-4);
+}
+
 /// The network with its convolutions and linear layers in bf16 against the CPU's fp32. Each GEMM is within
 /// ~2e-3 of its output's scale (TOL_BF16's derivation); through the network's ~20 GEMMs deep path those
 /// errors add up like a random walk (normalisations keep each layer's scale), ~1e-2. Tolerances: 3e-2 for
@@ -1811,6 +1875,7 @@ fn ten_steps_options() -> TrainOptions {
         max_grad_norm: 1.0,
         ema_decay: 0.9,
         flip: true,
+        cond_drop: 0.0,
         seed: 11,
     }
 }
@@ -2452,17 +2517,19 @@ fn device_samplers_have_their_exact_moments() {
     }
 }
 
-/// A sampling run recorded as a CUDA graph gives what the CPU gives from the same seed.
+/// A sampling run recorded as a CUDA graph gives what the CPU gives from the same seed; so does a
+/// class-conditional one with guidance (a doubled batch, the combination fused into the update kernel,
+/// each batch's labels set before its graph replays).
 #[test]
 #[ignore = "needs a CUDA device"]
 fn graph_sampling_matches_the_cpu() {
-    let config = small_config();
-    let weights: Vec<f32> = {
-        let mut be = CpuBackend::<f32>::new();
-        let net = UNet::new(&mut be, &config, 1).unwrap();
-        (0..net.num_params())
-            .map(|i| 0.05 * rng::normal(4, 4, i as u64))
-            .collect()
+    let plain = small_config();
+    let mut conditional = small_config();
+    conditional.classes = Some(ddpm_cuda::model::Classes::with_null(3, None));
+    let guided = ddpm_cuda::sample::Conditioning {
+        class: None,
+        real: 3,
+        guidance: Some((3.0, 3)),
     };
     let steps = 20;
     let rows = ddim_table(&Schedule::paper(), steps, 0.0).unwrap();
@@ -2471,21 +2538,42 @@ fn graph_sampling_matches_the_cpu() {
         config: &UNetConfig,
         w: &[f32],
         rows: &[SamplerRow],
+        cond: Option<&ddpm_cuda::sample::Conditioning>,
     ) -> Vec<f32> {
-        let mut net = UNet::new_inference(be, config, 3).unwrap();
+        // Batches of 3 images; guided, 2 images twice each in a net of 4.
+        let batch = if cond.is_some() { 4 } else { 3 };
+        let mut net = UNet::new_inference(be, config, batch).unwrap();
         be.upload(net.params, w).unwrap();
-        ddpm_cuda::sample::collect(be, &mut net, rows, 5, 9, true, None).unwrap()
+        ddpm_cuda::sample::collect(be, &mut net, rows, 5, 9, true, cond, None).unwrap()
     }
-    let cpu = run(&mut CpuBackend::<f32>::new(), &config, &weights, &rows);
-    // fp32: the same arithmetic in another order, 1e-4. bf16: each step's noise prediction is within
-    // ~2e-3 of fp32 (the U-Net tests); DDIM with eta 0 carries each step's error forward with a factor
-    // near 1 and adds the next, so over 20 steps ~20 x 2e-3 in the worst case: 5e-2.
-    for (p, tol) in [(Precision::Fp32, 1e-4), (Precision::Bf16, 5e-2)] {
-        let gpu = run(&mut device_in(p), &config, &weights, &rows);
-        let e = scaled_error(&gpu, &cpu);
-        let name = p.name();
-        eprintln!("{steps}-step DDIM, 5 images in batches of 3, {name}: error {e:.2e}");
-        assert!(e < tol, "{name} graph sampling differs from the CPU by {e}");
+    for (config, cond) in [(&plain, None), (&conditional, Some(&guided))] {
+        let weights: Vec<f32> = {
+            let mut be = CpuBackend::<f32>::new();
+            let net = UNet::new(&mut be, config, 1).unwrap();
+            (0..net.num_params())
+                .map(|i| 0.05 * rng::normal(4, 4, i as u64))
+                .collect()
+        };
+        let cpu = run(&mut CpuBackend::<f32>::new(), config, &weights, &rows, cond);
+        // fp32: the same arithmetic in another order, 1e-4. bf16: each step's noise prediction is within
+        // ~2e-3 of fp32 (the U-Net tests); DDIM with eta 0 carries each step's error forward with a factor
+        // near 1 and adds the next, so over 20 steps ~20 x 2e-3 in the worst case: 5e-2. Guidance at
+        // w = 3 scales the difference of two predictions by 3, their errors with it: 3e-4 and 1.5e-1.
+        let scale = if cond.is_some() { 3.0 } else { 1.0 };
+        for (p, tol) in [(Precision::Fp32, 1e-4), (Precision::Bf16, 5e-2)] {
+            let gpu = run(&mut device_in(p), config, &weights, &rows, cond);
+            let e = scaled_error(&gpu, &cpu);
+            let name = format!(
+                "{}{}",
+                p.name(),
+                if cond.is_some() { ", guided" } else { "" }
+            );
+            eprintln!("{steps}-step DDIM, 5 images, {name}: error {e:.2e}");
+            assert!(
+                e < scale * tol,
+                "{name} graph sampling differs from the CPU by {e}"
+            );
+        }
     }
 }
 
@@ -2508,6 +2596,7 @@ fn resume_case(precision: Precision) {
         max_grad_norm: 1.0,
         ema_decay: 0.9,
         flip: true,
+        cond_drop: 0.0,
         seed: 5,
     };
     let data = ddpm_cuda::data::synthetic(8, 50, 2);

@@ -9,6 +9,8 @@
 
 #![allow(clippy::too_many_arguments)]
 
+mod common;
+
 use ddpm_cuda::backend::cpu::CpuBackend;
 use ddpm_cuda::backend::{
     AttentionShape, Backend, ConvKind, ConvShape, GroupNormShape, Stream, Tensor,
@@ -545,30 +547,34 @@ fn mse_loss_and_timestep_embedding_follow_their_definitions() {
     }
 }
 
-/// The whole U-Net, dropout on, against finite differences in its parameters: a loss `sum(r * eps_hat)`
-/// over a small two-level model with attention, batch 2 and timesteps far apart.
-#[test]
-fn unet_parameter_gradients_with_dropout() {
-    use ddpm_cuda::model::{UNet, UNetConfig};
-    let cfg = UNetConfig {
-        sample_size: 4,
-        in_channels: 3,
-        out_channels: 3,
-        block_out_channels: vec![4, 6],
-        down_block_types: vec!["DownBlock2D".into(), "AttnDownBlock2D".into()],
-        up_block_types: vec!["AttnUpBlock2D".into(), "UpBlock2D".into()],
-        layers_per_block: 1,
-        norm_num_groups: 2,
-        norm_eps: 1e-6,
-        dropout: 0.25,
-    };
+/// The small two-level model with attention of the whole-network checks.
+fn small_unet_config(classes: Option<ddpm_cuda::model::Classes>) -> ddpm_cuda::model::UNetConfig {
+    ddpm_cuda::model::UNetConfig {
+        classes,
+        ..common::two_level(4, [4, 6], 1, 2, 0.25)
+    }
+}
+
+/// The whole U-Net against finite differences in its parameters: a loss `sum(r * eps_hat)`, dropout on,
+/// timesteps far apart, `labels` where the model has classes. Checks three coordinates of every
+/// parameter tensor, and every coordinate of those whose name is `every`. Returns how many it checked.
+fn unet_finite_differences(
+    cfg: &ddpm_cuda::model::UNetConfig,
+    timesteps: &[f32],
+    labels: Option<&[usize]>,
+    every: &str,
+) -> usize {
+    use ddpm_cuda::model::UNet;
     let mut be = Be::new();
-    let mut net = UNet::new(&mut be, &cfg, 2).unwrap();
+    let mut net = UNet::new(&mut be, cfg, timesteps.len()).unwrap();
     let mut rnd = Rand(40);
     // Random parameters on a scale where every path matters (the paper's init zeroes some layers).
     rnd.fill(&mut be, net.params, 0.4);
     rnd.fill(&mut be, net.input, 1.0);
-    be.upload(net.timesteps, &[5.0, 900.0]).unwrap();
+    be.upload(net.timesteps, timesteps).unwrap();
+    if let Some(l) = labels {
+        net.set_labels(&mut be, l).unwrap();
+    }
     let out = net.output();
     let r = be.alloc(out.len).unwrap();
     rnd.fill(&mut be, r, 1.0);
@@ -582,8 +588,12 @@ fn unet_parameter_gradients_with_dropout() {
     let h = 1e-5;
     let mut checked = 0;
     for spec in net.specs().to_vec() {
-        // Three coordinates of every parameter tensor.
-        for i in [0, spec.len / 2, spec.len - 1] {
+        let coords: Vec<usize> = if spec.name == every {
+            (0..spec.len).collect()
+        } else {
+            vec![0, spec.len / 2, spec.len - 1]
+        };
+        for i in coords {
             let e = spec.offset + i;
             let orig = be.slice(net.params).unwrap()[e];
             let mut l = [0.0; 2];
@@ -594,6 +604,7 @@ fn unet_parameter_gradients_with_dropout() {
             }
             be.slice_mut(net.params).unwrap()[e] = orig;
             let num = (l[0] - l[1]) / (2.0 * h);
+            // f64 central differences with h = 1e-5: truncation ~h^2 times the third derivative, ~1e-9.
             assert!(
                 (num - ana[e]).abs() <= 1e-7 + 1e-6 * ana[e].abs(),
                 "{}[{i}]: finite difference {num}, backward {}",
@@ -603,5 +614,28 @@ fn unet_parameter_gradients_with_dropout() {
             checked += 1;
         }
     }
+    checked
+}
+
+#[test]
+fn unet_parameter_gradients_with_dropout() {
+    let checked = unet_finite_differences(&small_unet_config(None), &[5.0, 900.0], None, "");
     assert!(checked > 100);
+}
+
+/// The class-conditional model: every coordinate of the embedding table, whose rows are two real classes
+/// and the null class. Two of the three images share class 1, so their gradients add; class 0 is absent,
+/// so its row's gradient must be exactly what the differences say, zero.
+#[test]
+fn conditional_unet_gradients_cover_every_embedding_row() {
+    let classes = ddpm_cuda::model::Classes::with_null(2, None);
+    let cfg = small_unet_config(Some(classes));
+    let checked = unet_finite_differences(
+        &cfg,
+        &[5.0, 300.0, 900.0],
+        Some(&[1, 2, 1]),
+        "class_embedding.weight",
+    );
+    // 3 rows of the time embedding's width (16) in full, three coordinates of the others.
+    assert!(checked > 100 + 3 * 16);
 }

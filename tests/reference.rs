@@ -1,5 +1,6 @@
 //! The CPU U-Net against diffusers' UNet2DModel: output, loss and every parameter gradient of a small
-//! model of the paper's family (fixture written by scripts/make_fixtures.py, float64 reference).
+//! model of the paper's family, and of the same with a class embedding and class labels (fixtures written
+//! by scripts/make_fixtures.py, float64 reference).
 
 use ddpm_cuda::backend::cpu::real::Real;
 use ddpm_cuda::backend::cpu::CpuBackend;
@@ -9,8 +10,9 @@ use ddpm_cuda::model::{nchw_to_nhwc, nhwc_to_nchw, NamedTensor, UNet, UNetConfig
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-fn fixture() -> (PathBuf, HashMap<String, NamedTensor>, UNetConfig) {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/unet_small.safetensors");
+fn fixture(name: &str) -> (PathBuf, HashMap<String, NamedTensor>, UNetConfig) {
+    let path =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("tests/fixtures/{name}.safetensors"));
     let all = read_safetensors(&path).unwrap();
     // The config diffusers saved with the model, parsed by our own reader (it checks every key).
     let bytes = std::fs::read(&path).unwrap();
@@ -31,15 +33,19 @@ fn scaled_error(a: &[f32], b: &[f32], floor: f64) -> f64 {
     err / scale.max(1e-30)
 }
 
-fn run<T: Real>(tol_output: f64, tol_grad: f64, floor: f64) {
-    let (path, all, config) = fixture();
+fn labels(t: &NamedTensor) -> Vec<usize> {
+    t.data.iter().map(|&l| l as usize).collect()
+}
+
+fn run<T: Real>(name: &str, tol_output: f64, tol_grad: f64, floor: f64) {
+    let (path, all, config) = fixture(name);
     assert_eq!(config.block_out_channels, vec![8, 12, 16]);
     let state: HashMap<String, NamedTensor> = all
         .iter()
         .filter_map(|(k, v)| k.strip_prefix("param.").map(|n| (n.to_string(), v.clone())))
         .collect();
     let mut be = CpuBackend::<T>::new();
-    let n = 2;
+    let n = all["input"].shape[0];
     let mut net = UNet::new(&mut be, &config, n).unwrap();
     assert_eq!(net.specs().len(), state.len(), "one tensor per parameter");
     let flat = net.flat_from_state(&state, &path).unwrap();
@@ -48,6 +54,19 @@ fn run<T: Real>(tol_output: f64, tol_grad: f64, floor: f64) {
     be.upload(net.input, &nchw_to_nhwc(&all["input"].data, n, 3, s, s))
         .unwrap();
     be.upload(net.timesteps, &all["timesteps"].data).unwrap();
+    let classes = all.get("labels").map(labels);
+    assert_eq!(classes.is_some(), config.classes.is_some());
+    if let Some(other) = all.get("other_labels") {
+        // The rows the gradient pass does not use, through a forward pass of their own.
+        net.set_labels(&mut be, &labels(other)).unwrap();
+        let out = net.forward(&mut be, None).unwrap();
+        let got = nhwc_to_nchw(&be.download(out).unwrap(), n, 3, s, s);
+        let e = scaled_error(&got, &all["other_output"].data, 0.0);
+        assert!(e < tol_output, "output error {e:e} with the other labels");
+    }
+    if let Some(l) = &classes {
+        net.set_labels(&mut be, l).unwrap();
+    }
     let out = net.forward(&mut be, None).unwrap();
     let got = nhwc_to_nchw(&be.download(out).unwrap(), n, 3, s, s);
     let e = scaled_error(&got, &all["output"].data, 0.0);
@@ -103,11 +122,23 @@ fn run<T: Real>(tol_output: f64, tol_grad: f64, floor: f64) {
 // gradient is f32 noise of ~1e-8 of the largest gradient, so the floor is 1e-3 of it.
 #[test]
 fn f32_unet_matches_diffusers() {
-    run::<f32>(1e-5, 5e-5, 1e-3);
+    run::<f32>("unet_small", 1e-5, 5e-5, 1e-3);
+}
+
+// The class-conditional model: the same network with one more input to the time embedding, so the same
+// tolerances. Its batch has two images of one class, whose embedding gradients add.
+#[test]
+fn f32_conditional_unet_matches_diffusers() {
+    run::<f32>("unet_cond", 1e-5, 5e-5, 1e-3);
+}
+
+#[test]
+fn f64_conditional_unet_matches_diffusers() {
+    run::<f64>("unet_cond", 5e-7, 5e-7, 1e-4);
 }
 
 // f64: the reference is stored in f32, so agreement is limited by that rounding (6e-8 relative).
 #[test]
 fn f64_unet_matches_diffusers() {
-    run::<f64>(5e-7, 5e-7, 1e-4);
+    run::<f64>("unet_small", 5e-7, 5e-7, 1e-4);
 }

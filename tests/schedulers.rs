@@ -144,7 +144,7 @@ fn ddim_against_diffusers<T: Real>(tolerance: f64) {
         be.upload(net.params, &net.flat_from_state(&state, path).unwrap())
             .unwrap();
         let rows = ddim_table(&Schedule::paper(), steps, 0.0).unwrap();
-        let out = sample::collect(&mut be, &mut net, &rows, n, 0, true, Some(&x_t)).unwrap();
+        let out = sample::collect(&mut be, &mut net, &rows, n, 0, true, None, Some(&x_t)).unwrap();
         let ours = nhwc_to_nchw(&out, n, c, size, size);
         let d = max_abs_diff(&ours, &sched[&format!("ddim.{steps}")].data);
         eprintln!(

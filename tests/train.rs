@@ -1,6 +1,8 @@
 //! Training end to end on the CPU: the loss goes down, checkpoints load back exactly, and a resumed run is
 //! bit-identical to an uninterrupted one.
 
+mod common;
+
 use ddpm_cuda::backend::cpu::CpuBackend;
 use ddpm_cuda::backend::Backend;
 use ddpm_cuda::checkpoint::{self, SchedulerConfig};
@@ -10,18 +12,7 @@ use ddpm_cuda::schedule::Schedule;
 use ddpm_cuda::train::{TrainOptions, Trainer};
 
 fn small() -> UNetConfig {
-    UNetConfig {
-        sample_size: 8,
-        in_channels: 3,
-        out_channels: 3,
-        block_out_channels: vec![16, 32],
-        down_block_types: vec!["DownBlock2D".into(), "AttnDownBlock2D".into()],
-        up_block_types: vec!["AttnUpBlock2D".into(), "UpBlock2D".into()],
-        layers_per_block: 1,
-        norm_num_groups: 8,
-        norm_eps: 1e-6,
-        dropout: 0.1,
-    }
+    common::two_level(8, [16, 32], 1, 8, 0.1)
 }
 
 fn opts(batch: usize) -> TrainOptions {
@@ -32,6 +23,7 @@ fn opts(batch: usize) -> TrainOptions {
         max_grad_norm: 1.0,
         ema_decay: 0.99,
         flip: true,
+        cond_drop: 0.0,
         seed: 5,
     }
 }

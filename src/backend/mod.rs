@@ -418,6 +418,40 @@ impl NormedInput {
     }
 }
 
+/// A class embedding: a table `[classes, dim]` looked up by the labels of `n` images (integers stored
+/// as f32, like the timesteps).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ClassEmbedShape {
+    pub n: usize,
+    pub classes: usize,
+    pub dim: usize,
+}
+
+impl ClassEmbedShape {
+    /// The contract of [`Backend::class_embedding_add`], for every backend: (inputs, outputs).
+    pub fn add_args(&self, table: Tensor, labels: Tensor, y: Tensor) -> ([Arg; 2], [Arg; 1]) {
+        let table = ("table", table, self.classes * self.dim);
+        (
+            [table, ("labels", labels, self.n)],
+            [("y", y, self.n * self.dim)],
+        )
+    }
+
+    /// The contract of [`Backend::class_embedding_backward`]: (inputs, outputs).
+    pub fn backward_args(
+        &self,
+        labels: Tensor,
+        dy: Tensor,
+        dtable: Tensor,
+    ) -> ([Arg; 2], [Arg; 1]) {
+        let dy = ("dy", dy, self.n * self.dim);
+        (
+            [("labels", labels, self.n), dy],
+            [("dtable", dtable, self.classes * self.dim)],
+        )
+    }
+}
+
 /// Group norm over `[n, hw, c]` with `groups` groups of `c / groups` channels.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct GroupNormShape {
@@ -467,6 +501,35 @@ pub struct SamplerRow {
     pub c_eps: f32,
     pub sigma: f32,
     pub unused: f32,
+}
+
+/// What a reverse step takes besides its tensors and the table's row. The noise of element `i` is Philox
+/// normal draw `first_element + i` of stream `stream_base + step`.
+///
+/// With `guidance: Some(w)` (classifier-free guidance) the batch is doubled: `x_t`, `eps_hat` and `x_prev`
+/// hold `2T` elements, the first `T` those of the images with their classes and the last `T` the same
+/// images with the null class. The step uses `eps = eps_null + w (eps_class - eps_null)` and writes its
+/// result into both halves, so the next forward pass sees the same `x` twice.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ReverseStep {
+    pub first_element: u64,
+    pub clip: bool,
+    pub seed: u64,
+    pub stream_base: u64,
+    pub guidance: Option<f32>,
+}
+
+impl ReverseStep {
+    /// The elements of one copy of the images: `T` of a tensor of `len` (`2T` when guided).
+    pub fn images_len(&self, len: usize) -> Result<usize> {
+        match self.guidance {
+            None => Ok(len),
+            Some(w) if w.is_finite() && len % 2 == 0 => Ok(len / 2),
+            Some(w) => Err(Error::Invalid(format!(
+                "a guided reverse step needs a finite scale and an even length (scale {w}, {len} elements)"
+            ))),
+        }
+    }
 }
 
 /// Adam(W) hyper-parameters and the learning-rate schedule. The backend resolves them for update
@@ -962,6 +1025,25 @@ pub trait Backend {
     ) -> Result<()>;
 
     // --- the diffusion model's own ops ---------------------------------------------------------------------
+    /// `y[i, :] += table[labels[i], :]`: the class embedding added to the time embedding. A label
+    /// outside `0..classes` is an error on the CPU and adds nothing on a device (the host checks labels
+    /// as it uploads them: `UNet::set_labels`).
+    fn class_embedding_add(
+        &mut self,
+        s: ClassEmbedShape,
+        table: Tensor,
+        labels: Tensor,
+        y: Tensor,
+    ) -> Result<()>;
+    /// `dtable[k, :] = sum of dy[i, :] over the images with labels[i] = k`, summed in image order
+    /// (overwrites; rows of absent classes are zero).
+    fn class_embedding_backward(
+        &mut self,
+        s: ClassEmbedShape,
+        labels: Tensor,
+        dy: Tensor,
+        dtable: Tensor,
+    ) -> Result<()>;
     /// Sinusoidal embedding `[n, dim]` of `n` timesteps: `[sin(t f_i), cos(t f_i)]`,
     /// `f_i = exp(-ln(10000) i / (dim/2 - 1))`.
     fn timestep_embedding(&mut self, n: usize, dim: usize, t: Tensor, y: Tensor) -> Result<()>;
@@ -1031,17 +1113,13 @@ pub trait Backend {
     fn sampler_position(&mut self) -> Result<Option<usize>>;
     /// `timesteps[i] = table[step].t` for every image.
     fn sampler_timesteps(&mut self, timesteps: Tensor) -> Result<()>;
-    /// One reverse step with the current row; noise from stream `stream_base + step`. `x_prev` may be `x_t`.
-    #[allow(clippy::too_many_arguments)]
+    /// One reverse step with the current row (see [`ReverseStep`]). `x_prev` may be `x_t`.
     fn sampler_step(
         &mut self,
         x_t: Tensor,
         eps_hat: Tensor,
         x_prev: Tensor,
-        first_element: u64,
-        clip: bool,
-        seed: u64,
-        stream_base: u64,
+        step: ReverseStep,
     ) -> Result<()>;
     /// Moves the counter to the next row (one step down).
     fn sampler_advance(&mut self) -> Result<()>;

@@ -23,6 +23,79 @@ pub struct UNetConfig {
     pub norm_num_groups: usize,
     pub norm_eps: f64,
     pub dropout: f64,
+    /// Class conditioning (diffusers' `num_class_embeds`): `None` for the paper's unconditional model.
+    #[serde(skip)]
+    pub classes: Option<Classes>,
+}
+
+/// A class-conditional model's labels: diffusers' `num_class_embeds` rows of a learned embedding added to
+/// the time embedding. Models this engine trains have one row more than they have classes, the last one
+/// the *null class* the unconditional prediction of classifier-free guidance uses; the saved config says
+/// so with two metadata keys diffusers ignores, `_num_real_classes` and `_class_names`. A model from
+/// elsewhere without them has every row a real class and no null class.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Classes {
+    /// `num_class_embeds`: rows of the embedding table.
+    pub embeds: usize,
+    /// How many of them are real classes (`embeds` or `embeds - 1`).
+    pub real: usize,
+    /// One name per real class (`"0"`, `"1"`, ... where the data named none).
+    pub names: Vec<String>,
+}
+
+impl Classes {
+    /// `real` classes named `names` (numbers where `None`), plus the null class.
+    pub fn with_null(real: usize, names: Option<Vec<String>>) -> Self {
+        Self {
+            embeds: real + 1,
+            real,
+            names: names.unwrap_or_else(|| (0..real).map(|i| i.to_string()).collect()),
+        }
+    }
+
+    /// The null class's label, where the model has one.
+    pub fn null(&self) -> Option<usize> {
+        (self.embeds > self.real).then_some(self.real)
+    }
+
+    /// The label a `--class` value names: a class name, or a number below `real`.
+    pub fn label(&self, spec: &str) -> Result<usize> {
+        if let Some(i) = self.names.iter().position(|n| n == spec) {
+            return Ok(i);
+        }
+        match spec.parse::<usize>() {
+            Ok(i) if i < self.real => Ok(i),
+            _ => Err(Error::Invalid(format!(
+                "--class {spec:?} is neither a class of this model ({}) nor a number below {}",
+                self.names.join(", "),
+                self.real
+            ))),
+        }
+    }
+
+    fn validate(&self) -> Result<()> {
+        let err = |m: String| Err(Error::Config(m));
+        if self.embeds == 0 || self.embeds > 100_000 {
+            return err(format!(
+                "num_class_embeds {} must be in 1..=100000",
+                self.embeds
+            ));
+        }
+        if self.real == 0 || !(self.real == self.embeds || self.real + 1 == self.embeds) {
+            return err(format!(
+                "_num_real_classes {} must be num_class_embeds ({}) or one less (the null class last)",
+                self.real, self.embeds
+            ));
+        }
+        if self.names.len() != self.real {
+            return err(format!(
+                "_class_names has {} names for {} real classes",
+                self.names.len(),
+                self.real
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// Presets: `ddpm-cifar10` is the paper's CIFAR-10 network; `tiny` is small enough for tests and a
@@ -42,7 +115,6 @@ fn fixed_keys() -> Vec<(&'static str, Value)> {
         ("resnet_time_scale_shift", json!("default")),
         ("add_attention", json!(true)),
         ("class_embed_type", Value::Null),
-        ("num_class_embeds", Value::Null),
         ("downsample_type", json!("conv")),
         ("upsample_type", json!("conv")),
         ("mid_block_type", json!("UNetMidBlock2D")),
@@ -72,6 +144,7 @@ impl UNetConfig {
                 norm_num_groups: 32,
                 norm_eps: 1e-6,
                 dropout: 0.1,
+                classes: None,
             }),
             "tiny" => Ok(Self {
                 sample_size: 16,
@@ -84,6 +157,7 @@ impl UNetConfig {
                 norm_num_groups: 8,
                 norm_eps: 1e-6,
                 dropout: 0.0,
+                classes: None,
             }),
             other => Err(Error::Config(format!(
                 "unknown preset {other:?}: expected one of {}",
@@ -182,7 +256,10 @@ impl UNetConfig {
         if self.norm_eps.is_nan() || self.norm_eps <= 0.0 {
             return err(format!("norm_eps {} must be positive", self.norm_eps));
         }
-        Ok(())
+        match &self.classes {
+            Some(c) => c.validate(),
+            None => Ok(()),
+        }
     }
 
     /// Parses a diffusers `config.json`. `origin` names the file in errors.
@@ -204,6 +281,7 @@ impl UNetConfig {
                 ));
             }
         }
+        let classes = Self::classes_from(&mut map, origin)?;
         map.retain(|k, _| !k.starts_with('_'));
         for (key, want) in fixed_keys() {
             if let Some(v) = map.remove(key) {
@@ -281,8 +359,9 @@ impl UNetConfig {
                 ));
             }
         }
-        let cfg: Self = serde_json::from_value(Value::Object(map))
+        let mut cfg: Self = serde_json::from_value(Value::Object(map))
             .map_err(|e| Error::format(origin, e.to_string()))?;
+        cfg.classes = classes;
         match head_dim {
             Value::Null => {}
             Value::Number(n) if cfg.block_out_channels.iter().all(|&c| n.as_u64() == Some(c as u64)) => {}
@@ -300,6 +379,56 @@ impl UNetConfig {
         Ok(cfg)
     }
 
+    /// `num_class_embeds` and this engine's two metadata keys (see [`Classes`]), taken out of `map`.
+    fn classes_from(map: &mut Map<String, Value>, origin: &Path) -> Result<Option<Classes>> {
+        let bad = |key: &str, v: &Value, want: &str| {
+            Error::format(origin, format!("{key} = {v}: expected {want}"))
+        };
+        let count = |key: &str, v: Option<Value>| -> Result<Option<usize>> {
+            match v {
+                None | Some(Value::Null) => Ok(None),
+                Some(v) => match v.as_u64() {
+                    Some(n) => Ok(Some(n as usize)),
+                    None => Err(bad(key, &v, "null or a positive integer")),
+                },
+            }
+        };
+        let embeds = count("num_class_embeds", map.remove("num_class_embeds"))?;
+        let real = count("_num_real_classes", map.remove("_num_real_classes"))?;
+        let names = match map.remove("_class_names") {
+            None | Some(Value::Null) => None,
+            Some(Value::Array(a)) => Some(
+                a.iter()
+                    .map(|v| {
+                        v.as_str()
+                            .map(str::to_string)
+                            .ok_or_else(|| bad("_class_names", v, "a list of strings"))
+                    })
+                    .collect::<Result<Vec<_>>>()?,
+            ),
+            Some(v) => return Err(bad("_class_names", &v, "a list of strings")),
+        };
+        let Some(embeds) = embeds else {
+            if real.is_some() || names.is_some() {
+                return Err(Error::format(
+                    origin,
+                    "_num_real_classes or _class_names without num_class_embeds",
+                ));
+            }
+            return Ok(None);
+        };
+        let real = real.unwrap_or(embeds);
+        let names = names.unwrap_or_else(|| (0..real).map(|i| i.to_string()).collect());
+        let c = Classes {
+            embeds,
+            real,
+            names,
+        };
+        c.validate()
+            .map_err(|e| Error::format(origin, e.to_string()))?;
+        Ok(Some(c))
+    }
+
     /// The `config.json` diffusers writes for this model.
     pub fn to_json(&self) -> Value {
         let mut v = serde_json::to_value(self).expect("config serialises");
@@ -310,6 +439,16 @@ impl UNetConfig {
         for (k, val) in fixed_keys() {
             if k != "num_train_timesteps" {
                 map.insert(k.into(), val);
+            }
+        }
+        match &self.classes {
+            Some(c) => {
+                map.insert("num_class_embeds".into(), json!(c.embeds));
+                map.insert("_num_real_classes".into(), json!(c.real));
+                map.insert("_class_names".into(), json!(c.names));
+            }
+            None => {
+                map.insert("num_class_embeds".into(), Value::Null);
             }
         }
         v
@@ -360,6 +499,56 @@ mod tests {
             let mut v = base.clone();
             v[key] = value;
             let e = UNetConfig::from_json(&v.to_string(), Path::new("m/config.json"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(needle) && e.contains("m/config.json"), "{e}");
+        }
+    }
+
+    #[test]
+    fn class_conditioning_round_trips_and_inconsistent_counts_are_refused() {
+        let mut c = UNetConfig::preset("tiny").unwrap();
+        c.classes = Some(Classes::with_null(
+            3,
+            Some(vec!["a".into(), "b".into(), "c".into()]),
+        ));
+        let v = c.to_json();
+        assert_eq!(v["num_class_embeds"], json!(4));
+        assert_eq!(v["_num_real_classes"], json!(3));
+        assert_eq!(
+            UNetConfig::from_json(&v.to_string(), Path::new("x")).unwrap(),
+            c
+        );
+        let classes = c.classes.as_ref().unwrap();
+        assert_eq!(
+            (
+                classes.null(),
+                classes.label("b").unwrap(),
+                classes.label("2").unwrap()
+            ),
+            (Some(3), 1, 2)
+        );
+        assert!(classes
+            .label("3")
+            .unwrap_err()
+            .to_string()
+            .contains("a, b, c"));
+        // A diffusers model without this engine's keys: every row a class, no null class.
+        let mut plain = v.clone();
+        plain.as_object_mut().unwrap().remove("_num_real_classes");
+        plain.as_object_mut().unwrap().remove("_class_names");
+        let p = UNetConfig::from_json(&plain.to_string(), Path::new("x")).unwrap();
+        let pc = p.classes.unwrap();
+        assert_eq!((pc.embeds, pc.real, pc.null()), (4, 4, None));
+        for (key, value, needle) in [
+            ("_num_real_classes", json!(2), "_num_real_classes"),
+            ("num_class_embeds", json!(-1), "num_class_embeds"),
+            ("_class_names", json!(["a"]), "_class_names"),
+            ("class_embed_type", json!("timestep"), "class_embed_type"),
+        ] {
+            let mut bad = v.clone();
+            bad[key] = value;
+            let e = UNetConfig::from_json(&bad.to_string(), Path::new("m/config.json"))
                 .unwrap_err()
                 .to_string();
             assert!(e.contains(needle) && e.contains("m/config.json"), "{e}");

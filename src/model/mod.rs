@@ -4,7 +4,7 @@ pub mod config;
 pub mod params;
 pub mod unet;
 
-pub use config::UNetConfig;
+pub use config::{Classes, UNetConfig};
 pub use params::{Kind, NamedTensor, ParamSpec};
 pub use unet::UNet;
 

@@ -12,6 +12,8 @@ pub enum Kind {
     Conv { o: usize, c: usize, k: usize },
     /// Linear weight `[out, in]` (same in both).
     Linear { out: usize, inp: usize },
+    /// A class embedding table `[classes, dim]` (same in both; PyTorch's `nn.Embedding`).
+    Embedding { classes: usize, dim: usize },
     /// A bias (zeros).
     Bias,
     /// Group-norm scale (ones).
@@ -38,6 +40,7 @@ impl ParamSpec {
         match self.kind {
             Kind::Conv { o, c, k } => vec![o, c, k, k],
             Kind::Linear { out, inp } => vec![out, inp],
+            Kind::Embedding { classes, dim } => vec![classes, dim],
             _ => vec![self.len],
         }
     }
@@ -80,13 +83,20 @@ impl ParamSpec {
 
     /// Initial values as the paper's code draws them: weights from TensorFlow's
     /// `variance_scaling(scale, "fan_avg", "uniform")` (scale 1e-10 where the code asks for 0), biases and
-    /// norm shifts 0, norm scales 1. Draws come from Philox (seed, `Init` stream of this parameter's index).
+    /// norm shifts 0, norm scales 1; a class embedding N(0, 1), as PyTorch's. Draws come from Philox (seed, `Init` stream of this parameter's index).
     pub fn init(&self, seed: u64, index: usize) -> Vec<f32> {
         let (fan_in, fan_out) = match self.kind {
             Kind::Conv { o, c, k } => (c * k * k, o * k * k),
             Kind::Linear { out, inp } => (inp, out),
             Kind::Bias | Kind::Beta => return vec![0.0; self.len],
             Kind::Gamma => return vec![1.0; self.len],
+            // PyTorch's `nn.Embedding` default, N(0, 1), as diffusers leaves it.
+            Kind::Embedding { .. } => {
+                let stream = rng::stream(rng::Purpose::Init, index as u64);
+                return (0..self.len)
+                    .map(|e| rng::normal(seed, stream, e as u64))
+                    .collect();
+            }
         };
         let scale = if self.init_scale == 0.0 {
             1e-10

@@ -5,8 +5,8 @@
 use super::config::UNetConfig;
 use super::params::{legacy_name, Kind, NamedTensor, ParamSpec};
 use crate::backend::{
-    norm_scratch_len, weight_copy_len, AttentionShape, Backend, ConvKind, ConvShape, DropoutAfter,
-    GroupNormShape, Layout, NormedInput, Stream, Tensor,
+    norm_scratch_len, weight_copy_len, AttentionShape, Backend, ClassEmbedShape, ConvKind,
+    ConvShape, DropoutAfter, GroupNormShape, Layout, NormedInput, Stream, Tensor,
 };
 use crate::error::{Error, Result};
 use crate::rng;
@@ -815,6 +815,8 @@ pub struct UNet {
     /// Model input `[batch, size, size, in_channels]` (NHWC) and timesteps `[batch]` (integers as f32).
     pub input: Tensor,
     pub timesteps: Tensor,
+    /// A class-conditional model's labels `[batch]` (integers as f32; [`UNet::set_labels`] checks them).
+    pub labels: Option<Tensor>,
     acts: Tensor,
     /// Elements of the activations' gradients, by region.
     grad_lens: GradLens,
@@ -825,6 +827,8 @@ pub struct UNet {
     temb1: Linear,
     temb1_act: Tensor,
     temb2: Linear,
+    /// `class_embedding.weight` `[num_class_embeds, tdim]`, added to `temb2`'s output.
+    class_embed: Option<(Param, ClassEmbedShape)>,
     temb_act: Tensor,
     conv_in: Conv,
     down: Vec<Level>,
@@ -1015,6 +1019,26 @@ impl UNet {
         let temb1 = b.linear("time_embedding.linear_1", n, ch0, tdim, 1.0);
         let temb1_act = b.act(n * tdim);
         let temb2 = b.linear("time_embedding.linear_2", n, tdim, tdim, 1.0);
+        let (class_embed, labels) = match &cfg.classes {
+            Some(c) => {
+                let shape = ClassEmbedShape {
+                    n,
+                    classes: c.embeds,
+                    dim: tdim,
+                };
+                let table = b.param(
+                    "class_embedding.weight".into(),
+                    Kind::Embedding {
+                        classes: c.embeds,
+                        dim: tdim,
+                    },
+                    c.embeds * tdim,
+                    1.0,
+                );
+                (Some((table, shape)), Some(b.act(n)))
+            }
+            None => (None, None),
+        };
         let temb_act = b.act(n * tdim);
         let conv_in = b.conv16(
             "conv_in",
@@ -1169,6 +1193,7 @@ impl UNet {
             grads: Tensor::new(grads, np),
             input,
             timesteps,
+            labels,
             acts: Tensor::new(acts, b.act_next),
             grad_lens: GradLens {
                 own: b.grad_next,
@@ -1185,6 +1210,7 @@ impl UNet {
             temb1,
             temb1_act,
             temb2,
+            class_embed,
             temb_act,
             conv_in,
             down,
@@ -1227,6 +1253,27 @@ impl UNet {
         self.ctx.grad(self.conv_out.y)
     }
 
+    /// Uploads the labels of a class-conditional model's batch (one per image, each a row of its
+    /// embedding table: a real class or the null class).
+    pub fn set_labels<B: Backend>(&self, be: &mut B, labels: &[usize]) -> Result<()> {
+        let (Some(t), Some(c)) = (self.labels, &self.config.classes) else {
+            return Err(Error::Invalid(
+                "class labels given to a model without classes (its config has no num_class_embeds)"
+                    .into(),
+            ));
+        };
+        if labels.len() != self.batch {
+            return Err(Error::shape("class labels", self.batch, labels.len()));
+        }
+        if let Some(&bad) = labels.iter().find(|&&l| l >= c.embeds) {
+            return Err(Error::Invalid(format!(
+                "class label {bad} is outside the model's {} embedding rows",
+                c.embeds
+            )));
+        }
+        be.upload(t, &labels.iter().map(|&l| l as f32).collect::<Vec<_>>())
+    }
+
     /// Writes the paper's initialisation (see [`ParamSpec::init`]) into the parameters.
     pub fn init<B: Backend>(&self, be: &mut B, seed: u64) -> Result<()> {
         let mut flat = vec![0.0f32; self.params.len];
@@ -1257,6 +1304,9 @@ impl UNet {
         let t = self.temb1.forward(be, self.temb_sin)?;
         be.silu_forward(t, self.temb1_act)?;
         let t = self.temb2.forward(be, self.temb1_act)?;
+        if let (Some((table, s)), Some(labels)) = (self.class_embed, self.labels) {
+            be.class_embedding_add(s, table.value, labels, t)?;
+        }
         be.silu_forward(t, self.temb_act)?;
         let ta = self.temb_act;
         let mut h = self.conv_in.forward(be, self.input)?;
@@ -1384,6 +1434,9 @@ impl UNet {
             be.fill(dta, 0.0)?;
         }
         be.silu_backward(self.temb2.y, dta, net.grad(self.temb2.y), false)?;
+        if let (Some((table, s)), Some(labels)) = (self.class_embed, self.labels) {
+            be.class_embedding_backward(s, labels, net.grad(self.temb2.y), table.grad)?;
+        }
         self.temb2.backward(be, net, tp, self.temb1_act, true)?;
         be.silu_backward(
             self.temb1.y,
@@ -1543,6 +1596,7 @@ mod tests {
             (net.temb_sin, false),
         ];
         out.extend([net.temb1.y, net.temb1_act, net.temb2.y, net.temb_act].map(|t| (t, false)));
+        out.extend(net.labels.map(|t| (t, false)));
         out.push((net.conv_in.y, true));
         let norm = |n: &Norm| [(n.mean, false), (n.rstd, false)];
         let res = |out: &mut Vec<(Tensor, bool)>, r: &ResBlock| {

@@ -12,6 +12,7 @@
 pub mod cli;
 
 use ddpm_cuda::backend::{Backend, SamplerRow};
+use ddpm_cuda::model::UNetConfig;
 use ddpm_cuda::sample::{self, Draw};
 
 pub const MU: f64 = 0.3;
@@ -92,6 +93,7 @@ pub fn gaussian_moments<B: Backend>(be: &mut B, rows: &[SamplerRow]) -> (f64, f6
         per_image: N,
         clip: false,
         start: sample::Start::Noise,
+        guidance: None,
     };
     sample::run_stepwise(
         be,
@@ -136,4 +138,29 @@ pub fn moments_match(what: &str, got: (f64, f64), exact: (f64, f64)) -> bool {
         5.0 * se_v
     );
     (mean - em).abs() < 5.0 * se_m && (var - ev).abs() < 5.0 * se_v
+}
+
+/// A two-level U-Net of the paper's family (attention at the second level, both block kinds, eps 1e-6)
+/// of `size` x `size` RGB images, with the widths, ResNet blocks per level, groups and dropout given; no
+/// classes.
+pub fn two_level(
+    size: usize,
+    widths: [usize; 2],
+    layers: usize,
+    groups: usize,
+    dropout: f64,
+) -> UNetConfig {
+    UNetConfig {
+        sample_size: size,
+        in_channels: 3,
+        out_channels: 3,
+        block_out_channels: widths.to_vec(),
+        down_block_types: vec!["DownBlock2D".into(), "AttnDownBlock2D".into()],
+        up_block_types: vec!["AttnUpBlock2D".into(), "UpBlock2D".into()],
+        layers_per_block: layers,
+        norm_num_groups: groups,
+        norm_eps: 1e-6,
+        dropout,
+        classes: None,
+    }
 }

@@ -3,7 +3,8 @@
 
 use super::real::{gemm, Mat, Real};
 use super::reduce::grouped_sum;
-use crate::backend::{AdamStep, SamplerRow};
+use crate::backend::{AdamStep, ReverseStep, SamplerRow};
+use crate::error::{Error, Result};
 use crate::rng;
 use rayon::prelude::*;
 
@@ -299,6 +300,18 @@ pub fn normal<T: Real>(x: &mut [T], first: u64, seed: u64, stream: u64) {
     });
 }
 
+/// A class label stored as a float: an integer in `0..classes`, or an error.
+pub fn label<T: Real>(v: T, classes: usize) -> Result<usize> {
+    let f = v.to_f64();
+    if f >= 0.0 && f < classes as f64 && f.fract() == 0.0 {
+        Ok(f as usize)
+    } else {
+        Err(Error::Invalid(format!(
+            "class label {f} is not an integer in 0..{classes}"
+        )))
+    }
+}
+
 /// One reverse step, in place: `x` holds x_t on entry and x_{t-1} on exit.
 /// One element of a reverse step (the formula of `SamplerRow`), given its noise draw `z`.
 #[inline]
@@ -318,26 +331,46 @@ pub fn reverse_update<T: Real>(row: &SamplerRow, x_t: T, eps_hat: T, z: T, clip:
     f(row.c_x0) * x0 + f(row.c_xt) * x_t + f(row.c_eps) * eps_hat + f(row.sigma) * z
 }
 
+/// One reverse step in place (`x` holds x_t on entry), guided where `rs` says so (see
+/// [`ReverseStep`]: then `x` and `eps_hat` are doubled and both halves of `x` get the result).
 pub fn sampler_step<T: Real>(
     x: &mut [T],
     eps_hat: &[T],
     row: &SamplerRow,
-    first: u64,
-    clip: bool,
-    seed: u64,
+    rs: &ReverseStep,
     stream: u64,
 ) {
-    x.par_chunks_mut(GRAIN).enumerate().for_each(|(ci, xc)| {
-        for (j, v) in xc.iter_mut().enumerate() {
-            let i = ci * GRAIN + j;
-            let z = if row.sigma > 0.0 {
-                T::from_f32(rng::normal(seed, stream, first + i as u64))
-            } else {
-                T::ZERO
-            };
-            *v = reverse_update(row, *v, eps_hat[i], z, clip);
+    let total = rs.images_len(x.len()).expect("checked by the caller");
+    let (x, twin) = x.split_at_mut(total);
+    let draw = |i: usize| {
+        if row.sigma > 0.0 {
+            T::from_f32(rng::normal(rs.seed, stream, rs.first_element + i as u64))
+        } else {
+            T::ZERO
         }
-    });
+    };
+    match rs.guidance {
+        None => x.par_chunks_mut(GRAIN).enumerate().for_each(|(ci, xc)| {
+            for (j, v) in xc.iter_mut().enumerate() {
+                let i = ci * GRAIN + j;
+                *v = reverse_update(row, *v, eps_hat[i], draw(i), rs.clip);
+            }
+        }),
+        Some(w) => {
+            let (w, (cond, null)) = (T::from_f32(w), eps_hat.split_at(total));
+            x.par_chunks_mut(GRAIN)
+                .zip(twin.par_chunks_mut(GRAIN))
+                .enumerate()
+                .for_each(|(ci, (xc, tc))| {
+                    for (j, (v, t)) in xc.iter_mut().zip(tc).enumerate() {
+                        let i = ci * GRAIN + j;
+                        let e = null[i] + w * (cond[i] - null[i]);
+                        *v = reverse_update(row, *v, e, draw(i), rs.clip);
+                        *t = *v;
+                    }
+                })
+        }
+    }
 }
 
 pub fn sum_squares<T: Real>(x: &[T]) -> f64 {

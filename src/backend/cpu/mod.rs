@@ -11,8 +11,8 @@ pub mod reduce;
 
 use self::real::Real;
 use super::{
-    check_arg, check_args, checks, AdamHyper, Arg, AttentionShape, Backend, ConvShape,
-    GroupNormShape, SamplerRow, Stream, Tensor, ALLOC_ALIGN,
+    check_arg, check_args, checks, AdamHyper, Arg, AttentionShape, Backend, ClassEmbedShape,
+    ConvShape, GroupNormShape, ReverseStep, SamplerRow, Stream, Tensor, ALLOC_ALIGN,
 };
 use crate::error::{Error, Result};
 use crate::rng;
@@ -523,6 +523,43 @@ impl<T: Real> Backend for CpuBackend<T> {
         Ok(())
     }
 
+    fn class_embedding_add(
+        &mut self,
+        s: ClassEmbedShape,
+        table: Tensor,
+        labels: Tensor,
+        y: Tensor,
+    ) -> Result<()> {
+        let (ins, outs) = s.add_args(table, labels, y);
+        let ([table, labels], [y]) = self.views("class_embedding_add", ins, outs)?;
+        for (i, row) in y.chunks_mut(s.dim).enumerate() {
+            let k = elementwise::label(labels[i], s.classes)?;
+            for (v, &e) in row.iter_mut().zip(&table[k * s.dim..(k + 1) * s.dim]) {
+                *v += e;
+            }
+        }
+        Ok(())
+    }
+
+    fn class_embedding_backward(
+        &mut self,
+        s: ClassEmbedShape,
+        labels: Tensor,
+        dy: Tensor,
+        dtable: Tensor,
+    ) -> Result<()> {
+        let (ins, outs) = s.backward_args(labels, dy, dtable);
+        let ([labels, dy], [dt]) = self.views("class_embedding_backward", ins, outs)?;
+        dt.fill(T::ZERO);
+        for (i, row) in dy.chunks(s.dim).enumerate() {
+            let k = elementwise::label(labels[i], s.classes)?;
+            for (d, &g) in dt[k * s.dim..(k + 1) * s.dim].iter_mut().zip(row) {
+                *d += g;
+            }
+        }
+        Ok(())
+    }
+
     fn timestep_embedding(&mut self, n: usize, dim: usize, t: Tensor, y: Tensor) -> Result<()> {
         checks::embedding_width(dim)?;
         let ([t], [y]) = self.views(
@@ -697,13 +734,11 @@ impl<T: Real> Backend for CpuBackend<T> {
         x_t: Tensor,
         eps_hat: Tensor,
         x_prev: Tensor,
-        first_element: u64,
-        clip: bool,
-        seed: u64,
-        stream_base: u64,
+        rs: ReverseStep,
     ) -> Result<()> {
         let row = self.current_row()?;
         let step = self.step.unwrap_or(0) as u64;
+        rs.images_len(x_t.len)?;
         if x_prev != x_t {
             self.copy(x_t, x_prev)?;
         }
@@ -712,7 +747,8 @@ impl<T: Real> Backend for CpuBackend<T> {
             [("eps_hat", eps_hat, x_t.len)],
             [("x_prev", x_prev, x_t.len)],
         )?;
-        elementwise::sampler_step(x, e, &row, first_element, clip, seed, stream_base + step);
+        let stream = rs.stream_base + step;
+        elementwise::sampler_step(x, e, &row, &rs, stream);
         Ok(())
     }
 

@@ -3,7 +3,7 @@
 
 use super::elementwise::dims;
 use super::{launch, CudaBackend, REDUCE_BLOCKS};
-use crate::backend::{checks, SamplerRow, Stream, Tensor};
+use crate::backend::{checks, ReverseStep, SamplerRow, Stream, Tensor};
 use crate::error::{Error, Result};
 use cudarc::driver::LaunchConfig;
 
@@ -230,12 +230,10 @@ impl CudaBackend {
         x_t: Tensor,
         eps_hat: Tensor,
         x_prev: Tensor,
-        first: u64,
-        clip: bool,
-        seed: u64,
-        stream_base: u64,
+        rs: ReverseStep,
     ) -> Result<()> {
         self.loaded()?;
+        let total = rs.images_len(x_t.len)?;
         // x_prev may be x_t itself (each element is read before the same thread writes it).
         let outs = [("x_prev", x_prev, x_t.len)];
         if x_prev == x_t {
@@ -249,9 +247,11 @@ impl CudaBackend {
         }
         let (px, pe, pp) = (self.ptr(x_t), self.ptr(eps_hat), self.ptr(x_prev));
         let (table, step) = (self.table_ptr(), self.step_ptr());
-        let (total, first, clip) = (x_t.len as i64, first as i64, clip as i32);
+        let (first, clip) = (rs.first_element as i64, rs.clip as i32);
+        let (guided, w) = (rs.guidance.is_some() as i32, rs.guidance.unwrap_or(1.0));
+        let (seed, base, total) = (rs.seed, rs.stream_base, total as i64);
         let rows = self.table_rows as i32;
-        let cfg = self.elementwise_cfg(x_t.len.div_ceil(4) + 1);
+        let cfg = self.elementwise_cfg(total as usize / 4 + 1);
         launch!(
             self,
             "sampler_step_f32",
@@ -265,8 +265,10 @@ impl CudaBackend {
             first,
             clip,
             seed,
-            stream_base,
-            rows
+            base,
+            rows,
+            guided,
+            w
         )
     }
 

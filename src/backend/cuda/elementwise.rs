@@ -2,7 +2,7 @@
 //! the timestep embedding, dropout and normal draws.
 
 use super::{launch, CudaBackend};
-use crate::backend::{Stream, Tensor};
+use crate::backend::{ClassEmbedShape, Stream, Tensor};
 use crate::error::{Error, Result};
 use cudarc::driver::LaunchConfig;
 
@@ -237,6 +237,56 @@ impl CudaBackend {
         };
         let [n, hw, c] = dims([n, hw, c])?;
         launch!(self, "image_bias_backward_f32", cfg, pdy, pdb, n, hw, c)
+    }
+
+    pub(super) fn class_embed(
+        &mut self,
+        s: ClassEmbedShape,
+        table: Tensor,
+        labels: Tensor,
+        y: Tensor,
+    ) -> Result<()> {
+        let (ins, outs) = s.add_args(table, labels, y);
+        self.args("class_embedding_add", &ins, &outs)?;
+        let (pt, pl, py) = (self.ptr(table), self.ptr(labels), self.ptr(y));
+        let cfg = self.elementwise_cfg(s.n * s.dim);
+        let [n, classes, dim] = dims([s.n, s.classes, s.dim])?;
+        launch!(
+            self,
+            "class_embedding_add_f32",
+            cfg,
+            pt,
+            pl,
+            py,
+            n,
+            classes,
+            dim
+        )
+    }
+
+    pub(super) fn class_embed_grad(
+        &mut self,
+        s: ClassEmbedShape,
+        labels: Tensor,
+        dy: Tensor,
+        dtable: Tensor,
+    ) -> Result<()> {
+        let (ins, outs) = s.backward_args(labels, dy, dtable);
+        self.args("class_embedding_backward", &ins, &outs)?;
+        let (pl, pd, pt) = (self.ptr(labels), self.ptr(dy), self.ptr(dtable));
+        let cfg = self.elementwise_cfg(s.dim);
+        let [n, classes, dim] = dims([s.n, s.classes, s.dim])?;
+        launch!(
+            self,
+            "class_embedding_backward_f32",
+            cfg,
+            pl,
+            pd,
+            pt,
+            n,
+            classes,
+            dim
+        )
     }
 
     pub(super) fn embedding(&mut self, n: usize, dim: usize, t: Tensor, y: Tensor) -> Result<()> {

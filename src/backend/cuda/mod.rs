@@ -32,7 +32,9 @@ mod weights;
 
 pub use self::device::{cuda_version, driver_cuda_version, Planned};
 use self::device::{gib, Device, DeviceBuffer, Properties, Work};
-use super::{check_args_stored, AdamHyper, Arg, Dtype, Precision, Sequence, Stream, Tensor};
+use super::{
+    check_args_stored, AdamHyper, Arg, ClassEmbedShape, Dtype, Precision, Sequence, Stream, Tensor,
+};
 use crate::error::{Error, Result};
 use cudarc::driver::LaunchConfig;
 
@@ -965,6 +967,26 @@ impl super::Backend for CudaBackend {
         self.image_bias_grad(n, hw, c, dy, dbias)
     }
 
+    fn class_embedding_add(
+        &mut self,
+        s: ClassEmbedShape,
+        table: Tensor,
+        labels: Tensor,
+        y: Tensor,
+    ) -> Result<()> {
+        self.class_embed(s, table, labels, y)
+    }
+
+    fn class_embedding_backward(
+        &mut self,
+        s: ClassEmbedShape,
+        labels: Tensor,
+        dy: Tensor,
+        dtable: Tensor,
+    ) -> Result<()> {
+        self.class_embed_grad(s, labels, dy, dtable)
+    }
+
     fn timestep_embedding(&mut self, n: usize, dim: usize, t: Tensor, y: Tensor) -> Result<()> {
         self.embedding(n, dim, t, y)
     }
@@ -1071,12 +1093,9 @@ impl super::Backend for CudaBackend {
         x_t: Tensor,
         eps_hat: Tensor,
         x_prev: Tensor,
-        first_element: u64,
-        clip: bool,
-        seed: u64,
-        stream_base: u64,
+        step: super::ReverseStep,
     ) -> Result<()> {
-        self.reverse_step(x_t, eps_hat, x_prev, first_element, clip, seed, stream_base)
+        self.reverse_step(x_t, eps_hat, x_prev, step)
     }
 
     fn sampler_advance(&mut self) -> Result<()> {
