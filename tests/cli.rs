@@ -76,26 +76,42 @@ fn train_sample_diffuse_and_info_write_valid_outputs() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-/// `train --resume` after 4 steps, continued to 7, ends exactly where 7 steps straight end.
+/// `train --resume` after 4 steps, continued to 7, ends exactly where 7 steps straight end, for a plain and a
+/// class-conditional run.
 #[test]
 fn resume_through_the_cli_is_bit_identical() {
     let dir = scratch("resume");
-    train(&dir, "straight", 7, &["--every", "100"]);
-    train(&dir, "split", 4, &["--every", "100"]);
-    ok(
-        &dir,
-        &[
-            "train", "--resume", "split", "--steps", "7", "--grid", "4", "--device", "cpu",
-        ],
-    );
-    let (a, b) = (
-        load_state(&dir.join("straight")).unwrap(),
-        load_state(&dir.join("split")).unwrap(),
-    );
-    assert_eq!(a.step, 7);
-    assert!(a == b, "resumed state differs from the uninterrupted run");
-    let csv = |d: &str| std::fs::read_to_string(dir.join(d).join("loss.csv")).unwrap();
-    assert_eq!(csv("straight"), csv("split"));
+    // Unconditional, and class-conditional (the labels and their dropout are drawn by step too).
+    for (name, extra) in [
+        ("", &[][..]),
+        ("cond-", &["--conditional", "--cond-drop", "0.3"][..]),
+    ] {
+        let (straight, split) = (format!("{name}straight"), format!("{name}split"));
+        train(
+            &dir,
+            &straight,
+            7,
+            &[&["--every", "100"][..], extra].concat(),
+        );
+        train(&dir, &split, 4, &[&["--every", "100"][..], extra].concat());
+        ok(
+            &dir,
+            &[
+                "train", "--resume", &split, "--steps", "7", "--grid", "4", "--device", "cpu",
+            ],
+        );
+        let (a, b) = (
+            load_state(&dir.join(&straight)).unwrap(),
+            load_state(&dir.join(&split)).unwrap(),
+        );
+        assert_eq!(a.step, 7);
+        assert!(
+            a == b,
+            "{name}: resumed state differs from the uninterrupted run"
+        );
+        let csv = |d: &str| std::fs::read_to_string(dir.join(d).join("loss.csv")).unwrap();
+        assert_eq!(csv(&straight), csv(&split));
+    }
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
