@@ -11,8 +11,17 @@ use super::reduce::grouped_sum;
 use crate::backend::{ConvKind, ConvShape};
 use rayon::prelude::*;
 
-/// Output pixels per GEMM: enough rows to amortise packing, few enough that `cols` stays in L2.
+/// Output pixels per GEMM of the forward pass and the input gradient: about 1 MiB of patches, enough
+/// rows that packing the weights (`k x o`, once per GEMM) costs little beside the multiply (with 32 KiB
+/// of patches, 14 rows at k = 2304, the paper's 16x16 256->256 forward took 1.6x as long, 18 ms against
+/// 11 at batch 8 on 2 cores). A row's sums do not depend on the rows beside it: no result changes.
 fn chunk_pixels(k: usize) -> usize {
+    (262_144 / k.max(1)).clamp(16, 1024)
+}
+
+/// Pixels per term of the weight gradient's sum: part of its summation order (with
+/// [`grouped_sum`]'s groups), so fixed, whatever is faster.
+fn sum_chunk_pixels(k: usize) -> usize {
     (32_768 / k.max(1)).clamp(16, 512)
 }
 
@@ -145,7 +154,7 @@ pub fn backward_weight<T: Real>(s: &ConvShape, x: &[T], dy: &[T], dw: &mut [T], 
     let (k, o) = (s.k(), s.o);
     let (oh, ow) = s.out_hw();
     let total = s.n * oh * ow;
-    let chunk = chunk_pixels(k);
+    let chunk = sum_chunk_pixels(k);
     let direct = s.kind == ConvKind::K1;
     let acc = grouped_sum(total, chunk, o * k + o, |first, pixels, acc| {
         let (accw, accb) = acc.split_at_mut(o * k);
