@@ -8,6 +8,7 @@
 //! ```
 
 use ddpm_cuda::data::{synthetic_class_names, synthetic_colour};
+use ddpm_cuda::model::Classes;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -15,16 +16,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         return Err("usage: class_rate SAMPLES.npy [CLASS] (samples of the synthetic classes, as `ddpm-cuda sample --out-npy` writes them)".into());
     };
     let names = synthetic_class_names();
-    let asked = match class {
-        None => None,
-        Some(c) => Some(
-            names
-                .iter()
-                .position(|n| n == c)
-                .or_else(|| c.parse().ok().filter(|&i: &usize| i < names.len()))
-                .ok_or_else(|| format!("{c:?} is not a synthetic class ({})", names.join(", ")))?,
-        ),
-    };
+    let classes = Classes::with_null(names.len(), Some(names.clone()));
+    let asked = class.map(|c| classes.label(c)).transpose()?;
     let (shape, data) = ddpm_cuda::npy::read(std::path::Path::new(path))?;
     let [n, 3, h, w] = shape[..] else {
         return Err(format!("{path}: shape {shape:?}, expected (N, 3, H, W)").into());

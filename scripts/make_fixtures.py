@@ -64,28 +64,25 @@ CONFIG = dict(
 )
 
 
-def unet_small():
-    torch.manual_seed(20261125)
-    model = UNet2DModel(**CONFIG)
-    # Random weights on the scale where every path matters (the paper's init zeroes some layers).
+def randomise(model):
+    """Random weights on the scale where every path matters (the paper's init zeroes some layers); a class
+    embedding's rows N(0, 1), as this engine initialises them. Then float64 for the reference."""
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name and name.endswith("weight"):
                 p.copy_(1.0 + 0.2 * torch.randn_like(p))
             elif name.endswith("bias"):
                 p.copy_(0.1 * torch.randn_like(p))
+            elif name == "class_embedding.weight":
+                p.copy_(torch.randn_like(p))
             else:
                 fan_in = p[0].numel()
                 p.copy_(torch.randn_like(p) / math.sqrt(fan_in))
-    model = model.to(torch.float32).to(torch.float64)
-    batch = 2
-    x = torch.randn(batch, 3, 8, 8, dtype=torch.float32).to(torch.float64)
-    t = torch.tensor([3, 777], dtype=torch.int64)
-    target = torch.randn(batch, 3, 8, 8, dtype=torch.float32).to(torch.float64)
-    out = model(x, t).sample
-    loss = torch.mean((out - target) ** 2)
-    loss.backward()
+    return model.to(torch.float32).to(torch.float64)
 
+
+def reference(model, x, t, target, out, loss):
+    """The tensors of a network fixture: every parameter and its gradient, the batch, output and loss."""
     tensors = {}
     for name, p in model.named_parameters():
         tensors[f"param.{name}"] = p.detach().to(torch.float32).contiguous()
@@ -95,6 +92,21 @@ def unet_small():
     tensors["target"] = target.to(torch.float32)
     tensors["output"] = out.detach().to(torch.float32)
     tensors["loss"] = loss.detach().reshape(1).to(torch.float32)
+    return tensors
+
+
+def unet_small():
+    torch.manual_seed(20261125)
+    model = randomise(UNet2DModel(**CONFIG))
+    batch = 2
+    x = torch.randn(batch, 3, 8, 8, dtype=torch.float32).to(torch.float64)
+    t = torch.tensor([3, 777], dtype=torch.int64)
+    target = torch.randn(batch, 3, 8, 8, dtype=torch.float32).to(torch.float64)
+    out = model(x, t).sample
+    loss = torch.mean((out - target) ** 2)
+    loss.backward()
+
+    tensors = reference(model, x, t, target, out, loss)
     meta = {"config": json.dumps(model.config), "torch": torch.__version__, "diffusers": diffusers.__version__}
     root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "fixtures")
     os.makedirs(root, exist_ok=True)
@@ -110,18 +122,7 @@ def unet_cond(root):
     (num_class_embeds 4: three classes and the null class, as this engine trains them), random weights,
     a batch with class labels, the output, the loss and every parameter gradient."""
     torch.manual_seed(20261203)
-    model = UNet2DModel(**CONFIG, num_class_embeds=4)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name and name.endswith("weight"):
-                p.copy_(1.0 + 0.2 * torch.randn_like(p))
-            elif name.endswith("bias"):
-                p.copy_(0.1 * torch.randn_like(p))
-            elif name == "class_embedding.weight":
-                p.copy_(torch.randn_like(p))
-            else:
-                p.copy_(torch.randn_like(p) / math.sqrt(p[0].numel()))
-    model = model.to(torch.float32).to(torch.float64)
+    model = randomise(UNet2DModel(**CONFIG, num_class_embeds=4))
     x = torch.randn(3, 3, 8, 8, dtype=torch.float32).to(torch.float64)
     t = torch.tensor([3, 500, 777], dtype=torch.int64)
     # Two images of class 2 (their embedding gradients add) and one of the null class; classes 0 and 1 get
@@ -134,16 +135,8 @@ def unet_cond(root):
     other = torch.tensor([0, 1, 3], dtype=torch.int64)
     with torch.no_grad():
         out_other = model(x, t, class_labels=other).sample
-    tensors = {}
-    for name, p in model.named_parameters():
-        tensors[f"param.{name}"] = p.detach().to(torch.float32).contiguous()
-        tensors[f"grad.{name}"] = p.grad.detach().to(torch.float32).contiguous()
-    tensors["input"] = x.to(torch.float32)
-    tensors["timesteps"] = t.to(torch.float32)
+    tensors = reference(model, x, t, target, out, loss)
     tensors["labels"] = labels.to(torch.float32)
-    tensors["target"] = target.to(torch.float32)
-    tensors["output"] = out.detach().to(torch.float32)
-    tensors["loss"] = loss.detach().reshape(1).to(torch.float32)
     tensors["other_labels"] = other.to(torch.float32)
     tensors["other_output"] = out_other.to(torch.float32)
     meta = {"config": json.dumps(model.config), "torch": torch.__version__, "diffusers": diffusers.__version__}

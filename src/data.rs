@@ -73,6 +73,24 @@ impl Dataset {
         })
     }
 
+    /// The labels, checked against a class-conditional model's classes: an error when the data has
+    /// none or another number of classes.
+    pub fn labels_for(&self, classes: &crate::model::Classes) -> Result<&[u32]> {
+        match &self.labels {
+            None => Err(Error::Invalid(format!(
+                "the model is class-conditional ({} classes) but the data ({}) has no labels",
+                classes.real, self.description
+            ))),
+            Some(_) if self.classes() != classes.real => Err(Error::Invalid(format!(
+                "the model has {} classes but the data ({}) has {}",
+                classes.real,
+                self.description,
+                self.classes()
+            ))),
+            Some(l) => Ok(l),
+        }
+    }
+
     /// How many classes the labels have (0 without labels).
     pub fn classes(&self) -> usize {
         match &self.labels {
@@ -91,15 +109,42 @@ impl Dataset {
         drop: f32,
         null: usize,
     ) -> Option<Vec<usize>> {
+        self.labels_of(&self.order(seed, step, batch), seed, step, drop, null)
+    }
+
+    /// [`Dataset::batch`] and [`Dataset::batch_labels`] of one step, its order drawn once.
+    pub fn labelled_batch(
+        &self,
+        seed: u64,
+        step: u64,
+        batch: usize,
+        flip: bool,
+        drop: f32,
+        null: usize,
+    ) -> (Vec<f32>, Option<Vec<usize>>) {
+        let order = self.order(seed, step, batch);
+        let labels = self.labels_of(&order, seed, step, drop, null);
+        (self.images_of(&order, seed, step, flip), labels)
+    }
+
+    /// The labels of the images `order` of step `step`, with label dropout.
+    fn labels_of(
+        &self,
+        order: &[usize],
+        seed: u64,
+        step: u64,
+        drop: f32,
+        null: usize,
+    ) -> Option<Vec<usize>> {
         let labels = self.labels.as_ref()?;
         let stream = rng::stream(Purpose::CondDrop, 0);
+        let first = step * order.len() as u64;
         Some(
-            self.order(seed, step, batch)
-                .into_iter()
+            order
+                .iter()
                 .enumerate()
-                .map(|(j, idx)| {
-                    let global = step * batch as u64 + j as u64;
-                    if drop > 0.0 && rng::uniform(seed, stream, global) < drop {
+                .map(|(j, &idx)| {
+                    if drop > 0.0 && rng::uniform(seed, stream, first + j as u64) < drop {
                         null
                     } else {
                         labels[idx] as usize
@@ -129,9 +174,14 @@ impl Dataset {
 
     /// Images of training step `step`, `batch` of them, flipped at random when `flip` (NHWC, back to back).
     pub fn batch(&self, seed: u64, step: u64, batch: usize, flip: bool) -> Vec<f32> {
+        self.images_of(&self.order(seed, step, batch), seed, step, flip)
+    }
+
+    /// The images `order` of step `step`, each flipped at random when `flip`.
+    fn images_of(&self, order: &[usize], seed: u64, step: u64, flip: bool) -> Vec<f32> {
         let per = self.size * self.size * 3;
-        let mut out = Vec::with_capacity(batch * per);
-        for (j, idx) in self.order(seed, step, batch).into_iter().enumerate() {
+        let mut out = Vec::with_capacity(order.len() * per);
+        for (j, &idx) in order.iter().enumerate() {
             let img = self.image(idx);
             let mirror = flip
                 && rng::uniform(seed, rng::stream(Purpose::Data, (1 << 40) | step), j as u64) < 0.5;

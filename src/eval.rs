@@ -248,24 +248,8 @@ pub fn evaluate<B: Backend>(
     let dims = net.input.len / net.batch;
     // A class-conditional model is evaluated for the data's own labels: the bound of p(x | class).
     let labels = match &net.config.classes {
+        Some(c) => Some(data.labels_for(c)?),
         None => None,
-        Some(c) => match &data.labels {
-            Some(l) if data.classes() == c.real => Some(l),
-            Some(_) => {
-                return Err(Error::Invalid(format!(
-                    "the model has {} classes and the data ({}) has {}",
-                    c.real,
-                    data.description,
-                    data.classes()
-                )))
-            }
-            None => {
-                return Err(Error::Invalid(format!(
-                    "the model is class-conditional and the data ({}) has no labels",
-                    data.description
-                )))
-            }
-        },
     };
     let batches = count.div_ceil(net.batch);
     let mut bar = Progress::new("eval", "steps", (batches * ev.timesteps()) as u64);

@@ -280,18 +280,8 @@ fn conditioned(run: &Run, data: &Dataset, opts: &TrainOptions) -> Result<UNetCon
     let have = data.classes();
     match &config.classes {
         Some(c) => {
-            if have == 0 {
-                return Err(Error::Invalid(format!(
-                    "the model is class-conditional ({} classes) but --data {} has no labels",
-                    c.real, run.data
-                )));
-            }
-            if have != c.real {
-                return Err(Error::Invalid(format!(
-                    "the model has {} classes but --data {} has {have}",
-                    c.real, run.data
-                )));
-            }
+            data.labels_for(c)
+                .map_err(|e| Error::Invalid(format!("--data {}: {e}", run.data)))?;
             if c.null().is_none() && opts.cond_drop > 0.0 {
                 return Err(Error::Invalid(
                     "--cond-drop needs a null class, and this model's config has none (its num_class_embeds equals _num_real_classes)".into(),
@@ -316,12 +306,6 @@ fn conditioned(run: &Run, data: &Dataset, opts: &TrainOptions) -> Result<UNetCon
         None => {}
     }
     Ok(config)
-}
-
-/// The labels of a sample grid of `n` images of a conditional model: the real classes in turn.
-pub fn grid_labels(config: &UNetConfig, n: usize) -> Option<Vec<usize>> {
-    let c = config.classes.as_ref()?;
-    Some((0..n).map(|i| i % c.real).collect())
 }
 
 /// Trains from scratch, or from `resume`, until `run.steps`: progress bar, `loss.csv`, a sample grid from
@@ -360,8 +344,14 @@ pub fn train<B: Backend>(
     let mut tr = Trainer::new(be, &config, scheduler.schedule(), opts.clone())?;
     // The sampler for the grids, placed now: everything is reserved before the first step.
     let mut grid_net = UNet::new_inference(be, &config, run.grid)?;
-    if let Some(labels) = grid_labels(&config, run.grid) {
-        grid_net.set_labels(be, &labels)?;
+    if let Some(c) = &config.classes {
+        // The real classes in turn, as `sample --class all` draws them.
+        let every = sample::Conditioning {
+            class: None,
+            real: c.real,
+            guidance: None,
+        };
+        grid_net.set_labels(be, &every.batch_labels(0, run.grid))?;
     }
     let null = config.classes.as_ref().and_then(|c| c.null()).unwrap_or(0);
     if let Some(c) = &config.classes {
@@ -395,11 +385,16 @@ pub fn train<B: Backend>(
     let rows = sample::ddpm_table(&tr.schedule, scheduler.variance_type);
     let mut bar = Progress::new("train", "img", run.steps.saturating_sub(start));
     while tr.step < run.steps {
-        let images = data.batch(opts.seed, tr.step, opts.batch, opts.flip);
-        if config.classes.is_some() {
-            let labels = data
-                .batch_labels(opts.seed, tr.step, opts.batch, opts.cond_drop, null)
-                .expect("conditioned() checked the data has labels");
+        let (images, labels) = data.labelled_batch(
+            opts.seed,
+            tr.step,
+            opts.batch,
+            opts.flip,
+            opts.cond_drop,
+            null,
+        );
+        // conditioned() checked that a conditional model's data has labels.
+        if let Some(labels) = labels.filter(|_| config.classes.is_some()) {
             tr.net.set_labels(be, &labels)?;
         }
         tr.step(be, &images)?;
