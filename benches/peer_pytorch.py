@@ -14,12 +14,16 @@ output equals UNet2DModel's on a batch.
 
     python benches/peer_pytorch.py [--model DIR] [--batch 128,256] [--steps 10] [--configs fp32,bf16,compile]
     python benches/peer_pytorch.py --check-only --device cpu      # the equivalence check alone
+    python benches/peer_pytorch.py --device cpu --preset tiny --batch 32   # the CPU peer (fp32 configurations)
     python benches/peer_pytorch.py --ceilings-only                # copy bandwidth and bf16 matmul rate
 
 Before the configurations it measures the device's ceilings (copy bandwidth, a large bf16 matmul): the
 GPU check reports our model FLOPs against that matmul rate (MFU).
 
-Without --model the weights are drawn at random (the speed does not depend on them).
+Without --model the weights are drawn at random (the speed does not depend on them); --preset picks
+ddpm-cuda's `tiny` network instead of the paper's. On the CPU (--device cpu) every configuration is fp32
+(fp32 NCHW, channels_last, compile), timed by the wall clock with torch's threads set to the machine's
+cores; scripts/cpu-peer.sh puts them beside `ddpm-cuda bench --device cpu` and prints the ratios.
 """
 import argparse
 import json
@@ -36,6 +40,11 @@ PAPER = dict(sample_size=32, in_channels=3, out_channels=3, block_out_channels=[
              down_block_types=["DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"],
              up_block_types=["UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"], layers_per_block=2,
              norm_num_groups=32, norm_eps=1e-6, dropout=0.1)
+# ddpm-cuda's `tiny` preset (src/model/config.rs), for `--preset tiny`.
+TINY = dict(sample_size=16, in_channels=3, out_channels=3, block_out_channels=[32, 64],
+            down_block_types=["DownBlock2D", "AttnDownBlock2D"], up_block_types=["AttnUpBlock2D", "UpBlock2D"],
+            layers_per_block=1, norm_num_groups=8, norm_eps=1e-6, dropout=0.0)
+PRESETS = {"ddpm-cifar10": PAPER, "tiny": TINY}
 
 
 def timestep_embedding(t, dim):
@@ -239,24 +248,36 @@ def ceilings(device):
     (cuBLAS), which is what the bf16 tensor cores give a real GEMM at this run's clocks; random data
     because zeros draw less power and read faster. ddpm-cuda bench's own bf16 ceiling is an mma.sync loop
     (kernels/peak.cu), below the wgmma rate on a Hopper: the GPU check reports MFU against this one.
-    Returns (copy GB/s, bf16 matmul TFLOP/s). Smaller sizes on the CPU, where only the code is checked."""
-    n, words = (8192, 1 << 29) if device != "cpu" else (512, 1 << 22)
+    Returns (copy GB/s, matmul TFLOP/s). Smaller sizes on the CPU."""
+    n, words = (8192, 1 << 29) if device != "cpu" else (1024, 1 << 22)
     a = torch.randn(words, device=device)
     b = torch.empty_like(a)
     copy = 8 * words / (time_any(lambda: b.copy_(a), 10, 2, device) * 1e-3) / 1e9
     del a, b
-    x = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    y = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    # On the CPU the fp32 matmul (every CPU configuration is fp32), in GFLOP/s.
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    x = torch.randn(n, n, device=device, dtype=dtype)
+    y = torch.randn(n, n, device=device, dtype=dtype)
     tflops = 2 * n**3 / (time_any(lambda: x @ y, 10, 3, device) * 1e-3) / 1e12
     print(f"ceiling copy {copy:.0f} GB/s (device-to-device copy of {4 * words >> 20} MiB, read + written)")
-    print(f"ceiling bf16 matmul {tflops:.1f} TFLOP/s ({n}x{n}x{n}, random data, torch.matmul)")
+    if device == "cpu":
+        print(f"ceiling fp32 matmul {tflops * 1e3:.0f} GFLOP/s ({n}x{n}x{n}, random data, torch.matmul)")
+    else:
+        print(f"ceiling bf16 matmul {tflops:.1f} TFLOP/s ({n}x{n}x{n}, random data, torch.matmul)")
     del x, y
     if device != "cpu":
         torch.cuda.empty_cache()  # the configurations' peak memory is theirs alone
     return copy, tflops
 
 
+# The configurations on the CPU, all fp32 (ddpm-cuda's CPU backend is fp32): NCHW eager, channels_last
+# eager, and torch.compile (inductor's C++ backend, channels_last; minutes of compilation for the paper's
+# network, so not in the default list).
+CPU_CONFIGS = ("fp32", "channels_last", "compile")
+
+
 def bench(cfg, state, batch, steps, mode, device):
+    cpu = device == "cpu"
     torch.backends.cudnn.allow_tf32 = True
     torch.backends.cuda.matmul.allow_tf32 = True
     net = UNet(cfg).to(device)
@@ -268,8 +289,9 @@ def bench(cfg, state, batch, steps, mode, device):
     opt = torch.optim.AdamW(net.parameters(), lr=2e-4, weight_decay=0.0, fused=True)
     size, cin = cfg["sample_size"], cfg["in_channels"]
     x0 = torch.randn(batch, cin, size, size, device=device).to(memory_format=fmt)
-    run = torch.compile(net, mode="max-autotune") if mode == "compile" else net
-    auto = torch.autocast("cuda", dtype=torch.bfloat16, enabled=mode != "fp32")
+    run = torch.compile(net, mode=None if cpu else "max-autotune") if mode == "compile" else net
+    # On the CPU every configuration is fp32; on a GPU all but fp32 run under bf16 autocast.
+    auto = torch.autocast("cuda", dtype=torch.bfloat16, enabled=mode != "fp32" and not cpu)
 
     def train_step():
         t = torch.randint(0, 1000, (batch,), device=device)
@@ -287,6 +309,10 @@ def bench(cfg, state, batch, steps, mode, device):
         with torch.no_grad(), auto:
             run(x0, torch.full((batch,), 500, device=device))
 
+    if cpu:
+        train_ms = time_any(train_step, steps, 1, device)
+        net.eval()
+        return train_ms, time_any(sample_step, steps, 1, device), float("nan")
     torch.cuda.reset_peak_memory_stats()
     train_ms = time_cuda(train_step, steps)
     peak = torch.cuda.max_memory_allocated() / 2**30
@@ -298,20 +324,29 @@ def bench(cfg, state, batch, steps, mode, device):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model")
+    ap.add_argument("--preset", choices=sorted(PRESETS), help="a ddpm-cuda preset's network (random weights)")
     ap.add_argument("--batch", default="128,256")
     ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--configs", default="fp32,bf16,compile")
+    ap.add_argument("--configs", help="default: fp32,bf16,compile on a GPU, fp32,channels_last on the CPU")
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads (default: all cores)")
     ap.add_argument("--check-only", action="store_true")
     ap.add_argument("--ceilings-only", action="store_true", help="measure the two ceilings and stop")
     args = ap.parse_args()
-    name = torch.cuda.get_device_name() if args.device != "cpu" else "the CPU"
+    cpu = args.device == "cpu"
+    if cpu:
+        torch.set_num_threads(args.threads)
+    configs = args.configs or ("fp32,channels_last" if cpu else "fp32,bf16,compile")
+    for mode in configs.split(","):
+        if cpu and mode not in CPU_CONFIGS:
+            sys.exit(f"--configs: {mode!r} is not a CPU configuration (expected one of {', '.join(CPU_CONFIGS)})")
+    name = torch.cuda.get_device_name() if not cpu else f"the CPU ({torch.get_num_threads()} threads)"
     print(f"torch {torch.__version__} on {name}")
     if not args.check_only:
         ceilings(args.device)
     if args.ceilings_only:
         return
-    cfg, state = load(args.model) if args.model else (dict(PAPER), None)
+    cfg, state = load(args.model) if args.model else (dict(PRESETS[args.preset or "ddpm-cifar10"]), None)
     net = UNet(cfg)
     if state is not None:
         net.load_state_dict(state)
@@ -320,12 +355,12 @@ def main():
     check_against_diffusers(net.to(args.device), cfg, args.device)
     if args.check_only:
         return
-    print(f"{'config':<10} {'batch':>6} {'train ms':>10} {'train img/s':>12} {'sample ms':>10} "
+    print(f"{'config':<14} {'batch':>6} {'train ms':>10} {'train img/s':>12} {'sample ms':>10} "
           f"{'sample img/s (1000 steps)':>26} {'peak GiB':>9}")
-    for mode in args.configs.split(","):
+    for mode in configs.split(","):
         for batch in [int(b) for b in args.batch.split(",")]:
             train_ms, sample_ms, peak = bench(cfg, state, batch, args.steps, mode, args.device)
-            print(f"{mode:<10} {batch:>6} {train_ms:>10.2f} {batch / train_ms * 1e3:>12.1f} {sample_ms:>10.2f} "
+            print(f"{mode:<14} {batch:>6} {train_ms:>10.2f} {batch / train_ms * 1e3:>12.1f} {sample_ms:>10.2f} "
                   f"{batch / sample_ms:>26.3f} {peak:>9.2f}")
 
 
