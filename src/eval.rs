@@ -126,7 +126,7 @@ impl Evaluator {
         mut denoise: impl FnMut(&[f32], usize) -> Result<Vec<f32>>,
         mut progress: impl FnMut(),
     ) -> Result<Vec<Bound>> {
-        if dims == 0 || x0.len() % dims != 0 {
+        if dims == 0 || !x0.len().is_multiple_of(dims) {
             return Err(Error::shape(
                 "eval batch",
                 format!("images of {dims} values"),

@@ -203,7 +203,7 @@ impl Growing {
     /// so a file already at `path` is replaced only by one that holds items.
     pub fn create(path: &Path, item: &[usize], first: &[f32]) -> Result<Self> {
         let per: usize = item.iter().product();
-        if per == 0 || first.len() % per != 0 {
+        if per == 0 || !first.len().is_multiple_of(per) {
             return Err(Error::shape("npy items", per, first.len()));
         }
         let count = first.len() / per;
@@ -269,7 +269,7 @@ impl Growing {
     pub fn append(&mut self, items: &[f32]) -> Result<()> {
         use std::io::{Seek, SeekFrom, Write};
         let per: usize = self.item.iter().product();
-        if items.len() % per != 0 {
+        if !items.len().is_multiple_of(per) {
             return Err(Error::shape("npy items", per, items.len()));
         }
         let at = self.offset + 4 * (self.count * per) as u64;

@@ -361,7 +361,7 @@ pub fn many<B: Backend>(
     let per_image = net.input.len / net.batch;
     let guidance = cond.and_then(|c| c.guidance).map(|(w, _)| w);
     let per_batch = match guidance {
-        Some(_) if net.batch % 2 == 0 => net.batch / 2,
+        Some(_) if net.batch.is_multiple_of(2) => net.batch / 2,
         Some(_) => {
             return Err(Error::Invalid(format!(
                 "a guided run needs a net of an even batch (each image twice), not {}",

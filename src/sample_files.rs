@@ -271,7 +271,7 @@ impl Outputs {
     /// the record that says they are written.
     pub fn add(&mut self, first: usize, nhwc: &[f32]) -> Result<()> {
         let per = self.per();
-        if first != self.done || nhwc.len() % per != 0 {
+        if first != self.done || !nhwc.len().is_multiple_of(per) {
             return Err(Error::Invalid(format!(
                 "sample outputs: images from {first} ({} values) after {} written",
                 nhwc.len(),

@@ -74,7 +74,10 @@ impl Tensor {
         let off = match self.dtype {
             Dtype::F32 => self.off + start,
             Dtype::Bf16 => {
-                assert!(start % 2 == 0, "a bf16 slice must start on an even element");
+                assert!(
+                    start.is_multiple_of(2),
+                    "a bf16 slice must start on an even element"
+                );
                 self.off + start / 2
             }
         };
@@ -245,7 +248,7 @@ pub mod checks {
     use crate::error::{Error, Result};
 
     pub fn groups(s: &GroupNormShape) -> Result<()> {
-        if s.groups == 0 || s.c % s.groups != 0 {
+        if s.groups == 0 || !s.c.is_multiple_of(s.groups) {
             return Err(Error::shape(
                 "group norm channels",
                 format!("a multiple of {} groups", s.groups),
@@ -286,7 +289,7 @@ pub mod checks {
 
     /// The slots of a ring of `ring` elements holding entries of `entry`.
     pub fn ring_slots(entry: usize, ring: usize) -> Result<usize> {
-        if entry == 0 || ring < entry || ring % entry != 0 {
+        if entry == 0 || ring < entry || !ring.is_multiple_of(entry) {
             return Err(Error::shape(
                 "log ring",
                 format!("a positive multiple of its entry ({entry} elements)"),
@@ -298,7 +301,7 @@ pub mod checks {
 
     /// A batch of `len` elements in images of `per_image`.
     pub fn images(len: usize, per_image: usize) -> Result<()> {
-        if per_image == 0 || len % per_image != 0 {
+        if per_image == 0 || !len.is_multiple_of(per_image) {
             return Err(Error::shape(
                 "noise_add batch",
                 format!("a multiple of {per_image} elements"),
@@ -524,7 +527,7 @@ impl ReverseStep {
     pub fn images_len(&self, len: usize) -> Result<usize> {
         match self.guidance {
             None => Ok(len),
-            Some(w) if w.is_finite() && len % 2 == 0 => Ok(len / 2),
+            Some(w) if w.is_finite() && len.is_multiple_of(2) => Ok(len / 2),
             Some(w) => Err(Error::Invalid(format!(
                 "a guided reverse step needs a finite scale and an even length (scale {w}, {len} elements)"
             ))),

@@ -229,7 +229,7 @@ impl UNetConfig {
             );
         }
         let down = 1usize << (levels - 1);
-        if self.sample_size < 2 * down || self.sample_size % down != 0 {
+        if self.sample_size < 2 * down || !self.sample_size.is_multiple_of(down) {
             return err(format!(
                 "sample_size {} must be a multiple of {down} and at least {} for {levels} levels",
                 self.sample_size,

@@ -128,7 +128,7 @@ impl CudaBackend {
             Pass::Dq | Pass::Dkv => dq.max(dkv),
         };
         self.precision == Precision::Bf16
-            && s.c % 16 == 0
+            && s.c.is_multiple_of(16)
             && s.c <= MMA_WIDEST
             && s.n <= 65_535
             && need <= self.props.max_shared as usize

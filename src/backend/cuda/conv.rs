@@ -255,10 +255,10 @@ impl CudaBackend {
         let k = s.k() as u64;
         let swizzled = match self.rung {
             Some(Rung::WgmmaTma) => false,
-            Some(Rung::WgmmaTmaSwizzled) => pw % SWIZZLED_ALIGN == 0,
+            Some(Rung::WgmmaTmaSwizzled) => pw.is_multiple_of(SWIZZLED_ALIGN),
             _ => return Ok(None),
         };
-        if normed || k % 8 != 0 || pw % 16 != 0 {
+        if normed || !k.is_multiple_of(8) || !pw.is_multiple_of(16) {
             return Ok(None);
         }
         let (kernel, [copy_k, copy_n], swizzle) = match swizzled {
@@ -291,11 +291,13 @@ impl CudaBackend {
         let swizzled = match self.rung {
             Some(Rung::WgmmaTma) => false,
             Some(Rung::WgmmaTmaSwizzled) => {
-                s.c % 32 == 0 && s.o % 32 == 0 && pw % SWIZZLED_ALIGN == 0
+                s.c.is_multiple_of(32)
+                    && s.o.is_multiple_of(32)
+                    && pw.is_multiple_of(SWIZZLED_ALIGN)
             }
             _ => return Ok(None),
         };
-        if s.c % 8 != 0 || s.o % 8 != 0 || pw % 16 != 0 {
+        if !s.c.is_multiple_of(8) || !s.o.is_multiple_of(8) || !pw.is_multiple_of(16) {
             return Ok(None);
         }
         let (c, o, taps) = (

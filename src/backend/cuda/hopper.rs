@@ -70,7 +70,7 @@ fn wave_efficiency(blocks: usize, sms: usize) -> f64 {
 /// The tile width of an output of `cols` columns in `m_tiles` row tiles: 256 where it divides the columns
 /// and keeps the SMs as busy as 128 does, else 128.
 fn tile_cols(cols: usize, m_tiles: usize, sms: usize) -> usize {
-    if cols % 256 == 0
+    if cols.is_multiple_of(256)
         && wave_efficiency(m_tiles * cols / 256, sms)
             >= wave_efficiency(m_tiles * cols.div_ceil(128), sms) - 1e-9
     {
@@ -120,7 +120,7 @@ impl CudaBackend {
 
     /// Whether `t` starts where a swizzled copy may.
     fn aligned(&self, t: Tensor) -> bool {
-        self.ptr(t) % ALIGN == 0
+        self.ptr(t).is_multiple_of(ALIGN)
     }
 
     /// A swizzled tensor map of `element`s at `base` (see [`super::device::Device::tensor_map`]).
@@ -247,10 +247,10 @@ impl CudaBackend {
         if !self.on_v8()
             || s.kind == ConvKind::K3S2
             || !x.is_bf16()
-            || s.c % BK != 0
-            || s.o % 128 != 0
+            || !s.c.is_multiple_of(BK)
+            || !s.o.is_multiple_of(128)
             || !self.aligned(x)
-            || pw % ALIGN != 0
+            || !pw.is_multiple_of(ALIGN)
         {
             return Ok(false);
         }
@@ -264,7 +264,7 @@ impl CudaBackend {
         let pt = patch(s.h, s.w, 256);
         let t_tiles = patches(s.n, s.h, s.w, pt);
         let transposed = bn == 128
-            && s.o % 256 != 0
+            && !s.o.is_multiple_of(256)
             && wave_efficiency(t_tiles * (s.o / 128), sms)
                 >= 0.8 * wave_efficiency(m_tiles * (s.o / 128), sms);
         // The kernel, its pixel patch and their count, the output channels of a tile, and the pixels of a
@@ -321,10 +321,10 @@ impl CudaBackend {
         if !self.on_v8()
             || s.kind == ConvKind::K3S2
             || dy.is_bf16()
-            || s.o % BK != 0
-            || s.c % 128 != 0
+            || !s.o.is_multiple_of(BK)
+            || !s.c.is_multiple_of(128)
             || !self.aligned(dy)
-            || pw % ALIGN != 0
+            || !pw.is_multiple_of(ALIGN)
         {
             return Ok(false);
         }
@@ -381,8 +381,8 @@ impl CudaBackend {
             || s.kind == ConvKind::K3S2
             || !x.is_bf16()
             || dy.is_bf16()
-            || s.c % BK != 0
-            || s.o % 128 != 0
+            || !s.c.is_multiple_of(BK)
+            || !s.o.is_multiple_of(128)
             || !self.aligned(x)
             || !self.aligned(dy)
         {
@@ -442,7 +442,7 @@ impl CudaBackend {
             || k % BK != 0
             || n % BK != 0
             || !self.aligned(x)
-            || pw % ALIGN != 0
+            || !pw.is_multiple_of(ALIGN)
         {
             return Ok(false);
         }
@@ -485,7 +485,7 @@ impl CudaBackend {
             || k % BK != 0
             || n % BK != 0
             || !self.aligned(dy)
-            || pw % ALIGN != 0
+            || !pw.is_multiple_of(ALIGN)
         {
             return Ok(false);
         }

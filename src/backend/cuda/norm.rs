@@ -42,7 +42,7 @@ impl CudaBackend {
     pub(super) fn norm_scratch_for(&self, input: &NormedInput) -> Option<Tensor> {
         let scratch = self.norm_scratch?;
         let len = input.s.len();
-        (self.precision == Precision::Bf16 && input.s.c % 8 == 0 && len <= scratch.len)
+        (self.precision == Precision::Bf16 && input.s.c.is_multiple_of(8) && len <= scratch.len)
             .then(|| scratch.slice(0, len))
     }
 
@@ -52,7 +52,7 @@ impl CudaBackend {
     pub(super) fn norm_apply(&mut self, input: &NormedInput, y: Tensor) -> Result<()> {
         let s = input.s;
         check(&s)?;
-        if s.c % 8 != 0 || s.c / 8 > 256 || !y.is_bf16() {
+        if !s.c.is_multiple_of(8) || s.c / 8 > 256 || !y.is_bf16() {
             return Err(Error::shape(
                 "normalised input",
                 "channels a multiple of 8 (at most 2048) into bf16",
