@@ -6,23 +6,27 @@
 //! `[kh, kw, o, c]`; the weight gradient sums `dy^T cols` over a fixed number of pixel groups (in a fixed
 //! order, so the result does not depend on the number of threads).
 
-use super::real::{gemm, Mat, Real};
+use super::real::{gemm, gemm_with, Mat, Real};
 use super::reduce::grouped_sum;
 use crate::backend::{ConvKind, ConvShape};
 use rayon::prelude::*;
 
-/// Output pixels per GEMM of the forward pass and the input gradient: about 1 MiB of patches, enough
-/// rows that packing the weights (`k x o`, once per GEMM) costs little beside the multiply (with 32 KiB
-/// of patches, 14 rows at k = 2304, the paper's 16x16 256->256 forward took 1.6x as long, 18 ms against
-/// 11 at batch 8 on 2 cores). A row's sums do not depend on the rows beside it: no result changes.
+/// Output pixels per GEMM of the forward pass and the input gradient: about 1 MiB of patches (which
+/// stay in L2 while the kernel reads them), the weights packed once per call for all chunks
+/// ([`Real::prepare`]). A row's sums do not depend on the rows beside it: no result changes with this.
 fn chunk_pixels(k: usize) -> usize {
-    (262_144 / k.max(1)).clamp(16, 1024)
+    // A multiple of 12, the widest kernel's rows, so that only a layer's last chunk has an edge tile.
+    (262_144 / k.max(1)).clamp(24, 1024) / 12 * 12
 }
 
-/// Pixels per term of the weight gradient's sum: part of its summation order (with
-/// [`grouped_sum`]'s groups), so fixed, whatever is faster.
-fn sum_chunk_pixels(k: usize) -> usize {
-    (32_768 / k.max(1)).clamp(16, 512)
+/// Pixels per term of the weight gradient's sum, which are the depth of its GEMMs: at most about 1 MiB of
+/// patches, and no more than a 16th of all pixels so that [`grouped_sum`]'s 16 groups keep the threads
+/// busy. Part of the summation order, so a function of the shape alone.
+fn sum_chunk_pixels(k: usize, pixels: usize) -> usize {
+    pixels
+        .div_ceil(super::reduce::GROUPS)
+        .min(262_144 / k.max(1))
+        .max(16)
 }
 
 /// Fills `cols` (`pixels x k`) with the patches of output pixels `first .. first + pixels`.
@@ -55,7 +59,7 @@ pub fn forward<T: Real>(s: &ConvShape, x: &[T], w: &[T], b: &[T], y: &mut [T]) {
     let k = s.k();
     let chunk = chunk_pixels(k);
     let direct = s.kind == ConvKind::K1;
-    let wt = Mat::transposed(w, k, s.o, k);
+    let wt = T::prepare(Mat::transposed(w, k, s.o, k));
     y.par_chunks_mut(chunk * s.o)
         .enumerate()
         .for_each(|(ci, yc)| {
@@ -66,11 +70,12 @@ pub fn forward<T: Real>(s: &ConvShape, x: &[T], w: &[T], b: &[T], y: &mut [T]) {
             }
             if direct {
                 let a = Mat::rows(&x[first * s.c..(first + pixels) * s.c], pixels, k, k);
-                gemm(T::ONE, a, wt, T::ONE, yc, s.o);
+                gemm_with(T::ONE, a, &wt, T::ONE, yc, s.o);
             } else {
-                let mut cols = vec![T::ZERO; pixels * k];
-                im2col(s, x, first, pixels, &mut cols);
-                gemm(T::ONE, Mat::rows(&cols, pixels, k, k), wt, T::ONE, yc, s.o);
+                T::with_scratch(pixels * k, |cols| {
+                    im2col(s, x, first, pixels, cols);
+                    gemm_with(T::ONE, Mat::rows(cols, pixels, k, k), &wt, T::ONE, yc, s.o);
+                });
             }
         });
 }
@@ -81,12 +86,13 @@ pub fn backward_data<T: Real>(s: &ConvShape, dy: &[T], w: &[T], dx: &mut [T], ac
     let (o, c) = (s.o, s.c);
     if s.kind == ConvKind::K1 {
         let chunk = chunk_pixels(o);
+        let w = T::prepare(Mat::rows(w, o, c, c));
         dx.par_chunks_mut(chunk * c)
             .enumerate()
             .for_each(|(ci, dxc)| {
                 let (first, pixels) = (ci * chunk, dxc.len() / c);
                 let a = Mat::rows(&dy[first * o..(first + pixels) * o], pixels, o, o);
-                gemm(T::ONE, a, Mat::rows(w, o, c, c), beta, dxc, c);
+                gemm_with(T::ONE, a, &w, beta, dxc, c);
             });
         return;
     }
@@ -103,49 +109,44 @@ pub fn backward_data<T: Real>(s: &ConvShape, dy: &[T], w: &[T], dx: &mut [T], ac
         }
     }
     let chunk = chunk_pixels(kk);
+    let wr = T::prepare(Mat::rows(&wr, kk, c, c));
     dx.par_chunks_mut(chunk * c)
         .enumerate()
         .for_each(|(ci, dxc)| {
             let (first, pixels) = (ci * chunk, dxc.len() / c);
-            let mut g = vec![T::ZERO; pixels * kk];
-            for p in 0..pixels {
-                let q = first + p;
-                let (img, rest) = (q / (s.h * s.w), q % (s.h * s.w));
-                let (ih, iw) = (rest / s.w, rest % s.w);
-                let row = &mut g[p * kk..(p + 1) * kk];
-                for r in 0..taps {
-                    // output row yo reads input row yo * stride + r - pad = ih
-                    let num = (ih + pad) as isize - r as isize;
-                    let yo = if num >= 0 && num as usize % stride == 0 {
-                        num as usize / stride
-                    } else {
-                        usize::MAX
-                    };
-                    for t in 0..taps {
-                        let num = (iw + pad) as isize - t as isize;
-                        let xo = if num >= 0 && num as usize % stride == 0 {
+            T::with_scratch(pixels * kk, |g| {
+                for p in 0..pixels {
+                    let q = first + p;
+                    let (img, rest) = (q / (s.h * s.w), q % (s.h * s.w));
+                    let (ih, iw) = (rest / s.w, rest % s.w);
+                    let row = &mut g[p * kk..(p + 1) * kk];
+                    for r in 0..taps {
+                        // output row yo reads input row yo * stride + r - pad = ih
+                        let num = (ih + pad) as isize - r as isize;
+                        let yo = if num >= 0 && (num as usize).is_multiple_of(stride) {
                             num as usize / stride
                         } else {
                             usize::MAX
                         };
-                        let dst = &mut row[(r * taps + t) * o..(r * taps + t + 1) * o];
-                        if yo < oh && xo < ow {
-                            let src = ((img * oh + yo) * ow + xo) * o;
-                            dst.copy_from_slice(&dy[src..src + o]);
-                        } else {
-                            dst.fill(T::ZERO);
+                        for t in 0..taps {
+                            let num = (iw + pad) as isize - t as isize;
+                            let xo = if num >= 0 && (num as usize).is_multiple_of(stride) {
+                                num as usize / stride
+                            } else {
+                                usize::MAX
+                            };
+                            let dst = &mut row[(r * taps + t) * o..(r * taps + t + 1) * o];
+                            if yo < oh && xo < ow {
+                                let src = ((img * oh + yo) * ow + xo) * o;
+                                dst.copy_from_slice(&dy[src..src + o]);
+                            } else {
+                                dst.fill(T::ZERO);
+                            }
                         }
                     }
                 }
-            }
-            gemm(
-                T::ONE,
-                Mat::rows(&g, pixels, kk, kk),
-                Mat::rows(&wr, kk, c, c),
-                beta,
-                dxc,
-                c,
-            );
+                gemm_with(T::ONE, Mat::rows(g, pixels, kk, kk), &wr, beta, dxc, c);
+            });
         });
 }
 
@@ -154,7 +155,7 @@ pub fn backward_weight<T: Real>(s: &ConvShape, x: &[T], dy: &[T], dw: &mut [T], 
     let (k, o) = (s.k(), s.o);
     let (oh, ow) = s.out_hw();
     let total = s.n * oh * ow;
-    let chunk = sum_chunk_pixels(k);
+    let chunk = sum_chunk_pixels(k, total);
     let direct = s.kind == ConvKind::K1;
     let acc = grouped_sum(total, chunk, o * k + o, |first, pixels, acc| {
         let (accw, accb) = acc.split_at_mut(o * k);
@@ -170,9 +171,10 @@ pub fn backward_weight<T: Real>(s: &ConvShape, x: &[T], dy: &[T], dw: &mut [T], 
                 k,
             );
         } else {
-            let mut cols = vec![T::ZERO; pixels * k];
-            im2col(s, x, first, pixels, &mut cols);
-            gemm(T::ONE, a, Mat::rows(&cols, pixels, k, k), T::ONE, accw, k);
+            T::with_scratch(pixels * k, |cols| {
+                im2col(s, x, first, pixels, cols);
+                gemm(T::ONE, a, Mat::rows(cols, pixels, k, k), T::ONE, accw, k);
+            });
         }
         for row in dyc.chunks(o) {
             for (b, &g) in accb.iter_mut().zip(row) {

@@ -1,5 +1,5 @@
 //! The reference backend: every op in plain Rust, multi-threaded with rayon, convolution and attention as
-//! packed, vectorised GEMM (matrixmultiply). Generic over the scalar: `CpuBackend<f32>` runs the engine,
+//! packed, vectorised GEMM (our own in f32, [`sgemm`]; matrixmultiply in f64). Generic over the scalar: `CpuBackend<f32>` runs the engine,
 //! `CpuBackend<f64>` runs gradient checks.
 
 pub mod attention;
@@ -8,6 +8,7 @@ pub mod elementwise;
 pub mod norm;
 pub mod real;
 pub mod reduce;
+pub mod sgemm;
 
 use self::real::Real;
 use super::{

@@ -1,4 +1,11 @@
 //! Group norm over NHWC, optionally fused with SiLU. Statistics are accumulated in f64 whatever `T` is.
+//!
+//! Every pass runs over channel-contiguous rows (one pixel's `c` values), so its inner loop is a plain loop
+//! over channels that the compiler vectorises, with no division or group lookup per element: sums are kept
+//! per channel and folded into groups afterwards, and the normalisation is one multiply-add per element with
+//! per-channel coefficients. The work is cut into parts of a fixed number of pixels ([`part_pixels`]), run on
+//! the thread pool and summed in a fixed order, so a batch of one image keeps every core busy and no result
+//! depends on the number of threads.
 
 use super::real::Real;
 use crate::backend::GroupNormShape;
@@ -8,6 +15,69 @@ use rayon::prelude::*;
 fn silu_grad<T: Real>(z: T) -> T {
     let s = z.sigmoid();
     s * (T::ONE + z * (T::ONE - s))
+}
+
+/// Pixels per part: about 16 K elements (64 KiB in f32), at least one pixel. Part of the summation order,
+/// so fixed by the shape alone.
+fn part_pixels(c: usize) -> usize {
+    (16_384 / c.max(1)).max(1)
+}
+
+/// Per-channel sums over each part of each image, `f(img, at, sums)` adding the row of the pixel whose
+/// first element is `at` into `sums`
+/// (`width` f64 per channel); then, per image, the parts summed in order: `n` vectors of `width * c`.
+fn channel_sums(
+    s: &GroupNormShape,
+    width: usize,
+    f: impl Fn(usize, usize, &mut [f64]) + Sync,
+) -> Vec<Vec<f64>> {
+    let (hw, c) = (s.hw, s.c);
+    let pp = part_pixels(c);
+    let parts = hw.div_ceil(pp);
+    let partial: Vec<Vec<f64>> = (0..s.n * parts)
+        .into_par_iter()
+        .map(|job| {
+            let (img, part) = (job / parts, job % parts);
+            let mut sums = vec![0.0f64; width * c];
+            for p in part * pp..((part + 1) * pp).min(hw) {
+                f(img, (img * hw + p) * c, &mut sums);
+            }
+            sums
+        })
+        .collect();
+    partial
+        .chunks(parts)
+        .map(|image| {
+            let mut total = vec![0.0f64; width * c];
+            for part in image {
+                for (t, v) in total.iter_mut().zip(part) {
+                    *t += v;
+                }
+            }
+            total
+        })
+        .collect()
+}
+
+/// Each group's mean of a per-channel sum vector (`sums[ch]` over the image's pixels), in f64.
+fn group_means(s: &GroupNormShape, sums: &[f64]) -> Vec<f64> {
+    let cpg = s.c / s.groups;
+    let count = (s.hw * cpg) as f64;
+    sums.chunks(cpg)
+        .map(|g| g.iter().sum::<f64>() / count)
+        .collect()
+}
+
+/// Runs `f(img, first_element, rows)` over every part of every image on the thread pool, `rows` the part's
+/// pixels of `y` (`c` values each).
+fn for_parts<T: Real>(s: &GroupNormShape, y: &mut [T], f: impl Fn(usize, usize, &mut [T]) + Sync) {
+    let (hw, c) = (s.hw, s.c);
+    let pp = part_pixels(c);
+    y.par_chunks_mut(hw * c).enumerate().for_each(|(img, yi)| {
+        yi.par_chunks_mut(pp * c)
+            .enumerate()
+            .for_each(|(part, rows)| f(img, img * hw * c + part * pp * c, rows));
+    });
 }
 
 pub fn forward<T: Real>(
@@ -20,42 +90,52 @@ pub fn forward<T: Real>(
     rstd: &mut [T],
     silu: bool,
 ) {
-    let (hw, c, g) = (s.hw, s.c, s.groups);
+    let (c, g) = (s.c, s.groups);
     let cpg = c / g;
-    let count = (hw * cpg) as f64;
-    y.par_chunks_mut(hw * c)
-        .zip(x.par_chunks(hw * c))
-        .zip(mean.par_chunks_mut(g).zip(rstd.par_chunks_mut(g)))
-        .for_each(|((yi, xi), (mi, ri))| {
-            for grp in 0..g {
-                let chans = grp * cpg..(grp + 1) * cpg;
-                let mut sum = 0.0;
-                for p in 0..hw {
-                    sum += xi[p * c + chans.start..p * c + chans.end]
-                        .iter()
-                        .map(|v| v.to_f64())
-                        .sum::<f64>();
-                }
-                let mu = sum / count;
-                let mut ss = 0.0;
-                for p in 0..hw {
-                    ss += xi[p * c + chans.start..p * c + chans.end]
-                        .iter()
-                        .map(|v| (v.to_f64() - mu).powi(2))
-                        .sum::<f64>();
-                }
-                let r = 1.0 / (ss / count + f64::from(s.eps)).sqrt();
-                mi[grp] = T::from_f64(mu);
-                ri[grp] = T::from_f64(r);
+    // Two passes, the mean and then the squared deviations from it (no cancellation of E[x^2] - E[x]^2).
+    let sums = channel_sums(s, 1, |_, at, acc| {
+        for (a, v) in acc.iter_mut().zip(&x[at..at + c]) {
+            *a += v.to_f64();
+        }
+    });
+    let means: Vec<Vec<f64>> = sums.iter().map(|sm| group_means(s, sm)).collect();
+    // The mean of each channel's group, per image, for a channel-wise inner loop.
+    let chan_mean: Vec<Vec<f64>> = means
+        .iter()
+        .map(|m| (0..c).map(|ch| m[ch / cpg]).collect())
+        .collect();
+    let dev = channel_sums(s, 1, |img, at, acc| {
+        let mu = &chan_mean[img];
+        for ((a, v), m) in acc.iter_mut().zip(&x[at..at + c]).zip(mu) {
+            let d = v.to_f64() - m;
+            *a += d * d;
+        }
+    });
+    // y = x a + b per channel: a = rstd gamma, b = beta - mean a.
+    let mut coef = vec![(T::ZERO, T::ZERO); s.n * c];
+    for img in 0..s.n {
+        let var = group_means(s, &dev[img]);
+        for grp in 0..g {
+            let r = 1.0 / (var[grp] + f64::from(s.eps)).sqrt();
+            mean[img * g + grp] = T::from_f64(means[img][grp]);
+            rstd[img * g + grp] = T::from_f64(r);
+        }
+        for ch in 0..c {
+            let grp = ch / cpg;
+            let a = rstd[img * g + grp] * gamma[ch];
+            coef[img * c + ch] = (a, beta[ch] - mean[img * g + grp] * a);
+        }
+    }
+    for_parts(s, y, |img, at, rows| {
+        let cf = &coef[img * c..(img + 1) * c];
+        for (p, row) in rows.chunks_mut(c).enumerate() {
+            let xr = &x[at + p * c..at + (p + 1) * c];
+            for ((o, &v), &(a, b)) in row.iter_mut().zip(xr).zip(cf) {
+                let z = v * a + b;
+                *o = if silu { z * z.sigmoid() } else { z };
             }
-            for p in 0..hw {
-                for ch in 0..c {
-                    let grp = ch / cpg;
-                    let z = (xi[p * c + ch] - mi[grp]) * ri[grp] * gamma[ch] + beta[ch];
-                    yi[p * c + ch] = if silu { z * z.sigmoid() } else { z };
-                }
-            }
-        });
+        }
+    });
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -73,64 +153,77 @@ pub fn backward<T: Real>(
     silu: bool,
     accumulate: bool,
 ) {
-    let (hw, c, g) = (s.hw, s.c, s.groups);
+    let (c, g) = (s.c, s.groups);
     let cpg = c / g;
-    let count = (hw * cpg) as f64;
-    // Per image: dx, plus that image's share of dgamma and dbeta (summed over images in order below).
-    let partials: Vec<Vec<f64>> = dx
-        .par_chunks_mut(hw * c)
-        .enumerate()
-        .map(|(img, dxi)| {
-            let xi = &x[img * hw * c..(img + 1) * hw * c];
-            let dyi = &dy[img * hw * c..(img + 1) * hw * c];
-            let mut part = vec![0.0f64; 2 * c];
-            // dn = dL/d(normalised x) = dy_pre * gamma, where dy_pre is the gradient before the SiLU.
-            let mut sum_dn = vec![0.0f64; g];
-            let mut sum_dn_xhat = vec![0.0f64; g];
-            for p in 0..hw {
-                for ch in 0..c {
-                    let grp = ch / cpg;
-                    let i = p * c + ch;
-                    let xhat = (xi[i] - mean[img * g + grp]) * rstd[img * g + grp];
-                    let mut d = dyi[i];
-                    if silu {
-                        d *= silu_grad(xhat * gamma[ch] + beta[ch]);
-                    }
-                    part[ch] += (d * xhat).to_f64();
-                    part[c + ch] += d.to_f64();
-                    let dn = (d * gamma[ch]).to_f64();
-                    sum_dn[grp] += dn;
-                    sum_dn_xhat[grp] += dn * xhat.to_f64();
-                }
-            }
-            for p in 0..hw {
-                for ch in 0..c {
-                    let grp = ch / cpg;
-                    let i = p * c + ch;
-                    let r = rstd[img * g + grp];
-                    let xhat = (xi[i] - mean[img * g + grp]) * r;
-                    let mut d = dyi[i];
-                    if silu {
-                        d *= silu_grad(xhat * gamma[ch] + beta[ch]);
-                    }
-                    let dn = (d * gamma[ch]).to_f64();
-                    let v = r.to_f64()
-                        * (dn - sum_dn[grp] / count - xhat.to_f64() * sum_dn_xhat[grp] / count);
-                    let v = T::from_f64(v);
-                    dxi[i] = if accumulate { dxi[i] + v } else { v };
-                }
-            }
-            part
+    let count = (s.hw * cpg) as f64;
+    // Per image and channel: the group's mean and rstd, so x-hat = (x - m) r is channel-wise.
+    let mr: Vec<(T, T)> = (0..s.n * c)
+        .map(|i| {
+            let (img, ch) = (i / c, i % c);
+            (mean[img * g + ch / cpg], rstd[img * g + ch / cpg])
         })
         .collect();
-    let mut total = vec![0.0f64; 2 * c];
-    for part in partials {
-        for (t, v) in total.iter_mut().zip(part) {
-            *t += v;
+    // d is the gradient before the SiLU: dy times SiLU's derivative at the normalised value.
+    let grad = |xv: T, dyv: T, (m, r): (T, T), ch: usize| {
+        let xhat = (xv - m) * r;
+        let d = if silu {
+            dyv * silu_grad(xhat * gamma[ch] + beta[ch])
+        } else {
+            dyv
+        };
+        (xhat, d)
+    };
+    // Per image and channel, S1 = sum d (dbeta's share) and S2 = sum d x-hat (dgamma's), interleaved.
+    let sums = channel_sums(s, 2, |img, at, acc| {
+        let cm = &mr[img * c..(img + 1) * c];
+        for ch in 0..c {
+            let (xhat, d) = grad(x[at + ch], dy[at + ch], cm[ch], ch);
+            acc[2 * ch] += d.to_f64();
+            acc[2 * ch + 1] += (d * xhat).to_f64();
+        }
+    });
+    // dx = r (d gamma - A - x-hat B), A and B the group's means of gamma d and gamma d x-hat:
+    // dx = d P - x-hat Q - R with P = r gamma, Q = r B, R = r A per channel.
+    let mut coef = vec![(T::ZERO, T::ZERO, T::ZERO); s.n * c];
+    for img in 0..s.n {
+        let sm = &sums[img];
+        for grp in 0..g {
+            let chans = grp * cpg..(grp + 1) * cpg;
+            let a: f64 = chans
+                .clone()
+                .map(|ch| gamma[ch].to_f64() * sm[2 * ch])
+                .sum::<f64>()
+                / count;
+            let b: f64 = chans
+                .clone()
+                .map(|ch| gamma[ch].to_f64() * sm[2 * ch + 1])
+                .sum::<f64>()
+                / count;
+            let r = rstd[img * g + grp].to_f64();
+            for ch in chans {
+                coef[img * c + ch] = (
+                    T::from_f64(r * gamma[ch].to_f64()),
+                    T::from_f64(r * b),
+                    T::from_f64(r * a),
+                );
+            }
         }
     }
+    for_parts(s, dx, |img, at, rows| {
+        let cm = &mr[img * c..(img + 1) * c];
+        let cf = &coef[img * c..(img + 1) * c];
+        for (p, row) in rows.chunks_mut(c).enumerate() {
+            let i = at + p * c;
+            for (ch, o) in row.iter_mut().enumerate() {
+                let (xhat, d) = grad(x[i + ch], dy[i + ch], cm[ch], ch);
+                let (pc, q, r) = cf[ch];
+                let v = d * pc - xhat * q - r;
+                *o = if accumulate { *o + v } else { v };
+            }
+        }
+    });
     for ch in 0..c {
-        dgamma[ch] = T::from_f64(total[ch]);
-        dbeta[ch] = T::from_f64(total[c + ch]);
+        dgamma[ch] = T::from_f64(sums.iter().map(|sm| sm[2 * ch + 1]).sum());
+        dbeta[ch] = T::from_f64(sums.iter().map(|sm| sm[2 * ch]).sum());
     }
 }

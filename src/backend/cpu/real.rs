@@ -1,5 +1,7 @@
 //! The scalar types the CPU backend runs in: f32 (the engine) and f64 (finite-difference checks).
 
+use super::sgemm;
+use std::cell::RefCell;
 use std::fmt::Debug;
 use std::iter::Sum;
 use std::ops::{Add, AddAssign, Div, Mul, MulAssign, Neg, Sub, SubAssign};
@@ -54,6 +56,28 @@ pub trait Real:
         csc: isize,
     );
 
+    /// `b` made ready for many GEMMs with it ([`gemm_with`]): packed once in f32, kept as it is in f64.
+    fn prepare(b: Mat<'_, Self>) -> Rhs<'_, Self> {
+        Rhs::Plain(b)
+    }
+
+    /// `c = alpha a b + beta c` with `b` packed ([`Rhs::Packed`], made only by an f32 [`Real::prepare`]).
+    fn gemm_packed(
+        _alpha: Self,
+        _a: Mat<Self>,
+        _b: &sgemm::PackedB,
+        _beta: Self,
+        _c: &mut [Self],
+        _ldc: usize,
+    ) {
+        unreachable!("only f32 packs a GEMM operand")
+    }
+
+    /// Runs `f` on a scratch buffer of `len` elements owned by this thread (kept between calls, so a
+    /// step allocates nothing once warm). Its contents are whatever the last user left: write before
+    /// reading. Not reentrant: `f` must not call it again.
+    fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [Self]) -> R) -> R;
+
     fn sigmoid(self) -> Self {
         Self::ONE / (Self::ONE + (-self).exp())
     }
@@ -61,6 +85,50 @@ pub trait Real:
 
 impl Real for f32 {
     const ZERO: Self = 0.0;
+    fn prepare(b: Mat<'_, Self>) -> Rhs<'_, Self> {
+        assert!(b.last() <= b.data.len(), "gemm operand out of bounds");
+        let op = sgemm::Operand {
+            ptr: b.data.as_ptr(),
+            rs: b.rs as isize,
+            cs: b.cs as isize,
+        };
+        // SAFETY: b's extent was checked above.
+        Rhs::Packed(unsafe { sgemm::PackedB::new(b.rows, b.cols, op) })
+    }
+    fn gemm_packed(
+        alpha: f32,
+        a: Mat<f32>,
+        b: &sgemm::PackedB,
+        beta: f32,
+        c: &mut [f32],
+        ldc: usize,
+    ) {
+        assert_eq!(a.cols, b.rows(), "gemm inner dimensions");
+        let (m, n) = (a.rows, b.cols());
+        if m == 0 || n == 0 {
+            return;
+        }
+        assert!(a.last() <= a.data.len(), "gemm operand out of bounds");
+        assert!((m - 1) * ldc + n <= c.len(), "gemm output out of bounds");
+        let op = sgemm::Operand {
+            ptr: a.data.as_ptr(),
+            rs: a.rs as isize,
+            cs: a.cs as isize,
+        };
+        // SAFETY: the bounds were checked above; `c` is a unique borrow.
+        unsafe { sgemm::sgemm_packed(m, alpha, op, b, beta, c.as_mut_ptr(), ldc as isize, 1) }
+    }
+    fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [Self]) -> R) -> R {
+        thread_local! {
+            static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+        }
+        SCRATCH.with_borrow_mut(|v| {
+            if v.len() < len {
+                v.resize(len, 0.0);
+            }
+            f(&mut v[..len])
+        })
+    }
     const ONE: Self = 1.0;
     fn from_f64(x: f64) -> Self {
         x as f32
@@ -75,7 +143,7 @@ impl Real for f32 {
         self
     }
     fn exp(self) -> Self {
-        f32::exp(self)
+        exp_f32(self)
     }
     fn sqrt(self) -> Self {
         f32::sqrt(self)
@@ -96,14 +164,35 @@ impl Real for f32 {
         rsc: isize,
         csc: isize,
     ) {
-        unsafe {
-            matrixmultiply::sgemm(m, k, n, alpha, a, rsa, csa, b, rsb, csb, beta, c, rsc, csc)
-        }
+        let (a, b) = (
+            sgemm::Operand {
+                ptr: a,
+                rs: rsa,
+                cs: csa,
+            },
+            sgemm::Operand {
+                ptr: b,
+                rs: rsb,
+                cs: csb,
+            },
+        );
+        unsafe { sgemm::sgemm(m, k, n, alpha, a, b, beta, c, rsc, csc) }
     }
 }
 
 impl Real for f64 {
     const ZERO: Self = 0.0;
+    fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [Self]) -> R) -> R {
+        thread_local! {
+            static SCRATCH: RefCell<Vec<f64>> = const { RefCell::new(Vec::new()) };
+        }
+        SCRATCH.with_borrow_mut(|v| {
+            if v.len() < len {
+                v.resize(len, 0.0);
+            }
+            f(&mut v[..len])
+        })
+    }
     const ONE: Self = 1.0;
     fn from_f64(x: f64) -> Self {
         x
@@ -142,6 +231,48 @@ impl Real for f64 {
         unsafe {
             matrixmultiply::dgemm(m, k, n, alpha, a, rsa, csa, b, rsb, csb, beta, c, rsc, csc)
         }
+    }
+}
+
+/// `e^x` in f32 without a library call, so that loops of it (SiLU, softmax) inline and vectorise: the
+/// classic range reduction `x = n ln 2 + r`, |r| <= ln 2 / 2, with ln 2 split in two (the first part exact
+/// in a few bits, so `n * LN2_HI` is exact), a degree-5 minimax polynomial for `e^r` (Cephes' `expf`
+/// coefficients) and `2^n` built in the exponent bits. Within 2 ulp of the true value over the whole range
+/// (`tests::exp_f32_is_accurate`); +-inf and NaN come out as e^x does; results below f32's smallest normal
+/// (x < -87.3) are flushed to 0, which no activation of the network notices.
+#[inline(always)]
+pub fn exp_f32(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_359_4; // 355 / 512, exact in 9 bits
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    // Beyond these e^x is inf in f32, or below the smallest normal (2^-126).
+    const HI: f32 = 88.72283;
+    const LO: f32 = -87.33654;
+    let xc = x.clamp(LO, HI);
+    // Round to nearest by adding and taking away 1.5 * 2^23 (no rounding instruction before SSE4.1).
+    const ROUND: f32 = 12_582_912.0;
+    let n = (xc * LOG2E + ROUND) - ROUND;
+    let r = xc - n * LN2_HI - n * LN2_LO;
+    let r2 = r * r;
+    let mut p = 1.987_569_1e-4_f32;
+    p = p * r + 1.398_199_9e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 1.666_666_5e-1;
+    p = p * r + 5e-1;
+    let er = p * r2 + r + 1.0;
+    // n is in [-126, 128]: 2^n as an f32 is (n + 127) << 23, except n = 128, split as 2 * 2^127.
+    let ni = n as i32;
+    let (ni, twice) = if ni > 127 { (127, 2.0) } else { (ni, 1.0) };
+    let scale = f32::from_bits(((ni + 127) as u32) << 23);
+    let y = er * scale * twice;
+    if x > HI {
+        f32::INFINITY
+    } else if x < LO {
+        0.0
+    } else {
+        // NaN reaches here and stays NaN through the polynomial.
+        y
     }
 }
 
@@ -185,6 +316,20 @@ impl<'a, T> Mat<'a, T> {
     }
 }
 
+/// The right operand of [`gemm_with`]: see [`Real::prepare`].
+pub enum Rhs<'a, T> {
+    Plain(Mat<'a, T>),
+    Packed(sgemm::PackedB),
+}
+
+/// [`gemm`] with a prepared right operand: the same result, without repacking `b` per call.
+pub fn gemm_with<T: Real>(alpha: T, a: Mat<T>, b: &Rhs<T>, beta: T, c: &mut [T], ldc: usize) {
+    match b {
+        Rhs::Plain(b) => gemm(alpha, a, *b, beta, c, ldc),
+        Rhs::Packed(b) => T::gemm_packed(alpha, a, b, beta, c, ldc),
+    }
+}
+
 /// `c = alpha * a b + beta * c`, with `c` row-major (leading dimension `ldc`). Panics (a bug, not bad input)
 /// if a view reaches outside its slice.
 pub fn gemm<T: Real>(alpha: T, a: Mat<T>, b: Mat<T>, beta: T, c: &mut [T], ldc: usize) {
@@ -224,5 +369,49 @@ pub fn gemm<T: Real>(alpha: T, a: Mat<T>, b: Mat<T>, beta: T, c: &mut [T], ldc: 
             ldc as isize,
             1,
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::exp_f32;
+
+    /// Distance in ulps (units in the last place of the true value, as an f32) between `got` and `want`.
+    fn ulps(got: f32, want: f64) -> f64 {
+        let w = want as f32;
+        let ulp = (f32::from_bits(w.to_bits() + 1) - w) as f64;
+        (got as f64 - want).abs() / ulp
+    }
+
+    #[test]
+    fn exp_f32_is_accurate() {
+        // A dense sweep of the whole normal range against f64's exp: at most 2 ulp (libm's expf is within
+        // 1; the polynomial's own error is about 1 ulp and the rounding of r, p and the product add to it).
+        let mut worst: f64 = 0.0;
+        let (lo, hi) = (-87.33f32, 88.72f32);
+        let steps = 2_000_000;
+        for i in 0..=steps {
+            let x = lo + (hi - lo) * (i as f32 / steps as f32);
+            worst = worst.max(ulps(exp_f32(x), (x as f64).exp()));
+        }
+        for x in [
+            0.0f32, -0.0, 1e-8, -1e-8, 0.5, -0.5, 1.0, 10.0, -10.0, 88.0, -87.0,
+        ] {
+            worst = worst.max(ulps(exp_f32(x), (x as f64).exp()));
+        }
+        assert!(worst <= 2.0, "exp_f32 is {worst} ulp from exp");
+        assert_eq!(exp_f32(0.0), 1.0);
+    }
+
+    #[test]
+    fn exp_f32_edges() {
+        assert_eq!(exp_f32(f32::INFINITY), f32::INFINITY);
+        assert_eq!(exp_f32(f32::NEG_INFINITY), 0.0);
+        assert_eq!(exp_f32(89.0), f32::INFINITY);
+        assert_eq!(exp_f32(-88.0), 0.0);
+        assert!(exp_f32(f32::NAN).is_nan());
+        // The largest finite result: e^88.72 = 3.39e38, below f32::MAX.
+        let top = exp_f32(88.72);
+        assert!(top.is_finite() && ulps(top, f64::from(88.72f32).exp()) <= 2.0);
     }
 }
