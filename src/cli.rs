@@ -858,7 +858,12 @@ impl Job for BenchArgs {
         let config = UNetConfig::preset(&self.preset)?;
         let ceilings = bench::Ceilings::measure(be)?;
         println!("device       {}", be.describe());
-        let peak = |p: Option<f64>| p.map_or("unknown".into(), |p| format!("{p:.1} TFLOP/s"));
+        let peak = |p: Option<f64>| {
+            p.map_or("unknown".into(), |p| match p < 1.0 {
+                true => format!("{:.0} GFLOP/s", p * 1e3),
+                false => format!("{p:.1} TFLOP/s"),
+            })
+        };
         println!(
             "ceilings     device copy {:.0} GB/s; fp32 FMA {}; bf16 mma.sync {} (measured where the \
              backend can, else stated; bench's GEMMs run in {}; on sm_90 wgmma goes past mma.sync: the \

@@ -96,10 +96,17 @@ fn gib(bytes: usize) -> f64 {
 impl<T: Real> Backend for CpuBackend<T> {
     fn describe(&self) -> String {
         format!(
-            "cpu ({} threads, {})",
+            "cpu ({} threads, {}, GEMM kernel {})",
             rayon::current_num_threads(),
-            std::any::type_name::<T>()
+            std::any::type_name::<T>(),
+            sgemm::Isa::get().name()
         )
+    }
+    fn measure_peak_tflops(&mut self, p: super::Precision) -> Result<Option<f64>> {
+        // The f32 engine's GEMM instructions on every thread; bf16 is not a CPU precision.
+        let f32_engine = std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>();
+        Ok((p == super::Precision::Fp32 && f32_engine)
+            .then(|| sgemm::fma_peak_gflops(sgemm::Isa::get()) / 1e3))
     }
 
     fn alloc(&mut self, len: usize) -> Result<Tensor> {

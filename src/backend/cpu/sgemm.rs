@@ -130,8 +130,11 @@ fn update(c: f32, acc: f32, beta: f32) -> f32 {
 }
 
 thread_local! {
-    /// Packed `a` and `b` blocks, reused by every GEMM on this thread: no allocation once warm.
-    static SCRATCH: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+    /// Packed `a` and `b` blocks and where each panel of `a` is read from, reused by every GEMM on this
+    /// thread: no allocation once warm.
+    #[allow(clippy::type_complexity)]
+    static SCRATCH: RefCell<(Vec<f32>, Vec<f32>, Vec<(*const f32, isize)>)> =
+        const { RefCell::new((Vec::new(), Vec::new(), Vec::new())) };
 }
 
 /// `c = alpha a b + beta c`, `a` m x k, `b` k x n, `c` m x n at (`rsc`, `csc`); with `beta = 0`, `c` is
@@ -307,12 +310,14 @@ unsafe fn drive<const MR: usize, const NR: usize>(kernel: Kernel, args: Args) {
         return;
     }
     let n_panels = n.div_ceil(NR);
-    SCRATCH.with_borrow_mut(|(pa, pb)| {
+    SCRATCH.with_borrow_mut(|(pa, pb, apanel)| {
         let pb = match b {
             Rhs::Strided(_) => aligned(pb, KC * n_panels * NR),
             Rhs::Packed(_) => &mut [],
         };
-        let pa = aligned(pa, KC * MR);
+        let pa = aligned(pa, KC * m.div_ceil(MR) * MR);
+        apanel.clear();
+        apanel.resize(m.div_ceil(MR), (std::ptr::null(), 0));
         let mut tile = [0.0f32; 12 * 32];
         for (block, p0) in (0..k).step_by(KC).enumerate() {
             let kc = KC.min(k - p0);
@@ -329,35 +334,55 @@ unsafe fn drive<const MR: usize, const NR: usize>(kernel: Kernel, args: Args) {
             };
             // Block 0 sets c (alpha acc + beta c), later blocks add to it (beta 1).
             let beta = if block == 0 { beta } else { 1.0 };
-            for r0 in (0..m).step_by(MR) {
+            // Every panel of a for this block: read in place when its rows are contiguous and all
+            // there, else copied.
+            for (ap, slot) in apanel.iter_mut().enumerate() {
+                let r0 = ap * MR;
                 let rows = MR.min(m - r0);
-                // The kernel reads a's rows in place when they are contiguous and all there; else a copy.
-                let (ap, lda) = if a.cs == 1 && rows == MR {
+                *slot = if a.cs == 1 && rows == MR {
                     (
                         unsafe { a.ptr.offset(r0 as isize * a.rs + p0 as isize) },
                         a.rs,
                     )
                 } else {
-                    unsafe { pack_a::<MR>(a, r0, rows, p0, kc, pa) };
-                    (pa.as_ptr(), kc as isize)
+                    let out = &mut pa[ap * MR * kc..(ap + 1) * MR * kc];
+                    unsafe { pack_a::<MR>(a, r0, rows, p0, kc, out) };
+                    (out.as_ptr(), kc as isize)
                 };
-                for panel in 0..n_panels {
-                    let j0 = panel * NR;
-                    let cols = NR.min(n - j0);
-                    let bp = pb[panel * kc * NR..].as_ptr();
-                    let at = unsafe { c.offset(r0 as isize * rsc + j0 as isize * csc) };
-                    if rows == MR && cols == NR && csc == 1 {
-                        unsafe { kernel(kc, ap, lda, bp, at, rsc, alpha, beta) };
-                        continue;
+            }
+            let mut tile_at = |ap: usize, panel: usize| {
+                let (aptr, lda) = apanel[ap];
+                let (r0, j0) = (ap * MR, panel * NR);
+                let (rows, cols) = (MR.min(m - r0), NR.min(n - j0));
+                let bp = pb[panel * kc * NR..].as_ptr();
+                let at = unsafe { c.offset(r0 as isize * rsc + j0 as isize * csc) };
+                if rows == MR && cols == NR && csc == 1 {
+                    unsafe { kernel(kc, aptr, lda, bp, at, rsc, alpha, beta) };
+                    return;
+                }
+                // An edge tile (or a strided c): the tile alone, then the same update by element.
+                unsafe { kernel(kc, aptr, lda, bp, tile.as_mut_ptr(), NR as isize, 1.0, 0.0) };
+                for i in 0..rows {
+                    for j in 0..cols {
+                        let at = unsafe { at.offset(i as isize * rsc + j as isize * csc) };
+                        let acc = alpha * tile[i * NR + j];
+                        unsafe { *at = update(*at, acc, beta) };
                     }
-                    // An edge tile (or a strided c): the tile alone, then the same update by element.
-                    unsafe { kernel(kc, ap, lda, bp, tile.as_mut_ptr(), NR as isize, 1.0, 0.0) };
-                    for i in 0..rows {
-                        for j in 0..cols {
-                            let at = unsafe { at.offset(i as isize * rsc + j as isize * csc) };
-                            let acc = alpha * tile[i * NR + j];
-                            unsafe { *at = update(*at, acc, beta) };
-                        }
+                }
+            };
+            // Which operand stays in L2 while the other's panel sits in L1: b's block when it fits in
+            // half of a 1 MiB L2 (each panel of a then meets every panel of b), else a's. The same
+            // arithmetic either way, only the order of the tiles differs.
+            if kc * n_panels * NR * 4 <= 512 << 10 {
+                for ap in 0..apanel.len() {
+                    for panel in 0..n_panels {
+                        tile_at(ap, panel);
+                    }
+                }
+            } else {
+                for panel in 0..n_panels {
+                    for ap in 0..apanel.len() {
+                        tile_at(ap, panel);
                     }
                 }
             }
@@ -564,6 +589,83 @@ unsafe fn kernel_avx2_inner(
             unsafe { _mm256_storeu_ps(at, v) };
         }
     }
+}
+
+/// The machine's fp32 multiply-add rate with `isa`'s instructions, measured: every thread of the pool runs
+/// 12 independent chains of fused multiply-adds (enough to cover the latency of two FMA pipes) for about
+/// about 0.05 s, all at once, best of 5 rounds. In GFLOP/s (an FMA is 2 FLOPs). What [`sgemm`] is judged against.
+pub fn fma_peak_gflops(isa: Isa) -> f64 {
+    let iters: usize = 1 << 20;
+    let lanes = match isa {
+        Isa::Avx512 => 16,
+        Isa::Avx2 => 8,
+        Isa::Portable => 1,
+    };
+    let run = || {
+        let t = std::time::Instant::now();
+        let v = match isa {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => unsafe { fma_chains_avx512(iters) },
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => unsafe { fma_chains_avx2(iters) },
+            _ => fma_chains_portable(iters),
+        };
+        std::hint::black_box(v);
+        t.elapsed().as_secs_f64()
+    };
+    run(); // warm the clocks
+           // The best of 5 rounds: a shared machine's neighbours only ever slow a round down.
+    (0..5)
+        .map(|_| {
+            let secs: Vec<f64> = rayon::broadcast(|_| run());
+            let slowest = secs.iter().cloned().fold(0.0, f64::max);
+            (secs.len() * iters * 12 * lanes * 2) as f64 / slowest / 1e9
+        })
+        .fold(0.0, f64::max)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn fma_chains_avx512(iters: usize) -> f32 {
+    use std::arch::x86_64::*;
+    let (x, y) = (_mm512_set1_ps(0.999_999), _mm512_set1_ps(1e-7));
+    let mut acc = [_mm512_set1_ps(1.0); 12];
+    for _ in 0..iters {
+        for a in acc.iter_mut() {
+            *a = _mm512_fmadd_ps(*a, x, y);
+        }
+    }
+    acc.iter().map(|&a| _mm512_reduce_add_ps(a)).sum()
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn fma_chains_avx2(iters: usize) -> f32 {
+    use std::arch::x86_64::*;
+    let (x, y) = (_mm256_set1_ps(0.999_999), _mm256_set1_ps(1e-7));
+    let mut acc = [_mm256_set1_ps(1.0); 12];
+    for _ in 0..iters {
+        for a in acc.iter_mut() {
+            *a = _mm256_fmadd_ps(*a, x, y);
+        }
+    }
+    let mut out = [0.0f32; 8];
+    let mut sum = 0.0;
+    for a in acc {
+        unsafe { _mm256_storeu_ps(out.as_mut_ptr(), a) };
+        sum += out.iter().sum::<f32>();
+    }
+    sum
+}
+
+fn fma_chains_portable(iters: usize) -> f32 {
+    let mut acc = [1.0f32; 12];
+    for _ in 0..iters {
+        for a in acc.iter_mut() {
+            *a = std::hint::black_box(*a) * 0.999_999 + 1e-7;
+        }
+    }
+    acc.iter().sum()
 }
 
 #[cfg(test)]
