@@ -27,18 +27,8 @@ fn main() {
             let reps = (2e9 / (2.0 * (m * k * n) as f64)).ceil() as usize;
             let run = || {
                 let mut c = vec![0.0f32; m * n];
-                let (op_a, op_b) = (
-                    Operand {
-                        ptr: a.as_ptr(),
-                        rs: k as isize,
-                        cs: 1,
-                    },
-                    Operand {
-                        ptr: b.as_ptr(),
-                        rs: n as isize,
-                        cs: 1,
-                    },
-                );
+                let op_a = Operand::new(a.as_ptr(), k as isize, 1);
+                let op_b = Operand::new(b.as_ptr(), n as isize, 1);
                 for _ in 0..reps {
                     // SAFETY: a, b, c are m x k, k x n, m x n row-major.
                     unsafe {

@@ -859,9 +859,13 @@ impl Job for BenchArgs {
         let ceilings = bench::Ceilings::measure(be)?;
         println!("device       {}", be.describe());
         let peak = |p: Option<f64>| {
-            p.map_or("unknown".into(), |p| match p < 1.0 {
-                true => format!("{:.0} GFLOP/s", p * 1e3),
-                false => format!("{p:.1} TFLOP/s"),
+            // A CPU's peak reads better in GFLOP/s.
+            p.map_or("unknown".into(), |p| {
+                if p < 1.0 {
+                    format!("{:.0} GFLOP/s", p * 1e3)
+                } else {
+                    format!("{p:.1} TFLOP/s")
+                }
             })
         };
         println!(

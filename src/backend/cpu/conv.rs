@@ -80,6 +80,17 @@ pub fn forward<T: Real>(s: &ConvShape, x: &[T], w: &[T], b: &[T], y: &mut [T]) {
         });
 }
 
+/// The output row (or column) whose tap `tap` reads input row `i`: `yo * stride + tap - pad = i`;
+/// `usize::MAX` where none does.
+fn reader(i: usize, tap: usize, pad: usize, stride: usize) -> usize {
+    let num = (i + pad) as isize - tap as isize;
+    if num >= 0 && (num as usize).is_multiple_of(stride) {
+        num as usize / stride
+    } else {
+        usize::MAX
+    }
+}
+
 /// `dx (+)= conv^T(dy, w)`.
 pub fn backward_data<T: Real>(s: &ConvShape, dy: &[T], w: &[T], dx: &mut [T], accumulate: bool) {
     let beta = if accumulate { T::ONE } else { T::ZERO };
@@ -121,20 +132,9 @@ pub fn backward_data<T: Real>(s: &ConvShape, dy: &[T], w: &[T], dx: &mut [T], ac
                     let (ih, iw) = (rest / s.w, rest % s.w);
                     let row = &mut g[p * kk..(p + 1) * kk];
                     for r in 0..taps {
-                        // output row yo reads input row yo * stride + r - pad = ih
-                        let num = (ih + pad) as isize - r as isize;
-                        let yo = if num >= 0 && (num as usize).is_multiple_of(stride) {
-                            num as usize / stride
-                        } else {
-                            usize::MAX
-                        };
+                        let yo = reader(ih, r, pad, stride);
                         for t in 0..taps {
-                            let num = (iw + pad) as isize - t as isize;
-                            let xo = if num >= 0 && (num as usize).is_multiple_of(stride) {
-                                num as usize / stride
-                            } else {
-                                usize::MAX
-                            };
+                            let xo = reader(iw, t, pad, stride);
                             let dst = &mut row[(r * taps + t) * o..(r * taps + t + 1) * o];
                             if yo < oh && xo < ow {
                                 let src = ((img * oh + yo) * ow + xo) * o;

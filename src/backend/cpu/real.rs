@@ -57,18 +57,25 @@ pub trait Real:
     );
 
     /// `b` made ready for many GEMMs with it ([`gemm_with`]): packed once in f32, kept as it is in f64.
-    fn prepare(b: Mat<'_, Self>) -> Rhs<'_, Self> {
-        Rhs::Plain(b)
+    fn prepare(b: Mat<'_, Self>) -> Prepared<'_, Self> {
+        Prepared::Plain(b)
     }
 
-    /// `c = alpha a b + beta c` with `b` packed ([`Rhs::Packed`], made only by an f32 [`Real::prepare`]).
-    fn gemm_packed(
+    /// [`Real::gemm_raw`] with `b` packed ([`Prepared::Packed`], made only by an f32 [`Real::prepare`]).
+    ///
+    /// # Safety
+    /// As [`Real::gemm_raw`]'s.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn gemm_packed_raw(
+        _m: usize,
         _alpha: Self,
-        _a: Mat<Self>,
+        _a: *const Self,
+        _rsa: isize,
+        _csa: isize,
         _b: &sgemm::PackedB,
         _beta: Self,
-        _c: &mut [Self],
-        _ldc: usize,
+        _c: *mut Self,
+        _rsc: isize,
     ) {
         unreachable!("only f32 packs a GEMM operand")
     }
@@ -85,49 +92,31 @@ pub trait Real:
 
 impl Real for f32 {
     const ZERO: Self = 0.0;
-    fn prepare(b: Mat<'_, Self>) -> Rhs<'_, Self> {
+    fn prepare(b: Mat<'_, Self>) -> Prepared<'_, Self> {
         assert!(b.last() <= b.data.len(), "gemm operand out of bounds");
-        let op = sgemm::Operand {
-            ptr: b.data.as_ptr(),
-            rs: b.rs as isize,
-            cs: b.cs as isize,
-        };
+        let op = sgemm::Operand::new(b.data.as_ptr(), b.rs as isize, b.cs as isize);
         // SAFETY: b's extent was checked above.
-        Rhs::Packed(unsafe { sgemm::PackedB::new(b.rows, b.cols, op) })
+        Prepared::Packed(unsafe { sgemm::PackedB::new(b.rows, b.cols, op) })
     }
-    fn gemm_packed(
+    unsafe fn gemm_packed_raw(
+        m: usize,
         alpha: f32,
-        a: Mat<f32>,
+        a: *const f32,
+        rsa: isize,
+        csa: isize,
         b: &sgemm::PackedB,
         beta: f32,
-        c: &mut [f32],
-        ldc: usize,
+        c: *mut f32,
+        rsc: isize,
     ) {
-        assert_eq!(a.cols, b.rows(), "gemm inner dimensions");
-        let (m, n) = (a.rows, b.cols());
-        if m == 0 || n == 0 {
-            return;
-        }
-        assert!(a.last() <= a.data.len(), "gemm operand out of bounds");
-        assert!((m - 1) * ldc + n <= c.len(), "gemm output out of bounds");
-        let op = sgemm::Operand {
-            ptr: a.data.as_ptr(),
-            rs: a.rs as isize,
-            cs: a.cs as isize,
-        };
-        // SAFETY: the bounds were checked above; `c` is a unique borrow.
-        unsafe { sgemm::sgemm_packed(m, alpha, op, b, beta, c.as_mut_ptr(), ldc as isize, 1) }
+        let a = sgemm::Operand::new(a, rsa, csa);
+        unsafe { sgemm::sgemm_packed(m, alpha, a, b, beta, c, rsc, 1) }
     }
     fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [Self]) -> R) -> R {
         thread_local! {
             static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
         }
-        SCRATCH.with_borrow_mut(|v| {
-            if v.len() < len {
-                v.resize(len, 0.0);
-            }
-            f(&mut v[..len])
-        })
+        scratch_of(&SCRATCH, len, f)
     }
     const ONE: Self = 1.0;
     fn from_f64(x: f64) -> Self {
@@ -165,16 +154,8 @@ impl Real for f32 {
         csc: isize,
     ) {
         let (a, b) = (
-            sgemm::Operand {
-                ptr: a,
-                rs: rsa,
-                cs: csa,
-            },
-            sgemm::Operand {
-                ptr: b,
-                rs: rsb,
-                cs: csb,
-            },
+            sgemm::Operand::new(a, rsa, csa),
+            sgemm::Operand::new(b, rsb, csb),
         );
         unsafe { sgemm::sgemm(m, k, n, alpha, a, b, beta, c, rsc, csc) }
     }
@@ -186,12 +167,7 @@ impl Real for f64 {
         thread_local! {
             static SCRATCH: RefCell<Vec<f64>> = const { RefCell::new(Vec::new()) };
         }
-        SCRATCH.with_borrow_mut(|v| {
-            if v.len() < len {
-                v.resize(len, 0.0);
-            }
-            f(&mut v[..len])
-        })
+        scratch_of(&SCRATCH, len, f)
     }
     const ONE: Self = 1.0;
     fn from_f64(x: f64) -> Self {
@@ -316,30 +292,42 @@ impl<'a, T> Mat<'a, T> {
     }
 }
 
-/// The right operand of [`gemm_with`]: see [`Real::prepare`].
-pub enum Rhs<'a, T> {
+/// A right operand made ready for many GEMMs ([`Real::prepare`]).
+pub enum Prepared<'a, T> {
     Plain(Mat<'a, T>),
     Packed(sgemm::PackedB),
 }
 
-/// [`gemm`] with a prepared right operand: the same result, without repacking `b` per call.
-pub fn gemm_with<T: Real>(alpha: T, a: Mat<T>, b: &Rhs<T>, beta: T, c: &mut [T], ldc: usize) {
-    match b {
-        Rhs::Plain(b) => gemm(alpha, a, *b, beta, c, ldc),
-        Rhs::Packed(b) => T::gemm_packed(alpha, a, b, beta, c, ldc),
+impl<T> Prepared<'_, T> {
+    /// (rows, columns)
+    fn dims(&self) -> (usize, usize) {
+        match self {
+            Prepared::Plain(b) => (b.rows, b.cols),
+            Prepared::Packed(b) => (b.rows(), b.cols()),
+        }
     }
 }
 
 /// `c = alpha * a b + beta * c`, with `c` row-major (leading dimension `ldc`). Panics (a bug, not bad input)
 /// if a view reaches outside its slice.
 pub fn gemm<T: Real>(alpha: T, a: Mat<T>, b: Mat<T>, beta: T, c: &mut [T], ldc: usize) {
-    assert_eq!(a.cols, b.rows, "gemm inner dimensions");
-    let (m, n, k) = (a.rows, b.cols, a.cols);
+    gemm_with(alpha, a, &Prepared::Plain(b), beta, c, ldc)
+}
+
+/// [`gemm`] with a prepared right operand: the same result, without repacking `b` per call.
+pub fn gemm_with<T: Real>(alpha: T, a: Mat<T>, b: &Prepared<T>, beta: T, c: &mut [T], ldc: usize) {
+    let (k, n) = b.dims();
+    assert_eq!(a.cols, k, "gemm inner dimensions");
+    let m = a.rows;
     if m == 0 || n == 0 {
         return;
     }
+    let b_inside = match b {
+        Prepared::Plain(b) => b.last() <= b.data.len(),
+        Prepared::Packed(_) => true, // checked when packed
+    };
     assert!(
-        a.last() <= a.data.len() && b.last() <= b.data.len(),
+        a.last() <= a.data.len() && b_inside,
         "gemm operand out of bounds"
     );
     assert!((m - 1) * ldc + n <= c.len(), "gemm output out of bounds");
@@ -351,25 +339,32 @@ pub fn gemm<T: Real>(alpha: T, a: Mat<T>, b: Mat<T>, beta: T, c: &mut [T], ldc: 
         }
         return;
     }
+    let (pa, rsa, csa) = (a.data.as_ptr(), a.rs as isize, a.cs as isize);
+    let (pc, rsc) = (c.as_mut_ptr(), ldc as isize);
     // SAFETY: the bounds of every operand were checked above; `c` is a unique borrow, so it aliases nothing.
     unsafe {
-        T::gemm_raw(
-            m,
-            k,
-            n,
-            alpha,
-            a.data.as_ptr(),
-            a.rs as isize,
-            a.cs as isize,
-            b.data.as_ptr(),
-            b.rs as isize,
-            b.cs as isize,
-            beta,
-            c.as_mut_ptr(),
-            ldc as isize,
-            1,
-        )
+        match b {
+            Prepared::Plain(b) => {
+                let (pb, rsb, csb) = (b.data.as_ptr(), b.rs as isize, b.cs as isize);
+                T::gemm_raw(m, k, n, alpha, pa, rsa, csa, pb, rsb, csb, beta, pc, rsc, 1)
+            }
+            Prepared::Packed(b) => T::gemm_packed_raw(m, alpha, pa, rsa, csa, b, beta, pc, rsc),
+        }
     }
+}
+
+/// [`Real::with_scratch`] on one of the per-thread buffers.
+fn scratch_of<T: Copy + Default, R>(
+    key: &'static std::thread::LocalKey<RefCell<Vec<T>>>,
+    len: usize,
+    f: impl FnOnce(&mut [T]) -> R,
+) -> R {
+    key.with_borrow_mut(|v| {
+        if v.len() < len {
+            v.resize(len, T::default());
+        }
+        f(&mut v[..len])
+    })
 }
 
 #[cfg(test)]

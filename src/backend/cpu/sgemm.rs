@@ -19,15 +19,17 @@
 //! the same bits on any x86 CPU with FMA. (The portable kernel rounds the products apart, so a machine
 //! without FMA gets other bits.)
 
+#[cfg(target_arch = "x86_64")]
+use std::arch::x86_64::*;
 use std::cell::RefCell;
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 
 /// Depth of a packed block: the rows of `b` (and columns of `a`) one pass of the microkernel covers. Part
 /// of the summation order (see the module's note), so a constant.
 pub const KC: usize = 256;
 
-/// The microkernel the CPU runs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// The microkernel the CPU runs, widest first (the order `Ord` compares by).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Isa {
     Avx512,
     Avx2,
@@ -89,25 +91,18 @@ impl Isa {
     }
 }
 
-impl PartialOrd for Isa {
-    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(other))
-    }
-}
-
-impl Ord for Isa {
-    /// Widest first: `Avx512 < Avx2 < Portable`.
-    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        (*self as u8).cmp(&(*other as u8))
-    }
-}
-
 /// A strided f32 operand: element (i, j) at `ptr[i * rs + j * cs]`.
 #[derive(Clone, Copy)]
 pub struct Operand {
     pub ptr: *const f32,
     pub rs: isize,
     pub cs: isize,
+}
+
+impl Operand {
+    pub fn new(ptr: *const f32, rs: isize, cs: isize) -> Self {
+        Self { ptr, rs, cs }
+    }
 }
 
 /// `kernel(kc, a, lda, b_panel, c, ldc, alpha, beta)`: the `MR x NR` tile at `c` (rows `ldc` apart) becomes
@@ -203,6 +198,22 @@ enum Rhs<'a> {
     Packed(&'a PackedB),
 }
 
+/// The buffers of dropped [`PackedB`]s, for the next ones: a layer's weights are packed on every call,
+/// and a fresh buffer of megabytes is fresh pages from the kernel, page faults each time.
+static POOL: Mutex<Vec<Vec<f32>>> = Mutex::new(Vec::new());
+
+/// Buffers [`POOL`] keeps at most (a few layers' weights).
+const POOL_BUFFERS: usize = 8;
+
+impl Drop for PackedB {
+    fn drop(&mut self) {
+        let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
+        if pool.len() < POOL_BUFFERS {
+            pool.push(std::mem::take(&mut self.data));
+        }
+    }
+}
+
 /// A right operand (`k x n`) packed once for many GEMMs with it (a layer's weights, shared by every chunk
 /// of pixels): the layout [`sgemm`] packs into block by block, all blocks at once.
 pub struct PackedB {
@@ -213,20 +224,25 @@ pub struct PackedB {
 }
 
 impl PackedB {
-    /// Packs `b` (`k x n`) for the kernel [`Isa::get`] picks.
+    /// Packs `b` (`k x n`) for the kernel [`Isa::get`] picks, into a buffer a dropped one left
+    /// ([`POOL`]) when there is one.
     ///
     /// # Safety
     /// Every element of `b` must lie inside its allocation.
     pub unsafe fn new(k: usize, n: usize, b: Operand) -> Self {
-        unsafe { Self::new_on(Isa::get(), k, n, b) }
-    }
-
-    /// # Safety
-    /// As [`PackedB::new`]'s.
-    pub unsafe fn new_on(isa: Isa, k: usize, n: usize, b: Operand) -> Self {
+        let isa = Isa::get();
         let nr = isa.nr();
         let n_pad = n.div_ceil(nr) * nr;
-        let mut data = vec![0.0f32; k * n_pad];
+        let mut data = {
+            let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
+            let fits = pool.iter().position(|v| v.capacity() >= k * n_pad);
+            fits.map(|i| pool.swap_remove(i))
+                .or_else(|| pool.pop())
+                .unwrap_or_default()
+        };
+        // Every element is written below (padding too): the zeros are only for the length.
+        data.clear();
+        data.resize(k * n_pad, 0.0);
         for p0 in (0..k).step_by(KC) {
             let kc = KC.min(k - p0);
             let block = &mut data[p0 * n_pad..(p0 + kc) * n_pad];
@@ -473,127 +489,84 @@ unsafe fn kernel_portable<const MR: usize, const NR: usize>(
     }
 }
 
-#[cfg(target_arch = "x86_64")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn kernel_avx512(
-    kc: usize,
-    a: *const f32,
-    lda: isize,
-    b: *const f32,
-    c: *mut f32,
-    ldc: isize,
-    alpha: f32,
-    beta: f32,
-) {
-    unsafe { kernel_avx512_inner(kc, a, lda, b, c, ldc, alpha, beta) }
+/// The FMA kernel of one vector width `W`, `MR x 2W`: per step of k two loads of `b`'s panel row, `MR`
+/// broadcasts of `a`, `2 MR` FMAs into as many registers (AVX-512: 12 x 32 in 24 of the 32 zmm; AVX2:
+/// 6 x 16 in 12 of the 16 ymm); then [`update`] a vector at a time. And the FMA chains that measure the
+/// peak with the same instructions.
+macro_rules! fma_kernel {
+    ($kernel:ident, $chains:ident, $feature:literal, $mr:literal, $w:literal,
+     $zero:ident, $set1:ident, $load:ident, $store:ident, $fmadd:ident, $mul:ident, $add:ident) => {
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = $feature)]
+        #[allow(clippy::too_many_arguments)]
+        unsafe fn $kernel(
+            kc: usize,
+            a: *const f32,
+            lda: isize,
+            b: *const f32,
+            c: *mut f32,
+            ldc: isize,
+            alpha: f32,
+            beta: f32,
+        ) {
+            let mut acc = [[$zero(); 2]; $mr];
+            for p in 0..kc {
+                let bp = unsafe { b.add(p * 2 * $w) };
+                let (b0, b1) = unsafe { ($load(bp), $load(bp.add($w))) };
+                for (i, row) in acc.iter_mut().enumerate() {
+                    let av = $set1(unsafe { *a.offset(i as isize * lda + p as isize) });
+                    row[0] = $fmadd(av, b0, row[0]);
+                    row[1] = $fmadd(av, b1, row[1]);
+                }
+            }
+            let (va, vb) = ($set1(alpha), $set1(beta));
+            for (i, row) in acc.iter().enumerate() {
+                for (h, &v) in row.iter().enumerate() {
+                    let at = unsafe { c.offset(i as isize * ldc + (h * $w) as isize) };
+                    let v = $mul(va, v);
+                    let v = if beta == 0.0 {
+                        v
+                    } else if beta == 1.0 {
+                        $add(unsafe { $load(at) }, v)
+                    } else {
+                        $add($mul(vb, unsafe { $load(at) }), v)
+                    };
+                    unsafe { $store(at, v) };
+                }
+            }
+        }
+
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = $feature)]
+        unsafe fn $chains(iters: usize) -> f32 {
+            let (x, y) = ($set1(0.999_999), $set1(1e-7));
+            let mut acc = [$set1(1.0); 12];
+            for _ in 0..iters {
+                for a in acc.iter_mut() {
+                    *a = $fmadd(*a, x, y);
+                }
+            }
+            let mut lanes = [0.0f32; $w];
+            let mut sum = 0.0;
+            for a in acc {
+                unsafe { $store(lanes.as_mut_ptr(), a) };
+                sum += lanes.iter().sum::<f32>();
+            }
+            sum
+        }
+    };
 }
 
-/// 12 x 32: per step of k two 16-wide loads of `b`, twelve broadcasts of `a`, 24 FMAs into 24 zmm.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn kernel_avx512_inner(
-    kc: usize,
-    a: *const f32,
-    lda: isize,
-    b: *const f32,
-    c: *mut f32,
-    ldc: isize,
-    alpha: f32,
-    beta: f32,
-) {
-    use std::arch::x86_64::*;
-    let mut acc = [[_mm512_setzero_ps(); 2]; 12];
-    for p in 0..kc {
-        let bp = unsafe { b.add(p * 32) };
-        let b0 = unsafe { _mm512_loadu_ps(bp) };
-        let b1 = unsafe { _mm512_loadu_ps(bp.add(16)) };
-        for (i, row) in acc.iter_mut().enumerate() {
-            let av = _mm512_set1_ps(unsafe { *a.offset(i as isize * lda + p as isize) });
-            row[0] = _mm512_fmadd_ps(av, b0, row[0]);
-            row[1] = _mm512_fmadd_ps(av, b1, row[1]);
-        }
-    }
-    let (va, vb) = (_mm512_set1_ps(alpha), _mm512_set1_ps(beta));
-    for (i, row) in acc.iter().enumerate() {
-        for (h, &v) in row.iter().enumerate() {
-            let at = unsafe { c.offset(i as isize * ldc + (h * 16) as isize) };
-            let v = _mm512_mul_ps(va, v);
-            // update(), a vector at a time.
-            let v = if beta == 0.0 {
-                v
-            } else if beta == 1.0 {
-                _mm512_add_ps(unsafe { _mm512_loadu_ps(at) }, v)
-            } else {
-                _mm512_add_ps(_mm512_mul_ps(vb, unsafe { _mm512_loadu_ps(at) }), v)
-            };
-            unsafe { _mm512_storeu_ps(at, v) };
-        }
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn kernel_avx2(
-    kc: usize,
-    a: *const f32,
-    lda: isize,
-    b: *const f32,
-    c: *mut f32,
-    ldc: isize,
-    alpha: f32,
-    beta: f32,
-) {
-    unsafe { kernel_avx2_inner(kc, a, lda, b, c, ldc, alpha, beta) }
-}
-
-/// 6 x 16: per step of k two 8-wide loads of `b`, six broadcasts of `a`, 12 FMAs into 12 ymm.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn kernel_avx2_inner(
-    kc: usize,
-    a: *const f32,
-    lda: isize,
-    b: *const f32,
-    c: *mut f32,
-    ldc: isize,
-    alpha: f32,
-    beta: f32,
-) {
-    use std::arch::x86_64::*;
-    let mut acc = [[_mm256_setzero_ps(); 2]; 6];
-    for p in 0..kc {
-        let bp = unsafe { b.add(p * 16) };
-        let b0 = unsafe { _mm256_loadu_ps(bp) };
-        let b1 = unsafe { _mm256_loadu_ps(bp.add(8)) };
-        for (i, row) in acc.iter_mut().enumerate() {
-            let av = _mm256_set1_ps(unsafe { *a.offset(i as isize * lda + p as isize) });
-            row[0] = _mm256_fmadd_ps(av, b0, row[0]);
-            row[1] = _mm256_fmadd_ps(av, b1, row[1]);
-        }
-    }
-    let (va, vb) = (_mm256_set1_ps(alpha), _mm256_set1_ps(beta));
-    for (i, row) in acc.iter().enumerate() {
-        for (h, &v) in row.iter().enumerate() {
-            let at = unsafe { c.offset(i as isize * ldc + (h * 8) as isize) };
-            let v = _mm256_mul_ps(va, v);
-            // update(), a vector at a time.
-            let v = if beta == 0.0 {
-                v
-            } else if beta == 1.0 {
-                _mm256_add_ps(unsafe { _mm256_loadu_ps(at) }, v)
-            } else {
-                _mm256_add_ps(_mm256_mul_ps(vb, unsafe { _mm256_loadu_ps(at) }), v)
-            };
-            unsafe { _mm256_storeu_ps(at, v) };
-        }
-    }
-}
+#[rustfmt::skip]
+fma_kernel!(kernel_avx512, fma_chains_avx512, "avx512f", 12, 16, _mm512_setzero_ps, _mm512_set1_ps,
+    _mm512_loadu_ps, _mm512_storeu_ps, _mm512_fmadd_ps, _mm512_mul_ps, _mm512_add_ps);
+#[rustfmt::skip]
+fma_kernel!(kernel_avx2, fma_chains_avx2, "avx2,fma", 6, 8, _mm256_setzero_ps, _mm256_set1_ps,
+    _mm256_loadu_ps, _mm256_storeu_ps, _mm256_fmadd_ps, _mm256_mul_ps, _mm256_add_ps);
 
 /// The machine's fp32 multiply-add rate with `isa`'s instructions, measured: every thread of the pool runs
 /// 12 independent chains of fused multiply-adds (enough to cover the latency of two FMA pipes) for about
-/// about 0.05 s, all at once, best of 5 rounds. In GFLOP/s (an FMA is 2 FLOPs). What [`sgemm`] is judged against.
+/// 0.05 s, all at once, best of 5 rounds. In GFLOP/s (an FMA is 2 FLOPs). What [`sgemm`] is judged against.
 pub fn fma_peak_gflops(isa: Isa) -> f64 {
     let iters: usize = 1 << 20;
     let lanes = match isa {
@@ -613,8 +586,9 @@ pub fn fma_peak_gflops(isa: Isa) -> f64 {
         std::hint::black_box(v);
         t.elapsed().as_secs_f64()
     };
-    run(); // warm the clocks
-           // The best of 5 rounds: a shared machine's neighbours only ever slow a round down.
+    // Once to warm the clocks, then the best of 5 rounds: a shared machine's neighbours only ever slow a
+    // round down.
+    run();
     (0..5)
         .map(|_| {
             let secs: Vec<f64> = rayon::broadcast(|_| run());
@@ -622,40 +596,6 @@ pub fn fma_peak_gflops(isa: Isa) -> f64 {
             (secs.len() * iters * 12 * lanes * 2) as f64 / slowest / 1e9
         })
         .fold(0.0, f64::max)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn fma_chains_avx512(iters: usize) -> f32 {
-    use std::arch::x86_64::*;
-    let (x, y) = (_mm512_set1_ps(0.999_999), _mm512_set1_ps(1e-7));
-    let mut acc = [_mm512_set1_ps(1.0); 12];
-    for _ in 0..iters {
-        for a in acc.iter_mut() {
-            *a = _mm512_fmadd_ps(*a, x, y);
-        }
-    }
-    acc.iter().map(|&a| _mm512_reduce_add_ps(a)).sum()
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn fma_chains_avx2(iters: usize) -> f32 {
-    use std::arch::x86_64::*;
-    let (x, y) = (_mm256_set1_ps(0.999_999), _mm256_set1_ps(1e-7));
-    let mut acc = [_mm256_set1_ps(1.0); 12];
-    for _ in 0..iters {
-        for a in acc.iter_mut() {
-            *a = _mm256_fmadd_ps(*a, x, y);
-        }
-    }
-    let mut out = [0.0f32; 8];
-    let mut sum = 0.0;
-    for a in acc {
-        unsafe { _mm256_storeu_ps(out.as_mut_ptr(), a) };
-        sum += out.iter().sum::<f32>();
-    }
-    sum
 }
 
 fn fma_chains_portable(iters: usize) -> f32 {
@@ -740,10 +680,8 @@ mod tests {
                     let sb = if b_rm { (n, 1) } else { (1, k) };
                     let want = reference(m, k, n, alpha, &a, sa, &b, sb, beta, &c0);
                     let mut c = c0.clone();
-                    let op = |v: &[f32], (rs, cs): (usize, usize)| Operand {
-                        ptr: v.as_ptr(),
-                        rs: rs as isize,
-                        cs: cs as isize,
+                    let op = |v: &[f32], (rs, cs): (usize, usize)| {
+                        Operand::new(v.as_ptr(), rs as isize, cs as isize)
                     };
                     unsafe {
                         sgemm_on(
@@ -794,16 +732,8 @@ mod tests {
         let b = values(k * n, 5);
         let run = |isa: Isa, rows: usize, first: usize, cols: usize| {
             let mut c = vec![0.0f32; rows * cols];
-            let op_a = Operand {
-                ptr: a[first * k..].as_ptr(),
-                rs: k as isize,
-                cs: 1,
-            };
-            let op_b = Operand {
-                ptr: b.as_ptr(),
-                rs: n as isize,
-                cs: 1,
-            };
+            let op_a = Operand::new(a[first * k..].as_ptr(), k as isize, 1);
+            let op_b = Operand::new(b.as_ptr(), n as isize, 1);
             unsafe {
                 sgemm_on(
                     isa,
