@@ -6,8 +6,9 @@
 //! `[kh, kw, o, c]`; the weight gradient sums `dy^T cols` over a fixed number of pixel groups (in a fixed
 //! order, so the result does not depend on the number of threads).
 
-use super::real::{gemm, gemm_with, Mat, Real};
+use super::real::{gemm_with, Mat, Real};
 use super::reduce::grouped_sum;
+use super::sgemm;
 use crate::backend::{ConvKind, ConvShape};
 use rayon::prelude::*;
 
@@ -19,37 +20,42 @@ fn chunk_pixels(k: usize) -> usize {
     (262_144 / k.max(1)).clamp(24, 1024) / 12 * 12
 }
 
-/// Pixels per term of the weight gradient's sum, which are the depth of its GEMMs: at most about 1 MiB of
-/// patches, and no more than a 16th of all pixels so that [`grouped_sum`]'s 16 groups keep the threads
-/// busy. Part of the summation order, so a function of the shape alone.
-fn sum_chunk_pixels(k: usize, pixels: usize) -> usize {
-    pixels
-        .div_ceil(super::reduce::GROUPS)
-        .min(262_144 / k.max(1))
-        .max(16)
-}
+/// Pixels per term of the weight gradient's sum over pixels: one block of the GEMM's depth
+/// ([`sgemm::KC`]), so summing the terms into `dw` is the same arithmetic as one GEMM over all pixels. Part
+/// of the summation order, so fixed.
+const SUM_PIXELS: usize = sgemm::KC;
 
-/// Fills `cols` (`pixels x k`) with the patches of output pixels `first .. first + pixels`.
-fn im2col<T: Real>(s: &ConvShape, x: &[T], first: usize, pixels: usize, cols: &mut [T]) {
+/// Columns `j0 .. j0 + width` of the patches of output pixels `first .. first + pixels`, into `cols`
+/// (`pixels x width`); all `k` columns is im2col.
+#[allow(clippy::too_many_arguments)]
+fn im2col<T: Real>(
+    s: &ConvShape,
+    x: &[T],
+    first: usize,
+    pixels: usize,
+    j0: usize,
+    width: usize,
+    cols: &mut [T],
+) {
     let (oh, ow) = s.out_hw();
-    let (taps, stride, pad) = (s.kind.taps(), s.kind.stride(), s.kind.pad_before());
-    let k = s.k();
-    for p in 0..pixels {
+    let (taps, stride, pad, c) = (s.kind.taps(), s.kind.stride(), s.kind.pad_before(), s.c);
+    let j1 = j0 + width;
+    for (p, row) in cols.chunks_exact_mut(width).take(pixels).enumerate() {
         let q = first + p;
         let (img, rest) = (q / (oh * ow), q % (oh * ow));
         let (y0, x0) = (rest / ow, rest % ow);
-        let row = &mut cols[p * k..(p + 1) * k];
-        for r in 0..taps {
+        // Each tap (r, t) is columns (r taps + t) c .. + c: the part of it inside j0 .. j1.
+        for tap in j0 / c..j1.div_ceil(c) {
+            let (r, t) = (tap / taps, tap % taps);
+            let (lo, hi) = ((tap * c).max(j0), ((tap + 1) * c).min(j1));
+            let dst = &mut row[lo - j0..hi - j0];
             let ih = (y0 * stride + r) as isize - pad as isize;
-            for t in 0..taps {
-                let iw = (x0 * stride + t) as isize - pad as isize;
-                let dst = &mut row[(r * taps + t) * s.c..(r * taps + t + 1) * s.c];
-                if ih < 0 || iw < 0 || ih >= s.h as isize || iw >= s.w as isize {
-                    dst.fill(T::ZERO);
-                } else {
-                    let src = ((img * s.h + ih as usize) * s.w + iw as usize) * s.c;
-                    dst.copy_from_slice(&x[src..src + s.c]);
-                }
+            let iw = (x0 * stride + t) as isize - pad as isize;
+            if ih < 0 || iw < 0 || ih >= s.h as isize || iw >= s.w as isize {
+                dst.fill(T::ZERO);
+            } else {
+                let src = ((img * s.h + ih as usize) * s.w + iw as usize) * c + lo - tap * c;
+                dst.copy_from_slice(&x[src..src + (hi - lo)]);
             }
         }
     }
@@ -73,7 +79,7 @@ pub fn forward<T: Real>(s: &ConvShape, x: &[T], w: &[T], b: &[T], y: &mut [T]) {
                 gemm_with(T::ONE, a, &wt, T::ONE, yc, s.o);
             } else {
                 T::with_scratch(pixels * k, |cols| {
-                    im2col(s, x, first, pixels, cols);
+                    im2col(s, x, first, pixels, 0, k, cols);
                     gemm_with(T::ONE, Mat::rows(cols, pixels, k, k), &wt, T::ONE, yc, s.o);
                 });
             }
@@ -151,37 +157,83 @@ pub fn backward_data<T: Real>(s: &ConvShape, dy: &[T], w: &[T], dx: &mut [T], ac
 }
 
 /// `dw = dy^T cols`, `db = sum dy` (both overwritten).
+///
+/// In parallel over tiles of `dw`'s columns, each summing over all pixels, [`SUM_PIXELS`] at a time, into
+/// its columns of `dw`: a tile's accumulator (o x at most 256) stays in L2, and no per-thread copies of
+/// `dw` are summed afterwards. An element's sum is over the same pixels in the same order whatever the
+/// tiles are (see sgemm's note), so the result does not depend on them or on the threads.
 pub fn backward_weight<T: Real>(s: &ConvShape, x: &[T], dy: &[T], dw: &mut [T], db: &mut [T]) {
     let (k, o) = (s.k(), s.o);
     let (oh, ow) = s.out_hw();
     let total = s.n * oh * ow;
-    let chunk = sum_chunk_pixels(k, total);
+    assert!(
+        dw.len() == o * k && dy.len() >= total * o,
+        "conv weight gradient shapes"
+    );
+    // About 8 tiles (the work of 8 threads), whole 32-column panels, at most 256 columns.
+    let tile = k.div_ceil(8).next_multiple_of(32).clamp(32, 256);
     let direct = s.kind == ConvKind::K1;
-    let acc = grouped_sum(total, chunk, o * k + o, |first, pixels, acc| {
-        let (accw, accb) = acc.split_at_mut(o * k);
-        let dyc = &dy[first * o..(first + pixels) * o];
-        let a = Mat::transposed(dyc, o, pixels, o);
-        if direct {
-            gemm(
-                T::ONE,
-                a,
-                Mat::rows(&x[first * s.c..(first + pixels) * s.c], pixels, k, k),
-                T::ONE,
-                accw,
-                k,
-            );
-        } else {
-            T::with_scratch(pixels * k, |cols| {
-                im2col(s, x, first, pixels, cols);
-                gemm(T::ONE, a, Mat::rows(cols, pixels, k, k), T::ONE, accw, k);
-            });
+    let out = Shared(dw.as_mut_ptr());
+    (0..k.div_ceil(tile)).into_par_iter().for_each(|t| {
+        let (j0, width) = (t * tile, tile.min(k - t * tile));
+        for (term, first) in (0..total).step_by(SUM_PIXELS).enumerate() {
+            let pixels = SUM_PIXELS.min(total - first);
+            let beta = if term == 0 { T::ZERO } else { T::ONE };
+            let dyc = &dy[first * o..(first + pixels) * o];
+            // dw[:, j0 .. j0 + width] (+)= dyc^T b, b the pixels' columns j0 .. j0 + width of the patches.
+            let product = |b: &[T], ldb: usize| {
+                debug_assert!(b.len() >= (pixels - 1) * ldb + width);
+                // SAFETY: dyc^T is o x pixels inside dyc, b pixels x width inside b (its length checked
+                // by the callers' slicing), and this task alone writes columns j0 .. j0 + width of dw's
+                // o rows of k (asserted above); nothing else reads dw meanwhile.
+                unsafe {
+                    T::gemm_raw(
+                        o,
+                        pixels,
+                        width,
+                        T::ONE,
+                        dyc.as_ptr(),
+                        1,
+                        o as isize,
+                        b.as_ptr(),
+                        ldb as isize,
+                        1,
+                        beta,
+                        out.at(j0),
+                        k as isize,
+                        1,
+                    )
+                }
+            };
+            if direct {
+                product(&x[first * k + j0..(first + pixels) * k], k);
+            } else {
+                T::with_scratch(pixels * width, |cols| {
+                    im2col(s, x, first, pixels, j0, width, cols);
+                    product(cols, width);
+                });
+            }
         }
-        for row in dyc.chunks(o) {
-            for (b, &g) in accb.iter_mut().zip(row) {
+    });
+    let sums = grouped_sum(total, SUM_PIXELS, o, |first, pixels, acc| {
+        for row in dy[first * o..(first + pixels) * o].chunks(o) {
+            for (b, &g) in acc.iter_mut().zip(row) {
                 *b += g;
             }
         }
     });
-    dw.copy_from_slice(&acc[..o * k]);
-    db.copy_from_slice(&acc[o * k..]);
+    db.copy_from_slice(&sums);
+}
+
+/// `dw`'s pointer, shared by the column tiles of [`backward_weight`], which write disjoint columns.
+struct Shared<T>(*mut T);
+
+// SAFETY: the tasks that share it write disjoint elements (see backward_weight).
+unsafe impl<T> Sync for Shared<T> {}
+
+impl<T> Shared<T> {
+    fn at(&self, offset: usize) -> *mut T {
+        // SAFETY: offset < dw.len() (a column index of its first row).
+        unsafe { self.0.add(offset) }
+    }
 }
