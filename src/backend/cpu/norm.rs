@@ -164,22 +164,32 @@ pub fn backward<T: Real>(
         })
         .collect();
     // d is the gradient before the SiLU: dy times SiLU's derivative at the normalised value.
-    let grad = |xv: T, dyv: T, (m, r): (T, T), ch: usize| {
+    let grad = |xv: T, dyv: T, (m, r): (T, T), gm: T, bt: T| {
         let xhat = (xv - m) * r;
         let d = if silu {
-            dyv * silu_grad(xhat * gamma[ch] + beta[ch])
+            dyv * silu_grad(xhat * gm + bt)
         } else {
             dyv
         };
         (xhat, d)
     };
-    // Per image and channel, S1 = sum d (dbeta's share) and S2 = sum d x-hat (dgamma's), interleaved.
+    // One pixel's row zipped with its channels' constants (group mean and rstd, gamma, beta): a loop the
+    // compiler vectorises (no indexing).
+    let row = |img: usize, at: usize| {
+        x[at..at + c]
+            .iter()
+            .zip(&dy[at..at + c])
+            .zip(&mr[img * c..(img + 1) * c])
+            .zip(gamma.iter().zip(beta))
+            .map(move |(((&xv, &dyv), &cm), (&gm, &bt))| grad(xv, dyv, cm, gm, bt))
+    };
+    // Per image and channel, S1 = sum d (dbeta's share) in the first c sums and S2 = sum d x-hat
+    // (dgamma's) in the next c.
     let sums = channel_sums(s, 2, |img, at, acc| {
-        let cm = &mr[img * c..(img + 1) * c];
-        for ch in 0..c {
-            let (xhat, d) = grad(x[at + ch], dy[at + ch], cm[ch], ch);
-            acc[2 * ch] += d.to_f64();
-            acc[2 * ch + 1] += (d * xhat).to_f64();
+        let (s1, s2) = acc.split_at_mut(c);
+        for ((a1, a2), (xhat, d)) in s1.iter_mut().zip(s2).zip(row(img, at)) {
+            *a1 += d.to_f64();
+            *a2 += (d * xhat).to_f64();
         }
     });
     // dx = r (d gamma - A - x-hat B), A and B the group's means of gamma d and gamma d x-hat:
@@ -191,12 +201,12 @@ pub fn backward<T: Real>(
             let chans = grp * cpg..(grp + 1) * cpg;
             let a: f64 = chans
                 .clone()
-                .map(|ch| gamma[ch].to_f64() * sm[2 * ch])
+                .map(|ch| gamma[ch].to_f64() * sm[ch])
                 .sum::<f64>()
                 / count;
             let b: f64 = chans
                 .clone()
-                .map(|ch| gamma[ch].to_f64() * sm[2 * ch + 1])
+                .map(|ch| gamma[ch].to_f64() * sm[c + ch])
                 .sum::<f64>()
                 / count;
             let r = rstd[img * g + grp].to_f64();
@@ -210,20 +220,16 @@ pub fn backward<T: Real>(
         }
     }
     for_parts(s, dx, |img, at, rows| {
-        let cm = &mr[img * c..(img + 1) * c];
         let cf = &coef[img * c..(img + 1) * c];
-        for (p, row) in rows.chunks_mut(c).enumerate() {
-            let i = at + p * c;
-            for (ch, o) in row.iter_mut().enumerate() {
-                let (xhat, d) = grad(x[i + ch], dy[i + ch], cm[ch], ch);
-                let (pc, q, r) = cf[ch];
+        for (p, out) in rows.chunks_mut(c).enumerate() {
+            for ((o, (xhat, d)), &(pc, q, r)) in out.iter_mut().zip(row(img, at + p * c)).zip(cf) {
                 let v = d * pc - xhat * q - r;
                 *o = if accumulate { *o + v } else { v };
             }
         }
     });
     for ch in 0..c {
-        dgamma[ch] = T::from_f64(sums.iter().map(|sm| sm[2 * ch + 1]).sum());
-        dbeta[ch] = T::from_f64(sums.iter().map(|sm| sm[2 * ch]).sum());
+        dgamma[ch] = T::from_f64(sums.iter().map(|sm| sm[c + ch]).sum());
+        dbeta[ch] = T::from_f64(sums.iter().map(|sm| sm[ch]).sum());
     }
 }
