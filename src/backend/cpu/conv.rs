@@ -3,8 +3,8 @@
 //! Forward: for a chunk of output pixels, gather the patches into `cols [p, kh*kw*c]` (im2col), then
 //! `y = cols w^T + b` in one packed, vectorised GEMM; chunks run on the thread pool. The input gradient
 //! gathers `dy` the same way around each *input* pixel and multiplies by the weights rearranged to
-//! `[kh, kw, o, c]`; the weight gradient sums `dy^T cols` over a fixed number of pixel groups (in a fixed
-//! order, so the result does not depend on the number of threads).
+//! `[kh, kw, o, c]`; the weight gradient sums `dy^T cols` over all pixels in a fixed order, in parallel
+//! over tiles of its columns (so the result does not depend on the number of threads).
 
 use super::real::{gemm_with, Mat, Real};
 use super::reduce::grouped_sum;
